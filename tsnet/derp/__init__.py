@@ -1,0 +1,1 @@
+"""DERP: the relay of last resort (frame codec, server, client) and STUN."""

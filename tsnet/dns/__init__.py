@@ -1,0 +1,1 @@
+"""MagicDNS: the resolver at 100.100.100.100."""

@@ -1,0 +1,1 @@
+"""magicsock: one UDP socket multiplexing WireGuard, disco, STUN and peer-relay traffic."""

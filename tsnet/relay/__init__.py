@@ -1,0 +1,1 @@
+"""Tailscale Peer Relays: Geneve-framed UDP relay server and client."""

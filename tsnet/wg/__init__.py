@@ -1,0 +1,1 @@
+"""WireGuard (Noise_IKpsk2) as a sans-IO protocol core."""
