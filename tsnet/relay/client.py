@@ -1,0 +1,210 @@
+"""Client side of a peer-relay bind handshake (sans-IO), as tailscaled's relay manager runs it.
+
+One :class:`RelayBindHandshake` per (relay endpoint, generation):
+
+* :meth:`start` sends ``Bind`` (Geneve control, disco boxed to the server key)
+  to every advertised server addr:port at once. Binds are not retransmitted.
+* The **first** valid ``Challenge`` (VNI and remote key checked) fixes the relay
+  address; the handshake answers it and immediately sends a ping to the peer
+  through the relay (Geneve, not control, boxed to the peer's disco key).
+* A relayed ping from the peer is answered with a pong and, while handshaking,
+  with one more ping of our own (at most 10 pings per handshake).
+* The first pong matching one of our pings completes the handshake with
+  :class:`RelayPathReady` (relay addr:port, VNI, server key, latency).
+* The handshake gives up after min(bind lifetime, 30 s): :class:`RelayHandshakeFailed`.
+
+Also: :func:`allocate_request` builds the DERP-borne allocation request.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from tsnet.key import DiscoPublic, NodePublic
+from tsnet.magicsock import disco
+from tsnet.magicsock.addrport import AddrPort
+from tsnet.magicsock.demux import PacketKind, classify
+from tsnet.relay.geneve import PROTOCOL_DISCO, PROTOCOL_WIREGUARD, encode_header
+
+__all__ = [
+    "MAX_HANDSHAKE_LIFETIME",
+    "MAX_HANDSHAKE_PINGS",
+    "Datagram",
+    "RelayPathReady",
+    "RelayHandshakeFailed",
+    "HandshakeState",
+    "RelayBindHandshake",
+    "allocate_request",
+    "sorted_pair",
+]
+
+MAX_HANDSHAKE_LIFETIME = 30.0
+MAX_HANDSHAKE_PINGS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    """A UDP datagram to send."""
+
+    data: bytes
+    to: AddrPort
+
+
+@dataclass(frozen=True, slots=True)
+class RelayPathReady:
+    relay_addr: AddrPort
+    vni: int
+    server_disco: DiscoPublic
+    latency: float
+
+
+@dataclass(frozen=True, slots=True)
+class RelayHandshakeFailed:
+    vni: int
+    server_disco: DiscoPublic
+    reason: str
+
+
+class HandshakeState(enum.Enum):
+    IDLE = "idle"
+    BIND_SENT = "bind-sent"
+    ANSWER_SENT = "answer-sent"
+    DONE = "done"
+    FAILED = "failed"
+
+
+def sorted_pair(a: DiscoPublic, b: DiscoPublic) -> tuple[DiscoPublic, DiscoPublic]:
+    """The bytewise-ascending pair relay servers and requests use."""
+    return (a, b) if a.raw <= b.raw else (b, a)
+
+
+def allocate_request(
+    me: DiscoPublic, peer: DiscoPublic, generation: int
+) -> disco.AllocateUDPRelayEndpointRequest:
+    return disco.AllocateUDPRelayEndpointRequest(sorted_pair(me, peer), generation)
+
+
+@dataclass(slots=True)
+class RelayBindHandshake:
+    """Bind one side of a relay endpoint and prove the path with a ping/pong to ``peer_disco``.
+
+    ``boxes`` holds our disco key; ``node_key`` goes into our pings.
+    """
+
+    boxes: disco.DiscoBoxes
+    endpoint: disco.UDPRelayEndpoint
+    generation: int
+    node_key: NodePublic | None = None
+    state: HandshakeState = HandshakeState.IDLE
+    relay_addr: AddrPort | None = None
+    result: RelayPathReady | RelayHandshakeFailed | None = None
+    peer_disco: DiscoPublic = field(init=False)
+    _deadline: float = field(init=False, default=0.0)
+    _sent_pings: dict[bytes, float] = field(init=False, default_factory=dict)
+    _challenge: bytes = field(init=False, default=b"")
+
+    def __post_init__(self) -> None:
+        if self.generation == 0:
+            raise ValueError("handshake generation must be non-zero")
+        me = self.boxes.private.public
+        a, b = self.endpoint.client_disco
+        if me == a:
+            self.peer_disco = b
+        elif me == b:
+            self.peer_disco = a
+        else:
+            raise ValueError("our disco key is not one of the endpoint's clients")
+
+    @property
+    def vni(self) -> int:
+        return self.endpoint.vni
+
+    def _control(self, msg: disco.Message) -> bytes:
+        return encode_header(PROTOCOL_DISCO, self.vni, control=True) + self.boxes.seal(self.endpoint.server_disco, msg)
+
+    def _to_peer(self, msg: disco.Message) -> bytes:
+        return encode_header(PROTOCOL_DISCO, self.vni) + self.boxes.seal(self.peer_disco, msg)
+
+    def wrap_wireguard(self, packet: bytes) -> bytes:
+        """A WireGuard message framed for this relay path (Geneve 0x7A12, not control)."""
+        return encode_header(PROTOCOL_WIREGUARD, self.vni) + packet
+
+    def start(self, now: float) -> list[Datagram]:
+        """Send Bind to every advertised server address."""
+        if self.state is not HandshakeState.IDLE:
+            return []
+        self.state = HandshakeState.BIND_SENT
+        self._deadline = now + min(self.endpoint.bind_lifetime, MAX_HANDSHAKE_LIFETIME)
+        bind = disco.BindUDPRelayEndpoint(self.vni, self.generation, self.peer_disco)
+        return [Datagram(self._control(bind), ap) for ap in self.endpoint.addr_ports]
+
+    def _ping(self, to: AddrPort, now: float) -> list[Datagram]:
+        if len(self._sent_pings) >= MAX_HANDSHAKE_PINGS:
+            return []
+        tx = disco.new_tx_id()
+        self._sent_pings[tx] = now
+        return [Datagram(self._to_peer(disco.Ping(tx, self.node_key)), to)]
+
+    def receive_datagram(self, data: bytes | memoryview, src: AddrPort, now: float) -> list[Datagram]:
+        """Feed a datagram from the relay path; returns what to send. Junk is ignored."""
+        c = classify(data)
+        if c.kind is not PacketKind.GENEVE_DISCO or c.vni != self.vni:
+            return []
+        try:
+            sender, msg = self.boxes.open_message(c.payload)
+        except disco.DiscoError:
+            return []
+        return self.receive_disco(sender, msg, src, c.control, now)
+
+    def receive_disco(
+        self, sender: DiscoPublic, msg: disco.Message, src: AddrPort, control: bool, now: float
+    ) -> list[Datagram]:
+        """Feed an already-opened disco message that arrived Geneve-wrapped with our VNI."""
+        if self.state in (HandshakeState.DONE, HandshakeState.FAILED, HandshakeState.IDLE):
+            # Pings still get pongs after completion: the peer may be mid-handshake.
+            if isinstance(msg, disco.Ping) and not control and sender == self.peer_disco:
+                return [Datagram(self._to_peer(disco.Pong(msg.tx_id, src)), src)]
+            return []
+        if now >= self._deadline:
+            self._fail("timeout")
+            return []
+        if control:
+            if sender != self.endpoint.server_disco or not isinstance(msg, disco.BindUDPRelayEndpointChallenge):
+                return []
+            if msg.vni != self.vni or msg.remote_key != self.peer_disco:
+                return []
+            if self.state is not HandshakeState.BIND_SENT:
+                return []  # first valid challenge wins
+            self.state = HandshakeState.ANSWER_SENT
+            self.relay_addr = src
+            self._challenge = msg.challenge
+            answer = disco.BindUDPRelayEndpointAnswer(self.vni, self.generation, self.peer_disco, msg.challenge)
+            return [Datagram(self._control(answer), src), *self._ping(src, now)]
+        if sender != self.peer_disco:
+            return []
+        if isinstance(msg, disco.Ping):
+            out = [Datagram(self._to_peer(disco.Pong(msg.tx_id, src)), src)]
+            if self.state is HandshakeState.ANSWER_SENT:
+                out += self._ping(src, now)
+            return out
+        if isinstance(msg, disco.Pong):
+            sent_at = self._sent_pings.get(msg.tx_id)
+            if sent_at is None:
+                return []
+            self.state = HandshakeState.DONE
+            self.result = RelayPathReady(src, self.vni, self.endpoint.server_disco, now - sent_at)
+        return []
+
+    def get_timer(self) -> float | None:
+        if self.state in (HandshakeState.BIND_SENT, HandshakeState.ANSWER_SENT):
+            return self._deadline
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        if self.state in (HandshakeState.BIND_SENT, HandshakeState.ANSWER_SENT) and now >= self._deadline:
+            self._fail("timeout")
+
+    def _fail(self, reason: str) -> None:
+        self.state = HandshakeState.FAILED
+        self.result = RelayHandshakeFailed(self.vni, self.endpoint.server_disco, reason)
