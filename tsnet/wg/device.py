@@ -12,19 +12,59 @@ tuple that ``recvfrom`` returned — handed back unchanged as destinations.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
+import struct
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 
-from tsnet.key import NodePrivate, NodePublic
-from tsnet.wg.events import Event
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from tsnet.key import NodePrivate, NodePublic, clamp
+from tsnet.wg.cookie import CookieChecker
+from tsnet.wg.events import Event, HandshakeCompleted, HandshakeFailed, PacketReceived, PeerEndpointChanged
 from tsnet.wg.limits import Limits
+from tsnet.wg.messages import (
+    COOKIE_REPLY_SIZE,
+    INITIATION_SIZE,
+    KEEPALIVE_SIZE,
+    NONCE,
+    RESPONSE_SIZE,
+    TRANSPORT_HEADER,
+    TYPE_COOKIE_REPLY,
+    TYPE_INITIATION,
+    TYPE_RESPONSE,
+    TYPE_TRANSPORT,
+)
+from tsnet.wg.noise import (
+    HandshakeError,
+    UnknownPeerError,
+    consume_initiation,
+    consume_response,
+    create_initiation,
+    create_response,
+    derive_transport_keys,
+    dh,
+    tai64n,
+)
+from tsnet.wg.session import Keypair, Peer
 from tsnet.wg.stats import Counters, PeerStatus
 
 __all__ = ["Addr", "Counters", "PeerStatus", "WireGuard"]
 
 #: A datagram source/destination; any hashable value, treated as opaque.
 Addr = Hashable
+
+_U32 = struct.Struct("<I")
+_HEADER_U32X3 = struct.Struct("<III")
+_BE16 = struct.Struct(">H")
+_TAI64N = struct.Struct(">QI")
+_pack_header_into = TRANSPORT_HEADER.pack_into
+_unpack_header = TRANSPORT_HEADER.unpack_from
+_pack_nonce = NONCE.pack
 
 
 class WireGuard:
@@ -59,12 +99,40 @@ class WireGuard:
         wall_clock: Callable[[], float] = time.time,
         roaming: bool = True,
     ) -> None:
-        raise NotImplementedError
+        self.limits = limits if limits is not None else Limits()
+        self.counters = Counters()
+        self._rng = rng
+        self._wall_clock = wall_clock
+        self._roaming = roaming
+        self._private = private_key
+        self._static = X25519PrivateKey.from_private_bytes(private_key.raw)
+        self._public = private_key.public
+        self._public_raw = self._public.raw
+        self._cookie_checker = CookieChecker(self._public_raw, rng=rng, refresh_time=self.limits.cookie_refresh_time)
+
+        self._peers: dict[NodePublic, Peer] = {}
+        self._peers_by_raw: dict[bytes, Peer] = {}
+        # The index table: our local indices -> session, or -> peer with an initiation in flight.
+        self._keypairs: dict[int, Keypair] = {}
+        self._handshakes: dict[int, Peer] = {}
+
+        self._outgoing: list[tuple[bytes | bytearray, Addr]] = []
+        self._events: deque[Event] = deque()
+        # Min-heap of (deadline, seq, peer); at most one live entry per peer (see Peer.scheduled_at).
+        self._heap: list[tuple[float, int, Peer]] = []
+        self._seq = itertools.count()
+
+        self._forced_load: bool | None = None
+        self._load_window_start = now
+        self._load_count = 0
+        self._under_load_until = float("-inf")
+        self._rate_buckets: dict[Hashable, list[float]] = {}
+        self._last_timestamp = b""
 
     @property
     def public_key(self) -> NodePublic:
         """Our static public key."""
-        raise NotImplementedError
+        return self._public
 
     # -- configuration -------------------------------------------------------
 
@@ -82,23 +150,69 @@ class WireGuard:
         ``persistent_keepalive`` is an interval in seconds (None or 0 = off).
         Raises ValueError for our own key or a PSK of the wrong length.
         """
-        raise NotImplementedError
+        if public_key == self._public:
+            raise ValueError("cannot add our own public key as a peer")
+        psk = bytes(32) if preshared_key is None else bytes(preshared_key)
+        if len(psk) != 32:
+            raise ValueError(f"preshared key must be 32 bytes, got {len(psk)}")
+        if persistent_keepalive is not None and persistent_keepalive < 0:
+            raise ValueError("persistent_keepalive must be >= 0")
+        peer = self._peers.get(public_key)
+        if peer is not None:
+            if endpoint is not None:
+                peer.endpoint = endpoint
+            peer.preshared_key = psk
+            peer.persistent_keepalive = persistent_keepalive or None
+            if peer.persistent_keepalive is None:
+                peer.timer_persistent_keepalive = None
+            return
+        try:
+            ss: bytes | None = dh(self._static, public_key.raw)
+        except HandshakeError:
+            ss = None  # low-order point: keep the peer, but no handshake can ever succeed
+        peer = Peer(
+            public_key,
+            static_static=ss,
+            preshared_key=psk,
+            endpoint=endpoint,
+            persistent_keepalive=persistent_keepalive,
+            cookie_refresh_time=self.limits.cookie_refresh_time,
+        )
+        self._peers[public_key] = peer
+        self._peers_by_raw[public_key.raw] = peer
 
     def remove_peer(self, public_key: NodePublic) -> None:
         """Forget a peer: its sessions, handshake, staged packets and timers. Unknown keys are ignored."""
-        raise NotImplementedError
+        peer = self._peers.pop(public_key, None)
+        if peer is None:
+            return
+        del self._peers_by_raw[peer.raw]
+        self._zero_key_material(peer)
+        peer.staged.clear()
+        peer.removed = True  # its heap entries are skipped from now on
 
     def set_endpoint(self, public_key: NodePublic, endpoint: Addr | None) -> None:
         """Set where datagrams for this peer go. Raises KeyError for an unknown peer."""
-        raise NotImplementedError
+        self._peers[public_key].endpoint = endpoint
 
     def peers(self) -> list[NodePublic]:
         """Public keys of all configured peers."""
-        raise NotImplementedError
+        return list(self._peers)
 
     def peer_status(self, public_key: NodePublic) -> PeerStatus:
         """A snapshot of one peer (endpoint, last handshake, byte counters). Raises KeyError if unknown."""
-        raise NotImplementedError
+        peer = self._peers[public_key]
+        kp = peer.current
+        return PeerStatus(
+            public_key=peer.public_key,
+            endpoint=peer.endpoint,
+            last_handshake=peer.last_handshake,
+            rx_bytes=peer.rx_bytes,
+            tx_bytes=peer.tx_bytes,
+            has_session=kp is not None and kp.send_counter < self.limits.reject_after_messages,
+            persistent_keepalive=peer.persistent_keepalive,
+            staged_packets=len(peer.staged),
+        )
 
     def set_under_load(self, under_load: bool | None) -> None:
         """Force the cookie/under-load mode on (True) or off (False); None returns to automatic.
@@ -107,11 +221,13 @@ class WireGuard:
         handshake messages arrived within a second, and ``limits.under_load_duration`` after.
         Under load, handshake messages without a valid mac2 get a cookie reply and are dropped.
         """
-        raise NotImplementedError
+        self._forced_load = under_load
 
     def is_under_load(self, now: float) -> bool:
         """Whether handshake messages currently need a valid mac2."""
-        raise NotImplementedError
+        if self._forced_load is not None:
+            return self._forced_load
+        return now < self._under_load_until
 
     # -- datagrams in --------------------------------------------------------
 
@@ -122,7 +238,254 @@ class WireGuard:
         ``HandshakeCompleted`` events; transport data yields ``PacketReceived``
         events (keepalives yield nothing). Anything invalid is counted and dropped.
         """
-        raise NotImplementedError
+        try:
+            size = len(data)
+            if size >= KEEPALIVE_SIZE:
+                msg_type, receiver, counter = _unpack_header(data)
+                if msg_type == TYPE_TRANSPORT:
+                    self._receive_transport(data, size, receiver, counter, addr, now)
+                    return
+            elif size < 4:
+                self.counters.drop_malformed += 1
+                return
+            else:
+                msg_type = _U32.unpack_from(data)[0]
+            if msg_type == TYPE_INITIATION and size == INITIATION_SIZE:
+                self._receive_initiation(data, addr, now)
+            elif msg_type == TYPE_RESPONSE and size == RESPONSE_SIZE:
+                self._receive_response(data, addr, now)
+            elif msg_type == TYPE_COOKIE_REPLY and size == COOKIE_REPLY_SIZE:
+                self._receive_cookie_reply(data, now)
+            else:
+                self.counters.drop_malformed += 1
+        except Exception:  # the safety net: a bug must not take the node down with it
+            self.counters.drop_internal_error += 1
+
+    def _receive_transport(
+        self, data: bytes | bytearray | memoryview, size: int, receiver: int, counter: int, addr: Addr, now: float
+    ) -> None:
+        kp = self._keypairs.get(receiver)
+        if kp is None:
+            self.counters.drop_unknown_index += 1
+            return
+        limits = self.limits
+        if now - kp.created >= limits.reject_after_time:
+            self.counters.drop_expired_keypair += 1
+            return
+        view = data if type(data) is memoryview else memoryview(data)
+        try:
+            plaintext = kp.open.decrypt(_pack_nonce(counter), view[16:], None)
+        except InvalidTag:
+            self.counters.drop_data_invalid += 1
+            return
+        # Only now, authenticated, may the counter move the replay window.
+        if not kp.replay.check(counter):
+            self.counters.drop_replayed += 1
+            return
+        peer = kp.peer
+        if peer.next is kp:
+            self._confirm_next(peer, now)
+        peer.rx_bytes += size
+        if self._roaming and addr != peer.endpoint:
+            self._roam(peer, addr)
+        # Any authenticated packet received: the peer is alive.
+        peer.timer_new_handshake = None
+        if peer.persistent_keepalive is not None:
+            self._arm_persistent_keepalive(peer, now)
+        if (
+            not peer.want_last_minute_handshake
+            and (cur := peer.current) is not None
+            and cur.is_initiator
+            and now - cur.created > limits.reject_after_time - limits.keepalive_timeout - limits.rekey_timeout
+        ):
+            peer.want_last_minute_handshake = True
+            self._initiate(peer, now, retry=False)
+        n = len(plaintext)
+        if n == 0:
+            self.counters.keepalives_received += 1
+            return
+        # Inner packet checks: a well-formed IP header, then trim to the IP length (drops padding).
+        version = plaintext[0] >> 4
+        if version == 4:
+            if n < 20:
+                self.counters.drop_bad_inner_packet += 1
+                return
+            length = _BE16.unpack_from(plaintext, 2)[0]
+            if length < 20 or length > n:
+                self.counters.drop_bad_inner_packet += 1
+                return
+        elif version == 6:
+            if n < 40:
+                self.counters.drop_bad_inner_packet += 1
+                return
+            length = _BE16.unpack_from(plaintext, 4)[0] + 40
+            if length > n:
+                self.counters.drop_bad_inner_packet += 1
+                return
+        else:
+            self.counters.drop_bad_inner_packet += 1
+            return
+        if length != n:
+            plaintext = plaintext[:length]
+        self.counters.data_received += 1
+        self._events.append(PacketReceived(peer.public_key, plaintext))
+        # Data received: promise the peer a keepalive unless we answer first.
+        if peer.timer_passive_keepalive is None:
+            peer.timer_passive_keepalive = t = now + limits.keepalive_timeout
+            self._schedule(peer, t)
+        else:
+            peer.keepalive_again = True
+
+    def _handshake_allowed(self, data: bytes | bytearray | memoryview, addr: Addr, now: float) -> bool:
+        """mac1, load accounting, and under load mac2 (else cookie reply) plus the per-source rate limit."""
+        limits = self.limits
+        if now - self._load_window_start >= 1.0:
+            self._load_window_start = now
+            self._load_count = 0
+        self._load_count += 1
+        if self._load_count >= limits.under_load_handshakes_per_second:
+            self._under_load_until = now + limits.under_load_duration
+        if not self._cookie_checker.check_mac1(data):
+            self.counters.drop_bad_mac1 += 1
+            return False
+        if not self.is_under_load(now):
+            return True
+        source = repr(addr).encode()
+        if not self._cookie_checker.check_mac2(data, source, now):
+            sender = _U32.unpack_from(data, 4)[0]
+            self._outgoing.append((self._cookie_checker.make_reply(data, sender, source, now), addr))
+            self.counters.cookie_replies_sent += 1
+            self.counters.drop_needs_cookie += 1
+            return False
+        if not self._rate_allow(addr, now):
+            self.counters.drop_rate_limited += 1
+            return False
+        return True
+
+    def _rate_allow(self, addr: Addr, now: float) -> bool:
+        """Token bucket per source host (port ignored), as wireguard-go's ratelimiter."""
+        key = addr[0] if isinstance(addr, tuple) and addr else addr
+        limits = self.limits
+        buckets = self._rate_buckets
+        bucket = buckets.get(key)
+        if bucket is None:
+            if len(buckets) >= 4096:
+                # Forget sources that have been quiet long enough to have refilled completely.
+                idle = limits.handshake_rate_burst / limits.handshake_rate_per_second
+                for k in [k for k, (_, last) in buckets.items() if now - last > idle]:
+                    del buckets[k]
+            bucket = buckets[key] = [float(limits.handshake_rate_burst), now]
+        tokens = min(limits.handshake_rate_burst, bucket[0] + (now - bucket[1]) * limits.handshake_rate_per_second)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def _receive_initiation(self, data: bytes | bytearray | memoryview, addr: Addr, now: float) -> None:
+        if not self._handshake_allowed(data, addr, now):
+            return
+        try:
+            init = consume_initiation(
+                data, static=self._static, static_public=self._public_raw, static_static=self._static_static_for
+            )
+        except UnknownPeerError:
+            self.counters.drop_unknown_peer += 1
+            return
+        except HandshakeError:
+            self.counters.drop_handshake_invalid += 1
+            return
+        peer = self._peers_by_raw[init.remote_static]
+        if init.timestamp <= peer.greatest_timestamp:
+            self.counters.drop_replayed_initiation += 1
+            return
+        last = peer.last_initiation_consumed
+        if last is not None and now - last <= self.limits.handshake_initiation_min_interval:
+            self.counters.drop_initiation_flood += 1
+            return
+        peer.greatest_timestamp = init.timestamp
+        peer.last_initiation_consumed = now
+        self.counters.initiations_received += 1
+        self._authenticated_handshake_from(peer, addr, len(data), now)
+
+        local_index = self._new_index()
+        try:
+            msg, chaining_key = create_response(
+                init, ephemeral=self._new_ephemeral(), sender_index=local_index, preshared_key=peer.preshared_key
+            )
+        except HandshakeError:
+            self.counters.drop_handshake_invalid += 1
+            return
+        peer.cookies.add_macs(msg, now)
+        receive_key, send_key = derive_transport_keys(chaining_key)
+        kp = self._new_keypair(peer, send_key, receive_key, local_index, init.sender_index, False, now)
+        # Responder: the new session waits as "next" until the initiator's first transport message.
+        self._drop_keypair(peer.next)
+        self._drop_keypair(peer.previous)
+        peer.previous = None
+        peer.next = kp
+        peer.last_handshake_sent = now
+        self._session_derived(peer, now)
+        self.counters.responses_sent += 1
+        self._send_authenticated(peer, msg, now, fallback=addr)
+
+    def _static_static_for(self, remote_static: bytes) -> bytes | None:
+        peer = self._peers_by_raw.get(remote_static)
+        return None if peer is None else peer.static_static
+
+    def _receive_response(self, data: bytes | bytearray | memoryview, addr: Addr, now: float) -> None:
+        if not self._handshake_allowed(data, addr, now):
+            return
+        _type, sender, receiver = _HEADER_U32X3.unpack_from(data)
+        peer = self._handshakes.get(receiver)
+        if peer is None or peer.handshake is None:
+            self.counters.drop_unknown_index += 1
+            return
+        try:
+            chaining_key = consume_response(
+                peer.handshake, data, static=self._static, preshared_key=peer.preshared_key
+            )
+        except HandshakeError:
+            self.counters.drop_handshake_invalid += 1
+            return
+        del self._handshakes[receiver]
+        peer.handshake = None
+        send_key, receive_key = derive_transport_keys(chaining_key)
+        kp = self._new_keypair(peer, send_key, receive_key, receiver, sender, True, now)
+        # Initiator: the new session is confirmed at once and becomes current.
+        if peer.next is not None:
+            self._drop_keypair(peer.previous)
+            self._drop_keypair(peer.current)
+            peer.previous = peer.next
+            peer.next = None
+        else:
+            self._drop_keypair(peer.previous)
+            peer.previous = peer.current
+        peer.current = kp
+        self.counters.responses_received += 1
+        self._authenticated_handshake_from(peer, addr, len(data), now)
+        self._session_derived(peer, now)
+        self._handshake_complete(peer, now, initiator=True)
+        # The responder cannot send before it hears from us under the new keys: send now.
+        if not peer.staged:
+            peer.staged.append(b"")
+        self._flush_staged(peer, now)
+
+    def _receive_cookie_reply(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        receiver = _U32.unpack_from(data, 4)[0]
+        peer = self._handshakes.get(receiver)
+        if peer is None:
+            kp = self._keypairs.get(receiver)
+            peer = kp.peer if kp is not None else None
+        if peer is None:
+            self.counters.drop_unknown_index += 1
+            return
+        if not peer.cookies.consume_reply(data, now):
+            self.counters.drop_cookie_invalid += 1
+            return
+        # Like wireguard-go, do not resend now: the next retransmission carries mac2.
+        self.counters.cookie_replies_received += 1
 
     # -- packets out ---------------------------------------------------------
 
@@ -134,15 +497,37 @@ class WireGuard:
         the oldest dropped) and sent once a handshake completes. A packet for
         an unknown peer is dropped and counted (``counters.send_unknown_peer``).
         """
-        raise NotImplementedError
+        peer = self._peers.get(public_key)
+        if peer is None:
+            self.counters.send_unknown_peer += 1
+            return
+        kp = peer.current
+        limits = self.limits
+        if (
+            peer.staged
+            or kp is None
+            or kp.send_counter >= limits.reject_after_messages
+            or now - kp.created >= limits.reject_after_time
+        ):
+            self._stage(peer, bytes(packet))
+            self._flush_staged(peer, now)
+            return
+        self._seal(peer, kp, packet, now)
 
     def send_keepalive(self, public_key: NodePublic, now: float) -> None:
         """Send an empty transport message (starting a handshake first if needed)."""
-        raise NotImplementedError
+        peer = self._peers.get(public_key)
+        if peer is None:
+            self.counters.send_unknown_peer += 1
+            return
+        self._send_keepalive(peer, now)
 
     def initiate_handshake(self, public_key: NodePublic, now: float) -> None:
-        """Start a handshake with a peer now, unless one was sent less than REKEY_TIMEOUT ago."""
-        raise NotImplementedError
+        """Start a handshake with a peer now, unless one was sent less than REKEY_TIMEOUT ago.
+
+        Raises KeyError for an unknown peer.
+        """
+        self._initiate(self._peers[public_key], now, retry=False)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes | bytearray, Addr]]:
         """Take all pending outgoing datagrams as ``(payload, destination)`` pairs.
@@ -151,17 +536,221 @@ class WireGuard:
         Datagrams for peers without an endpoint are dropped and counted
         (``counters.no_endpoint``) when they are produced.
         """
-        raise NotImplementedError
+        out = self._outgoing
+        self._outgoing = []
+        return out
+
+    def _stage(self, peer: Peer, packet: bytes) -> None:
+        staged = peer.staged
+        if len(staged) >= self.limits.max_staged_packets:
+            staged.popleft()
+            self.counters.drop_staged_overflow += 1
+        staged.append(packet)
+
+    def _usable(self, kp: Keypair | None, now: float) -> bool:
+        return (
+            kp is not None
+            and kp.send_counter < self.limits.reject_after_messages
+            and now - kp.created < self.limits.reject_after_time
+        )
+
+    def _flush_staged(self, peer: Peer, now: float) -> None:
+        staged = peer.staged
+        while staged:
+            kp = peer.current
+            if not self._usable(kp, now):
+                self._initiate(peer, now, retry=False)
+                return
+            self._seal(peer, kp, staged.popleft(), now)  # type: ignore[arg-type]
+
+    def _send_keepalive(self, peer: Peer, now: float) -> None:
+        if not peer.staged:
+            peer.staged.append(b"")
+        self._flush_staged(peer, now)
+
+    def _seal(self, peer: Peer, kp: Keypair, packet: bytes | bytearray | memoryview, now: float) -> None:
+        """Encrypt under ``kp`` (usable, checked by the caller) and queue the datagram."""
+        counter = kp.send_counter
+        kp.send_counter = counter + 1
+        limits = self.limits
+        n = len(packet)
+        pad = -n & 15
+        if pad:
+            # Pad to a multiple of 16, but never beyond the MTU.
+            pad = min(pad, limits.mtu - n) if n < limits.mtu else 0
+            if pad:
+                packet = bytes(packet) + bytes(pad)
+                n += pad
+        buf = bytearray(n + 32)
+        _pack_header_into(buf, 0, TYPE_TRANSPORT, kp.remote_index, counter)
+        kp.seal.encrypt_into(_pack_nonce(counter), packet, None, memoryview(buf)[16:])
+        endpoint = peer.endpoint
+        if endpoint is None:
+            self.counters.drop_no_endpoint += 1
+        else:
+            self._outgoing.append((buf, endpoint))
+        peer.tx_bytes += n + 32
+        # Any authenticated packet sent: no passive keepalive owed any more.
+        peer.timer_passive_keepalive = None
+        if peer.persistent_keepalive is not None:
+            self._arm_persistent_keepalive(peer, now)
+        if n:
+            self.counters.data_sent += 1
+            # Data sent: expect to hear back within KEEPALIVE + REKEY_TIMEOUT, else rehandshake.
+            if peer.timer_new_handshake is None:
+                peer.timer_new_handshake = t = now + limits.new_handshake_after + self._jitter()
+                self._schedule(peer, t)
+        else:
+            self.counters.keepalives_sent += 1
+        # Keep the key fresh: rekey well before the hard limits.
+        if counter + 1 > limits.rekey_after_messages or (
+            kp.is_initiator and now - kp.created > limits.rekey_after_time
+        ):
+            self._initiate(peer, now, retry=False)
+
+    def _send_authenticated(self, peer: Peer, msg: bytes | bytearray, now: float, fallback: Addr | None = None) -> None:
+        """Queue a handshake message to the peer and note it for the keepalive timers."""
+        endpoint = peer.endpoint if peer.endpoint is not None else fallback
+        if endpoint is None:
+            self.counters.drop_no_endpoint += 1
+        else:
+            self._outgoing.append((msg, endpoint))
+        peer.tx_bytes += len(msg)
+        peer.timer_passive_keepalive = None
+        if peer.persistent_keepalive is not None:
+            self._arm_persistent_keepalive(peer, now)
+
+    # -- handshakes and sessions -----------------------------------------------
+
+    def _initiate(self, peer: Peer, now: float, *, retry: bool) -> None:
+        if not retry:
+            peer.handshake_attempts = 0
+        last = peer.last_handshake_sent
+        if last is not None and now - last < self.limits.rekey_timeout:
+            return
+        if peer.static_static is None:
+            return  # the peer's key is a low-order point: no handshake can succeed
+        peer.last_handshake_sent = now
+        if peer.handshake is not None:
+            self._handshakes.pop(peer.handshake.local_index, None)
+        local_index = self._new_index()
+        msg, state = create_initiation(
+            static=self._static,
+            static_public=self._public_raw,
+            remote_static=peer.raw,
+            ephemeral=self._new_ephemeral(),
+            sender_index=local_index,
+            timestamp=self._timestamp(),
+            static_static=peer.static_static,
+        )
+        peer.cookies.add_macs(msg, now)
+        peer.handshake = state
+        self._handshakes[local_index] = peer
+        self.counters.initiations_sent += 1
+        self._send_authenticated(peer, msg, now)
+        peer.timer_retransmit = t = now + self.limits.rekey_timeout + self._jitter()
+        self._schedule(peer, t)
+
+    def _new_keypair(
+        self, peer: Peer, send_key: bytes, receive_key: bytes, local: int, remote: int, initiator: bool, now: float
+    ) -> Keypair:
+        kp = Keypair(
+            peer=peer,
+            send_key=send_key,
+            receive_key=receive_key,
+            local_index=local,
+            remote_index=remote,
+            is_initiator=initiator,
+            created=now,
+            reject_after_messages=self.limits.reject_after_messages,
+        )
+        self._keypairs[local] = kp
+        return kp
+
+    def _drop_keypair(self, kp: Keypair | None) -> None:
+        if kp is not None and self._keypairs.get(kp.local_index) is kp:
+            del self._keypairs[kp.local_index]
+
+    def _confirm_next(self, peer: Peer, now: float) -> None:
+        """The first authenticated transport message on "next": it becomes current."""
+        self._drop_keypair(peer.previous)
+        peer.previous = peer.current
+        peer.current = peer.next
+        peer.next = None
+        self._handshake_complete(peer, now, initiator=False)
+        self._flush_staged(peer, now)
+
+    def _handshake_complete(self, peer: Peer, now: float, *, initiator: bool) -> None:
+        peer.timer_retransmit = None
+        peer.handshake_attempts = 0
+        peer.want_last_minute_handshake = False
+        peer.last_handshake = now
+        self.counters.handshakes_completed += 1
+        self._events.append(HandshakeCompleted(peer.public_key, initiator))
+
+    def _session_derived(self, peer: Peer, now: float) -> None:
+        peer.timer_zero_keys = t = now + self.limits.zero_keys_after
+        self._schedule(peer, t)
+
+    def _authenticated_handshake_from(self, peer: Peer, addr: Addr, size: int, now: float) -> None:
+        peer.rx_bytes += size
+        if self._roaming and addr != peer.endpoint:
+            self._roam(peer, addr)
+        peer.timer_new_handshake = None
+        if peer.persistent_keepalive is not None:
+            self._arm_persistent_keepalive(peer, now)
+
+    def _roam(self, peer: Peer, addr: Addr) -> None:
+        peer.endpoint = addr
+        self._events.append(PeerEndpointChanged(peer.public_key, addr))
+
+    def _zero_key_material(self, peer: Peer) -> None:
+        for kp in peer.keypairs():
+            self._drop_keypair(kp)
+        peer.previous = peer.current = peer.next = None
+        if peer.handshake is not None:
+            self._handshakes.pop(peer.handshake.local_index, None)
+            peer.handshake = None
+
+    # -- randomness and time -----------------------------------------------------
+
+    def _new_index(self) -> int:
+        index = _U32.unpack(self._rng(4))[0]
+        # Probe linearly on collision so that even a poor rng cannot loop forever.
+        while index in self._keypairs or index in self._handshakes:
+            index = (index + 1) & 0xFFFFFFFF
+        return index
+
+    def _new_ephemeral(self) -> X25519PrivateKey:
+        return X25519PrivateKey.from_private_bytes(clamp(self._rng(32)))
+
+    def _jitter(self) -> float:
+        return _U32.unpack(self._rng(4))[0] / 2**32 * self.limits.rekey_timeout_jitter
+
+    def _timestamp(self) -> bytes:
+        """TAI64N of the wall clock, forced strictly above the last one we sent."""
+        ts = tai64n(self._wall_clock())
+        if ts <= self._last_timestamp:
+            seconds, nanos = _TAI64N.unpack(self._last_timestamp)
+            nanos += 1 << 24
+            if nanos >= 1_000_000_000:
+                seconds, nanos = seconds + 1, 0
+            ts = _TAI64N.pack(seconds, nanos)
+        self._last_timestamp = ts
+        return ts
 
     # -- events and timers ---------------------------------------------------
 
     def next_event(self) -> Event | None:
         """The oldest pending event, or None."""
-        raise NotImplementedError
+        events = self._events
+        return events.popleft() if events else None
 
     def drain_events(self) -> list[Event]:
         """All pending events, oldest first (cheaper than calling next_event in a loop)."""
-        raise NotImplementedError
+        events = list(self._events)
+        self._events.clear()
+        return events
 
     def get_timer(self) -> float | None:
         """When ``handle_timer`` should next be called (absolute, same clock as ``now``), or None.
@@ -169,8 +758,75 @@ class WireGuard:
         It may return a time at which nothing turns out to be due; calling
         ``handle_timer`` then is harmless.
         """
-        raise NotImplementedError
+        heap = self._heap
+        while heap:
+            deadline, _, peer = heap[0]
+            if peer.removed or peer.scheduled_at != deadline:
+                heapq.heappop(heap)
+                continue
+            return deadline
+        return None
 
     def handle_timer(self, now: float) -> None:
-        """Run every timer due at ``now``: retransmissions, keepalives, rekeys, key erasure, cookie rotation."""
-        raise NotImplementedError
+        """Run every timer due at ``now``: retransmissions, keepalives, rekeys, key erasure."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            deadline, _, peer = heapq.heappop(heap)
+            if peer.removed or peer.scheduled_at != deadline:
+                continue
+            peer.scheduled_at = None
+            self._fire_timers(peer, now)
+            nxt = peer.next_deadline()
+            if nxt is not None:
+                self._schedule(peer, nxt)
+
+    def _schedule(self, peer: Peer, deadline: float) -> None:
+        scheduled = peer.scheduled_at
+        if scheduled is None or deadline < scheduled:
+            peer.scheduled_at = deadline
+            heapq.heappush(self._heap, (deadline, next(self._seq), peer))
+
+    def _arm_persistent_keepalive(self, peer: Peer, now: float) -> None:
+        peer.timer_persistent_keepalive = t = now + peer.persistent_keepalive  # type: ignore[operator]
+        self._schedule(peer, t)
+
+    def _fire_timers(self, peer: Peer, now: float) -> None:
+        limits = self.limits
+        t = peer.timer_retransmit
+        if t is not None and t <= now:
+            peer.timer_retransmit = None
+            if peer.handshake_attempts > limits.max_handshake_retries:
+                # Give up: drop what waited for this handshake; wipe keys eventually.
+                peer.timer_passive_keepalive = None
+                peer.staged.clear()
+                if peer.handshake is not None:
+                    self._handshakes.pop(peer.handshake.local_index, None)
+                    peer.handshake = None
+                if peer.timer_zero_keys is None:
+                    peer.timer_zero_keys = now + limits.zero_keys_after
+                self.counters.handshakes_failed += 1
+                self._events.append(HandshakeFailed(peer.public_key))
+            else:
+                peer.handshake_attempts += 1
+                self._initiate(peer, now, retry=True)
+        t = peer.timer_new_handshake
+        if t is not None and t <= now:
+            # We sent data and heard nothing back for KEEPALIVE + REKEY_TIMEOUT.
+            peer.timer_new_handshake = None
+            self._initiate(peer, now, retry=False)
+        t = peer.timer_passive_keepalive
+        if t is not None and t <= now:
+            peer.timer_passive_keepalive = None
+            self._send_keepalive(peer, now)
+            if peer.keepalive_again:
+                peer.keepalive_again = False
+                peer.timer_passive_keepalive = now + limits.keepalive_timeout
+        t = peer.timer_persistent_keepalive
+        if t is not None and t <= now:
+            peer.timer_persistent_keepalive = None
+            if peer.persistent_keepalive is not None:
+                self._send_keepalive(peer, now)
+        t = peer.timer_zero_keys
+        if t is not None and t <= now:
+            peer.timer_zero_keys = None
+            self._zero_key_material(peer)

@@ -1,0 +1,66 @@
+"""Sliding-window replay filter for transport counters (RFC 6479 style, as wireguard-go).
+
+A ring of 128 blocks of 64 bits; one block is always the "future" block, so
+the usable window is (128 - 1) * 64 = 8128 counters behind the highest seen.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BLOCK_BITS", "RING_BLOCKS", "WINDOW_SIZE", "ReplayWindow"]
+
+BLOCK_BITS = 64
+RING_BLOCKS = 128
+WINDOW_SIZE = (RING_BLOCKS - 1) * BLOCK_BITS  # 8128
+_BLOCK_SHIFT = 6
+_RING_MASK = RING_BLOCKS - 1
+_BIT_MASK = BLOCK_BITS - 1
+
+
+class ReplayWindow:
+    """Accepts each counter at most once, and none more than WINDOW_SIZE behind the highest."""
+
+    __slots__ = ("_blocks", "_last", "_limit")
+
+    def __init__(self, limit: int = 2**64 - 2**13 - 1) -> None:
+        self._blocks = [0] * RING_BLOCKS
+        self._last = 0
+        # Counters at or above the limit are never valid (REJECT_AFTER_MESSAGES).
+        self._limit = limit
+
+    def reset(self) -> None:
+        self._blocks = [0] * RING_BLOCKS
+        self._last = 0
+
+    @property
+    def highest(self) -> int:
+        return self._last
+
+    def check(self, counter: int) -> bool:
+        """Record ``counter``; False if it is a replay, too old, or at/above the limit.
+
+        Call only after the packet authenticated: a forged packet must not move the window.
+        """
+        if counter >= self._limit:
+            return False
+        last = self._last
+        index = counter >> _BLOCK_SHIFT
+        blocks = self._blocks
+        if counter > last:
+            current = last >> _BLOCK_SHIFT
+            diff = index - current
+            if diff:
+                if diff > RING_BLOCKS:
+                    diff = RING_BLOCKS
+                # Clear the blocks the window slid over (they now stand for new counters).
+                for i in range(current + 1, current + diff + 1):
+                    blocks[i & _RING_MASK] = 0
+            self._last = counter
+        elif last - counter > WINDOW_SIZE:
+            return False
+        slot = index & _RING_MASK
+        bit = 1 << (counter & _BIT_MASK)
+        old = blocks[slot]
+        if old & bit:
+            return False
+        blocks[slot] = old | bit
+        return True

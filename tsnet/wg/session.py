@@ -1,0 +1,151 @@
+"""Per-peer state: keypairs (previous/current/next), the pending handshake, timers and counters."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from tsnet.key import NodePublic
+from tsnet.wg.cookie import CookieGenerator
+from tsnet.wg.noise import InitiatorState
+from tsnet.wg.replay import ReplayWindow
+
+__all__ = ["Keypair", "Peer"]
+
+
+class Keypair:
+    """One session's transport keys. ``local_index`` finds it on receive; ``remote_index`` goes on sends."""
+
+    __slots__ = (
+        "created",
+        "is_initiator",
+        "local_index",
+        "open",
+        "peer",
+        "remote_index",
+        "replay",
+        "seal",
+        "send_counter",
+    )
+
+    def __init__(
+        self,
+        *,
+        peer: Peer,
+        send_key: bytes,
+        receive_key: bytes,
+        local_index: int,
+        remote_index: int,
+        is_initiator: bool,
+        created: float,
+        reject_after_messages: int,
+    ) -> None:
+        self.peer = peer
+        # Cipher objects are built once per session: constructing them per packet costs as much as sealing.
+        self.seal = ChaCha20Poly1305(send_key)
+        self.open = ChaCha20Poly1305(receive_key)
+        self.local_index = local_index
+        self.remote_index = remote_index
+        self.is_initiator = is_initiator
+        self.created = created
+        self.send_counter = 0
+        self.replay = ReplayWindow(reject_after_messages)
+
+
+class Peer:
+    """Everything the device knows about one remote static key."""
+
+    __slots__ = (
+        "cookies",
+        "current",
+        "endpoint",
+        "greatest_timestamp",
+        "handshake",
+        "handshake_attempts",
+        "keepalive_again",
+        "last_handshake",
+        "last_initiation_consumed",
+        "last_handshake_sent",
+        "next",
+        "persistent_keepalive",
+        "preshared_key",
+        "previous",
+        "public_key",
+        "raw",
+        "removed",
+        "rx_bytes",
+        "scheduled_at",
+        "staged",
+        "static_static",
+        "timer_new_handshake",
+        "timer_passive_keepalive",
+        "timer_persistent_keepalive",
+        "timer_retransmit",
+        "timer_zero_keys",
+        "tx_bytes",
+        "want_last_minute_handshake",
+    )
+
+    def __init__(
+        self,
+        public_key: NodePublic,
+        *,
+        static_static: bytes | None,
+        preshared_key: bytes,
+        endpoint: Any,
+        persistent_keepalive: float | None,
+        cookie_refresh_time: float,
+    ) -> None:
+        self.public_key = public_key
+        self.raw = public_key.raw
+        self.static_static = static_static  # DH(our static, theirs); None if the point is low-order
+        self.preshared_key = preshared_key
+        self.endpoint = endpoint
+        self.persistent_keepalive = persistent_keepalive or None
+        self.cookies = CookieGenerator(self.raw, refresh_time=cookie_refresh_time)
+
+        self.previous: Keypair | None = None
+        self.current: Keypair | None = None
+        self.next: Keypair | None = None
+        self.handshake: InitiatorState | None = None  # our initiation awaiting a response
+
+        self.handshake_attempts = 0
+        self.last_handshake_sent: float | None = None  # initiation or response, for REKEY_TIMEOUT spacing
+        self.greatest_timestamp = b""
+        self.last_initiation_consumed: float | None = None
+        self.last_handshake: float | None = None
+        self.want_last_minute_handshake = False
+
+        self.staged: deque[bytes] = deque()
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.removed = False
+
+        # Absolute deadlines (None = disarmed), modelled on wireguard-go's per-peer timers.
+        self.timer_retransmit: float | None = None
+        self.timer_passive_keepalive: float | None = None
+        self.keepalive_again = False
+        self.timer_new_handshake: float | None = None
+        self.timer_zero_keys: float | None = None
+        self.timer_persistent_keepalive: float | None = None
+        # The deadline this peer currently has an entry for in the device's timer heap.
+        self.scheduled_at: float | None = None
+
+    def keypairs(self) -> list[Keypair]:
+        return [kp for kp in (self.previous, self.current, self.next) if kp is not None]
+
+    def next_deadline(self) -> float | None:
+        deadlines = [
+            t
+            for t in (
+                self.timer_retransmit,
+                self.timer_passive_keepalive,
+                self.timer_new_handshake,
+                self.timer_zero_keys,
+                self.timer_persistent_keepalive,
+            )
+            if t is not None
+        ]
+        return min(deadlines) if deadlines else None
