@@ -1,0 +1,287 @@
+"""The sans-IO MagicDNS resolver core.
+
+:meth:`MagicDNS.handle_query` takes one DNS message and decides: answer it locally (tailnet names,
+their reverse PTRs, extra records), refuse it (FORMERR, NOTIMP, NXDOMAIN under our zones, SERVFAIL if
+nowhere to send it) or forward it unchanged to the nameservers of the longest matching split-DNS route
+or to the default resolvers. It never raises on bad input and never does I/O; drivers in
+:mod:`tsnet.dns.server` move the bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal
+
+from dnslib import AAAA, PTR, QTYPE, RR, A, DNSHeader, DNSRecord, EDNS0
+
+from . import wire
+from .config import (
+    QUAD100_NAME,
+    QUAD100_V4,
+    QUAD100_V6,
+    TAILSCALE_IPV4_RANGE,
+    TAILSCALE_IPV6_RANGE,
+    DNSConfig,
+    IPAddress,
+)
+
+Transport = Literal["udp", "tcp"]
+
+_TYPE_A = 1
+_TYPE_NS = 2
+_TYPE_SOA = 6
+_TYPE_PTR = 12
+_TYPE_HINFO = 13
+_TYPE_AAAA = 28
+_TYPE_OPT = 41
+_TYPE_AXFR = 252
+_TYPE_ANY = 255
+_CLASS_IN = 1
+_CLASS_ANY = 255
+# Types that only make sense for a real zone; a stub answering for node names declines them.
+_NOT_IMPLEMENTED_TYPES = frozenset({_TYPE_NS, _TYPE_SOA, _TYPE_AXFR, _TYPE_HINFO})
+
+_V4_REVERSE_SUFFIX = "in-addr.arpa"
+_V6_REVERSE_SUFFIX = "ip6.arpa"
+# Reverse zones covering 100.64.0.0/10 and fd7a:115c:a1e0::/48; authoritative whenever MagicDNS is on.
+_TAILSCALE_REVERSE_ZONES = tuple(f"{octet}.100.{_V4_REVERSE_SUFFIX}" for octet in range(64, 128)) + (
+    "0.e.1.a.c.5.1.1.a.7.d.f." + _V6_REVERSE_SUFFIX,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Send ``response`` back to the client as is."""
+
+    response: bytes
+    rcode: int
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send ``query`` to one of ``nameservers`` and relay the reply through :meth:`finish`."""
+
+    nameservers: tuple[str, ...]
+    query: bytes
+    #: The most bytes the client can take (512 without EDNS on UDP); :meth:`finish` enforces it.
+    max_response: int
+
+    def finish(self, response: bytes) -> bytes:
+        """Fit an upstream reply to the client's size limit (setting TC if it had to be cut)."""
+        return wire.truncate_to(response, self.max_response)
+
+    def servfail(self) -> bytes:
+        """The reply to send when every nameserver failed."""
+        reply = wire.error_response(self.query, wire.RCODE_SERVFAIL)
+        assert reply is not None  # a Forward is only made for a parsed query
+        return reply
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Send nothing: the message cannot be answered (no ID to echo, or it is itself a response)."""
+
+    reason: str
+
+
+QueryResult = Answer | Forward | Drop
+
+
+@dataclass(frozen=True, slots=True)
+class LocalLookup:
+    """The local verdict on a name: ``found`` (with addresses), ``nxdomain`` (ours, unknown) or ``not_ours``."""
+
+    status: Literal["found", "nxdomain", "not_ours"]
+    addresses: tuple[IPAddress, ...] = ()
+
+
+def _reverse_name_to_ip(name: str) -> IPAddress | None:
+    """Parse a full ``d.c.b.a.in-addr.arpa`` or 32-nibble ``ip6.arpa`` name; None if it is not one."""
+    if name.endswith("." + _V4_REVERSE_SUFFIX):
+        parts = name[: -len(_V4_REVERSE_SUFFIX) - 1].split(".")
+        if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts):
+            return None
+        return ipaddress.IPv4Address(".".join(reversed(parts)))
+    if name.endswith("." + _V6_REVERSE_SUFFIX):
+        nibbles = name[: -len(_V6_REVERSE_SUFFIX) - 1].split(".")
+        if len(nibbles) != 32 or not all(len(n) == 1 and n in "0123456789abcdef" for n in nibbles):
+            return None
+        return ipaddress.IPv6Address(int("".join(reversed(nibbles)), 16))
+    return None
+
+
+def _address_record(qname: object, ip: IPAddress, ttl: int) -> RR:
+    if ip.version == 4:
+        return RR(qname, QTYPE.A, rdata=A(str(ip)), ttl=ttl)
+    return RR(qname, QTYPE.AAAA, rdata=AAAA(str(ip)), ttl=ttl)
+
+
+def _in_zone(name: str, zone: str) -> bool:
+    return name == zone or name.endswith("." + zone)
+
+
+class MagicDNS:
+    """MagicDNS for one node: answers tailnet names, routes the rest (sans-IO, no clock needed).
+
+    ``stats`` counts outcomes (``answered``, ``nxdomain``, ``forwarded``, ``formerr``, ``dropped``, ...)
+    so bad input is visible without logs.
+    """
+
+    def __init__(self, config: DNSConfig | None = None) -> None:
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.set_config(config or DNSConfig())
+
+    @property
+    def config(self) -> DNSConfig:
+        """The configuration currently in effect."""
+        return self._config
+
+    def set_config(self, config: DNSConfig) -> None:
+        """Replace the configuration (e.g. on a new netmap); takes effect for the next query."""
+        names: dict[str, tuple[IPAddress, ...]] = {}
+        ptr: dict[IPAddress, str] = {}
+        for fqdn, addrs in config.hosts.items():
+            names[fqdn] = names.get(fqdn, ()) + tuple(addrs)
+            for ip in addrs:
+                ptr.setdefault(ip, fqdn)  # first name wins, node names before extra records
+        for record in config.extra_records:
+            if record.value not in names.get(record.name, ()):
+                names[record.name] = names.get(record.name, ()) + (record.value,)
+        if config.base_domain:
+            for ip, name in ((QUAD100_V4, QUAD100_NAME), (QUAD100_V6, QUAD100_NAME)):
+                ptr.setdefault(ip, name)
+            names.setdefault(QUAD100_NAME, (QUAD100_V4, QUAD100_V6))
+        # (suffix, nameservers) longest first; an empty tuple marks a zone we answer for ourselves.
+        zones: dict[str, tuple[str, ...]] = dict(config.routes)
+        if config.base_domain:
+            zones[config.base_domain] = ()
+            for zone in _TAILSCALE_REVERSE_ZONES:
+                zones.setdefault(zone, ())
+        self._zones = sorted(zones.items(), key=lambda item: len(item[0]), reverse=True)
+        self._names = names
+        self._ptr = ptr
+        self._config = config
+
+    # ----------------------------------------------------------------- name table
+
+    def lookup(self, name: str) -> LocalLookup:
+        """Look ``name`` up locally: an FQDN (trailing dot optional) or a short single-label node name."""
+        key = name.rstrip(".").lower()
+        addrs = self._find(key)
+        if addrs is not None:
+            return LocalLookup("found", addrs)
+        if self._is_authoritative(key):
+            return LocalLookup("nxdomain")
+        return LocalLookup("not_ours")
+
+    def reverse(self, ip: IPAddress) -> str | None:
+        """The FQDN (no trailing dot) of the node owning ``ip``, if any."""
+        return self._ptr.get(ip)
+
+    def _find(self, key: str) -> tuple[IPAddress, ...] | None:
+        addrs = self._names.get(key)
+        if addrs is None and "." not in key and self._config.base_domain:
+            addrs = self._names.get(f"{key}.{self._config.base_domain}")
+        return addrs
+
+    def _route(self, key: str) -> tuple[str, ...] | None:
+        """Nameservers for ``key``: () if we are authoritative, None if no route applies."""
+        for zone, nameservers in self._zones:
+            if _in_zone(key, zone):
+                return nameservers
+        return None
+
+    def _is_authoritative(self, key: str) -> bool:
+        if key == "onion" or key.endswith(".onion"):  # RFC 7686: never leak .onion lookups
+            return True
+        return self._route(key) == ()
+
+    # ----------------------------------------------------------------- queries
+
+    def handle_query(self, data: bytes | memoryview, transport: Transport = "udp") -> QueryResult:
+        """Decide what to do with one DNS query message. Never raises."""
+        try:
+            return self._handle(bytes(data), transport)
+        except Exception as exc:  # a bug must not take the resolver down; answer SERVFAIL and count it
+            self.stats["internal_error"] += 1
+            reply = wire.error_response(data, wire.RCODE_SERVFAIL)
+            return Answer(reply, wire.RCODE_SERVFAIL) if reply else Drop(f"internal error: {exc!r}")
+
+    def _fail(self, data: bytes, rcode: int, stat: str) -> QueryResult:
+        self.stats[stat] += 1
+        reply = wire.error_response(data, rcode)
+        return Answer(reply, rcode) if reply is not None else Drop("no query ID")
+
+    def _handle(self, data: bytes, transport: Transport) -> QueryResult:
+        if len(data) < wire.HEADER_LEN:
+            return self._fail(data, wire.RCODE_FORMERR, "formerr")
+        if data[2] & 0x80:  # QR set: a response, answering it could start a loop
+            self.stats["dropped"] += 1
+            return Drop("message is a response")
+        if data[2] & 0x78:  # opcode other than QUERY (NOTIFY, UPDATE, ...)
+            return self._fail(data, wire.RCODE_NOTIMP, "notimp")
+        try:
+            query = DNSRecord.parse(data)
+        except Exception:  # dnslib raises assorted errors on garbage
+            return self._fail(data, wire.RCODE_FORMERR, "formerr")
+        if len(query.questions) != 1 or query.header.a or query.header.auth:
+            return self._fail(data, wire.RCODE_FORMERR, "formerr")
+        opts = [rr for rr in query.ar if rr.rtype == _TYPE_OPT]
+        if len(opts) > 1:  # RFC 6891 §6.1.1
+            return self._fail(data, wire.RCODE_FORMERR, "formerr")
+        if transport == "tcp":
+            limit = wire.MAX_TCP_MESSAGE
+        elif opts:
+            limit = max(wire.CLASSIC_UDP_LIMIT, min(opts[0].rclass, wire.MAX_UDP_RESPONSE))
+        else:
+            limit = wire.CLASSIC_UDP_LIMIT
+        question = query.q
+        if question.qclass not in (_CLASS_IN, _CLASS_ANY):
+            return self._fail(data, wire.RCODE_NOTIMP, "notimp")
+        labels = question.qname.label
+        if any(not label or b"." in label for label in labels):
+            return self._fail(data, wire.RCODE_FORMERR, "formerr")
+        key = ".".join(label.decode("latin-1") for label in labels).lower()
+        qtype = question.qtype
+
+        if qtype == _TYPE_PTR:
+            ip = _reverse_name_to_ip(key)
+            if ip is not None and ip in self._ptr:
+                record = RR(question.qname, QTYPE.PTR, rdata=PTR(self._ptr[ip] + "."), ttl=self._config.ttl)
+                return self._answer(query, limit, bool(opts), [record])
+        addrs = self._find(key)
+        if addrs is None:
+            ip = _reverse_name_to_ip(key)
+            if ip is not None and ip in self._ptr:
+                addrs = ()  # the reverse name exists, just not with this type
+        if addrs is not None:
+            if qtype in _NOT_IMPLEMENTED_TYPES:
+                return self._fail(data, wire.RCODE_NOTIMP, "notimp")
+            wanted = {_TYPE_A: (4,), _TYPE_AAAA: (6,), _TYPE_ANY: (4, 6)}.get(qtype, ())
+            records = [_address_record(question.qname, ip, self._config.ttl) for ip in addrs if ip.version in wanted]
+            return self._answer(query, limit, bool(opts), records)
+        if self._is_authoritative(key):
+            return self._answer(query, limit, bool(opts), [], rcode=wire.RCODE_NXDOMAIN)
+        nameservers = self._route(key) or self._config.default_resolvers
+        if not nameservers:
+            return self._fail(data, wire.RCODE_SERVFAIL, "servfail_no_upstream")
+        self.stats["forwarded"] += 1
+        return Forward(tuple(nameservers), data, limit)
+
+    def _answer(
+        self, query: DNSRecord, limit: int, edns: bool, records: list[RR], rcode: int = wire.RCODE_NOERROR
+    ) -> Answer:
+        header = DNSHeader(id=query.header.id, qr=1, aa=1, rd=query.header.rd, ra=query.header.rd, rcode=rcode)
+        reply = DNSRecord(header, questions=[query.q], rr=records)
+        if edns:
+            reply.add_ar(EDNS0(udp_len=wire.MAX_UDP_RESPONSE))
+        packed = reply.pack()
+        # Drop whole answers from the end until it fits, and tell the client to retry over TCP.
+        while len(packed) > limit and reply.rr:
+            reply.rr.pop()
+            reply.header.tc = 1
+            packed = reply.pack()
+        self.stats["nxdomain" if rcode == wire.RCODE_NXDOMAIN else "answered"] += 1
+        return Answer(packed, rcode)
