@@ -1,0 +1,364 @@
+"""A thin trio driver that runs the sans-IO :class:`tsnet.wg.device.WireGuard` over one UDP socket.
+
+This is plain WireGuard on a socket: static peers with fixed endpoints (the
+"static-peer mode" the userspace TCP/IP stack also uses), as opposed to
+Tailscale's magicsock, which multiplexes disco/DERP/relay paths itself.
+
+I/O pattern (no task switch per packet):
+
+* one receive task waits for readability, then drains the socket with
+  non-blocking ``recvfrom_into`` until ``BlockingIOError`` (at most ``batch``
+  datagrams), feeding each to the device; afterwards it flushes
+  ``datagrams_to_send`` once and dispatches events;
+* the device's timer is a :class:`trio.CancelScope` deadline that every
+  device interaction moves to ``get_timer()``, so timers need no polling and
+  no extra wakeups;
+* :meth:`WireGuardUDP.send_packet` is synchronous: it encrypts and sends
+  immediately on the non-blocking socket. Only if the kernel's send buffer is
+  full are datagrams queued (bounded) for a writer task.
+
+Time is ``trio.current_time()`` everywhere, so tests can use ``trio.testing.MockClock``;
+construct the device with ``now=trio.current_time()``.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import math
+import socket
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import trio
+
+from tsnet.key import NodePublic
+from tsnet.wg.device import WireGuard
+from tsnet.wg.events import Event, PacketReceived
+
+__all__ = ["DriverCounters", "WireGuardUDP", "open_udp_socket"]
+
+log = logging.getLogger(__name__)
+
+RECV_BUFFER_SIZE = 65535
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+PacketHandler = Callable[[NodePublic, bytes], None]
+EventHandler = Callable[[Event], None]
+
+
+def open_udp_socket(host: str = "0.0.0.0", port: int = 0) -> socket.socket:
+    """A non-blocking UDP socket bound to ``host:port`` (IPv6 if ``host`` contains ':'), with large buffers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+            except OSError:
+                pass  # best effort
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass(slots=True)
+class DriverCounters:
+    """I/O counters of the driver (the device keeps its own protocol counters)."""
+
+    datagrams_received: int = 0
+    datagrams_sent: int = 0
+    receive_batches: int = 0
+    receive_errors: int = 0
+    send_errors: int = 0  # sendto failed (unreachable, bad address, ...): datagram dropped
+    send_queued: int = 0  # kernel buffer full: datagram queued for the writer task
+    send_queue_overflow: int = 0  # queue full too: datagram dropped
+    packets_delivered: int = 0
+    packets_dropped_channel_full: int = 0  # nobody consumed the packet channel fast enough
+    handler_errors: int = 0  # a callback raised; logged and ignored
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _as_stdlib_socket(sock: Any) -> socket.socket:
+    if isinstance(sock, socket.socket):
+        return sock
+    if isinstance(sock, trio.socket.SocketType):
+        # Take the file descriptor over from the trio wrapper; the wrapper is left detached.
+        family, type_, proto = sock.family, sock.type, sock.proto
+        return socket.socket(family, type_, proto, fileno=sock.detach())
+    raise TypeError(f"expected a socket.socket or trio socket, got {type(sock).__name__}")
+
+
+class WireGuardUDP:
+    """Runs a :class:`~tsnet.wg.device.WireGuard` on a UDP socket under trio.
+
+    Args:
+        device: the sans-IO core; build it with ``now=trio.current_time()``.
+            Peer endpoints are ``(host, port)`` tuples as ``recvfrom`` returns them.
+        sock: a bound UDP socket (stdlib or trio; the driver takes it over and
+            makes it non-blocking). None: bind a new one on ``bind``.
+        bind: ``(host, port)`` used when ``sock`` is None.
+        on_packet: called as ``on_packet(peer, packet)`` for every decrypted inner IP
+            packet, synchronously inside the receive batch (keep it cheap; it must not
+            block). If None, packets go to :attr:`packets`, a memory channel of
+            ``PacketReceived`` events with ``packet_buffer`` slots; when it is full,
+            packets are dropped and counted rather than stalling the socket.
+        on_event: called for every other event (handshake completed/failed,
+            endpoint changed).
+        batch: maximum datagrams fed per wakeup before yielding to other tasks.
+        send_queue_limit: datagrams kept while the kernel send buffer is full.
+
+    Use::
+
+        async with trio.open_nursery() as nursery:
+            wg = WireGuardUDP(device, sock, on_packet=handle)
+            await nursery.start(wg.run)
+            wg.send_packet(peer_key, ip_packet)
+
+    All methods must be called from the trio thread that runs :meth:`run`.
+    """
+
+    def __init__(
+        self,
+        device: WireGuard,
+        sock: socket.socket | trio.socket.SocketType | None = None,
+        *,
+        bind: tuple[str, int] = ("0.0.0.0", 0),
+        on_packet: PacketHandler | None = None,
+        on_event: EventHandler | None = None,
+        packet_buffer: int = 1024,
+        batch: int = 128,
+        send_queue_limit: int = 1024,
+    ) -> None:
+        self.device = device
+        self._sock = open_udp_socket(*bind) if sock is None else _as_stdlib_socket(sock)
+        self._sock.setblocking(False)
+        self._on_packet = on_packet
+        self._on_event = on_event
+        self._batch = batch
+        self._send_queue: collections.deque[tuple[bytes | bytearray, Any]] = collections.deque()
+        self._send_queue_limit = send_queue_limit
+        self._writable_wanted = trio.Event()
+        self._timer_scope: trio.CancelScope | None = None
+        self._closed = False
+        self.counters = DriverCounters()
+        self.packets: trio.MemoryReceiveChannel[PacketReceived]
+        self._packet_send, self.packets = trio.open_memory_channel[PacketReceived](packet_buffer)
+
+    # -- public API ---------------------------------------------------------------------------------------------------
+
+    @property
+    def socket(self) -> socket.socket:
+        """The UDP socket in use (non-blocking)."""
+        return self._sock
+
+    @property
+    def local_address(self) -> tuple[Any, ...]:
+        """``getsockname()`` of the current socket."""
+        return self._sock.getsockname()
+
+    def send_packet(self, peer: NodePublic, packet: bytes | bytearray | memoryview) -> None:
+        """Encrypt one inner IP packet for ``peer`` and send it now (or stage it until a handshake completes)."""
+        self.device.send_packet(peer, packet, trio.current_time())
+        self._after_device_call()
+
+    def send_keepalive(self, peer: NodePublic) -> None:
+        """Send an empty transport message to ``peer``."""
+        self.device.send_keepalive(peer, trio.current_time())
+        self._after_device_call()
+
+    def initiate_handshake(self, peer: NodePublic) -> None:
+        """Start a handshake with ``peer`` now (subject to the device's rate limit)."""
+        self.device.initiate_handshake(peer, trio.current_time())
+        self._after_device_call()
+
+    def replace_socket(self, sock: socket.socket | trio.socket.SocketType) -> None:
+        """Switch to another bound UDP socket (e.g. a new local port); the old one is closed.
+
+        Peers that roam (plain WireGuard) follow our new source address as soon
+        as they authenticate a datagram from it.
+        """
+        new = _as_stdlib_socket(sock)
+        new.setblocking(False)
+        old, self._sock = self._sock, new
+        trio.lowlevel.notify_closing(old)  # wakes the receive task, which then picks up the new socket
+        old.close()
+
+    def update(self) -> None:
+        """Flush the device's output and events and re-arm the timer.
+
+        Call after using the device directly (e.g. ``add_peer``, ``set_endpoint``).
+        """
+        self._after_device_call()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Drive the device until cancelled; closes the socket and the packet channel on exit."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive_loop)
+                nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self._writer_loop)
+                task_status.started()
+        finally:
+            self._closed = True
+            self._packet_send.close()
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+
+    # -- internals ----------------------------------------------------------------------------------------------------
+
+    def _after_device_call(self) -> None:
+        """Send what the device produced, dispatch its events, move the timer deadline."""
+        self._flush(trio.current_time())
+        self._dispatch_events()
+        if self._timer_scope is not None:
+            t = self.device.get_timer()
+            self._timer_scope.deadline = math.inf if t is None else t
+
+    def _flush(self, now: float) -> None:
+        out = self.device.datagrams_to_send(now)
+        if not out:
+            return
+        if self._send_queue:
+            self._enqueue(out)  # keep order behind what is already waiting
+            return
+        sock = self._sock
+        sent = 0
+        for i, (data, addr) in enumerate(out):
+            try:
+                sock.sendto(data, addr)
+                sent += 1
+            except BlockingIOError:
+                self._enqueue(out[i:])
+                break
+            except (OSError, TypeError, ValueError) as exc:
+                # Unreachable destination, wrong family, malformed address: drop this one, keep going.
+                self.counters.send_errors += 1
+                log.debug("wg driver: send to %r failed: %s", addr, exc)
+        self.counters.datagrams_sent += sent
+
+    def _enqueue(self, items: list[tuple[bytes | bytearray, Any]]) -> None:
+        for item in items:
+            if len(self._send_queue) >= self._send_queue_limit:
+                self.counters.send_queue_overflow += 1
+            else:
+                self._send_queue.append(item)
+                self.counters.send_queued += 1
+        self._writable_wanted.set()
+
+    def _dispatch_events(self) -> None:
+        events = self.device.drain_events()
+        if not events:
+            return
+        on_packet, on_event = self._on_packet, self._on_event
+        for ev in events:
+            try:
+                if type(ev) is PacketReceived:
+                    self.counters.packets_delivered += 1
+                    if on_packet is not None:
+                        on_packet(ev.peer, ev.packet)
+                    else:
+                        try:
+                            self._packet_send.send_nowait(ev)
+                        except trio.WouldBlock:
+                            self.counters.packets_delivered -= 1
+                            self.counters.packets_dropped_channel_full += 1
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            self.counters.packets_delivered -= 1
+                            self.counters.packets_dropped_channel_full += 1
+                elif on_event is not None:
+                    on_event(ev)
+            except Exception:  # a faulty handler must not kill the node
+                self.counters.handler_errors += 1
+                log.exception("wg driver: event handler failed for %r", type(ev).__name__)
+
+    async def _receive_loop(self) -> None:
+        buf = bytearray(RECV_BUFFER_SIZE)
+        view = memoryview(buf)
+        device = self.device
+        counters = self.counters
+        while True:
+            sock = self._sock
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                if self._closed:
+                    return
+                continue  # replaced by replace_socket(); wait on the new one
+            now = trio.current_time()
+            drained = False
+            n_in = 0
+            for _ in range(self._batch):
+                try:
+                    n, addr = sock.recvfrom_into(buf)
+                except BlockingIOError:
+                    drained = True
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.EBADF:
+                        drained = True
+                        break
+                    counters.receive_errors += 1
+                    continue
+                n_in += 1
+                # A copy of n bytes: the device may keep the data (staging, events) beyond this call.
+                device.receive_datagram(bytes(view[:n]), addr, now)
+            counters.datagrams_received += n_in
+            counters.receive_batches += 1
+            if n_in:
+                self._after_device_call()
+            if not drained:
+                await trio.lowlevel.checkpoint()  # full batch: be fair to other tasks
+
+    async def _timer_loop(self) -> None:
+        device = self.device
+        while True:
+            with trio.CancelScope() as scope:
+                t = device.get_timer()
+                scope.deadline = math.inf if t is None else t
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            now = trio.current_time()
+            t = device.get_timer()
+            if t is not None and t <= now:
+                device.handle_timer(now)
+                self._flush(now)
+                self._dispatch_events()
+                t2 = device.get_timer()
+                if t2 is not None and t2 <= now:
+                    # Nothing advanced the timer: back off a little rather than spin.
+                    await trio.sleep(0.001)
+            else:
+                await trio.lowlevel.checkpoint()
+
+    async def _writer_loop(self) -> None:
+        while True:
+            await self._writable_wanted.wait()
+            self._writable_wanted = trio.Event()
+            while self._send_queue:
+                sock = self._sock
+                try:
+                    await trio.lowlevel.wait_writable(sock)
+                except trio.ClosedResourceError:
+                    if self._closed:
+                        return
+                    continue
+                while self._send_queue:
+                    data, addr = self._send_queue[0]
+                    try:
+                        sock.sendto(data, addr)
+                    except BlockingIOError:
+                        break
+                    except (OSError, TypeError, ValueError):
+                        self.counters.send_errors += 1
+                    else:
+                        self.counters.datagrams_sent += 1
+                    self._send_queue.popleft()
