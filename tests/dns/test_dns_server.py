@@ -1,0 +1,159 @@
+"""The trio DNS server on 127.0.0.1: UDP, TCP, forwarding with split DNS, TCP retry and failures."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+from dnslib import RCODE, DNSRecord
+from dnstest_helpers import make_config
+
+from tsnet.dns import wire
+from tsnet.dns.config import DNSConfig
+from tsnet.dns.core import MagicDNS
+from tsnet.dns.server import DNSServer, UpstreamForwarder, parse_nameserver
+
+
+async def udp_ask(port: int, query: bytes) -> bytes:
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.connect(("127.0.0.1", port))
+        await sock.send(query)
+        with trio.fail_after(5):
+            return await sock.recv(65535)
+
+
+async def tcp_ask(port: int, *queries: bytes) -> list[bytes]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"".join(wire.frame(q) for q in queries))
+        decoder = wire.TCPFrameDecoder()
+        replies: list[bytes] = []
+        with trio.fail_after(5):
+            while len(replies) < len(queries):
+                data = await stream.receive_some(65535)
+                assert data, "server closed early"
+                replies += decoder.feed(data)
+        return replies
+
+
+@pytest.fixture
+async def upstream(nursery: trio.Nursery) -> AsyncIterator[tuple[int, MagicDNS]]:
+    """A second MagicDNS acting as the corp nameserver (authoritative for corp.example)."""
+    big = [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(60)]  # > 512 bytes of A records
+    config = DNSConfig.build(base_domain="corp.example", hosts={"wiki": ["10.1.2.3"], "big": big})
+    magic = MagicDNS(config)
+    host, port = await nursery.start(DNSServer(magic).serve)
+    yield port, magic
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery, upstream: tuple[int, MagicDNS]) -> AsyncIterator[tuple[int, MagicDNS]]:
+    up_port = upstream[0]
+    magic = MagicDNS(make_config(routes={"corp.example": [f"127.0.0.1:{up_port}"]}, default_resolvers=[]))
+    _host, port = await nursery.start(DNSServer(magic, UpstreamForwarder(timeout=2)).serve)
+    yield port, magic
+
+
+async def test_udp_local_answer_and_nxdomain(server: tuple[int, MagicDNS]) -> None:
+    port, _ = server
+    reply = DNSRecord.parse(await udp_ask(port, DNSRecord.question("alpha.tailnet.test").pack()))
+    assert [str(rr.rdata) for rr in reply.rr] == ["100.64.0.1"]
+    reply = DNSRecord.parse(await udp_ask(port, DNSRecord.question("zz.tailnet.test").pack()))
+    assert reply.header.rcode == RCODE.NXDOMAIN
+
+
+async def test_dnslib_client_over_udp_and_tcp(server: tuple[int, MagicDNS]) -> None:
+    port, _ = server
+    for tcp in (False, True):
+        q = DNSRecord.question("gamma", "AAAA")
+        raw = await trio.to_thread.run_sync(lambda: q.send("127.0.0.1", port, tcp=tcp, timeout=5))
+        assert [str(rr.rdata) for rr in DNSRecord.parse(raw).rr] == ["fd7a:115c:a1e0::3"]
+
+
+async def test_tcp_pipelined_queries(server: tuple[int, MagicDNS]) -> None:
+    port, _ = server
+    q1, q2 = DNSRecord.question("alpha"), DNSRecord.question("beta")
+    replies = [DNSRecord.parse(r) for r in await tcp_ask(port, q1.pack(), q2.pack())]
+    by_id = {r.header.id: [str(rr.rdata) for rr in r.rr] for r in replies}
+    assert by_id == {q1.header.id: ["100.64.0.1"], q2.header.id: ["100.64.0.2"]}
+
+
+async def test_garbage_over_udp_gets_formerr_and_server_survives(server: tuple[int, MagicDNS]) -> None:
+    port, magic = server
+    reply = await udp_ask(port, b"\xab\xcd\x01\x00garbage")
+    assert reply[:2] == b"\xab\xcd" and reply[3] & 0xF == RCODE.FORMERR
+    assert DNSRecord.parse(await udp_ask(port, DNSRecord.question("alpha").pack())).rr
+
+
+async def test_tcp_zero_length_frame_closes_connection(server: tuple[int, MagicDNS]) -> None:
+    port, magic = server
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"\x00\x00")
+        with trio.fail_after(5):
+            assert await stream.receive_some(100) == b""
+    assert magic.stats["tcp_bad_framing"] == 1
+
+
+async def test_split_dns_forwarding(server: tuple[int, MagicDNS], upstream: tuple[int, MagicDNS]) -> None:
+    port, _ = server
+    reply = DNSRecord.parse(await udp_ask(port, DNSRecord.question("wiki.corp.example").pack()))
+    assert [str(rr.rdata) for rr in reply.rr] == ["10.1.2.3"]
+    assert upstream[1].stats["answered"] == 1
+    # The upstream's NXDOMAIN comes back unchanged.
+    reply = DNSRecord.parse(await udp_ask(port, DNSRecord.question("nope.corp.example").pack()))
+    assert reply.header.rcode == RCODE.NXDOMAIN
+    # No default resolvers: anything else is SERVFAIL.
+    reply = DNSRecord.parse(await udp_ask(port, DNSRecord.question("example.com").pack()))
+    assert reply.header.rcode == RCODE.SERVFAIL
+
+
+async def test_forwarder_retries_truncated_over_tcp(server: tuple[int, MagicDNS]) -> None:
+    port, _ = server
+    # Our client over TCP: the upstream's UDP answer is truncated, the forwarder retries over TCP.
+    (raw,) = await tcp_ask(port, DNSRecord.question("big.corp.example").pack())
+    reply = DNSRecord.parse(raw)
+    assert reply.header.tc == 0 and len(reply.rr) == 60
+    # Our client over UDP without EDNS: the full answer is cut to 512 bytes with TC set.
+    raw = await udp_ask(port, DNSRecord.question("big.corp.example").pack())
+    assert len(raw) <= 512 and DNSRecord.parse(raw).header.tc == 1
+
+
+async def test_dead_nameserver_gives_servfail(nursery: trio.Nursery) -> None:
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a port nobody listens on
+        await probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    magic = MagicDNS(make_config(default_resolvers=["https://dns.invalid/dns-query", f"127.0.0.1:{dead_port}"]))
+    _host, port = await nursery.start(DNSServer(magic, UpstreamForwarder(timeout=2)).serve)
+    reply = DNSRecord.parse(await udp_ask(port, DNSRecord.question("example.com").pack()))
+    assert reply.header.rcode == RCODE.SERVFAIL
+
+
+async def test_failing_forwarder_is_contained(nursery: trio.Nursery) -> None:
+    async def broken(_forward: object) -> bytes:
+        raise RuntimeError("boom")
+
+    magic = MagicDNS(make_config())
+    _host, port = await nursery.start(DNSServer(magic, broken).serve)
+    reply = DNSRecord.parse(await udp_ask(port, DNSRecord.question("example.com").pack()))
+    assert reply.header.rcode == RCODE.SERVFAIL and magic.stats["forward_error"] == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1.2.3.4", ("1.2.3.4", 53)),
+        ("1.2.3.4:5353", ("1.2.3.4", 5353)),
+        ("[::1]:54", ("::1", 54)),
+        ("::1", ("::1", 53)),
+        ("[::1]", ("::1", 53)),
+        ("https://dns.example/dns-query", None),
+        ("1.2.3.4:0", None),
+        ("host:53", None),
+        ("[::1]x", None),
+    ],
+)
+def test_parse_nameserver(text: str, expected: tuple[str, int] | None) -> None:
+    assert parse_nameserver(text) == expected
