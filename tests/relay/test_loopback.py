@@ -137,3 +137,37 @@ async def test_driver_runs_gc_on_mock_clock(autojump_clock):
             await trio.sleep(2)
             assert srv.endpoint_gauge()["connecting"] == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_forwarding_between_ipv4_and_ipv6_clients():
+    s4, s6 = open_udp_socket("127.0.0.1", 0), open_udp_socket("::1", 0)
+    relay4 = AddrPort.from_sockaddr(s4.getsockname())
+    relay6 = AddrPort.from_sockaddr(s6.getsockname())
+    srv = RelayServer(DiscoPrivate.generate(), now=trio.current_time())
+    srv.set_addr_ports(static=[relay4, relay6])
+    a, b = (d.DiscoBoxes(DiscoPrivate.generate()) for _ in range(2))
+    ep = srv.allocate(a.public_key, b.public_key, trio.current_time())
+    ca = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cb = trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with s4, s6, ca, cb:
+        await ca.bind(("127.0.0.1", 0))
+        await cb.bind(("::1", 0))
+        # each client only reaches the relay over its own family
+        v4_only = d.UDPRelayEndpoint(ep.server_disco, ep.client_disco, ep.lamport_id, ep.vni,
+                                     ep.bind_lifetime_ns, ep.steady_state_lifetime_ns, (relay4,))
+        v6_only = d.UDPRelayEndpoint(ep.server_disco, ep.client_disco, ep.lamport_id, ep.vni,
+                                     ep.bind_lifetime_ns, ep.steady_state_lifetime_ns, (relay6,))
+        ha = RelayBindHandshake(a, v4_only, generation=3)
+        hb = RelayBindHandshake(b, v6_only, generation=4)
+        done_a, done_b = trio.Event(), trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_relay, srv, s4, s6)
+            nursery.start_soon(_client_loop, ha, ca, done_a)
+            nursery.start_soon(_client_loop, hb, cb, done_b)
+            with trio.fail_after(5):
+                await done_a.wait()
+                await done_b.wait()
+            assert ha.result.relay_addr == relay4 and hb.result.relay_addr == relay6
+            assert srv.forwarded_packets.get(("udp4", "udp6"), 0) >= 1
+            assert srv.forwarded_packets.get(("udp6", "udp4"), 0) >= 1
+            nursery.cancel_scope.cancel()

@@ -46,16 +46,29 @@ def open_udp_socket(host: str = "0.0.0.0", port: int = 0) -> socket.socket:
 
 async def serve_relay(
     server: RelayServer,
-    sock: socket.socket,
-    *,
+    *socks: socket.socket,
     batch: int = 64,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run ``server`` on ``sock`` until cancelled. The caller owns (and closes) the socket."""
+    """Run ``server`` on one socket per address family until cancelled.
+
+    Each socket gets its own reader; a forwarded datagram leaves from the socket
+    of the destination's family (tailscaled forwards udp4 <-> udp6 too). The
+    caller owns (and closes) the sockets.
+    """
+    if not socks:
+        raise ValueError("serve_relay needs at least one socket")
+    by_version = {6 if s.family == socket.AF_INET6 else 4: s for s in socks}
+    async with trio.open_nursery() as nursery:
+        for sock in socks:
+            nursery.start_soon(_read_loop, server, sock, by_version, batch)
+        task_status.started()
+
+
+async def _read_loop(server: RelayServer, sock: socket.socket, by_version: dict[int, socket.socket], batch: int) -> None:
     buf = bytearray(RECV_BUFFER_SIZE)
     view = memoryview(buf)
     addr_cache: dict[tuple, AddrPort] = {}  # type: ignore[type-arg]
-    task_status.started()
     while True:
         with trio.move_on_at(server.get_timer()):
             await trio.lowlevel.wait_readable(sock)
@@ -82,9 +95,12 @@ async def serve_relay(
             out = server.receive_datagram(view[:n], src, now)
             if out is not None:
                 data, dst = out
+                out_sock = by_version.get(dst.ip.version)
                 try:
-                    sock.sendto(data, dst.to_sockaddr())
-                except (BlockingIOError, OSError) as exc:
+                    if out_sock is None:
+                        raise OSError(errno.EAFNOSUPPORT, "no socket for this address family")
+                    out_sock.sendto(data, dst.to_sockaddr())
+                except OSError as exc:  # includes BlockingIOError: a full buffer drops, like UDP
                     server.dropped["send_error"] = server.dropped.get("send_error", 0) + 1
                     log.debug("relayserver: send to %s failed: %s", dst, exc)
         if not drained:
