@@ -49,6 +49,8 @@ __all__ = [
 NETNS_DIR = Path("/var/run/netns")
 CLAIM_DIR = Path(os.environ.get("TSNET_LAB_STATE", "/run/tsnet-lab"))
 NS_PREFIX = "tsl"
+OWNER_ENV = "TSNET_LAB_OWNER"
+WG_SOCKET_DIR = Path("/var/run/wireguard")
 
 # 10.240.0.0/12 split into /24s: 4096 subnets shared by all concurrent lab users.
 LAB_POOL = ipaddress.IPv4Network("10.240.0.0/12")
@@ -394,7 +396,9 @@ class Lab:
         self._logdir = Path(tempfile.mkdtemp(prefix=f"tsnet-lab-{self.pid}-"))
         self.closed = False
         if sweep_stale:
+            sweep_stale_processes()
             sweep_stale_namespaces()
+            sweep_stale_uapi_sockets()
 
     # -- naming ---------------------------------------------------------------------------------------------------
 
@@ -473,6 +477,8 @@ class Lab:
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
+        # Marks the process as ours, so a later run can kill it if this run dies without teardown.
+        full_env[OWNER_ENV] = str(self.pid)
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(
                 ns.exec_args(args),
@@ -545,4 +551,46 @@ def sweep_stale_namespaces(names: Iterable[str] | None = None) -> list[str]:
         if m and not _pid_alive(int(m.group(1))):
             if subprocess.run(["ip", "netns", "del", name], capture_output=True).returncode == 0:
                 removed.append(name)
+    return removed
+
+
+def sweep_stale_processes() -> list[int]:
+    """SIGKILL processes started by a lab whose owning test process is dead (found via ``TSNET_LAB_OWNER``)."""
+    marker = f"{OWNER_ENV}=".encode()
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        for var in environ.split(b"\0"):
+            if var.startswith(marker):
+                try:
+                    owner = int(var[len(marker):])
+                except ValueError:
+                    break
+                if not _pid_alive(owner):
+                    try:
+                        os.kill(int(entry.name), signal.SIGKILL)
+                        killed.append(int(entry.name))
+                    except OSError:
+                        pass
+                break
+    return killed
+
+
+def sweep_stale_uapi_sockets() -> list[str]:
+    """Remove wireguard-go UAPI sockets of lab interfaces (``wg<pid>x<n>.sock``) whose pid is dead."""
+    removed = []
+    try:
+        entries = list(WG_SOCKET_DIR.iterdir())
+    except FileNotFoundError:
+        return removed
+    for path in entries:
+        m = re.fullmatch(r"wg(\d+)x\d+\.sock", path.name)
+        if m and not _pid_alive(int(m.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
     return removed

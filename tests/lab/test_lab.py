@@ -216,3 +216,22 @@ def test_subnets_are_unique_and_released() -> None:
         nets = [one.subnet() for _ in range(3)] + [two.subnet() for _ in range(3)]
         assert len(set(nets)) == 6
         assert all(isinstance(n, ipaddress.IPv4Network) and n.prefixlen == 24 for n in nets)
+
+
+def test_sweep_kills_processes_of_dead_runs() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("needs root")
+    from tests.lab.netns import OWNER_ENV, sweep_stale_processes
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = subprocess.Popen(["sleep", "60"], env={**os.environ, OWNER_ENV: str(dead.pid)})
+    mine = subprocess.Popen(["sleep", "60"], env={**os.environ, OWNER_ENV: str(os.getpid())})
+    try:
+        killed = sweep_stale_processes()
+        assert orphan.pid in killed and mine.pid not in killed
+        assert orphan.wait(5) == -9 and mine.poll() is None
+    finally:
+        for p in (orphan, mine):
+            p.kill()
+            p.wait()
