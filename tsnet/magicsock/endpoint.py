@@ -244,6 +244,7 @@ class _SentPing:
     purpose: PingPurpose
     size: int
     timeout_at: float
+    relay_server_disco: DiscoPublic | None = None
 
 
 def _wire_mtu(size: int, path: Path) -> int:
@@ -397,8 +398,11 @@ class PeerEndpoint:
             if st is None:
                 return []  # not a live candidate
             st.last_ping = now
+        server = None
+        if isinstance(path, UDPPath) and not path.is_direct and self.best is not None and self.best.path == path:
+            server = self.best.relay_server_disco  # so a late pong can restore the full path
         tx = disco.new_tx_id()
-        self._sent_pings[tx] = _SentPing(path, now, purpose, size, now + PING_TIMEOUT)
+        self._sent_pings[tx] = _SentPing(path, now, purpose, size, now + PING_TIMEOUT, server)
         return [SendPing(path, disco.Ping(tx, self.my_node_key, size), purpose)]
 
     def ping(self, path: Path, now: float, size: int = 0) -> list[Action]:
@@ -490,17 +494,18 @@ class PeerEndpoint:
         latency = now - sp.at
         if isinstance(src, DerpPath):
             return []  # DERP pongs never pick a UDP path
-        if src.is_direct and isinstance(sp.to, UDPPath) and sp.to.is_direct:
-            st = self.candidates.get(sp.to.addr)
-            if st is None:
-                return []  # candidate vanished meanwhile
-            st.pongs.append(_Pong(latency, now, src.addr, pong.src))
         if not isinstance(sp.to, UDPPath):
             return []
-        this = AddrQuality(sp.to, latency, _wire_mtu(sp.size, sp.to))
+        if sp.to.is_direct:
+            st = self.candidates.get(sp.to.addr)
+            if st is None:
+                return []  # candidate removed since we pinged it
+            if src.is_direct:
+                st.pongs.append(_Pong(latency, now, src.addr, pong.src))
+        if not sp.to.is_direct and sp.relay_server_disco is None:
+            return []  # a relay path we never installed (e.g. a CLI ping): nothing to rank
+        this = AddrQuality(sp.to, latency, _wire_mtu(sp.size, sp.to), sp.relay_server_disco)
         actions: list[Action] = []
-        if self.best is not None and self.best.path == this.path:
-            this = replace(this, relay_server_disco=self.best.relay_server_disco)
         if better_addr(this, self.best):
             actions += self._set_best(this, "pong")
         if self.best is not None and self.best.path == this.path:
