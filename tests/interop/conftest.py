@@ -2,7 +2,7 @@
 
 ``wireguard_go_setup``: two namespaces joined by a veth pair. In ``wg`` runs
 Debian's wireguard-go on a TUN (MTU 1280, overlay ``.1/24``); in ``py`` lives
-the Python peer, whose UDP socket is created inside that namespace with the
+the Python peer (optionally behind a NAT router), whose UDP socket is created inside that namespace with the
 setns trick. wireguard-go knows our key, our overlay ``.2/32`` and our endpoint.
 """
 
@@ -34,6 +34,8 @@ class WireGuardGoSetup:
     wg_overlay: ipaddress.IPv4Address  # tunnel address of wireguard-go's TUN
     our_overlay: ipaddress.IPv4Address  # our tunnel address
     our_port: int
+    router: Namespace | None = None  # the NAT router, when there is one
+    public_ip: ipaddress.IPv4Address | None = None  # our address as wireguard-go sees it (the NAT's WAN side)
 
     def our_socket(self, port: int = 0) -> socket.socket:
         """A UDP socket in the py namespace bound to our link address."""
@@ -42,41 +44,74 @@ class WireGuardGoSetup:
         return sock
 
 
-@pytest.fixture
-def wireguard_go_setup(lab: Lab) -> Iterator[WireGuardGoSetup]:
+def make_wireguard_go_setup(lab: Lab, *, nat: str | None = None) -> WireGuardGoSetup:
+    """Build the topology; with ``nat`` ("easy"/"hard") the py namespace sits behind a NAT router.
+
+    Behind a NAT wireguard-go is not told our endpoint: it learns the NAT's
+    mapping from our first authenticated datagram (WireGuard roaming).
+    """
     wg_ns, py_ns = lab.namespace("wg"), lab.namespace("py")
-    link = lab.link(wg_ns, py_ns)
+    router = None
+    if nat is None:
+        link = lab.link(wg_ns, py_ns)
+        wg_addr, our_addr, public_addr = link.a_addr, link.b_addr, link.b_addr
+    else:
+        router, lan, wan = lab.router("nat", py_ns, wg_ns, nat=nat)
+        wg_addr, our_addr, public_addr = wan.b_addr, lan.b_addr, wan.a_addr
     overlay = lab.subnet()
     wg_private, our_private = NodePrivate.generate(), NodePrivate.generate()
     # Reserve our port now so wireguard-go can be told our endpoint (for tests where it initiates).
     probe = py_ns.socket()
-    probe.bind((str(link.b_addr), 0))
+    probe.bind((str(our_addr), 0))
     our_port = probe.getsockname()[1]
     probe.close()
+    endpoint = f"{our_addr}:{our_port}" if nat is None else None
     wg = start_wireguard_go(
         wg_ns,
         private_key=wg_private.raw,
         address=f"{overlay[1]}/24",
         listen_port=WG_PORT,
-        peers=[PeerConfig(our_private.public.raw, allowed_ips=[f"{overlay[2]}/32"], endpoint=f"{link.b_addr}:{our_port}")],
+        peers=[PeerConfig(our_private.public.raw, allowed_ips=[f"{overlay[2]}/32"], endpoint=endpoint)],
     )
-    setup = WireGuardGoSetup(
+    return WireGuardGoSetup(
         lab=lab,
         wg_ns=wg_ns,
         py_ns=py_ns,
         wg=wg,
         wg_public=wg_private.public,
         our_private=our_private,
-        wg_endpoint=(str(link.a_addr), WG_PORT),
-        our_ip=link.b_addr,
+        wg_endpoint=(str(wg_addr), WG_PORT),
+        our_ip=our_addr,
         wg_overlay=overlay[1],
         our_overlay=overlay[2],
         our_port=our_port,
+        router=router,
+        public_ip=public_addr,
     )
+
+
+@pytest.fixture
+def wireguard_go_setup(lab: Lab) -> Iterator[WireGuardGoSetup]:
+    setup = make_wireguard_go_setup(lab)
     try:
         yield setup
     finally:
-        # On failure, wireguard-go's debug log is the most useful thing to see.
-        if wg.process.poll() is not None:
-            print(f"wireguard-go exited early with {wg.process.poll()}")
-        print("--- wireguard-go log ---\n" + wg.log()[-4000:])
+        dump_wireguard_go_log(setup)
+
+
+@pytest.fixture(params=["easy", "hard"])
+def wireguard_go_behind_nat(lab: Lab, request: pytest.FixtureRequest) -> Iterator[WireGuardGoSetup]:
+    """Like ``wireguard_go_setup`` but our namespace is behind an easy or a hard (--random-fully) NAT."""
+    setup = make_wireguard_go_setup(lab, nat=request.param)
+    try:
+        yield setup
+    finally:
+        dump_wireguard_go_log(setup)
+
+
+def dump_wireguard_go_log(setup: WireGuardGoSetup) -> None:
+    """Print wireguard-go's debug log (pytest shows it when a test fails)."""
+    wg = setup.wg
+    if wg.process.poll() is not None:
+        print(f"wireguard-go exited early with {wg.process.poll()}")
+    print("--- wireguard-go log ---\n" + wg.log()[-4000:])

@@ -32,13 +32,16 @@ STEP_TIMEOUT = 10.0  # bound for any single wait; tests finish in a few seconds 
 class PythonPeer:
     """Our device + driver, with the events it reported, in arrival order."""
 
-    def __init__(self, setup: WireGuardGoSetup, limits: Limits | None = None, port: int = 0) -> None:
+    def __init__(
+        self, setup: WireGuardGoSetup, limits: Limits | None = None, port: int = 0, wrap: Callable[[WireGuard], Any] | None = None
+    ) -> None:
         self.setup = setup
         self.device = WireGuard(setup.our_private, now=trio.current_time(), limits=limits)
         self.device.add_peer(setup.wg_public, endpoint=setup.wg_endpoint)
         self.events: list[Any] = []
         self._changed = trio.Event()
-        self.driver = WireGuardUDP(self.device, setup.our_socket(port), on_event=self._on_event)
+        driven = wrap(self.device) if wrap is not None else self.device
+        self.driver = WireGuardUDP(driven, setup.our_socket(port), on_event=self._on_event)
         self.packets = self.driver.packets
 
     def _on_event(self, ev: Any) -> None:
@@ -177,3 +180,64 @@ async def test_our_endpoint_changes_and_wireguard_go_roams(wireguard_go_setup: W
         nursery.cancel_scope.cancel()
     assert len(peer.handshakes()) == 1  # roaming needs no new handshake
     assert not [e for e in peer.events if isinstance(e, PeerEndpointChanged)]  # wireguard-go never moved
+
+
+async def test_through_nat_both_directions(wireguard_go_behind_nat: WireGuardGoSetup) -> None:
+    s = wireguard_go_behind_nat
+    async with trio.open_nursery() as nursery:
+        peer = await started(nursery, s)
+        await peer.ping(1)  # wireguard-go has no endpoint for us: it learns the NAT mapping from our handshake
+        status = await trio.to_thread.run_sync(lambda: s.wg.peer(s.our_private.public.raw))
+        seen_ip, seen_port = status.endpoint.rsplit(":", 1)
+        assert seen_ip == str(s.public_ip) != str(s.our_ip)
+        # Now the kernel behind wireguard-go pings us: its packets reach us through the NAT mapping.
+        raw = trio.socket.from_stdlib_socket(s.wg_ns.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+        request = icmp_echo(str(s.wg_overlay), str(s.our_overlay), 0x4242, 7, b"through the nat")
+        await raw.sendto(request[20:], (str(s.our_overlay), 0))
+        ip = parse_ipv4(await peer.next_packet())
+        echo = parse_icmp_echo(ip.payload)
+        assert (echo.is_reply, echo.ident, echo.seq, echo.data) == (False, 0x4242, 7, b"through the nat")
+        raw.close()
+        for seq in range(2, 6):
+            await peer.ping(seq)
+        nursery.cancel_scope.cancel()
+    assert len(peer.handshakes()) == 1
+
+
+class TamperingDevice:
+    """Wraps the real device: every transport datagram from wireguard-go arrives three times, first with
+    one flipped bit, then genuine, then replayed."""
+
+    def __init__(self, inner: WireGuard) -> None:
+        self._inner = inner
+        self.tampered = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        if data[:1] == b"\x04" and len(data) > 32:
+            self.tampered += 1
+            corrupted = bytearray(data)
+            corrupted[len(data) // 2] ^= 0x10
+            self._inner.receive_datagram(bytes(corrupted), addr, now)  # must not burn the genuine counter
+            self._inner.receive_datagram(data, addr, now)
+            self._inner.receive_datagram(data, addr, now)  # must not be delivered twice
+        else:
+            self._inner.receive_datagram(data, addr, now)
+
+
+async def test_corrupted_and_replayed_datagrams_are_dropped(wireguard_go_setup: WireGuardGoSetup) -> None:
+    s = wireguard_go_setup
+    async with trio.open_nursery() as nursery:
+        peer = await started(nursery, s, wrap=TamperingDevice)
+        for seq in range(1, 11):
+            await peer.ping(seq)  # a duplicate reply would show up as a wrong seq on the next ping
+        with pytest.raises(trio.WouldBlock):
+            peer.packets.receive_nowait()
+        tampered = peer.driver.device.tampered
+        nursery.cancel_scope.cancel()
+    counters = peer.device.counters
+    assert tampered >= 10
+    assert counters.drop_data_invalid == tampered and counters.drop_replayed == tampered
+    assert counters.data_received == 10
