@@ -1,0 +1,170 @@
+"""Our client against our server over loopback: register, map poll, deltas, logout, expiry."""
+
+import datetime as dt
+import ipaddress
+
+import pytest
+import trio
+
+from tsnet.control.client import ControlClient, LoginError
+from tsnet.key import DiscoPrivate
+
+from control_helpers import NetmapWatcher
+
+CGNAT = ipaddress.ip_network("100.64.0.0/10")
+ULA = ipaddress.ip_network("fd7a:115c:a1e0::/48")
+
+
+async def start(control, nursery, client_cfg):
+    """Run a client in the background; returns (client, watcher, cancel scope)."""
+    watcher = NetmapWatcher()
+    cancel = trio.CancelScope()
+    client = ControlClient(client_cfg)
+
+    async def runner():
+        with cancel:
+            async with client:
+                await client.run(watcher)
+
+    nursery.start_soon(runner)
+    return client, watcher, cancel
+
+
+def peer_names(nm):
+    return sorted(p.name for p in nm.peers)
+
+
+async def test_two_nodes_see_each_other(control, nursery):
+    key = control.authkey(reusable=True)
+    a, wa, _ = await start(control, nursery, control.config("alpha", key))
+    b, wb, _ = await start(control, nursery, control.config("Beta Box", key))
+    nma = await wa.wait_for(lambda nm: len(nm.peers) == 1)
+    nmb = await wb.wait_for(lambda nm: len(nm.peers) == 1)
+    assert nma.name == "alpha.tailnet.test." and nmb.name == "beta-box.tailnet.test."
+    assert peer_names(nma) == ["beta-box.tailnet.test."]
+    v4, v6 = nma.addresses
+    assert v4.ip in CGNAT and v6.ip in ULA and v4.network.prefixlen == 32
+    peer = nma.peers[0]
+    assert peer.key == b.config.node_key.public and peer.disco_key == b.config.disco_key
+    assert peer.addresses == nmb.addresses and peer.allowed_ips == tuple(i.network for i in nmb.addresses)
+    assert peer.cap == 133 and peer.online is True
+    assert nma.domain == "tailnet.test" and nma.dns_config.proxied and nma.dns_config.domains == ("tailnet.test",)
+    assert nma.packet_filter[0].src_ips == ("*",)
+    assert "disable-captive-portal-detection" in nma.cap_map
+    assert set(nma.user_profiles) == {nma.self_node.user}
+    # Delta: b moves endpoints and home DERP; a hears of it through PeersChanged.
+    await b.send_update(endpoints=("192.0.2.7:41641",), preferred_derp=900)
+    nma = await wa.wait_for(lambda nm: nm.peers and nm.peers[0].endpoints)
+    assert nma.peers[0].endpoints == ((ipaddress.ip_address("192.0.2.7"), 41641),)
+    assert nma.peers[0].home_derp == 900
+
+
+async def test_bad_keys_refused(control, nursery):
+    async with ControlClient(control.config("x", "tskey-auth-nope")) as c:
+        with pytest.raises(LoginError, match="invalid key"):
+            await c.login()
+    single = control.authkey()
+    async with ControlClient(control.config("one", single)) as c:
+        await c.login()
+    async with ControlClient(control.config("two", single)) as c:
+        with pytest.raises(LoginError, match="already used"):
+            await c.login()
+    revoked = control.authkey(reusable=True)
+    assert control.server.store.revoke_authkey(revoked)
+    async with ControlClient(control.config("three", revoked)) as c:
+        with pytest.raises(LoginError, match="revoked"):
+            await c.login()
+    expired = control.server.store.create_authkey(control.server.now(), expires=control.server.now() - dt.timedelta(seconds=1)).key
+    async with ControlClient(control.config("four", expired)) as c:
+        with pytest.raises(LoginError, match="expired"):
+            await c.login()
+    async with ControlClient(control.config("five", None)) as c:
+        with pytest.raises(LoginError, match="auth key"):
+            await c.login()
+
+
+async def test_reregister_known_key_without_auth_and_stable_addresses(control, nursery):
+    cfg = control.config("gamma", control.authkey())
+    async with ControlClient(cfg) as c:
+        await c.login()
+    node = control.server.store.node_by_key(str(cfg.node_key.public))
+    cfg.auth_key = None  # a restart: same keys, no credentials
+    async with ControlClient(cfg) as c:
+        await c.login()
+    again = control.server.store.node_by_key(str(cfg.node_key.public))
+    assert (again.id, again.ipv4, again.ipv6) == (node.id, node.ipv4, node.ipv6)
+    # A new node key from the same machine with OldNodeKey rotates the same node.
+    async with ControlClient(cfg) as c:
+        c.rotate_node_key()
+        await c.login()
+    rotated = control.server.store.node_by_key(str(cfg.node_key.public))
+    assert rotated.id == node.id and rotated.ipv4 == node.ipv4
+    assert control.server.store.node_by_key(str(c.old_node_key or node.node_key)) is None
+
+
+async def test_logout_removes_peer_and_deletes_ephemeral(control, nursery):
+    key = control.authkey(reusable=True)
+    a, wa, _ = await start(control, nursery, control.config("a", key))
+    b, wb, cancel_b = await start(control, nursery, control.config("b", key))
+    e, we, cancel_e = await start(control, nursery, control.config("e", key, ephemeral=True))
+    await wa.wait_for(lambda nm: len(nm.peers) == 2)
+    cancel_b.cancel()
+    nm = await wa.wait_for(lambda nm: any(p.name.startswith("b.") and p.online is False for p in nm.peers))
+    assert [p.last_seen is not None for p in nm.peers if p.name.startswith("b.")] == [True]
+    await e.logout()
+    await wa.wait_for(lambda nm: peer_names(nm) == ["b.tailnet.test."])
+    assert control.server.store.node_by_name("e") is None
+    # A non-ephemeral logout keeps the node (for re-login) but removes it from peers.
+    cfg_b = b.config
+    async with ControlClient(cfg_b) as c:
+        await c.logout()
+    await wa.wait_for(lambda nm: nm.peers == ())
+    assert control.server.store.node_by_name("b").logged_out
+
+
+async def test_ephemeral_gc_after_inactivity(control, nursery):
+    key = control.authkey(reusable=True, ephemeral=True)
+    a, wa, _ = await start(control, nursery, control.config("keeper", control.authkey()))
+    e, we, cancel_e = await start(control, nursery, control.config("eph", key))
+    await wa.wait_for(lambda nm: len(nm.peers) == 1)
+    assert control.server.store.node_by_name("eph").ephemeral
+    cancel_e.cancel()
+    await wa.wait_for(lambda nm: nm.peers[0].online is False)
+    assert control.server.collect_ephemeral() == []  # not yet timed out
+    later = control.server.now() + dt.timedelta(hours=2)
+    control.server.config.clock = lambda: later
+    assert control.server.collect_ephemeral() == ["eph"]
+    await wa.wait_for(lambda nm: nm.peers == ())
+
+
+async def test_admin_delete_and_expire(control, nursery):
+    key = control.authkey(reusable=True)
+    a, wa, _ = await start(control, nursery, control.config("a", key))
+    b, wb, _ = await start(control, nursery, control.config("b", key))
+    await wa.wait_for(lambda nm: len(nm.peers) == 1)
+    node_b = control.server.store.node_by_name("b")
+    control.server.expire_node(node_b.id)
+    # b notices its key expired, rotates it and renews with its (reusable) auth key: same node, new key.
+    nm = await wb.wait_for(lambda nm: str(nm.self_node.key) != node_b.node_key)
+    renewed = control.server.store.node_by_name("b")
+    assert renewed.id == node_b.id and renewed.ipv4 == node_b.ipv4 and renewed.node_key != node_b.node_key
+    await wa.wait_for(lambda nm: len(nm.peers) == 1 and str(nm.peers[0].key) == renewed.node_key)
+    control.server.delete_node(control.server.store.node_by_name("a").id)
+    await wb.wait_for(lambda nm: nm.peers == ())
+
+
+async def test_keepalives_flow(nursery, tmp_path):
+    from tsnet.control.server import ControlServer, ServerConfig
+    from tsnet.control.store import Store
+
+    from control_helpers import Harness
+
+    store = Store.open(tmp_path / "s")
+    server = ControlServer(store, ServerConfig(keepalive_interval=0.02))
+    port = await nursery.start(server.serve, "127.0.0.1", 0)
+    h = Harness(server, port, nursery)
+    c, w, _ = await start(h, nursery, h.config("k", h.authkey()))
+    await w.wait_for(lambda nm: True)
+    with trio.fail_after(10):
+        while c.counters["keepalives"] < 3:
+            await trio.sleep(0.01)

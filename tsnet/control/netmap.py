@@ -1,0 +1,324 @@
+"""The client's view of the tailnet: map-frame decoding, delta application, snapshots (sans-IO).
+
+* :class:`MapFrameDecoder` turns the long-poll body (``[u32 LE length][zstd frame]``…)
+  into :class:`~tsnet.control.tailcfg.MapResponse` objects.
+* :class:`MapSession` applies full and delta messages of one poll and returns an
+  immutable :class:`NetworkMap` after every message that changed something.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import ipaddress
+import struct
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import zstandard
+
+from ..key import DiscoPublic, NodePublic
+from . import tailcfg
+
+__all__ = ["MapFrameDecoder", "MapSession", "MapSessionError", "NetworkMap", "Peer", "parse_endpoint"]
+
+_MAX_FRAME = 64 << 20
+
+
+class MapSessionError(ValueError):
+    """The server sent a map message that cannot be applied (the poll must restart)."""
+
+
+def parse_endpoint(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """Parse ``1.2.3.4:41641`` or ``[2001:db8::1]:41641``."""
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+    else:
+        host, _, port = text.rpartition(":")
+    return ipaddress.ip_address(host), int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One peer as the data plane needs it, parsed from a ``tailcfg.Node``."""
+
+    id: int
+    stable_id: str
+    name: str
+    key: NodePublic
+    disco_key: DiscoPublic | None
+    addresses: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]
+    allowed_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    endpoints: tuple[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], ...]
+    home_derp: int
+    cap: int
+    online: bool | None
+    last_seen: _dt.datetime | None
+    key_expiry: _dt.datetime | None
+    expired: bool
+    tags: tuple[str, ...]
+    cap_map: Mapping[str, Any]
+    user: int
+    node: tailcfg.Node
+
+    @classmethod
+    def from_node(cls, node: tailcfg.Node) -> Peer:
+        if node.key is None or node.id is None:
+            raise MapSessionError("peer node lacks ID or Key")
+        addrs = []
+        for a in node.addresses or ():
+            try:
+                addrs.append(ipaddress.ip_interface(a))
+            except ValueError:
+                continue  # an unparsable entry is skipped, like Go does
+        allowed = []
+        for a in node.allowed_ips if node.allowed_ips is not None else node.addresses or ():
+            try:
+                allowed.append(ipaddress.ip_network(a, strict=True))
+            except ValueError:
+                continue
+        endpoints = []
+        for e in node.endpoints or ():
+            try:
+                endpoints.append(parse_endpoint(e))
+            except ValueError:
+                continue
+        home = node.home_derp or 0
+        if not home and node.legacy_derp_string and node.legacy_derp_string.startswith("127.3.3.40:"):
+            try:
+                home = int(node.legacy_derp_string.rsplit(":", 1)[1])
+            except ValueError:
+                home = 0
+        return cls(
+            id=node.id,
+            stable_id=node.stable_id or "",
+            name=node.name or "",
+            key=node.key,
+            disco_key=node.disco_key if node.disco_key is not None and not node.disco_key.is_zero() else None,
+            addresses=tuple(addrs),
+            allowed_ips=tuple(allowed),
+            endpoints=tuple(endpoints),
+            home_derp=home,
+            cap=node.cap or 0,
+            online=node.online,
+            last_seen=node.last_seen,
+            key_expiry=node.key_expiry,
+            expired=bool(node.expired),
+            tags=tuple(node.tags or ()),
+            cap_map=MappingProxyType(dict(node.cap_map or {})),
+            user=node.user or 0,
+            node=node,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkMap:
+    """An immutable snapshot of everything control told this node."""
+
+    self_node: tailcfg.Node
+    peers: tuple[Peer, ...]
+    derp_map: tailcfg.DERPMap | None
+    dns_config: tailcfg.DNSConfig | None
+    packet_filter: tuple[tailcfg.FilterRule, ...]
+    cap_map: Mapping[str, Any]
+    user_profiles: Mapping[int, tailcfg.UserProfile]
+    domain: str
+    collect_services: bool
+    control_time: _dt.datetime | None
+
+    @property
+    def name(self) -> str:
+        return self.self_node.name or ""
+
+    @property
+    def addresses(self) -> tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]:
+        return tuple(ipaddress.ip_interface(a) for a in self.self_node.addresses or ())
+
+    @property
+    def node_key(self) -> NodePublic | None:
+        return self.self_node.key
+
+    def peer_by_key(self, key: NodePublic) -> Peer | None:
+        for p in self.peers:
+            if p.key == key:
+                return p
+        return None
+
+    def peer_by_name(self, name: str) -> Peer | None:
+        for p in self.peers:
+            if p.name == name or p.name.split(".")[0] == name:
+                return p
+        return None
+
+
+class MapFrameDecoder:
+    """Splits a map long-poll body into messages and decodes them (zstd or plain JSON)."""
+
+    def __init__(self, *, compressed: bool = True) -> None:
+        self.compressed = compressed
+        self._buf = bytearray()
+        self._dctx = zstandard.ZstdDecompressor()
+        self._last_keepalive: bytes | None = None
+
+    def feed(self, data: bytes) -> list[tailcfg.MapResponse]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= 4:
+            (length,) = struct.unpack_from("<I", self._buf)
+            if length > _MAX_FRAME:
+                raise MapSessionError(f"map message of {length} bytes is too large")
+            if len(self._buf) < 4 + length:
+                break
+            raw = bytes(self._buf[4 : 4 + length])
+            del self._buf[: 4 + length]
+            if raw == self._last_keepalive:
+                out.append(tailcfg.MapResponse(keep_alive=True))
+                continue
+            body = raw
+            if self.compressed:
+                try:
+                    body = self._dctx.decompressobj().decompress(raw)
+                except zstandard.ZstdError as exc:
+                    raise MapSessionError(f"bad zstd frame: {exc}") from None
+            try:
+                msg = tailcfg.decode(tailcfg.MapResponse, body)
+            except tailcfg.DecodeError as exc:
+                raise MapSessionError(str(exc)) from None
+            if msg.keep_alive and body.strip() == b'{"KeepAlive":true}':
+                self._last_keepalive = raw
+            out.append(msg)
+        return out
+
+
+def _patch_node(node: tailcfg.Node, change: tailcfg.PeerChange) -> tailcfg.Node:
+    updates: dict[str, Any] = {}
+    if change.derp_region is not None:
+        updates["home_derp"] = change.derp_region
+    if change.cap is not None:
+        updates["cap"] = change.cap
+    if change.cap_map is not None:
+        updates["cap_map"] = change.cap_map
+    if change.endpoints is not None:
+        updates["endpoints"] = change.endpoints
+    if change.key is not None:
+        updates["key"] = change.key
+    if change.key_signature is not None:
+        updates["key_signature"] = change.key_signature
+    if change.disco_key is not None:
+        updates["disco_key"] = change.disco_key
+    if change.online is not None:
+        updates["online"] = change.online
+    if change.last_seen is not None:
+        updates["last_seen"] = change.last_seen
+    if change.key_expiry is not None:
+        updates["key_expiry"] = change.key_expiry
+    return replace(node, **updates) if updates else node
+
+
+@dataclass(slots=True)
+class MapSession:
+    """State of one long poll on the client. Create a new one for every poll."""
+
+    self_node: tailcfg.Node | None = None
+    peers: dict[int, tailcfg.Node] = field(default_factory=dict)
+    derp_map: tailcfg.DERPMap | None = None
+    dns_config: tailcfg.DNSConfig | None = None
+    packet_filters: dict[str, tuple[tailcfg.FilterRule, ...]] = field(default_factory=dict)
+    user_profiles: dict[int, tailcfg.UserProfile] = field(default_factory=dict)
+    domain: str = ""
+    collect_services: bool = False
+    control_time: _dt.datetime | None = None
+    messages: int = 0
+    _peer_cache: dict[int, tuple[tailcfg.Node, Peer]] = field(default_factory=dict)
+
+    def apply(self, msg: tailcfg.MapResponse, now: _dt.datetime) -> NetworkMap | None:
+        """Apply one message; return the new snapshot, or None for a keep-alive."""
+        if msg.control_time is not None:
+            self.control_time = msg.control_time
+        if _is_keepalive(msg):
+            return None
+        if self.self_node is None and msg.node is None:
+            raise MapSessionError("initial MapResponse lacked node")
+        self.messages += 1
+        if msg.node is not None:
+            self.self_node = msg.node
+        if msg.derp_map is not None:
+            if msg.derp_map.regions is None and self.derp_map is not None:
+                self.derp_map = replace(msg.derp_map, regions=self.derp_map.regions)
+            else:
+                self.derp_map = msg.derp_map
+        if msg.peers:
+            self.peers = {p.id: p for p in msg.peers if p.id is not None}
+        else:
+            for node_id in msg.peers_removed or ():
+                self.peers.pop(node_id, None)
+            for p in msg.peers_changed or ():
+                if p.id is not None:
+                    self.peers[p.id] = p
+            for node_id, seen in (msg.peer_seen_change or {}).items():
+                if node_id in self.peers:
+                    self.peers[node_id] = replace(self.peers[node_id], last_seen=now if seen else None)
+            for node_id, online in (msg.online_change or {}).items():
+                if node_id in self.peers:
+                    self.peers[node_id] = replace(self.peers[node_id], online=online)
+            for change in msg.peers_changed_patch or ():
+                if change.node_id in self.peers:
+                    self.peers[change.node_id] = _patch_node(self.peers[change.node_id], change)
+        if msg.dns_config is not None:
+            self.dns_config = msg.dns_config
+        if msg.domain:
+            self.domain = msg.domain
+        if msg.collect_services is not None:
+            self.collect_services = msg.collect_services
+        if msg.packet_filter is not None:
+            self.packet_filters["base"] = msg.packet_filter
+        if msg.packet_filters is not None:
+            for name, rules in msg.packet_filters.items():
+                if name == "*" and rules is None:
+                    self.packet_filters.clear()
+                elif rules is None:
+                    self.packet_filters.pop(name, None)
+                else:
+                    self.packet_filters[name] = rules
+        for profile in msg.user_profiles or ():
+            if profile.id is not None:
+                self.user_profiles[profile.id] = profile
+        return self.snapshot()
+
+    def _peer(self, node: tailcfg.Node) -> Peer:
+        cached = self._peer_cache.get(node.id)  # type: ignore[arg-type]
+        if cached is not None and cached[0] is node:
+            return cached[1]
+        peer = Peer.from_node(node)
+        self._peer_cache[node.id] = (node, peer)  # type: ignore[index]
+        return peer
+
+    def snapshot(self) -> NetworkMap:
+        assert self.self_node is not None
+        peers = []
+        for node_id in sorted(self.peers):
+            try:
+                peers.append(self._peer(self.peers[node_id]))
+            except MapSessionError:
+                continue  # a peer without key is unusable; skip it, keep the rest
+        for stale in set(self._peer_cache) - set(self.peers):
+            del self._peer_cache[stale]
+        rules: list[tailcfg.FilterRule] = []
+        for name in sorted(self.packet_filters):
+            rules.extend(self.packet_filters[name])
+        return NetworkMap(
+            self_node=self.self_node,
+            peers=tuple(peers),
+            derp_map=self.derp_map,
+            dns_config=self.dns_config,
+            packet_filter=tuple(rules),
+            cap_map=MappingProxyType(dict(self.self_node.cap_map or {})),
+            user_profiles=MappingProxyType(dict(self.user_profiles)),
+            domain=self.domain,
+            collect_services=self.collect_services,
+            control_time=self.control_time,
+        )
+
+
+def _is_keepalive(msg: tailcfg.MapResponse) -> bool:
+    return bool(msg.keep_alive)

@@ -1,0 +1,615 @@
+"""The coordination server: what tailscaled and our client talk to.
+
+One listener serves ``GET /key``, ``POST /ts2021`` (Noise + HTTP/2, carrying
+``/machine/register`` and ``/machine/map``), ``/generate_204`` and, when an
+embedded DERP server is attached, ``/derp``. State lives in a
+:class:`~tsnet.control.store.Store`.
+
+Map long-polls are per-node sessions. Every state change bumps a generation
+and wakes all sessions; each session recomputes its node's view and sends only
+what differs from what that session already sent (``PeersChanged``,
+``PeersRemoved``, a new self ``Node``, filter, DNS, DERP map), so peers see
+changes within one scheduling round. A quiet session sends ``{"KeepAlive":true}``
+every ``keepalive_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import re
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import zstandard
+
+from ..key import DiscoPublic, MachinePrivate, MachinePublic, NodePublic
+from . import controlhttp, tailcfg
+from . import conn as ts2021
+from .h2conn import H2Request, H2ResponseWriter, serve_h2
+from .httpd import HTTPRequest, Reply, Takeover, serve_http1
+from .jsoncodec import DecodeError, from_json
+from .store import NodeRecord, Store, StoreError
+
+__all__ = ["ControlServer", "ServerConfig", "default_derp_map", "sanitize_hostname"]
+
+log = logging.getLogger("tsnet.control.server")
+
+_ALLOW_ALL = (
+    tailcfg.FilterRule(
+        src_ips=("*",),
+        dst_ports=(tailcfg.NetPortRange(ip="*", ports=tailcfg.PortRange(first=0, last=65535)),),
+    ),
+)
+_TAGGED_LOGIN = "tagged-devices"
+
+
+def _utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def sanitize_hostname(hostname: str | None) -> str:
+    """A DNS label from a Hostinfo hostname: lowercase letters, digits and ``-``, at most 63."""
+    label = (hostname or "").strip().lower().split(".")[0]
+    label = re.sub(r"[^a-z0-9-]+", "-", label).strip("-")[:63].strip("-")
+    return label or "node"
+
+
+def default_derp_map(host: str, port: int, *, stun_port: int = -1, region_id: int = 900) -> tailcfg.DERPMap:
+    """A one-region DERP map for an embedded DERP server reachable at ``http://host:port/derp``."""
+    node = tailcfg.DERPNode(
+        name=f"{region_id}a",
+        region_id=region_id,
+        host_name=host,
+        ipv4=host if ":" not in host else None,
+        ipv6=host if ":" in host else "none",
+        derp_port=port,
+        stun_port=stun_port if stun_port else -1,
+        insecure_for_tests=True,
+        can_port80=False,
+    )
+    region = tailcfg.DERPRegion(region_id=region_id, region_code="tsnet", region_name="tsnet embedded", nodes=(node,))
+    return tailcfg.DERPMap(regions={region_id: region})
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Settings of a :class:`ControlServer`."""
+
+    base_domain: str = "tailnet.test"
+    derp_map: tailcfg.DERPMap | None = None
+    ephemeral_timeout: float = 300.0
+    keepalive_interval: float = 55.0
+    #: Node-key lifetime for user-owned nodes; None = never expire. Tagged nodes never expire.
+    key_expiry: _dt.timedelta | None = _dt.timedelta(days=180)
+    magic_dns: bool = True
+    nameservers: tuple[str, ...] = ()
+    split_dns: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    extra_records: tuple[tailcfg.DNSRecord, ...] = ()
+    #: Filter compiler: given the destination node and all nodes, the rules for that node.
+    filter_for: Callable[[NodeRecord, list[NodeRecord]], tuple[tailcfg.FilterRule, ...]] | None = None
+    #: Whether ``a`` should see ``b`` as a peer (default: everyone sees everyone).
+    can_see: Callable[[NodeRecord, NodeRecord, list[NodeRecord]], bool] | None = None
+    node_attrs: dict[str, Any] = field(
+        default_factory=lambda: {"disable-captive-portal-detection": None, "debug-disable-upnp": None}
+    )
+    clock: Callable[[], _dt.datetime] = _utcnow
+
+
+class _Session:
+    """One open map long-poll."""
+
+    __slots__ = ("node_id", "wake", "scope", "sent_self", "sent_peers", "sent_filter", "sent_dns", "sent_derp",
+                 "sent_profiles", "sent_domain")
+
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+        self.wake = trio.Event()
+        self.scope: trio.CancelScope | None = None
+        self.sent_self: dict | None = None
+        self.sent_peers: dict[int, dict] = {}
+        self.sent_filter: list | None = None
+        self.sent_dns: dict | None = None
+        self.sent_derp: dict | None = None
+        self.sent_profiles: dict[int, dict] = {}
+        self.sent_domain: str | None = None
+
+
+class ControlServer:
+    """A Tailscale-compatible coordination server over a :class:`Store`."""
+
+    def __init__(self, store: Store, config: ServerConfig | None = None) -> None:
+        self.store = store
+        self.config = config or ServerConfig()
+        self.noise_key: MachinePrivate = store.noise_key()
+        self.sessions: dict[int, _Session] = {}
+        self.generation = 0
+        self._compressor = zstandard.ZstdCompressor(level=3)
+        self.derp_app: Callable[[HTTPRequest], Awaitable[Reply | Takeover]] | None = None
+        self.counters: dict[str, int] = {"noise_conns": 0, "handshake_failures": 0, "registers": 0, "map_polls": 0,
+                                         "lite_updates": 0, "bad_requests": 0}
+
+    # -- clocks and notifications --------------------------------------------------------------
+
+    def now(self) -> _dt.datetime:
+        return self.config.clock()
+
+    def notify(self) -> None:
+        """Something changed: wake every map session so it sends its delta."""
+        self.generation += 1
+        for session in self.sessions.values():
+            session.wake.set()
+
+    # -- HTTP/1.1 front ------------------------------------------------------------------------
+
+    async def http_app(self, req: HTTPRequest) -> Reply | Takeover:
+        path = req.path
+        if path == "/key":
+            if "v" not in req.query:
+                # Pre-Noise clients: bare hex of the legacy key (zero), as testcontrol does.
+                return Reply(200, b"0" * 64, "text/plain")
+            body = tailcfg.dumps(
+                tailcfg.OverTLSPublicKeyResponse(
+                    legacy_public_key=MachinePublic.zero(), public_key=self.noise_key.public
+                )
+            )
+            return Reply(200, body, "application/json")
+        if path == "/ts2021":
+            verdict = controlhttp.check_upgrade_request(req.method, req.headers)
+            if isinstance(verdict, controlhttp.UpgradeRejected):
+                self.counters["bad_requests"] += 1
+                return Reply(verdict.status, verdict.reason.encode() + b"\n")
+            initiation = verdict
+
+            async def run(stream: trio.abc.Stream, leftover: bytes) -> None:
+                await self._serve_noise(stream, initiation, leftover)
+
+            return Takeover(run)
+        if path == "/generate_204":
+            return Reply(204, b"", headers=[])
+        if path in ("/derp", "/derp/probe", "/derp/latency-check") and self.derp_app is not None:
+            return await self.derp_app(req)
+        if path == "/":
+            return Reply(200, b"tsnet control server\n")
+        return Reply(404, b"not found\n")
+
+    async def handle_tcp(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted TCP connection (HTTP/1.1, possibly upgraded)."""
+        remote = ""
+        sock = getattr(stream, "socket", None)
+        if sock is not None:
+            try:
+                remote = "%s:%d" % sock.getpeername()[:2]
+            except OSError:
+                pass
+        await serve_http1(stream, self.http_app, remote=remote)
+
+    async def _serve_noise(self, stream: trio.abc.Stream, initiation: bytes, leftover: bytes) -> None:
+        try:
+            noise = await ts2021.accept(stream, initiation, self.noise_key, leftover=leftover)
+        except (ts2021.HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.counters["handshake_failures"] += 1
+            log.info("noise handshake failed: %s", exc)
+            return
+        self.counters["noise_conns"] += 1
+        machine = noise.peer
+
+        async def handler(req: H2Request, resp: H2ResponseWriter) -> None:
+            await self._handle_noise_request(machine, req, resp)
+
+        await serve_h2(noise, handler, on_error=lambda exc: log.exception("handler failed", exc_info=exc))
+
+    async def _handle_noise_request(self, machine: MachinePublic, req: H2Request, resp: H2ResponseWriter) -> None:
+        path = req.path.split("?", 1)[0]
+        if path == "/machine/register":
+            if req.method != "POST":
+                await resp.respond(400, b"POST required\n")
+                return
+            try:
+                rreq = tailcfg.decode(tailcfg.RegisterRequest, req.body)
+            except DecodeError as exc:
+                self.counters["bad_requests"] += 1
+                await resp.respond(400, f"bad register request: {exc}\n".encode())
+                return
+            answer = self.register(machine, rreq)
+            await resp.respond(200, tailcfg.dumps(answer), "application/json")
+            return
+        if path == "/machine/map":
+            if req.method != "POST":
+                await resp.respond(400, b"POST required\n")
+                return
+            try:
+                mreq = tailcfg.decode(tailcfg.MapRequest, req.body)
+            except DecodeError as exc:
+                self.counters["bad_requests"] += 1
+                await resp.respond(400, f"bad map request: {exc}\n".encode())
+                return
+            await self.serve_map(machine, mreq, resp)
+            return
+        await resp.respond(404, b"not found\n")
+
+    # -- register ------------------------------------------------------------------------------
+
+    def _user_for(self, tags: tuple[str, ...]) -> Any:
+        now = self.now()
+        if tags:
+            return self.store.ensure_user(_TAGGED_LOGIN, "Tagged Devices", now)
+        domain = self.config.base_domain
+        return self.store.ensure_user(f"tsnet@{domain}", "tsnet", now)
+
+    def _register_ok(self, node: NodeRecord) -> tailcfg.RegisterResponse:
+        user = next((u for u in self.store.users() if u.id == node.user_id), None)
+        if user is None:
+            user = self._user_for(node.tags)
+        return tailcfg.RegisterResponse(
+            user=tailcfg.User(id=user.id, display_name=user.display_name, created=user.created),
+            login=tailcfg.Login(id=user.id, provider="tsnet", login_name=user.login_name, display_name=user.display_name),
+            machine_authorized=True,
+            auth_url="",
+        )
+
+    def register(self, machine: MachinePublic, req: tailcfg.RegisterRequest) -> tailcfg.RegisterResponse:
+        """Handle one ``/machine/register`` for the Noise peer ``machine``."""
+        self.counters["registers"] += 1
+        now = self.now()
+        mkey = str(machine)
+        if req.node_key is None or req.node_key.is_zero():
+            return tailcfg.RegisterResponse(error="register request lacks a NodeKey")
+        nkey = str(req.node_key)
+        node = self.store.node_by_key(nkey)
+        if node is not None and node.machine_key != mkey:
+            return tailcfg.RegisterResponse(error="node key is registered to another machine")
+        hostinfo = tailcfg.encode(req.hostinfo) if req.hostinfo is not None else None
+
+        wants_expiry = req.expiry is not None and req.expiry.year > 1
+        if wants_expiry and req.expiry <= now:  # type: ignore[operator]
+            # Logout (tailscale sends 1970-01-01T00:02:03Z) or "expire now".
+            if node is None:
+                return tailcfg.RegisterResponse(error="unknown node key")
+            answer = self._register_ok(node)
+            if node.ephemeral:
+                self.store.delete_node(node.id)
+                self._end_session(node.id)
+            else:
+                self.store.update_node(node.id, logged_out=True, key_expiry=now)
+                self._end_session(node.id)
+            self.notify()
+            return answer
+
+        if node is not None and not node.expired(now) and not (req.auth and req.auth.auth_key):
+            changes: dict[str, Any] = {}
+            if hostinfo is not None:
+                changes["hostinfo"] = hostinfo
+            if wants_expiry and (node.key_expiry is None or req.expiry < node.key_expiry):  # type: ignore[operator]
+                changes["key_expiry"] = req.expiry
+            node = self.store.update_node(node.id, **changes)
+            self.notify()
+            return self._register_ok(node)
+
+        authkey = None
+        if req.auth is not None and req.auth.auth_key:
+            authkey = self.store.authkey(req.auth.auth_key)
+            if authkey is None:
+                return tailcfg.RegisterResponse(error="invalid key")
+            reason = authkey.usable(now)
+            if reason is not None:
+                return tailcfg.RegisterResponse(error=reason)
+
+        old = None
+        if req.old_node_key is not None and not req.old_node_key.is_zero():
+            old = self.store.node_by_key(str(req.old_node_key))
+            if old is not None and old.machine_key != mkey:
+                old = None
+        if node is not None and node.expired(now) and authkey is None:
+            return tailcfg.RegisterResponse(node_key_expired=True)
+        if old is not None and authkey is None and old.expired(now):
+            return tailcfg.RegisterResponse(error="node key expired; log in again with an auth key")
+        if old is None and node is None and authkey is None:
+            return tailcfg.RegisterResponse(
+                error="this tsnet control server needs an auth key (tailscale up --authkey=...)"
+            )
+
+        target = old or node
+        if target is None and authkey is not None:
+            # Re-login after logout keeps the machine's node (ID, name, addresses).
+            mine = self.store.nodes_by_machine(mkey)
+            target = mine[-1] if mine else None
+
+        tags = authkey.tags if authkey is not None and authkey.tags else (target.tags if target else ())
+        ephemeral = bool(req.ephemeral) or (authkey.ephemeral if authkey is not None else bool(target and target.ephemeral))
+        if tags or self.config.key_expiry is None:
+            key_expiry = None
+        else:
+            key_expiry = now + self.config.key_expiry
+        if wants_expiry and (key_expiry is None or req.expiry < key_expiry):  # type: ignore[operator]
+            key_expiry = req.expiry
+        user = self._user_for(tags)
+        if target is not None:
+            if node is not None and node.id != target.id:
+                self.store.delete_node(node.id)
+            fields: dict[str, Any] = dict(
+                node_key=nkey, logged_out=False, key_expiry=key_expiry, tags=tags, ephemeral=ephemeral, user_id=user.id
+            )
+            if hostinfo is not None:
+                fields["hostinfo"] = hostinfo
+            if authkey is not None:
+                fields["authkey_id"] = authkey.id
+            result = self.store.update_node(target.id, **fields)
+        else:
+            name = sanitize_hostname(req.hostinfo.hostname if req.hostinfo else None)
+            result = self.store.create_node(
+                now,
+                machine_key=mkey,
+                node_key=nkey,
+                name=name,
+                user_id=user.id,
+                ephemeral=ephemeral,
+                tags=tags,
+                key_expiry=key_expiry,
+                hostinfo=hostinfo,
+                authkey_id=authkey.id if authkey else None,
+            )
+        if authkey is not None:
+            self.store.mark_authkey_used(authkey.id)
+        self.notify()
+        return self._register_ok(result)
+
+    # -- map -----------------------------------------------------------------------------------
+
+    def _apply_map_request(self, node: NodeRecord, req: tailcfg.MapRequest) -> NodeRecord:
+        changes: dict[str, Any] = {}
+        if req.disco_key is not None and str(req.disco_key) != node.disco_key:
+            changes["disco_key"] = str(req.disco_key)
+        if req.endpoints is not None and tuple(req.endpoints) != node.endpoints:
+            changes["endpoints"] = tuple(req.endpoints)
+        if req.hostinfo is not None:
+            hostinfo = tailcfg.encode(req.hostinfo)
+            if hostinfo != node.hostinfo:
+                changes["hostinfo"] = hostinfo
+            ni = req.hostinfo.net_info
+            if ni is not None and ni.preferred_derp and ni.preferred_derp != node.home_derp:
+                changes["home_derp"] = ni.preferred_derp
+        if req.version is not None and req.version != node.cap:
+            changes["cap"] = req.version
+        if changes:
+            node = self.store.update_node(node.id, **changes)
+            self.notify()
+        return node
+
+    def _frame(self, msg: dict[str, Any] | bytes, compress: bool) -> bytes:
+        body = msg if isinstance(msg, bytes) else json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
+        if compress:
+            body = self._compressor.compress(body)
+        return struct.pack("<I", len(body)) + body
+
+    async def serve_map(self, machine: MachinePublic, req: tailcfg.MapRequest, resp: H2ResponseWriter) -> None:
+        """Serve one ``/machine/map`` request (long poll, lite update or one-shot)."""
+        if req.node_key is None:
+            await resp.respond(400, b"map request lacks NodeKey\n")
+            return
+        node = self.store.node_by_key(str(req.node_key))
+        if node is None or node.machine_key != str(machine):
+            self.counters["bad_requests"] += 1
+            await resp.respond(400, b"unknown node key for this machine\n")
+            return
+        if node.logged_out:
+            await resp.respond(401, b"node logged out\n")
+            return
+        node = self._apply_map_request(node, req)
+        compress = req.compress == "zstd"
+        if not req.stream:
+            if req.omit_peers:
+                self.counters["lite_updates"] += 1
+                await resp.respond(200, b"")
+                return
+            session = _Session(node.id)
+            msg = self._session_delta(session, first=True)
+            await resp.respond(200, self._frame(msg or {}, compress))
+            return
+
+        self.counters["map_polls"] += 1
+        old = self.sessions.get(node.id)
+        if old is not None and old.scope is not None:
+            old.scope.cancel()  # a new long poll replaces the old one
+        session = _Session(node.id)
+        self.sessions[node.id] = session
+        self.notify()  # online status changed for the peers
+        try:
+            with trio.CancelScope() as scope:
+                session.scope = scope
+                await resp.start(200, [("content-type", "application/octet-stream")])
+                first = True
+                while True:
+                    session.wake = trio.Event()
+                    current = self.store.node(node.id)
+                    if current is None or current.logged_out:
+                        break  # deleted or logged out: end the stream
+                    msg = self._session_delta(session, first=first)
+                    if msg is not None:
+                        await resp.write(self._frame(msg, compress))
+                    first = False
+                    with trio.move_on_after(self.config.keepalive_interval) as idle:
+                        await session.wake.wait()
+                    if idle.cancelled_caught:
+                        await resp.write(self._frame(b'{"KeepAlive":true}', compress))
+                await resp.end()
+        finally:
+            if self.sessions.get(node.id) is session:
+                del self.sessions[node.id]
+                gone = self.store.node(node.id)
+                if gone is not None:
+                    self.store.update_node(node.id, last_seen=self.now())
+                self.notify()
+
+    def _end_session(self, node_id: int) -> None:
+        session = self.sessions.get(node_id)
+        if session is not None:
+            session.wake.set()
+
+    # -- building the view ---------------------------------------------------------------------
+
+    def node_name(self, node: NodeRecord) -> str:
+        return f"{node.name}.{self.config.base_domain}."
+
+    def _tailcfg_node(self, node: NodeRecord, now: _dt.datetime, *, is_self: bool) -> tailcfg.Node:
+        online = node.id in self.sessions
+        hostinfo = None
+        if node.hostinfo is not None:
+            try:
+                hostinfo = from_json(tailcfg.Hostinfo, node.hostinfo)
+            except DecodeError:
+                hostinfo = None
+        addresses = (f"{node.ipv4}/32", f"{node.ipv6}/128")
+        return tailcfg.Node(
+            id=node.id,
+            stable_id=node.stable_id,
+            name=self.node_name(node),
+            user=node.user_id,
+            key=NodePublic.parse(node.node_key),
+            key_expiry=node.key_expiry,
+            machine=MachinePublic.parse(node.machine_key),
+            disco_key=DiscoPublic.parse(node.disco_key) if node.disco_key else None,
+            addresses=addresses,
+            allowed_ips=addresses,
+            endpoints=node.endpoints or None,
+            home_derp=node.home_derp or None,
+            hostinfo=hostinfo,
+            created=node.created,
+            cap=node.cap or None,
+            tags=node.tags or None,
+            online=None if is_self else online,
+            last_seen=None if (online or is_self or node.last_seen is None) else node.last_seen,
+            machine_authorized=True,
+            cap_map=dict(self.config.node_attrs) if is_self and self.config.node_attrs else None,
+            expired=True if node.expired(now) and not is_self else None,
+        )
+
+    def dns_config(self) -> tailcfg.DNSConfig:
+        cfg = self.config
+        resolvers = tuple(tailcfg.DNSResolver(addr=a) for a in cfg.nameservers) or None
+        routes: dict[str, tuple[tailcfg.DNSResolver, ...] | None] = {}
+        for suffix, servers in cfg.split_dns.items():
+            routes[suffix.rstrip(".") + "."] = tuple(tailcfg.DNSResolver(addr=a) for a in servers)
+        if cfg.magic_dns:
+            routes.setdefault(cfg.base_domain + ".", None)
+        return tailcfg.DNSConfig(
+            resolvers=resolvers,
+            routes=routes or None,
+            domains=(cfg.base_domain,) if cfg.magic_dns else None,
+            proxied=True if cfg.magic_dns else None,
+            extra_records=cfg.extra_records or None,
+        )
+
+    def _session_delta(self, session: _Session, *, first: bool) -> dict[str, Any] | None:
+        """What this session has not yet been told; None if nothing changed."""
+        now = self.now()
+        me = self.store.node(session.node_id)
+        if me is None:
+            return None
+        everyone = self.store.nodes()
+        live = [n for n in everyone if not n.logged_out]
+        can_see = self.config.can_see
+        peers = [n for n in live if n.id != me.id and (can_see is None or can_see(me, n, live))]
+        self_node = tailcfg.encode(self._tailcfg_node(me, now, is_self=True))
+        peer_nodes = {n.id: tailcfg.encode(self._tailcfg_node(n, now, is_self=False)) for n in peers}
+        rules = self.config.filter_for(me, live) if self.config.filter_for is not None else _ALLOW_ALL
+        packet_filter = [tailcfg.encode(r) for r in rules]
+        dns = tailcfg.encode(self.dns_config())
+        derp = tailcfg.encode(self.config.derp_map) if self.config.derp_map is not None else None
+        users = {u.id: u for u in self.store.users()}
+        profile_ids = {me.user_id} | {n.user_id for n in peers}
+        profiles = {
+            uid: tailcfg.encode(
+                tailcfg.UserProfile(id=uid, login_name=users[uid].login_name, display_name=users[uid].display_name)
+            )
+            for uid in sorted(profile_ids)
+            if uid in users
+        }
+
+        out: dict[str, Any] = {}
+        if first or self_node != session.sent_self:
+            out["Node"] = self_node
+        if first:
+            if peer_nodes:
+                out["Peers"] = [peer_nodes[i] for i in sorted(peer_nodes)]
+        else:
+            changed = [peer_nodes[i] for i in sorted(peer_nodes) if session.sent_peers.get(i) != peer_nodes[i]]
+            removed = sorted(set(session.sent_peers) - set(peer_nodes))
+            if changed:
+                out["PeersChanged"] = changed
+            if removed:
+                out["PeersRemoved"] = removed
+        if first or packet_filter != session.sent_filter:
+            out["PacketFilter"] = packet_filter
+        if first or dns != session.sent_dns:
+            out["DNSConfig"] = dns
+        if derp is not None and (first or derp != session.sent_derp):
+            out["DERPMap"] = derp
+        new_profiles = [p for uid, p in profiles.items() if session.sent_profiles.get(uid) != p]
+        if new_profiles:
+            out["UserProfiles"] = new_profiles
+        if first or session.sent_domain != self.config.base_domain:
+            out["Domain"] = self.config.base_domain
+            out["CollectServices"] = False
+        if not out:
+            return None
+        out["ControlTime"] = tailcfg.encode(tailcfg.MapResponse(control_time=now))["ControlTime"]
+        session.sent_self = self_node
+        session.sent_peers = peer_nodes
+        session.sent_filter = packet_filter
+        session.sent_dns = dns
+        session.sent_derp = derp
+        session.sent_profiles.update(profiles)
+        session.sent_domain = self.config.base_domain
+        return out
+
+    # -- ephemeral GC --------------------------------------------------------------------------
+
+    def collect_ephemeral(self) -> list[str]:
+        """Delete ephemeral nodes offline for longer than the timeout; returns their names."""
+        now = self.now()
+        timeout = _dt.timedelta(seconds=self.config.ephemeral_timeout)
+        gone = []
+        for node in self.store.nodes():
+            if not node.ephemeral or node.id in self.sessions:
+                continue
+            last = node.last_seen or node.created
+            if now - last >= timeout:
+                self.store.delete_node(node.id)
+                gone.append(node.name)
+        if gone:
+            self.notify()
+        return gone
+
+    async def run_ephemeral_gc(self) -> None:
+        interval = max(0.05, min(self.config.ephemeral_timeout / 4, 30.0))
+        while True:
+            await trio.sleep(interval)
+            self.collect_ephemeral()
+
+    # -- admin actions used by the CLI and tests -----------------------------------------------
+
+    def delete_node(self, node_id: int) -> bool:
+        ok = self.store.delete_node(node_id)
+        self._end_session(node_id)
+        self.notify()
+        return ok
+
+    def expire_node(self, node_id: int) -> None:
+        self.store.update_node(node_id, key_expiry=self.now())
+        self.notify()
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def serve(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on ``host:port`` until cancelled; reports the bound port through ``task_status``."""
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+            bound = listeners[0].socket.getsockname()[1]
+            nursery.start_soon(self.run_ephemeral_gc)
+            nursery.start_soon(trio.serve_listeners, self.handle_tcp, listeners)
+            task_status.started(bound)
