@@ -147,6 +147,7 @@ class WireGuardUDP:
         self._send_queue_limit = send_queue_limit
         self._writable_wanted = trio.Event()
         self._timer_scope: trio.CancelScope | None = None
+        self._timer_deadline = math.inf  # the deadline last given to _timer_scope
         self._closed = False
         self.counters = DriverCounters()
         self.packets: trio.MemoryReceiveChannel[PacketReceived]
@@ -166,18 +167,21 @@ class WireGuardUDP:
 
     def send_packet(self, peer: NodePublic, packet: bytes | bytearray | memoryview) -> None:
         """Encrypt one inner IP packet for ``peer`` and send it now (or stage it until a handshake completes)."""
-        self.device.send_packet(peer, packet, trio.current_time())
-        self._after_device_call()
+        now = trio.current_time()
+        self.device.send_packet(peer, packet, now)
+        self._after_device_call(now)
 
     def send_keepalive(self, peer: NodePublic) -> None:
         """Send an empty transport message to ``peer``."""
-        self.device.send_keepalive(peer, trio.current_time())
-        self._after_device_call()
+        now = trio.current_time()
+        self.device.send_keepalive(peer, now)
+        self._after_device_call(now)
 
     def initiate_handshake(self, peer: NodePublic) -> None:
         """Start a handshake with ``peer`` now (subject to the device's rate limit)."""
-        self.device.initiate_handshake(peer, trio.current_time())
-        self._after_device_call()
+        now = trio.current_time()
+        self.device.initiate_handshake(peer, now)
+        self._after_device_call(now)
 
     def replace_socket(self, sock: socket.socket | trio.socket.SocketType) -> None:
         """Switch to another bound UDP socket (e.g. a new local port); the old one is closed.
@@ -196,7 +200,7 @@ class WireGuardUDP:
 
         Call after using the device directly (e.g. ``add_peer``, ``set_endpoint``).
         """
-        self._after_device_call()
+        self._after_device_call(trio.current_time())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drive the device until cancelled; closes the socket and the packet channel on exit."""
@@ -214,13 +218,19 @@ class WireGuardUDP:
 
     # -- internals ----------------------------------------------------------------------------------------------------
 
-    def _after_device_call(self) -> None:
+    def _after_device_call(self, now: float) -> None:
         """Send what the device produced, dispatch its events, move the timer deadline."""
-        self._flush(trio.current_time())
+        self._flush(now)
         self._dispatch_events()
-        if self._timer_scope is not None:
+        scope = self._timer_scope
+        if scope is not None:
             t = self.device.get_timer()
-            self._timer_scope.deadline = math.inf if t is None else t
+            if t is None:
+                t = math.inf
+            # Setting a CancelScope deadline is not free; most calls leave the timer where it was.
+            if t != self._timer_deadline:
+                self._timer_deadline = t
+                scope.deadline = t
 
     def _flush(self, now: float) -> None:
         out = self.device.datagrams_to_send(now)
@@ -313,7 +323,7 @@ class WireGuardUDP:
             counters.datagrams_received += n_in
             counters.receive_batches += 1
             if n_in:
-                self._after_device_call()
+                self._after_device_call(now)
             if not drained:
                 await trio.lowlevel.checkpoint()  # full batch: be fair to other tasks
 
@@ -322,7 +332,7 @@ class WireGuardUDP:
         while True:
             with trio.CancelScope() as scope:
                 t = device.get_timer()
-                scope.deadline = math.inf if t is None else t
+                scope.deadline = self._timer_deadline = math.inf if t is None else t
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None
