@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+from functools import partial
 import sys
 
 import trio
@@ -62,11 +63,13 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tsnet derper: {exc}", file=sys.stderr)
         return 2
+    failure = None
     try:
         return trio.run(_main, args, private, mesh_key)
-    except OSError as exc:
-        print(f"tsnet derper: {exc}", file=sys.stderr)
-        return 1
+    except* OSError as group:
+        failure = group.exceptions[0]
+    print(f"tsnet derper: {failure}", file=sys.stderr)
+    return 1
 
 
 async def _main(args: argparse.Namespace, private: NodePrivate, mesh_key: bytes | None) -> int:
@@ -85,7 +88,7 @@ async def _main(args: argparse.Namespace, private: NodePrivate, mesh_key: bytes 
                         rate_limit_bytes_per_sec=args.rate_limit)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(server.serve_tcp, host, port, ssl_context=ssl_context)
+            bound = await nursery.start(partial(server.serve_tcp, host, port, ssl_context=ssl_context))
             scheme = "https" if ssl_context else "http"
             print(f"derper {server.public_key} listening on {scheme}://{host}:{bound}/derp", flush=True)
             if args.stun_port > 0:

@@ -332,9 +332,9 @@ class DerpClient:
                 while not self._closed:
                     try:
                         await self._run_once()
-                    except _IO_ERRORS as exc:
-                        self.last_error = repr(exc)
-                        log.debug("derp client: %r", exc)
+                    except* _IO_ERRORS as group:
+                        self.last_error = "; ".join(repr(e) for e in group.exceptions)
+                        log.debug("derp client: %s", self.last_error)
                     self._connected = trio.Event()
                     self._proto = None
                     if self._closed:

@@ -257,8 +257,8 @@ class DerpServer:
                     nursery.start_soon(self._writer, conn, wake, stream, nursery.cancel_scope)
                     await self._reader(conn, stream, initial)
                     nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
-            conn.connection_lost(f"I/O error: {exc!r}")
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as group:
+            conn.connection_lost(f"I/O error: {group.exceptions[0]!r}")
         finally:
             self._conn_scopes.discard(scope)
             conn.connection_lost()
@@ -444,15 +444,16 @@ class DerpServer:
                                 elif isinstance(ev, PeerGoneEvent):
                                     link.peer_gone(ev.peer.raw)
                             wake.set()
+                            self._dispatch()  # PeerGone may have queued frames for local clients
                             if ready.is_set() and not started:
                                 started = True
                                 task_status.started()
                         data = await stream.receive_some(RECV_SIZE)
                         if not data:
                             break
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                    DerpProtocolError, ssl.SSLError) as exc:
-                log.info("derp mesh: link to %s broke: %r", url, exc)
+            except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                     DerpProtocolError, ssl.SSLError) as group:
+                log.info("derp mesh: link to %s broke: %r", url, group.exceptions[0])
             link.reset()
             if not started:
                 started = True
