@@ -434,13 +434,18 @@ class DiscoBoxes:
     max_peers: int = 4096
     _nacl_private: nacl.public.PrivateKey = field(init=False, repr=False)
     _boxes: OrderedDict[bytes, nacl.public.Box] = field(init=False, repr=False, default_factory=OrderedDict)
+    _public: DiscoPublic = field(init=False, repr=False)
+    _prefix: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._nacl_private = nacl.public.PrivateKey(self.private.raw)
+        # Deriving the public key is a scalar multiplication: do it once.
+        self._public = self.private.public
+        self._prefix = MAGIC + self._public.raw
 
     @property
     def public_key(self) -> DiscoPublic:
-        return self.private.public
+        return self._public
 
     def box_for(self, peer: DiscoPublic) -> nacl.public.Box:
         """The cached precomputed box with ``peer``. Raises DiscoError for an invalid key."""
@@ -470,7 +475,7 @@ class DiscoBoxes:
         if nonce is None:
             nonce = os.urandom(NONCE_LEN)
         sealed = self.box_for(peer).encrypt(bytes(plaintext), nonce)
-        return MAGIC + self.private.public.raw + bytes(sealed)
+        return self._prefix + bytes(sealed)
 
     def open(self, data: bytes | memoryview) -> tuple[DiscoPublic, bytes]:
         """Authenticate and decrypt; returns (sender, plaintext). Raises DiscoError."""

@@ -107,7 +107,7 @@ class RelayBindHandshake:
     def __post_init__(self) -> None:
         if self.generation == 0:
             raise ValueError("handshake generation must be non-zero")
-        me = self.boxes.private.public
+        me = self.boxes.public_key
         a, b = self.endpoint.client_disco
         if me == a:
             self.peer_disco = b

@@ -1,0 +1,164 @@
+"""Per-packet costs of the disco codec, the demux and the peer relay, plus relay throughput on loopback.
+
+Core rows time the sans-IO calls alone (best of several runs, microseconds per
+call). The loopback row pushes 1280-byte Geneve/WireGuard datagrams from one
+client socket through the trio relay driver to another client socket on
+127.0.0.1, in bursts, and counts what arrives (UDP: overruns are dropped, the
+table reports both sent and received).
+
+Run: .venv/bin/python benchmarks/relay_bench.py [--packets N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import time
+
+import trio
+
+from tsnet.key import DiscoPrivate, NodePrivate
+from tsnet.magicsock import disco as d
+from tsnet.magicsock.addrport import AddrPort
+from tsnet.magicsock.demux import classify
+from tsnet.relay.client import RelayBindHandshake
+from tsnet.relay.driver import open_udp_socket, serve_relay
+from tsnet.relay.geneve import PROTOCOL_WIREGUARD, encode_header
+from tsnet.relay.server import RelayServer
+
+SIZE = 1280
+A_ADDR = AddrPort.parse("198.51.100.1:1")
+B_ADDR = AddrPort.parse("198.51.100.2:2")
+
+
+def best_of(fn, n: int, repeats: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(n)
+        best = min(best, time.perf_counter() - t0)
+    return best / n * 1e6
+
+
+def bound_server(addr: AddrPort, a_addr: AddrPort, b_addr: AddrPort, now: float = 0.0):
+    srv = RelayServer(DiscoPrivate.generate(), now=now)
+    srv.set_addr_ports(static=[addr])
+    a, b = d.DiscoBoxes(DiscoPrivate.generate()), d.DiscoBoxes(DiscoPrivate.generate())
+    ep = srv.allocate(a.public_key, b.public_key, now)
+    hs = {a_addr: RelayBindHandshake(a, ep, 1), b_addr: RelayBindHandshake(b, ep, 1)}
+    for src, h in hs.items():
+        queue = [(dg.data, src, dg.to) for dg in h.start(now)]
+        while queue:
+            data, s, dst = queue.pop()
+            if dst == addr:
+                out = srv.receive_datagram(data, s, now)
+                if out:
+                    queue.append((bytes(out[0]), addr, out[1]))
+            elif dst in hs:
+                queue += [(dg.data, dst, dg.to) for dg in hs[dst].receive_datagram(data, s, now)]
+    assert srv.endpoint_gauge()["open"] == 1
+    return srv, ep, hs[a_addr]
+
+
+def core_rows(n: int) -> list[tuple[str, float]]:
+    a, b = d.DiscoBoxes(DiscoPrivate.generate()), d.DiscoBoxes(DiscoPrivate.generate())
+    ping = d.Ping(d.new_tx_id(), NodePrivate.generate().public)
+    pkt = a.seal(b.public_key, ping)
+    srv, ep, ha = bound_server(AddrPort.parse("192.0.2.1:7000"), A_ADDR, B_ADDR)
+    wg = ha.wrap_wireguard(b"\x04\x00\x00\x00" + bytes(SIZE - 4))
+    view = memoryview(bytearray(wg))
+
+    def seal(k):
+        for _ in range(k):
+            a.seal(b.public_key, ping)
+
+    def open_(k):
+        for _ in range(k):
+            b.open_message(pkt)
+
+    def demux(k):
+        for _ in range(k):
+            classify(view)
+
+    def forward(k):
+        recv = srv.receive_datagram
+        for _ in range(k):
+            recv(view, A_ADDR, 1.0)
+
+    return [
+        ("disco seal ping (124 B)", best_of(seal, n // 10)),
+        ("disco open+parse ping", best_of(open_, n // 10)),
+        ("demux classify Geneve WG (1288 B)", best_of(demux, n)),
+        ("relay core forward (1288 B)", best_of(forward, n)),
+    ]
+
+
+async def loopback(n: int, burst: int = 32) -> tuple[int, int, float]:
+    relay_sock = open_udp_socket("127.0.0.1", 0)
+    relay_addr = AddrPort.from_sockaddr(relay_sock.getsockname())
+    ca, cb = open_udp_socket("127.0.0.1", 0), open_udp_socket("127.0.0.1", 0)
+    a_addr, b_addr = AddrPort.from_sockaddr(ca.getsockname()), AddrPort.from_sockaddr(cb.getsockname())
+    srv, ep, ha = bound_server(relay_addr, a_addr, b_addr, trio.current_time())
+    wg = ha.wrap_wireguard(b"\x04\x00\x00\x00" + bytes(SIZE - 4))
+    received = 0
+    sent = 0
+    done = trio.Event()
+
+    async def receiver():
+        nonlocal received
+        buf = bytearray(2048)
+        while True:
+            await trio.lowlevel.wait_readable(cb)
+            while True:
+                try:
+                    cb.recv_into(buf)
+                except BlockingIOError:
+                    break
+                received += 1
+                if received >= n:
+                    done.set()
+                    return
+
+    async def sender():
+        nonlocal sent
+        dst = relay_addr.to_sockaddr()
+        while sent < n:
+            for _ in range(burst):
+                try:
+                    ca.sendto(wg, dst)
+                    sent += 1
+                except BlockingIOError:
+                    break
+            await trio.sleep(0)  # let the relay and receiver drain
+
+    with relay_sock, ca, cb:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_relay, srv, relay_sock)
+            nursery.start_soon(receiver)
+            t0 = time.perf_counter()
+            nursery.start_soon(sender)
+            with trio.move_on_after(30):
+                await done.wait()
+            elapsed = time.perf_counter() - t0
+            # let in-flight packets land, then stop
+            nursery.cancel_scope.cancel()
+    return sent, received, elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--packets", type=int, default=100_000)
+    args = ap.parse_args()
+    rows = core_rows(args.packets)
+    print(f"{'operation':40} {'us/op':>8}")
+    for name, us in rows:
+        print(f"{name:40} {us:8.2f}")
+    sent, received, elapsed = trio.run(loopback, args.packets)
+    pps = received / elapsed
+    print()
+    print(f"{'relay over loopback UDP (1288 B)':40} {'sent':>8} {'recv':>8} {'pkt/s':>9} {'Mbit/s':>8}")
+    print(f"{'':40} {sent:8d} {received:8d} {pps:9.0f} {pps * len(bytes(1288)) * 8 / 1e6:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
