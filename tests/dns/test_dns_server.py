@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+import trio.testing
 from dnslib import RCODE, DNSRecord
 from dnstest_helpers import make_config
 
@@ -157,3 +158,54 @@ async def test_failing_forwarder_is_contained(nursery: trio.Nursery) -> None:
 )
 def test_parse_nameserver(text: str, expected: tuple[str, int] | None) -> None:
     assert parse_nameserver(text) == expected
+
+
+class ChannelSocket:
+    """A socket-like object over memory channels, standing in for the netstack's UDP endpoint."""
+
+    def __init__(self) -> None:
+        self.inbound_send, self.inbound = trio.open_memory_channel[tuple[bytes, object]](10)
+        self.outbound, self.outbound_receive = trio.open_memory_channel[tuple[bytes, object]](10)
+
+    async def recvfrom(self, bufsize: int) -> tuple[bytes, object]:
+        return await self.inbound.receive()
+
+    async def sendto(self, data: bytes, address: object) -> int:
+        await self.outbound.send((data, address))
+        return len(data)
+
+
+async def test_serves_socket_like_objects_and_memory_streams(nursery: trio.Nursery) -> None:
+    magic = MagicDNS(make_config())
+    server = DNSServer(magic)
+    fake = ChannelSocket()
+    nursery.start_soon(server.serve_udp, fake)
+    query = DNSRecord.question("alpha.tailnet.test")
+    peer = ("100.64.0.7", 40000)
+    await fake.inbound_send.send((query.pack(), peer))
+    with trio.fail_after(5):
+        reply, address = await fake.outbound_receive.receive()
+    assert address == peer and [str(rr.rdata) for rr in DNSRecord.parse(reply).rr] == ["100.64.0.1"]
+
+    client, served = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.serve_tcp_stream, served)
+    await client.send_all(wire.frame(DNSRecord.question("beta").pack()))
+    decoder = wire.TCPFrameDecoder()
+    replies: list[bytes] = []
+    with trio.fail_after(5):
+        while not replies:
+            replies = decoder.feed(await client.receive_some(65535))
+    assert [str(rr.rdata) for rr in DNSRecord.parse(replies[0]).rr] == ["100.64.0.2"]
+    await client.send_eof()
+    with trio.fail_after(5):
+        assert await client.receive_some(10) == b""
+
+
+async def test_tcp_idle_connections_are_closed(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> None:
+    server = DNSServer(MagicDNS(make_config()), tcp_idle_timeout=30)
+    client, served = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.serve_tcp_stream, served)
+    start = trio.current_time()
+    with trio.fail_after(120):
+        assert await client.receive_some(10) == b""
+    assert trio.current_time() - start >= 30

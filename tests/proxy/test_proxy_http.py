@@ -129,3 +129,34 @@ async def test_basic_auth(auth_proxy: LoopbackProxy, credentials: Credentials, o
         f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {token}\r\n\r\n".encode(),
     )
     assert raw.startswith(b"HTTP/1.1 407")
+
+
+async def _broken_origin(stream: trio.SocketStream, reply: bytes) -> None:
+    async with stream:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            data += chunk
+        await stream.send_all(reply)
+
+
+async def test_upstream_failures(nursery: trio.Nursery, proxy: LoopbackProxy) -> None:
+    async def start(reply: bytes) -> int:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        await nursery.start(trio.serve_listeners, lambda s: _broken_origin(s, reply), listeners)
+        return listeners[0].socket.getsockname()[1]
+
+    # Closes without answering: the client gets a 502 naming the problem.
+    silent = await start(b"")
+    result = await curl("-D", "-", "-o", "/dev/null", "-x", proxy.http_url, f"http://127.0.0.1:{silent}/")
+    assert result.stdout.lower().startswith(b"http/1.1 502") and b"tailscale-connect-error" in result.stdout.lower()
+    # Garbage instead of HTTP: also 502.
+    garbage = await start(b"SSH-2.0-OpenSSH\r\n\r\n")
+    result = await curl("-D", "-", "-o", "/dev/null", "-x", proxy.http_url, f"http://127.0.0.1:{garbage}/")
+    assert result.stdout.startswith(b"HTTP/1.1 502")
+    # Dies mid-body: the response has started, so the client connection is cut (curl sees a short body).
+    partial = await start(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+    result = await curl("-x", proxy.http_url, f"http://127.0.0.1:{partial}/")
+    assert result.returncode != 0 and result.stdout == b"short"

@@ -172,3 +172,19 @@ def test_loopback_urls() -> None:
     assert LoopbackProxy("::1", 8080, None).http_url == "http://[::1]:8080"
     generated = ProxyServer.generate_credentials()
     assert generated.username == "tsnet" and len(generated.password) >= 24
+
+
+async def test_silent_clients_are_dropped_after_the_handshake_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    server = ProxyServer(handshake_timeout=10)
+    proxy = await nursery.start(server.serve)
+    for opening in (b"", b"\x05\x01"):  # nothing at all, and a greeting cut short
+        stream = await trio.open_tcp_stream(proxy.host, proxy.port)
+        async with stream:
+            await stream.send_all(opening)
+            start = trio.current_time()
+            with trio.fail_after(60):
+                assert await stream.receive_some(100) == b""
+            assert trio.current_time() - start >= 10
+    assert server.stats.get("socks5_handshake_timeout") == 1

@@ -159,7 +159,8 @@ class DNSServer:
             while True:
                 try:
                     data, address = await sock.recvfrom(65535)
-                except OSError as exc:  # e.g. ICMP-induced ECONNREFUSED from an earlier send
+                except (ConnectionRefusedError, ConnectionResetError) as exc:
+                    # ICMP errors for an earlier reply surface here; the socket itself is fine.
                     log.debug("DNS UDP recv error: %r", exc)
                     continue
                 result = self.magic.handle_query(data, "udp")

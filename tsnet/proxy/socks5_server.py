@@ -155,8 +155,8 @@ class _UDPAssociation:
         while True:
             try:
                 data, source = await self.relay.recvfrom(65535)
-            except OSError:
-                continue
+            except (ConnectionRefusedError, ConnectionResetError):
+                continue  # ICMP error for an earlier reply to the client; the relay socket is fine
             if not self._from_client(source):
                 self.settings.count("socks5_udp_foreign_source")
                 continue
