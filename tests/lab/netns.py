@@ -23,6 +23,7 @@ import itertools
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -308,6 +309,27 @@ class Namespace:
             pass
         self.ip(*args)
 
+    def assert_isolated(self) -> None:
+        """Raise :class:`LabError` unless every route here stays inside the lab.
+
+        Checks all IPv4 and IPv6 routing tables: gateways must be lab addresses
+        (IPv6 gateways are refused outright, the lab never adds any), and the
+        namespace must have a non-loopback address (tailscaled needs one).
+        """
+        for family in ("-4", "-6"):
+            for line in self.ip(family, "route", "show", "table", "all").splitlines():
+                m = re.search(r"\bvia (\S+)", line)
+                if m is None:
+                    continue
+                try:
+                    gw = ipaddress.ip_address(m.group(1))
+                except ValueError as exc:
+                    raise LabError(f"{self.name}: cannot parse route {line!r}") from exc
+                if not isinstance(gw, ipaddress.IPv4Address) or not self.lab.owns_address(gw):
+                    raise LabError(f"{self.name}: route leaves the lab: {line!r}")
+        if not any(not a.ip.is_loopback for a in self.addresses):
+            raise LabError(f"{self.name}: no non-loopback address (add a link or add_dummy())")
+
     def enable_forwarding(self) -> None:
         self.sysctl("net.ipv4.ip_forward", 1)
 
@@ -393,7 +415,8 @@ class Lab:
         self._subnets: list[ipaddress.IPv4Network] = []
         self._cleanups: list[Callable[[], None]] = []
         self._pool = SubnetPool()
-        self._logdir = Path(tempfile.mkdtemp(prefix=f"tsnet-lab-{self.pid}-"))
+        #: Scratch directory for process logs and state (removed at teardown).
+        self.tmpdir = Path(tempfile.mkdtemp(prefix=f"tsnet-lab-{self.pid}-"))
         self.closed = False
         if sweep_stale:
             sweep_stale_processes()
@@ -473,7 +496,7 @@ class Lab:
     def _popen(self, ns: Namespace, args: Sequence[str], *, env: Mapping[str, str] | None, cwd: str | None) -> LabProcess:
         if self.closed:
             raise LabError("lab is closed")
-        log_path = self._logdir / f"{len(self.processes)}-{Path(args[0]).name}.log"
+        log_path = self.tmpdir / f"{len(self.processes)}-{Path(args[0]).name}.log"
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
@@ -518,9 +541,7 @@ class Lab:
             attempt(lambda ns=ns: run(["ip", "netns", "del", ns.name]))
         attempt(self._pool.release_all)
         if not errors:
-            for p in self._logdir.iterdir():
-                attempt(p.unlink)
-            attempt(self._logdir.rmdir)
+            attempt(lambda: shutil.rmtree(self.tmpdir))
         if errors:
             raise errors[0]
 

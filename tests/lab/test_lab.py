@@ -235,3 +235,32 @@ def test_sweep_kills_processes_of_dead_runs() -> None:
         for p in (orphan, mine):
             p.kill()
             p.wait()
+
+
+def test_isolation_check(lab: Lab) -> None:
+    a, b = lab.namespace("a"), lab.namespace("b")
+    with pytest.raises(LabError, match="no non-loopback address"):
+        a.assert_isolated()
+    link = lab.link(a, b)
+    a.add_route("default", via=link.b_addr)
+    a.assert_isolated()
+    # A gateway outside the lab (added behind the helper's back) is caught.
+    b.ip("route", "add", "198.51.100.0/24", "via", str(link.a_addr))
+    b.assert_isolated()
+    b.ip("addr", "add", "203.0.113.2/24", "dev", link.b_if)
+    b.ip("route", "add", "192.0.2.128/25", "via", "203.0.113.1")
+    with pytest.raises(LabError, match="route leaves the lab"):
+        b.assert_isolated()
+
+
+def test_tailscaled_command_always_disables_logging(tmp_path) -> None:
+    from pathlib import Path
+
+    from tests.lab.tailscaled import TailscaleBinaries, tailscaled_command
+
+    bins = TailscaleBinaries(Path("/x/tailscaled"), Path("/x/tailscale"), "1.96.4")
+    cmd = tailscaled_command(bins, state_dir=tmp_path / "s", socket_path=tmp_path / "sock", port=41641)
+    assert cmd[0] == "/x/tailscaled" and "--no-logs-no-support" in cmd
+    assert f"--statedir={tmp_path / 's'}" in cmd and "--port=41641" in cmd and "--tun=userspace-networking" in cmd
+    with pytest.raises(ValueError):
+        tailscaled_command(bins, state_dir=tmp_path, socket_path=tmp_path / "x", extra_args=("--socket=/tmp/other",))
