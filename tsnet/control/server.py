@@ -129,7 +129,8 @@ class ControlServer:
         self.sessions: dict[int, _Session] = {}
         self.generation = 0
         self._compressor = zstandard.ZstdCompressor(level=3)
-        self.derp_app: Callable[[HTTPRequest], Awaitable[Reply | Takeover]] | None = None
+        #: An embedded :class:`tsnet.derp.server.DerpServer` served at ``/derp`` on our listener.
+        self.derp: Any = None
         self.counters: dict[str, int] = {"noise_conns": 0, "handshake_failures": 0, "registers": 0, "map_polls": 0,
                                          "lite_updates": 0, "bad_requests": 0}
 
@@ -170,12 +171,57 @@ class ControlServer:
 
             return Takeover(run)
         if path == "/generate_204":
-            return Reply(204, b"", headers=[])
-        if path in ("/derp", "/derp/probe", "/derp/latency-check") and self.derp_app is not None:
-            return await self.derp_app(req)
+            headers = []
+            challenge = req.header("x-tailscale-challenge")
+            if challenge and re.fullmatch(r"[A-Za-z0-9._:-]{0,64}", challenge):
+                headers.append(("x-tailscale-response", "response " + challenge))
+            return Reply(204, b"", headers=headers)
+        if self.derp is not None and path in ("/derp", "/derp/probe", "/derp/latency-check"):
+            return self._derp_route(req)
         if path == "/":
             return Reply(200, b"tsnet control server\n")
         return Reply(404, b"not found\n")
+
+    def attach_derp(self, derp: Any) -> None:
+        """Serve ``derp`` (a :class:`tsnet.derp.server.DerpServer`) at ``/derp``; only our nodes may use it."""
+        self.derp = derp
+        if derp.verify_client is None:
+            derp.verify_client = self._derp_verify
+            derp.core.verify_clients = True
+
+    def _derp_verify(self, node_key: Any, source: str) -> bool:
+        node = self.store.node_by_key(str(node_key))
+        return node is not None and not node.expired(self.now())
+
+    def _derp_route(self, req: HTTPRequest) -> Reply | Takeover:
+        import h11
+
+        h11_req = h11.Request(
+            method=req.method,
+            target=req.target,
+            headers=[(k, v) for k, v in req.headers] or [("host", "derp")],
+        )
+        upgrade = (req.header("upgrade") or "").lower()
+        if req.path == "/derp" and upgrade in ("derp", "websocket"):
+            derp = self.derp
+            remote = None
+            if req.remote:
+                host, _, port = req.remote.rpartition(":")
+                remote = (host, int(port))
+
+            async def run(stream: trio.abc.Stream, leftover: bytes) -> None:
+                await derp.handle_upgrade(stream, h11_req, leftover, remote)
+
+            return Takeover(run)
+        status, headers, body = self.derp.http_response(h11_req)
+        ctype = "text/plain; charset=utf-8"
+        extra = []
+        for k, v in headers:
+            if k.lower() == b"content-type":
+                ctype = v.decode()
+            else:
+                extra.append((k.decode(), v.decode()))
+        return Reply(status, body, ctype, extra)
 
     async def handle_tcp(self, stream: trio.abc.Stream) -> None:
         """Serve one accepted TCP connection (HTTP/1.1, possibly upgraded)."""
@@ -591,6 +637,16 @@ class ControlServer:
             await trio.sleep(interval)
             self.collect_ephemeral()
 
+    async def watch_store(self, interval: float = 0.5) -> None:
+        """Notice writes by other processes (the admin CLI) and push them to the nodes."""
+        version = self.store.data_version()
+        while True:
+            await trio.sleep(interval)
+            current = self.store.data_version()
+            if current != version:
+                version = current
+                self.notify()
+
     # -- admin actions used by the CLI and tests -----------------------------------------------
 
     def delete_node(self, node_id: int) -> bool:
@@ -611,5 +667,6 @@ class ControlServer:
             listeners = await trio.open_tcp_listeners(port, host=host)
             bound = listeners[0].socket.getsockname()[1]
             nursery.start_soon(self.run_ephemeral_gc)
+            nursery.start_soon(self.watch_store)
             nursery.start_soon(trio.serve_listeners, self.handle_tcp, listeners)
             task_status.started(bound)

@@ -235,6 +235,10 @@ class Store:
 
     # -- meta ---------------------------------------------------------------------------------
 
+    def data_version(self) -> int:
+        """Changes whenever another connection (e.g. the admin CLI) commits a write."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
     def schema_version(self) -> int:
         return int(self.db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0])
 

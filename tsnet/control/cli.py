@@ -1,0 +1,243 @@
+"""``tsnet control ...``: run the coordination server and administer its state directory."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "parse_duration"]
+
+_DEFAULT_STATE = "./tsnet-control"
+
+
+def parse_duration(text: str) -> _dt.timedelta:
+    """``90s``, ``5m``, ``24h``, ``7d`` or combinations like ``1h30m``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip()
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r} (use e.g. 30s, 5m, 24h, 7d)")
+    return _dt.timedelta(seconds=sum(float(n) * units[u] for n, u in parts))
+
+
+def _open_store(args: argparse.Namespace) -> Any:
+    from .store import Store, StoreError
+
+    try:
+        return Store.open(args.state_dir)
+    except StoreError as exc:
+        print(f"tsnet control: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _cmd_authkey_create(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    tags = tuple(t for group in args.tags or () for t in group.split(",") if t)
+    for tag in tags:
+        if not re.fullmatch(r"tag:[A-Za-z][A-Za-z0-9-]*", tag):
+            print(f"tsnet control: bad tag {tag!r} (want tag:name)", file=sys.stderr)
+            return 2
+    expires = _now() + args.expiry if args.expiry else None
+    key = store.create_authkey(_now(), reusable=args.reusable, ephemeral=args.ephemeral, tags=tags, expires=expires)
+    print(key.key)
+    return 0
+
+
+def _cmd_authkey_list(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    now = _now()
+    rows = []
+    for k in store.authkeys():
+        state = k.usable(now) or "valid"
+        rows.append({"key": k.key, "reusable": k.reusable, "ephemeral": k.ephemeral, "tags": list(k.tags),
+                     "created": k.created.isoformat(), "expires": k.expires.isoformat() if k.expires else None,
+                     "used": k.used, "state": state})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        flags = ",".join(f for f in ("reusable" if r["reusable"] else "", "ephemeral" if r["ephemeral"] else "") if f) or "-"
+        print(f"{r['key']}  {flags:18}  tags={','.join(r['tags']) or '-'}  used={r['used']}  "
+              f"expires={r['expires'] or 'never'}  {r['state']}")
+    return 0
+
+
+def _cmd_authkey_revoke(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    if not store.revoke_authkey(args.key):
+        print("tsnet control: no such auth key", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _find_node(store: Any, name: str) -> Any:
+    node = store.node_by_name(name.split(".")[0])
+    if node is None and name.isdigit():
+        node = store.node(int(name))
+    if node is None:
+        print(f"tsnet control: no node named {name!r}", file=sys.stderr)
+        raise SystemExit(1)
+    return node
+
+
+def _cmd_nodes_list(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    now = _now()
+    rows = []
+    for n in store.nodes():
+        rows.append({"id": n.id, "name": n.name, "addresses": [n.ipv4, n.ipv6], "node_key": n.node_key,
+                     "machine_key": n.machine_key, "ephemeral": n.ephemeral, "tags": list(n.tags),
+                     "expired": n.expired(now), "logged_out": n.logged_out,
+                     "key_expiry": n.key_expiry.isoformat() if n.key_expiry else None,
+                     "last_seen": n.last_seen.isoformat() if n.last_seen else None,
+                     "created": n.created.isoformat()})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        state = "logged-out" if r["logged_out"] else ("expired" if r["expired"] else "ok")
+        print(f"{r['id']:>4}  {r['name']:24}  {r['addresses'][0]:15}  {r['addresses'][1]:24}  "
+              f"{'ephemeral ' if r['ephemeral'] else ''}{','.join(r['tags'])}  {state}")
+    return 0
+
+
+def _cmd_nodes_delete(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    node = _find_node(store, args.name)
+    store.delete_node(node.id)
+    return 0
+
+
+def _cmd_nodes_expire(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    node = _find_node(store, args.name)
+    store.update_node(node.id, key_expiry=_now())
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from . import tailcfg
+    from .server import ControlServer, ServerConfig, default_derp_map
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("tsnet").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    for noisy in ("hpack", "h2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    host, _, port_text = args.listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        print(f"tsnet control: bad --listen {args.listen!r} (want HOST:PORT)", file=sys.stderr)
+        return 2
+    store = _open_store(args)
+    config = ServerConfig(base_domain=args.base_domain, ephemeral_timeout=args.ephemeral_timeout.total_seconds())
+    config.magic_dns = not args.no_magic_dns
+    config.nameservers = tuple(args.nameserver or ())
+    if args.policy:
+        from .policy import PolicyError, load_policy_file
+
+        try:
+            policy = load_policy_file(args.policy)
+        except (OSError, PolicyError) as exc:
+            print(f"tsnet control: policy {args.policy}: {exc}", file=sys.stderr)
+            return 1
+        policy.install(config)
+    derp_map = None
+    if args.derp_map:
+        try:
+            derp_map = tailcfg.decode(tailcfg.DERPMap, Path(args.derp_map).read_bytes())
+        except (OSError, tailcfg.DecodeError) as exc:
+            print(f"tsnet control: --derp-map {args.derp_map}: {exc}", file=sys.stderr)
+            return 1
+    server = ControlServer(store, config)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(server.serve, host, port)
+            advertised = args.advertise_host or host
+            if derp_map is not None:
+                config.derp_map = derp_map
+            elif not args.no_derp:
+                from ..derp.server import DerpServer
+
+                derp = DerpServer()
+                server.attach_derp(derp)
+                stun_port = -1
+                if args.stun_port:
+                    stun_port = await nursery.start(derp.serve_stun, host, args.stun_port)
+                config.derp_map = default_derp_map(advertised, bound, stun_port=stun_port)
+            print(f"tsnet control: serving http://{advertised}:{bound} (state {args.state_dir})", file=sys.stderr, flush=True)
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``tsnet control`` and its subcommands."""
+    control = subparsers.add_parser("control", help="run or administer a coordination (control) server")
+    csub = control.add_subparsers(dest="control_command", metavar="SUBCOMMAND")
+    control.set_defaults(func=lambda args: (control.print_help(), 2)[1])
+
+    def with_state(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--state-dir", default=_DEFAULT_STATE, help="server state directory (default %(default)s)")
+        return p
+
+    serve = with_state(csub.add_parser("serve", help="run the coordination server"))
+    serve.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default %(default)s)")
+    serve.add_argument("--policy", help="HuJSON policy file (default: allow all)")
+    serve.add_argument("--derp-map", help="JSON DERP map to advertise instead of the embedded DERP server")
+    serve.add_argument("--no-derp", action="store_true", help="no embedded DERP server and no DERP map")
+    serve.add_argument("--stun-port", type=int, default=0, help="UDP port for the embedded STUN server (0 = none)")
+    serve.add_argument("--advertise-host", help="address nodes use to reach this server's DERP (default: listen host)")
+    serve.add_argument("--base-domain", default="tailnet.test", help="MagicDNS domain (default %(default)s)")
+    serve.add_argument("--no-magic-dns", action="store_true", help="turn MagicDNS off")
+    serve.add_argument("--nameserver", action="append", help="upstream DNS resolver for nodes (repeatable)")
+    serve.add_argument("--ephemeral-timeout", type=parse_duration, default=parse_duration("5m"),
+                       help="delete ephemeral nodes offline this long (default 5m)")
+    serve.add_argument("-v", "--verbose", action="store_true")
+    serve.set_defaults(func=_cmd_serve)
+
+    authkey = csub.add_parser("authkey", help="pre-auth keys")
+    asub = authkey.add_subparsers(dest="authkey_command", metavar="ACTION")
+    authkey.set_defaults(func=lambda args: (authkey.print_help(), 2)[1])
+    create = with_state(asub.add_parser("create", help="create a key and print it"))
+    create.add_argument("--reusable", action="store_true")
+    create.add_argument("--ephemeral", action="store_true")
+    create.add_argument("--tags", action="append", help="tag:a,tag:b (nodes get these tags and never expire)")
+    create.add_argument("--expiry", type=parse_duration, default=parse_duration("24h"), help="key lifetime (default 24h)")
+    create.set_defaults(func=_cmd_authkey_create)
+    lst = with_state(asub.add_parser("list", help="list keys"))
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=_cmd_authkey_list)
+    revoke = with_state(asub.add_parser("revoke", help="revoke a key"))
+    revoke.add_argument("key")
+    revoke.set_defaults(func=_cmd_authkey_revoke)
+
+    nodes = csub.add_parser("nodes", help="registered nodes")
+    nsub = nodes.add_subparsers(dest="nodes_command", metavar="ACTION")
+    nodes.set_defaults(func=lambda args: (nodes.print_help(), 2)[1])
+    nl = with_state(nsub.add_parser("list", help="list nodes"))
+    nl.add_argument("--json", action="store_true")
+    nl.set_defaults(func=_cmd_nodes_list)
+    nd = with_state(nsub.add_parser("delete", help="delete a node"))
+    nd.add_argument("name")
+    nd.set_defaults(func=_cmd_nodes_delete)
+    ne = with_state(nsub.add_parser("expire", help="expire a node's key now"))
+    ne.add_argument("name")
+    ne.set_defaults(func=_cmd_nodes_expire)
