@@ -13,7 +13,11 @@ One :class:`RelayBindHandshake` per (relay endpoint, generation):
   :class:`RelayPathReady` (relay addr:port, VNI, server key, latency).
 * The handshake gives up after min(bind lifetime, 30 s): :class:`RelayHandshakeFailed`.
 
-Also: :func:`allocate_request` builds the DERP-borne allocation request.
+Allocation (:class:`RelayAllocation`): the request goes over DERP to the relay
+node (boxed with the node's disco key); it is re-sent once after 3 s and
+abandoned after 10 s; the response is matched by DERP source node key, the
+sorted disco pair and the generation. :class:`EndpointDeduper` applies the
+Lamport-id rule to endpoints learned from responses and CallMeMaybeVia.
 """
 
 from __future__ import annotations
@@ -37,7 +41,15 @@ __all__ = [
     "RelayBindHandshake",
     "allocate_request",
     "sorted_pair",
+    "ALLOCATE_RETRY_AFTER",
+    "ALLOCATE_TIMEOUT",
+    "AllocationState",
+    "RelayAllocation",
+    "EndpointDeduper",
 ]
+
+ALLOCATE_RETRY_AFTER = 3.0
+ALLOCATE_TIMEOUT = 10.0
 
 MAX_HANDSHAKE_LIFETIME = 30.0
 MAX_HANDSHAKE_PINGS = 10
@@ -208,3 +220,96 @@ class RelayBindHandshake:
     def _fail(self, reason: str) -> None:
         self.state = HandshakeState.FAILED
         self.result = RelayHandshakeFailed(self.vni, self.endpoint.server_disco, reason)
+
+
+class AllocationState(enum.Enum):
+    IDLE = "idle"
+    WAITING = "waiting"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class RelayAllocation:
+    """One allocation request to the relay node ``server_node`` for the pair (us, peer).
+
+    :meth:`start` and :meth:`handle_timer` return the request to seal to the
+    relay node's disco key and send over DERP (to its home region); feed the
+    opened response to :meth:`handle_response`.
+    """
+
+    server_node: NodePublic
+    my_disco: DiscoPublic
+    peer_disco: DiscoPublic
+    generation: int
+    state: AllocationState = AllocationState.IDLE
+    endpoint: disco.UDPRelayEndpoint | None = None
+    _started_at: float = 0.0
+    _retried: bool = False
+
+    @property
+    def request(self) -> disco.AllocateUDPRelayEndpointRequest:
+        return allocate_request(self.my_disco, self.peer_disco, self.generation)
+
+    def start(self, now: float) -> disco.AllocateUDPRelayEndpointRequest | None:
+        if self.state is not AllocationState.IDLE:
+            return None
+        self.state = AllocationState.WAITING
+        self._started_at = now
+        return self.request
+
+    def get_timer(self) -> float | None:
+        if self.state is not AllocationState.WAITING:
+            return None
+        if not self._retried:
+            return self._started_at + ALLOCATE_RETRY_AFTER
+        return self._started_at + ALLOCATE_TIMEOUT
+
+    def handle_timer(self, now: float) -> disco.AllocateUDPRelayEndpointRequest | None:
+        """Returns the request to re-send (once, at 3 s); gives up at 10 s."""
+        if self.state is not AllocationState.WAITING:
+            return None
+        if now - self._started_at >= ALLOCATE_TIMEOUT:
+            self.state = AllocationState.FAILED
+            return None
+        if not self._retried and now - self._started_at >= ALLOCATE_RETRY_AFTER:
+            self._retried = True
+            return self.request
+        return None
+
+    def handle_response(
+        self, src_node: NodePublic, response: disco.AllocateUDPRelayEndpointResponse
+    ) -> disco.UDPRelayEndpoint | None:
+        """The endpoint if ``response`` (over DERP from ``src_node``) answers this request."""
+        if self.state is not AllocationState.WAITING or src_node != self.server_node:
+            return None
+        if response.generation != self.generation:
+            return None
+        if sorted_pair(*response.endpoint.client_disco) != sorted_pair(self.my_disco, self.peer_disco):
+            return None
+        self.state = AllocationState.DONE
+        self.endpoint = response.endpoint
+        return response.endpoint
+
+
+@dataclass(slots=True)
+class EndpointDeduper:
+    """Keeps the newest endpoint per (peer disco key, relay server disco key).
+
+    A newer Lamport id from the same server supersedes the older endpoint;
+    equal or older ones are duplicates (tailscaled's relay manager rule).
+    """
+
+    _latest: dict[tuple[bytes, bytes], int] = field(default_factory=dict)
+
+    def accept(self, peer_disco: DiscoPublic, endpoint: disco.UDPRelayEndpoint) -> bool:
+        k = (peer_disco.raw, endpoint.server_disco.raw)
+        prev = self._latest.get(k)
+        if prev is not None and endpoint.lamport_id <= prev:
+            return False
+        self._latest[k] = endpoint.lamport_id
+        return True
+
+    def forget(self, peer_disco: DiscoPublic) -> None:
+        for k in [k for k in self._latest if k[0] == peer_disco.raw]:
+            del self._latest[k]
