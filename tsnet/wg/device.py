@@ -18,7 +18,7 @@ import os
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -62,9 +62,25 @@ _U32 = struct.Struct("<I")
 _HEADER_U32X3 = struct.Struct("<III")
 _BE16 = struct.Struct(">H")
 _TAI64N = struct.Struct(">QI")
-_pack_header_into = TRANSPORT_HEADER.pack_into
 _unpack_header = TRANSPORT_HEADER.unpack_from
 _pack_nonce = NONCE.pack
+_NONCE_PREFIX = bytes(4)
+
+
+def _ip_length(packet: bytes, n: int) -> int:
+    """Length claimed by the IPv4/IPv6 header of ``packet`` (``n`` bytes), or -1 if it is not well-formed."""
+    version = packet[0] >> 4
+    if version == 4:
+        if n < 20:
+            return -1
+        length = _BE16.unpack_from(packet, 2)[0]
+        return length if 20 <= length <= n else -1
+    if version == 6:
+        if n < 40:
+            return -1
+        length = _BE16.unpack_from(packet, 4)[0] + 40
+        return length if length <= n else -1
+    return -1
 
 
 class WireGuard:
@@ -84,6 +100,9 @@ class WireGuard:
         roaming: when True (plain WireGuard), a peer's endpoint follows the
             source address of its latest authenticated datagram. Tailscale's
             magicsock turns this off and picks paths itself.
+        packet_events: when True, each decrypted packet is a ``PacketReceived``
+            event; when False (faster: no object per packet), packets are
+            collected as ``(peer, packet)`` tuples for ``packets_received()``.
     """
 
     counters: Counters
@@ -98,12 +117,17 @@ class WireGuard:
         rng: Callable[[int], bytes] = os.urandom,
         wall_clock: Callable[[], float] = time.time,
         roaming: bool = True,
+        packet_events: bool = True,
     ) -> None:
         self.limits = limits if limits is not None else Limits()
         self.counters = Counters()
         self._rng = rng
         self._wall_clock = wall_clock
         self._roaming = roaming
+        self._packet_events = packet_events
+        self._received: list[tuple[NodePublic, bytes]] = []
+        self._mtu = self.limits.mtu
+        self._keepalive_timeout = self.limits.keepalive_timeout
         self._private = private_key
         self._static = X25519PrivateKey.from_private_bytes(private_key.raw)
         self._public = private_key.public
@@ -199,8 +223,11 @@ class WireGuard:
         """Public keys of all configured peers."""
         return list(self._peers)
 
-    def peer_status(self, public_key: NodePublic) -> PeerStatus:
-        """A snapshot of one peer (endpoint, last handshake, byte counters). Raises KeyError if unknown."""
+    def peer_status(self, public_key: NodePublic, now: float | None = None) -> PeerStatus:
+        """A snapshot of one peer (endpoint, last handshake, byte counters). Raises KeyError if unknown.
+
+        With ``now``, ``has_session`` also accounts for the session's age.
+        """
         peer = self._peers[public_key]
         kp = peer.current
         return PeerStatus(
@@ -209,7 +236,7 @@ class WireGuard:
             last_handshake=peer.last_handshake,
             rx_bytes=peer.rx_bytes,
             tx_bytes=peer.tx_bytes,
-            has_session=kp is not None and kp.send_counter < self.limits.reject_after_messages,
+            has_session=self._usable(kp, float("-inf") if now is None else now),
             persistent_keepalive=peer.persistent_keepalive,
             staged_packets=len(peer.staged),
         )
@@ -236,20 +263,59 @@ class WireGuard:
 
         Handshake messages may queue responses (``datagrams_to_send``) and
         ``HandshakeCompleted`` events; transport data yields ``PacketReceived``
-        events (keepalives yield nothing). Anything invalid is counted and dropped.
+        events, or entries in ``packets_received()`` when the device was made
+        with ``packet_events=False`` (keepalives yield nothing). Anything
+        invalid is counted and dropped.
         """
         try:
-            size = len(data)
-            if size >= KEEPALIVE_SIZE:
+            if len(data) >= KEEPALIVE_SIZE:
                 msg_type, receiver, counter = _unpack_header(data)
                 if msg_type == TYPE_TRANSPORT:
-                    self._receive_transport(data, size, receiver, counter, addr, now)
+                    # The hot path, kept inline: index lookup, age, AEAD, replay, IP length.
+                    kp = self._keypairs.get(receiver)
+                    if kp is None:
+                        self.counters.drop_unknown_index += 1
+                        return
+                    if now >= kp.expires:
+                        self.counters.drop_expired_keypair += 1
+                        return
+                    try:
+                        plaintext = kp.open.decrypt(_pack_nonce(counter), data[16:], None)
+                    except InvalidTag:
+                        self.counters.drop_data_invalid += 1
+                        return
+                    # Only now, authenticated, may the counter move the replay window.
+                    if not kp.replay.check(counter):
+                        self.counters.drop_replayed += 1
+                        return
+                    peer = kp.peer
+                    if peer.next is kp:
+                        self._confirm_next(peer, now)
+                    n = len(plaintext)
+                    if n:
+                        length = _ip_length(plaintext, n)
+                        if length < 0:
+                            self.counters.drop_bad_inner_packet += 1
+                            # Still authenticated: it counts for liveness, like wireguard-go.
+                            self._transport_received(peer, addr, len(data), 0, now)
+                            return
+                        if length != n:
+                            plaintext = plaintext[:length]  # strip the padding
+                        if self._packet_events:
+                            self._events.append(PacketReceived(peer.public_key, plaintext))
+                        else:
+                            self._received.append((peer.public_key, plaintext))
+                        self._transport_received(peer, addr, len(data), 1, now)
+                    else:
+                        self.counters.keepalives_received += 1
+                        self._transport_received(peer, addr, len(data), 0, now)
                     return
-            elif size < 4:
+            elif len(data) < 4:
                 self.counters.drop_malformed += 1
                 return
             else:
                 msg_type = _U32.unpack_from(data)[0]
+            size = len(data)
             if msg_type == TYPE_INITIATION and size == INITIATION_SIZE:
                 self._receive_initiation(data, addr, now)
             elif msg_type == TYPE_RESPONSE and size == RESPONSE_SIZE:
@@ -261,30 +327,73 @@ class WireGuard:
         except Exception:  # the safety net: a bug must not take the node down with it
             self.counters.drop_internal_error += 1
 
-    def _receive_transport(
-        self, data: bytes | bytearray | memoryview, size: int, receiver: int, counter: int, addr: Addr, now: float
-    ) -> None:
-        kp = self._keypairs.get(receiver)
-        if kp is None:
-            self.counters.drop_unknown_index += 1
-            return
-        limits = self.limits
-        if now - kp.created >= limits.reject_after_time:
-            self.counters.drop_expired_keypair += 1
-            return
-        view = data if type(data) is memoryview else memoryview(data)
-        try:
-            plaintext = kp.open.decrypt(_pack_nonce(counter), view[16:], None)
-        except InvalidTag:
-            self.counters.drop_data_invalid += 1
-            return
-        # Only now, authenticated, may the counter move the replay window.
-        if not kp.replay.check(counter):
-            self.counters.drop_replayed += 1
-            return
-        peer = kp.peer
-        if peer.next is kp:
-            self._confirm_next(peer, now)
+    def receive_datagrams(self, datagrams: Iterable[tuple[bytes | bytearray | memoryview, Addr]], now: float) -> None:
+        """``receive_datagram`` for a batch of ``(payload, source)`` pairs, e.g. one socket drain. Never raises.
+
+        Cheaper per packet than single calls: transport data in a run of
+        consecutive datagrams from one peer shares its timer/roaming bookkeeping.
+        """
+        keypairs = self._keypairs
+        counters = self.counters
+        events = self._packet_events
+        deliver = self._events.append if events else self._received.append
+        run_peer: Peer | None = None  # peer of the current run of transport datagrams
+        run_addr: Addr = None
+        run_bytes = run_data = 0
+        for data, addr in datagrams:
+            try:
+                if len(data) >= KEEPALIVE_SIZE:
+                    msg_type, receiver, counter = _unpack_header(data)
+                    kp = keypairs.get(receiver) if msg_type == TYPE_TRANSPORT else None
+                    # Unknown, expired or unconfirmed sessions take the general path below.
+                    if kp is not None and now < kp.expires and kp.peer.next is not kp:
+                        try:
+                            plaintext = kp.open.decrypt(_pack_nonce(counter), data[16:], None)
+                        except InvalidTag:
+                            counters.drop_data_invalid += 1
+                            continue
+                        if not kp.replay.check(counter):
+                            counters.drop_replayed += 1
+                            continue
+                        peer = kp.peer
+                        if peer is not run_peer:
+                            if run_peer is not None:
+                                self._transport_received(run_peer, run_addr, run_bytes, run_data, now)
+                            run_peer = peer
+                            run_bytes = run_data = 0
+                        run_addr = addr
+                        run_bytes += len(data)
+                        n = len(plaintext)
+                        if not n:
+                            counters.keepalives_received += 1
+                            continue
+                        length = _ip_length(plaintext, n)
+                        if length < 0:
+                            counters.drop_bad_inner_packet += 1
+                            continue
+                        if length != n:
+                            plaintext = plaintext[:length]
+                        run_data += 1
+                        if events:
+                            deliver(PacketReceived(peer.public_key, plaintext))
+                        else:
+                            deliver((peer.public_key, plaintext))
+                        continue
+                # Anything else: close the run first so that bookkeeping stays in order.
+                if run_peer is not None:
+                    self._transport_received(run_peer, run_addr, run_bytes, run_data, now)
+                    run_peer = None
+                self.receive_datagram(data, addr, now)
+            except Exception:  # the safety net, as in receive_datagram
+                counters.drop_internal_error += 1
+        if run_peer is not None:
+            try:
+                self._transport_received(run_peer, run_addr, run_bytes, run_data, now)
+            except Exception:
+                counters.drop_internal_error += 1
+
+    def _transport_received(self, peer: Peer, addr: Addr, size: int, data_packets: int, now: float) -> None:
+        """Bookkeeping after authenticated transport datagrams (``data_packets`` of them non-empty)."""
         peer.rx_bytes += size
         if self._roaming and addr != peer.endpoint:
             self._roam(peer, addr)
@@ -292,49 +401,25 @@ class WireGuard:
         peer.timer_new_handshake = None
         if peer.persistent_keepalive is not None:
             self._arm_persistent_keepalive(peer, now)
-        if (
-            not peer.want_last_minute_handshake
-            and (cur := peer.current) is not None
-            and cur.is_initiator
-            and now - cur.created > limits.reject_after_time - limits.keepalive_timeout - limits.rekey_timeout
-        ):
+        cur = peer.current
+        if cur is not None and now > cur.last_minute_at and not peer.want_last_minute_handshake:
+            # Our session is about to expire and we initiated it: one last-minute rekey.
             peer.want_last_minute_handshake = True
             self._initiate(peer, now, retry=False)
-        n = len(plaintext)
-        if n == 0:
-            self.counters.keepalives_received += 1
-            return
-        # Inner packet checks: a well-formed IP header, then trim to the IP length (drops padding).
-        version = plaintext[0] >> 4
-        if version == 4:
-            if n < 20:
-                self.counters.drop_bad_inner_packet += 1
-                return
-            length = _BE16.unpack_from(plaintext, 2)[0]
-            if length < 20 or length > n:
-                self.counters.drop_bad_inner_packet += 1
-                return
-        elif version == 6:
-            if n < 40:
-                self.counters.drop_bad_inner_packet += 1
-                return
-            length = _BE16.unpack_from(plaintext, 4)[0] + 40
-            if length > n:
-                self.counters.drop_bad_inner_packet += 1
-                return
-        else:
-            self.counters.drop_bad_inner_packet += 1
-            return
-        if length != n:
-            plaintext = plaintext[:length]
-        self.counters.data_received += 1
-        self._events.append(PacketReceived(peer.public_key, plaintext))
-        # Data received: promise the peer a keepalive unless we answer first.
-        if peer.timer_passive_keepalive is None:
-            peer.timer_passive_keepalive = t = now + limits.keepalive_timeout
-            self._schedule(peer, t)
-        else:
-            peer.keepalive_again = True
+        if data_packets:
+            self.counters.data_received += data_packets
+            # Data received: we owe the peer a keepalive unless we answer first.
+            if peer.timer_passive_keepalive is None:
+                peer.timer_passive_keepalive = t = now + self._keepalive_timeout
+                self._schedule(peer, t)
+            else:
+                peer.keepalive_again = True
+
+    def packets_received(self) -> list[tuple[NodePublic, bytes]]:
+        """Take the decrypted inner packets as ``(peer, packet)`` pairs (only with ``packet_events=False``)."""
+        out = self._received
+        self._received = []
+        return out
 
     def _handshake_allowed(self, data: bytes | bytearray | memoryview, addr: Addr, now: float) -> bool:
         """mac1, load accounting, and under load mac2 (else cookie reply) plus the per-source rate limit."""
@@ -496,23 +581,36 @@ class WireGuard:
         session the packet is staged (at most ``limits.max_staged_packets``,
         the oldest dropped) and sent once a handshake completes. A packet for
         an unknown peer is dropped and counted (``counters.send_unknown_peer``).
+        The packet is not retained after the call (staging copies it).
         """
-        peer = self._peers.get(public_key)
+        peer = self._peers_by_raw.get(public_key.raw)
         if peer is None:
             self.counters.send_unknown_peer += 1
             return
         kp = peer.current
-        limits = self.limits
-        if (
-            peer.staged
-            or kp is None
-            or kp.send_counter >= limits.reject_after_messages
-            or now - kp.created >= limits.reject_after_time
-        ):
+        if kp is None or peer.staged or now >= kp.expires or kp.send_counter >= kp.send_limit:
             self._stage(peer, bytes(packet))
             self._flush_staged(peer, now)
             return
         self._seal(peer, kp, packet, now)
+
+    def send_packets(self, public_key: NodePublic, packets: Iterable[bytes | bytearray | memoryview], now: float) -> None:
+        """``send_packet`` for several packets to one peer, in order; cheaper per packet for batches."""
+        peer = self._peers_by_raw.get(public_key.raw)
+        if peer is None:
+            self.counters.send_unknown_peer += len(packets) if isinstance(packets, list | tuple) else 1
+            return
+        kp = peer.current
+        if kp is None or peer.staged or now >= kp.expires:
+            for packet in packets:
+                self._stage(peer, bytes(packet))
+            self._flush_staged(peer, now)
+            return
+        rest = self._seal_many(peer, kp, packets, now)
+        if rest:  # the session ran out of counters mid-batch
+            for packet in rest:
+                self._stage(peer, bytes(packet))
+            self._flush_staged(peer, now)
 
     def send_keepalive(self, public_key: NodePublic, now: float) -> None:
         """Send an empty transport message (starting a handshake first if needed)."""
@@ -547,12 +645,9 @@ class WireGuard:
             self.counters.drop_staged_overflow += 1
         staged.append(packet)
 
-    def _usable(self, kp: Keypair | None, now: float) -> bool:
-        return (
-            kp is not None
-            and kp.send_counter < self.limits.reject_after_messages
-            and now - kp.created < self.limits.reject_after_time
-        )
+    @staticmethod
+    def _usable(kp: Keypair | None, now: float) -> bool:
+        return kp is not None and kp.send_counter < kp.send_limit and now < kp.expires
 
     def _flush_staged(self, peer: Peer, now: float) -> None:
         staged = peer.staged
@@ -569,26 +664,27 @@ class WireGuard:
         self._flush_staged(peer, now)
 
     def _seal(self, peer: Peer, kp: Keypair, packet: bytes | bytearray | memoryview, now: float) -> None:
-        """Encrypt under ``kp`` (usable, checked by the caller) and queue the datagram."""
+        """Encrypt one packet under ``kp`` (usable, checked by the caller) and queue the datagram.
+
+        The single-packet twin of ``_seal_many``, kept separate because it is the per-packet hot path.
+        """
         counter = kp.send_counter
         kp.send_counter = counter + 1
-        limits = self.limits
         n = len(packet)
-        pad = -n & 15
-        if pad:
-            # Pad to a multiple of 16, but never beyond the MTU.
-            pad = min(pad, limits.mtu - n) if n < limits.mtu else 0
-            if pad:
-                packet = bytes(packet) + bytes(pad)
-                n += pad
-        buf = bytearray(n + 32)
-        _pack_header_into(buf, 0, TYPE_TRANSPORT, kp.remote_index, counter)
-        kp.seal.encrypt_into(_pack_nonce(counter), packet, None, memoryview(buf)[16:])
+        if n & 15 and n < self._mtu:
+            # Zero-pad to a multiple of 16, but never beyond the MTU.
+            pad = min(-n & 15, self._mtu - n)
+            packet = bytes(packet) + bytes(pad)
+            n += pad
+        # The counter is both the header field and the nonce; encode it once.
+        counter_bytes = counter.to_bytes(8, "little")
         endpoint = peer.endpoint
-        if endpoint is None:
-            self.counters.drop_no_endpoint += 1
+        if endpoint is not None:
+            self._outgoing.append(
+                (kp.header + counter_bytes + kp.seal.encrypt(_NONCE_PREFIX + counter_bytes, packet, None), endpoint)
+            )
         else:
-            self._outgoing.append((buf, endpoint))
+            self.counters.drop_no_endpoint += 1
         peer.tx_bytes += n + 32
         # Any authenticated packet sent: no passive keepalive owed any more.
         peer.timer_passive_keepalive = None
@@ -596,17 +692,75 @@ class WireGuard:
             self._arm_persistent_keepalive(peer, now)
         if n:
             self.counters.data_sent += 1
-            # Data sent: expect to hear back within KEEPALIVE + REKEY_TIMEOUT, else rehandshake.
             if peer.timer_new_handshake is None:
-                peer.timer_new_handshake = t = now + limits.new_handshake_after + self._jitter()
+                # Data sent: expect to hear back within KEEPALIVE + REKEY_TIMEOUT, else rehandshake.
+                peer.timer_new_handshake = t = now + self.limits.new_handshake_after + self._jitter()
                 self._schedule(peer, t)
         else:
             self.counters.keepalives_sent += 1
         # Keep the key fresh: rekey well before the hard limits.
-        if counter + 1 > limits.rekey_after_messages or (
-            kp.is_initiator and now - kp.created > limits.rekey_after_time
-        ):
+        if counter >= kp.rekey_after or now > kp.rekey_at:
             self._initiate(peer, now, retry=False)
+
+    def _seal_many(
+        self, peer: Peer, kp: Keypair, packets: Iterable[bytes | bytearray | memoryview], now: float
+    ) -> list[bytes | bytearray | memoryview]:
+        """Encrypt packets under ``kp`` (fresh enough, checked by the caller) and queue the datagrams.
+
+        Returns the packets left over when the session's counter limit is reached.
+        Timer and rekey bookkeeping runs once per call, not per packet.
+        """
+        counter = kp.send_counter
+        limit = kp.send_limit
+        header = kp.header
+        encrypt = kp.seal.encrypt
+        mtu = self._mtu
+        endpoint = peer.endpoint
+        append = self._outgoing.append
+        sent_bytes = 0
+        data_packets = 0
+        first = counter
+        rest: list[bytes | bytearray | memoryview] = []
+        for packet in packets:
+            if counter >= limit:
+                rest.append(packet)
+                continue
+            n = len(packet)
+            if n & 15 and n < mtu:
+                # Zero-pad to a multiple of 16, but never beyond the MTU.
+                pad = min(-n & 15, mtu - n)
+                packet = bytes(packet) + bytes(pad)
+                n += pad
+            if n:
+                data_packets += 1
+            # The counter is both the header field and the nonce; encode it once.
+            counter_bytes = counter.to_bytes(8, "little")
+            counter += 1
+            sent_bytes += n + 32
+            if endpoint is not None:
+                append((header + counter_bytes + encrypt(_NONCE_PREFIX + counter_bytes, packet, None), endpoint))
+        sent = counter - first
+        if not sent:
+            return rest
+        kp.send_counter = counter
+        counters = self.counters
+        if endpoint is None:
+            counters.drop_no_endpoint += sent
+        peer.tx_bytes += sent_bytes
+        counters.data_sent += data_packets
+        counters.keepalives_sent += sent - data_packets
+        # Any authenticated packet sent: no passive keepalive owed any more.
+        peer.timer_passive_keepalive = None
+        if peer.persistent_keepalive is not None:
+            self._arm_persistent_keepalive(peer, now)
+        if data_packets and peer.timer_new_handshake is None:
+            # Data sent: expect to hear back within KEEPALIVE + REKEY_TIMEOUT, else rehandshake.
+            peer.timer_new_handshake = t = now + self.limits.new_handshake_after + self._jitter()
+            self._schedule(peer, t)
+        # Keep the key fresh: rekey well before the hard limits.
+        if counter > kp.rekey_after or now > kp.rekey_at:
+            self._initiate(peer, now, retry=False)
+        return rest
 
     def _send_authenticated(self, peer: Peer, msg: bytes | bytearray, now: float, fallback: Addr | None = None) -> None:
         """Queue a handshake message to the peer and note it for the keepalive timers."""
@@ -662,7 +816,7 @@ class WireGuard:
             remote_index=remote,
             is_initiator=initiator,
             created=now,
-            reject_after_messages=self.limits.reject_after_messages,
+            limits=self.limits,
         )
         self._keypairs[local] = kp
         return kp

@@ -16,6 +16,7 @@ __all__ = [
     "RESPONSE_SIZE",
     "TRANSPORT_HEADER",
     "TRANSPORT_HEADER_SIZE",
+    "TRANSPORT_PREFIX",
     "TYPE_COOKIE_REPLY",
     "TYPE_INITIATION",
     "TYPE_RESPONSE",
@@ -48,6 +49,8 @@ COOKIE_REPLY_SIZE = COOKIE_REPLY.size  # 64
 # type, receiver index, counter; the ciphertext follows
 TRANSPORT_HEADER = struct.Struct("<IIQ")
 TRANSPORT_HEADER_SIZE = TRANSPORT_HEADER.size  # 16
+# type and receiver index: the part of a transport header that is fixed per session
+TRANSPORT_PREFIX = struct.Struct("<II")
 KEEPALIVE_SIZE = TRANSPORT_HEADER_SIZE + TAG_SIZE  # 32, also the minimum type-4 size
 
 # ChaCha20-Poly1305 nonce: 4 zero bytes then the 64-bit counter.

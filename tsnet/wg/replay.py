@@ -40,25 +40,26 @@ class ReplayWindow:
 
         Call only after the packet authenticated: a forged packet must not move the window.
         """
-        if counter >= self._limit:
-            return False
         last = self._last
-        index = counter >> _BLOCK_SHIFT
-        blocks = self._blocks
         if counter > last:
+            # The common case, in-order arrival: a new highest counter, whose bit cannot be set yet.
+            if counter >= self._limit:
+                return False
+            index = counter >> _BLOCK_SHIFT
             current = last >> _BLOCK_SHIFT
-            diff = index - current
-            if diff:
-                if diff > RING_BLOCKS:
-                    diff = RING_BLOCKS
-                # Clear the blocks the window slid over (they now stand for new counters).
-                for i in range(current + 1, current + diff + 1):
+            if index != current:
+                # Clear the blocks the window slides over (they now stand for new counters).
+                blocks = self._blocks
+                for i in range(current + 1, current + min(index - current, RING_BLOCKS) + 1):
                     blocks[i & _RING_MASK] = 0
             self._last = counter
-        elif last - counter > WINDOW_SIZE:
+            self._blocks[index & _RING_MASK] |= 1 << (counter & _BIT_MASK)
+            return True
+        if last - counter > WINDOW_SIZE:
             return False
-        slot = index & _RING_MASK
+        slot = (counter >> _BLOCK_SHIFT) & _RING_MASK
         bit = 1 << (counter & _BIT_MASK)
+        blocks = self._blocks
         old = blocks[slot]
         if old & bit:
             return False

@@ -9,6 +9,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from tsnet.key import NodePublic
 from tsnet.wg.cookie import CookieGenerator
+from tsnet.wg.limits import Limits
+from tsnet.wg.messages import TRANSPORT_PREFIX, TYPE_TRANSPORT
 from tsnet.wg.noise import InitiatorState
 from tsnet.wg.replay import ReplayWindow
 
@@ -20,14 +22,20 @@ class Keypair:
 
     __slots__ = (
         "created",
+        "expires",
+        "header",
         "is_initiator",
+        "last_minute_at",
         "local_index",
         "open",
         "peer",
         "remote_index",
+        "rekey_after",
+        "rekey_at",
         "replay",
         "seal",
         "send_counter",
+        "send_limit",
     )
 
     def __init__(
@@ -40,7 +48,7 @@ class Keypair:
         remote_index: int,
         is_initiator: bool,
         created: float,
-        reject_after_messages: int,
+        limits: Limits,
     ) -> None:
         self.peer = peer
         # Cipher objects are built once per session: constructing them per packet costs as much as sealing.
@@ -48,10 +56,22 @@ class Keypair:
         self.open = ChaCha20Poly1305(receive_key)
         self.local_index = local_index
         self.remote_index = remote_index
+        # Type and receiver index never change within a session: the first 8 header bytes, ready-made.
+        self.header = TRANSPORT_PREFIX.pack(TYPE_TRANSPORT, remote_index)
         self.is_initiator = is_initiator
         self.created = created
         self.send_counter = 0
-        self.replay = ReplayWindow(reject_after_messages)
+        self.replay = ReplayWindow(limits.reject_after_messages)
+        # Limits precomputed as absolute values so the per-packet checks are single comparisons.
+        self.expires = created + limits.reject_after_time  # unusable from then on, both ways
+        self.send_limit = limits.reject_after_messages  # counters at or above are never sent
+        self.rekey_after = limits.rekey_after_messages  # a send with a counter above this triggers a rekey
+        inf = float("inf")
+        # Only the initiator of a session rekeys on age (avoids both sides rekeying at once).
+        self.rekey_at = created + limits.rekey_after_time if is_initiator else inf
+        self.last_minute_at = (
+            created + limits.reject_after_time - limits.keepalive_timeout - limits.rekey_timeout if is_initiator else inf
+        )
 
 
 class Peer:
