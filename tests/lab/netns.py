@@ -267,7 +267,21 @@ class Namespace:
         return self.lab._popen(self, args, env=env, cwd=cwd)
 
     def sysctl(self, key: str, value: str | int) -> None:
-        self.run(["sysctl", "-qw", f"{key}={value}"])
+        """Set a sysctl inside the namespace (``net.*`` keys are per namespace).
+
+        Written through /proc/sys from a thread inside the namespace, so the
+        ``sysctl`` binary (procps) is not needed.
+        """
+        path = Path("/proc/sys") / key.replace(".", "/")
+
+        def write() -> None:
+            path.write_text(f"{value}\n")
+
+        self.call(write)
+
+    def read_sysctl(self, key: str) -> str:
+        path = Path("/proc/sys") / key.replace(".", "/")
+        return self.call(lambda: path.read_text().strip())
 
     # -- addressing and routes ------------------------------------------------------------------------------------
 

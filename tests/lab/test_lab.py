@@ -264,3 +264,10 @@ def test_tailscaled_command_always_disables_logging(tmp_path) -> None:
     assert f"--statedir={tmp_path / 's'}" in cmd and "--port=41641" in cmd and "--tun=userspace-networking" in cmd
     with pytest.raises(ValueError):
         tailscaled_command(bins, state_dir=tmp_path, socket_path=tmp_path / "x", extra_args=("--socket=/tmp/other",))
+
+
+def test_sysctl_is_per_namespace(lab: Lab) -> None:
+    a, b = lab.namespace("a"), lab.namespace("b")
+    a.enable_forwarding()
+    assert a.run(["cat", "/proc/sys/net/ipv4/ip_forward"]).strip() == "1" == a.read_sysctl("net.ipv4.ip_forward")
+    assert b.run(["cat", "/proc/sys/net/ipv4/ip_forward"]).strip() == "0" == b.read_sysctl("net.ipv4.ip_forward")
