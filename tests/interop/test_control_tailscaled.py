@@ -1,12 +1,14 @@
-"""The big proof: two real tailscaled 1.96.4 join OUR control server and reach each other.
+"""The big proof: real tailscaled 1.96.4 nodes join OUR control server and reach each other.
 
 Topology (all lab namespaces, no route out):
 
     n1 --veth-- ctl --veth-- n2
 
-``ctl`` runs ``tsnet control serve`` (HTTP control + embedded DERP + STUN) and
-forwards between the two links; each tailscaled knows only the control URL on its
-own link. DERP is plain HTTP (``TS_DEBUG_USE_DERP_HTTP=1``) on the control port.
+``ctl`` runs ``tsnet control serve`` (HTTP control + embedded DERP + STUN); each
+tailscaled knows only the control URL on its own link. DERP is plain HTTP
+(``TS_DEBUG_USE_DERP_HTTP=1``) on the control port. With ``forward=True`` ctl
+routes between the links (direct WireGuard paths); without, the nodes can only
+meet through our embedded DERP.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.lab import Lab, Namespace, TailscaleBinaries, wait_until
+from tests.lab import Lab, LabProcess, Namespace, TailscaleBinaries, wait_until
+from tests.lab.tailscaled import start_tailscaled
 
 pytestmark = pytest.mark.interop
 
@@ -38,92 +42,149 @@ def _tsnet(*args: str) -> str:
 
 
 class Node:
-    def __init__(self, lab: Lab, ns: Namespace, bins: TailscaleBinaries, state: Path, control_url: str, name: str):
-        self.ns, self.bins, self.state, self.name = ns, bins, state, name
+    """One tailscaled in its namespace, with its CLI."""
+
+    def __init__(self, ns: Namespace, bins: TailscaleBinaries, state: Path, control_url: str, name: str):
+        self.ns, self.bins, self.state, self.name, self.control_url = ns, bins, state, name, control_url
         self.sock = state / "tailscaled.sock"
+        self.proc: LabProcess | None = None
+        self.start()
+
+    def start(self) -> None:
         env = {
             "TS_DEBUG_USE_DERP_HTTP": "1",
             "TS_NO_LOGS_NO_SUPPORT": "true",
             "TS_DISABLE_PORTMAPPER": "1",
             "TS_ASSUME_NETWORK_UP_FOR_TEST": "1",
-            "TS_NETCHECK_GENERATE_204_URL": control_url + "/generate_204",
-            "HOME": str(state),
+            "TS_NETCHECK_GENERATE_204_URL": self.control_url + "/generate_204",
+            "HOME": str(self.state),
         }
-        self.proc = ns.popen([str(bins.tailscaled), "--tun=userspace-networking", "--no-logs-no-support",
-                              f"--statedir={state}", f"--socket={self.sock}", "--port=41641"], env=env)
+        self.proc, _ = start_tailscaled(self.ns, self.bins, env=env, state_dir=self.state / "state",
+                                        socket_path=self.sock, port=41641)
         wait_until(lambda: self.sock.exists() or self.proc.poll() is not None, 20, "tailscaled socket")
         assert self.proc.poll() is None, self.proc.log()[-3000:]
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.stop()
+        self.sock.unlink(missing_ok=True)
 
     def cli(self, *args: str, timeout: float = 60.0, check: bool = True) -> str:
         cmd = self.ns.exec_args([str(self.bins.tailscale), f"--socket={self.sock}", *args])
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if check and out.returncode != 0:
+            log = self.proc.log()[-4000:] if self.proc else ""
             raise AssertionError(f"tailscale {' '.join(args)} -> {out.returncode}\n{out.stdout}\n{out.stderr}\n"
-                                 f"--- tailscaled log ---\n{self.proc.log()[-4000:]}")
+                                 f"--- tailscaled log ---\n{log}")
         return out.stdout
 
     def status(self) -> dict:
         return json.loads(self.cli("status", "--json"))
 
+    def peer_names(self) -> list[str]:
+        return sorted(p.get("HostName") for p in (self.status().get("Peer") or {}).values())
 
-def test_two_tailscaled_join_our_control(lab: Lab, tailscale_binaries: TailscaleBinaries, tmp_path: Path) -> None:
+
+@dataclass
+class Tailnet:
+    server: LabProcess
+    state: Path
+    authkey: str
+    nodes: list[Node]
+
+
+def make_tailnet(lab: Lab, bins: TailscaleBinaries, tmp_path: Path, *, forward: bool) -> Tailnet:
     ctl, n1, n2 = lab.namespace("ctl"), lab.namespace("n1"), lab.namespace("n2")
     l1, l2 = lab.link(ctl, n1), lab.link(ctl, n2)
-    ctl.enable_forwarding()
-    n1.add_route(str(l2.subnet), via=l1.a_addr)
+    # The DERP map names ctl's address on link 1; node 2 reaches it through ctl (a local address there).
     n2.add_route(str(l1.subnet), via=l2.a_addr)
+    if forward:
+        ctl.enable_forwarding()
+        n1.add_route(str(l2.subnet), via=l1.a_addr)
     state = tmp_path / "control"
     authkey = _tsnet("control", "authkey", "create", "--state-dir", str(state), "--reusable").strip()
     assert authkey.startswith("tskey-auth-") and "\n" not in authkey
-
     server = ctl.popen([sys.executable, "-m", "tsnet", "control", "serve", "--listen", f"0.0.0.0:{CONTROL_PORT}",
-                       "--advertise-host", str(l1.a_addr), "--state-dir", str(state),
-                       "--stun-port", str(STUN_PORT), "-v"],
-                      env={"PYTHONPATH": str(REPO)}, cwd=str(REPO))
+                        "--advertise-host", str(l1.a_addr), "--state-dir", str(state),
+                        "--stun-port", str(STUN_PORT), "-v"],
+                       env={"PYTHONPATH": str(REPO)}, cwd=str(REPO))
     url1 = f"http://{l1.a_addr}:{CONTROL_PORT}"
     url2 = f"http://{l2.a_addr}:{CONTROL_PORT}"
     wait_until(lambda: "publicKey" in n1.run(["curl", "-s", "-m", "2", url1 + "/key?v=133"], check=False)
                or server.poll() is not None, 30, "control server up")
     assert server.poll() is None, server.log()
-
     nodes = []
+    for ns, url, name in ((n1, url1, "alpha"), (n2, url2, "beta")):
+        st = tmp_path / name
+        st.mkdir()
+        nodes.append(Node(ns, bins, st, url, name))
+    return Tailnet(server, state, authkey, nodes)
+
+
+def dump(net: Tailnet) -> None:
+    for node in net.nodes:
+        if node.proc is not None:
+            print(f"--- tailscaled {node.name} ---\n{node.proc.log()[-3000:]}")
+    print(f"--- control server ---\n{net.server.log()[-5000:]}")
+
+
+def join_both(net: Tailnet) -> tuple[Node, Node]:
+    for node in net.nodes:
+        node.cli("up", f"--login-server={node.control_url}", f"--authkey={net.authkey}", f"--hostname={node.name}",
+                 "--timeout=60s", timeout=90)
+    a, b = net.nodes
+    wait_until(lambda: a.peer_names() == ["beta"] and b.peer_names() == ["alpha"], 30, "both nodes list each other")
+    return a, b
+
+
+def v4_of(node: Node) -> str:
+    return next(ip for ip in node.status()["Self"]["TailscaleIPs"] if ip.startswith("100."))
+
+
+def test_two_tailscaled_join_our_control(lab: Lab, tailscale_binaries: TailscaleBinaries, tmp_path: Path) -> None:
+    net = make_tailnet(lab, tailscale_binaries, tmp_path, forward=True)
     try:
-        for ns, url, name in ((n1, url1, "alpha"), (n2, url2, "beta")):
-            st = tmp_path / name
-            st.mkdir()
-            node = Node(lab, ns, tailscale_binaries, st, url, name)
-            nodes.append(node)
-            node.cli("up", f"--login-server={url}", f"--authkey={authkey}", f"--hostname={name}", "--timeout=60s",
-                     timeout=90)
-        a, b = nodes
-
-        def peers_visible() -> bool:
-            for me, other in ((a, b), (b, a)):
-                st = me.status()
-                names = [p.get("HostName") for p in (st.get("Peer") or {}).values()]
-                if other.name not in names:
-                    return False
-            return True
-
-        wait_until(peers_visible, 30, "both nodes list each other")
+        a, b = join_both(net)
         sa, sb = a.status(), b.status()
         assert sa["BackendState"] == "Running" and sb["BackendState"] == "Running"
-        a_ips = sa["Self"]["TailscaleIPs"]
-        b_ips = sb["Self"]["TailscaleIPs"]
+        a_ips, b_ips = sa["Self"]["TailscaleIPs"], sb["Self"]["TailscaleIPs"]
         assert any(ip.startswith("100.") for ip in a_ips) and any(ip.startswith("fd7a:115c:a1e0:") for ip in a_ips)
         (peer_b,) = sa["Peer"].values()
         assert sorted(peer_b["TailscaleIPs"]) == sorted(b_ips)
-        assert peer_b["DNSName"] == "beta.tailnet.test."
+        assert peer_b["DNSName"] == "beta.tailnet.test." and peer_b["Online"] is True
         assert sa["MagicDNSSuffix"] == "tailnet.test"
-        listed = json.loads(_tsnet("control", "nodes", "list", "--json", "--state-dir", str(state)))
+        listed = json.loads(_tsnet("control", "nodes", "list", "--json", "--state-dir", str(net.state)))
         assert sorted(n["name"] for n in listed) == ["alpha", "beta"]
-        assert sorted(listed[1]["addresses"]) == sorted(b_ips)
+        assert sorted(next(n for n in listed if n["name"] == "beta")["addresses"]) == sorted(b_ips)
 
-        b_v4 = next(ip for ip in b_ips if ip.startswith("100."))
-        out = a.cli("ping", "--c", "10", "--timeout", "5s", b_v4, timeout=60)
-        print(out)
+        out = a.cli("ping", "--c", "10", "--timeout", "5s", v4_of(b), timeout=60)
         assert "pong from beta" in out, out
+
+        # Restart b: it re-registers its known node key without an auth key and keeps its addresses.
+        b.stop()
+        wait_until(lambda: not a.status()["Peer"] or not next(iter(a.status()["Peer"].values()))["Online"], 15,
+                   "a sees b offline")
+        b.start()
+        wait_until(lambda: b.status()["BackendState"] == "Running", 30, "b running again after restart")
+        assert sorted(b.status()["Self"]["TailscaleIPs"]) == sorted(b_ips)
+        wait_until(lambda: next(iter(a.status()["Peer"].values()))["Online"] is True, 15, "a sees b online")
+        out = b.cli("ping", "--c", "10", "--timeout", "5s", v4_of(a), timeout=60)
+        assert "pong from alpha" in out, out
+
+        # Logout: the server expires b's key and a drops it from its peers.
+        b.cli("logout", timeout=30)
+        wait_until(lambda: a.peer_names() == [], 15, "a no longer lists b")
+        listed = json.loads(_tsnet("control", "nodes", "list", "--json", "--state-dir", str(net.state)))
+        assert next(n for n in listed if n["name"] == "beta")["logged_out"] is True
     finally:
-        for node in nodes:
-            print(f"--- tailscaled {node.name} ---\n{node.proc.log()[-3000:]}")
-        print(f"--- control server ---\n{server.log()[-5000:]}")
+        dump(net)
+
+
+def test_tailscaled_meet_through_embedded_derp(lab: Lab, tailscale_binaries: TailscaleBinaries, tmp_path: Path) -> None:
+    net = make_tailnet(lab, tailscale_binaries, tmp_path, forward=False)
+    try:
+        a, b = join_both(net)
+        out = a.cli("ping", "--c", "3", "--timeout", "5s", v4_of(b), timeout=60, check=False)
+        assert "pong from beta" in out and "via DERP(tsnet)" in out, out
+    finally:
+        dump(net)
