@@ -12,7 +12,6 @@ Run: .venv/bin/python benchmarks/relay_bench.py [--packets N]
 from __future__ import annotations
 
 import argparse
-import socket
 import time
 
 import trio
@@ -23,7 +22,6 @@ from tsnet.magicsock.addrport import AddrPort
 from tsnet.magicsock.demux import classify
 from tsnet.relay.client import RelayBindHandshake
 from tsnet.relay.driver import open_udp_socket, serve_relay
-from tsnet.relay.geneve import PROTOCOL_WIREGUARD, encode_header
 from tsnet.relay.server import RelayServer
 
 SIZE = 1280

@@ -8,7 +8,7 @@ import nacl.public
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tsnet.key import DiscoPrivate, DiscoPublic, NodePrivate, NodePublic
+from tsnet.key import DiscoPrivate, DiscoPublic, NodePublic
 from tsnet.magicsock.addrport import AddrPort
 from tsnet.magicsock import disco as d
 
