@@ -251,3 +251,51 @@ def test_from_control_json() -> None:
     assert isinstance(magic.handle_query(DNSRecord.question("h.corp.example").pack()), Forward)
     # Without routes the suffix is inferred from the node names.
     assert DNSConfig.from_control(None, nodes).base_domain == "tn.test"
+
+
+def test_additional_records_edns_and_pointers(magic: MagicDNS) -> None:
+    base = DNSRecord.question("alpha.tailnet.test").pack()
+    header = bytearray(base[:12])
+    # One extra (non-OPT) additional record whose owner is a backward pointer to the question name.
+    header[11] = 1
+    extra = b"\xc0\x0c" + struct.pack("!HHIH", 16, 1, 0, 3) + b"\x02hi"
+    result = magic.handle_query(bytes(header) + base[12:] + extra)
+    assert isinstance(result, Answer) and result.rcode == wire.RCODE_NOERROR
+    assert addresses(DNSRecord.parse(result.response)) == ["100.64.0.1"]
+    # Two OPT records are a format error (RFC 6891 §6.1.1).
+    opt = b"\x00" + struct.pack("!HHIH", 41, 1232, 0, 0)
+    header[11] = 2
+    result = magic.handle_query(bytes(header) + base[12:] + opt + opt)
+    assert isinstance(result, Answer) and result.rcode == wire.RCODE_FORMERR
+    # A pointer that points forwards (or at itself) is refused rather than followed.
+    header[11] = 1
+    result = magic.handle_query(bytes(header) + base[12:] + b"\xc0\x40" + opt[1:])
+    assert isinstance(result, Answer) and result.rcode == wire.RCODE_FORMERR
+    # NXDOMAIN answers to EDNS queries carry our OPT record too.
+    reply = ask(magic, "nope.tailnet.test", edns=1232)
+    assert reply.header.rcode == RCODE.NXDOMAIN and [rr.rtype for rr in reply.ar] == [QTYPE.OPT]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["alpha", "beta.tailnet.test", "gamma", "db.tailnet.test", "nope.tailnet.test", "x.onion"]),
+    st.lists(st.booleans(), min_size=30, max_size=30),
+    st.sampled_from(["A", "AAAA", "ANY", "TXT", "MX", "PTR", "CNAME", "SRV"]),
+    st.one_of(st.none(), st.integers(0, 65535)),
+    st.sampled_from(["udp", "tcp"]),
+)
+def test_answers_always_parse_and_echo_the_question(
+    name: str, upper: list[bool], qtype: str, edns: int | None, transport: str
+) -> None:
+    magic = MagicDNS(make_config())
+    mixed = "".join(c.upper() if u else c for c, u in zip(name, upper + [False] * len(name)))
+    query = DNSRecord.question(mixed, qtype)
+    if edns is not None:
+        query.add_ar(EDNS0(udp_len=edns))
+    result = magic.handle_query(query.pack(), transport)  # type: ignore[arg-type]
+    assert isinstance(result, Answer)
+    reply = DNSRecord.parse(result.response)
+    assert reply.header.id == query.header.id and reply.header.qr == 1 and reply.header.aa == 1
+    assert reply.questions == query.questions and str(reply.q.qname) == str(query.q.qname)
+    assert all(str(rr.rname) == str(query.q.qname) for rr in reply.rr)
+    assert (len(reply.ar) == 1) == (edns is not None)

@@ -14,8 +14,6 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-from dnslib import AAAA, PTR, QTYPE, RR, A, DNSHeader, DNSRecord, EDNS0
-
 from . import wire
 from .config import (
     QUAD100_NAME,
@@ -35,7 +33,6 @@ _TYPE_SOA = 6
 _TYPE_PTR = 12
 _TYPE_HINFO = 13
 _TYPE_AAAA = 28
-_TYPE_OPT = 41
 _TYPE_AXFR = 252
 _TYPE_ANY = 255
 _CLASS_IN = 1
@@ -112,16 +109,6 @@ def _reverse_name_to_ip(name: str) -> IPAddress | None:
     return None
 
 
-def _address_record(qname: object, ip: IPAddress, ttl: int) -> RR:
-    if ip.version == 4:
-        return RR(qname, QTYPE.A, rdata=A(str(ip)), ttl=ttl)
-    return RR(qname, QTYPE.AAAA, rdata=AAAA(str(ip)), ttl=ttl)
-
-
-def _in_zone(name: str, zone: str) -> bool:
-    return name == zone or name.endswith("." + zone)
-
-
 class MagicDNS:
     """MagicDNS for one node: answers tailnet names, routes the rest (sans-IO, no clock needed).
 
@@ -153,13 +140,13 @@ class MagicDNS:
             for ip, name in ((QUAD100_V4, QUAD100_NAME), (QUAD100_V6, QUAD100_NAME)):
                 ptr.setdefault(ip, name)
             names.setdefault(QUAD100_NAME, (QUAD100_V4, QUAD100_V6))
-        # (suffix, nameservers) longest first; an empty tuple marks a zone we answer for ourselves.
+        # suffix -> nameservers; an empty tuple marks a zone we answer for ourselves.
         zones: dict[str, tuple[str, ...]] = dict(config.routes)
         if config.base_domain:
             zones[config.base_domain] = ()
             for zone in _TAILSCALE_REVERSE_ZONES:
                 zones.setdefault(zone, ())
-        self._zones = sorted(zones.items(), key=lambda item: len(item[0]), reverse=True)
+        self._zones = zones
         self._names = names
         self._ptr = ptr
         self._config = config
@@ -188,10 +175,16 @@ class MagicDNS:
 
     def _route(self, key: str) -> tuple[str, ...] | None:
         """Nameservers for ``key``: () if we are authoritative, None if no route applies."""
-        for zone, nameservers in self._zones:
-            if _in_zone(key, zone):
+        # Walk from the full name up through its parents: the first hit is the longest matching suffix.
+        suffix = key
+        while True:
+            nameservers = self._zones.get(suffix)
+            if nameservers is not None:
                 return nameservers
-        return None
+            dot = suffix.find(".")
+            if dot < 0:
+                return None
+            suffix = suffix[dot + 1 :]
 
     def _is_authoritative(self, key: str) -> bool:
         if key == "onion" or key.endswith(".onion"):  # RFC 7686: never leak .onion lookups
@@ -223,34 +216,26 @@ class MagicDNS:
         if data[2] & 0x78:  # opcode other than QUERY (NOTIFY, UPDATE, ...)
             return self._fail(data, wire.RCODE_NOTIMP, "notimp")
         try:
-            query = DNSRecord.parse(data)
-        except Exception:  # dnslib raises assorted errors on garbage
-            return self._fail(data, wire.RCODE_FORMERR, "formerr")
-        if len(query.questions) != 1 or query.header.a or query.header.auth:
-            return self._fail(data, wire.RCODE_FORMERR, "formerr")
-        opts = [rr for rr in query.ar if rr.rtype == _TYPE_OPT]
-        if len(opts) > 1:  # RFC 6891 §6.1.1
+            query = wire.parse_query(data)
+        except ValueError:
             return self._fail(data, wire.RCODE_FORMERR, "formerr")
         if transport == "tcp":
             limit = wire.MAX_TCP_MESSAGE
-        elif opts:
-            limit = max(wire.CLASSIC_UDP_LIMIT, min(opts[0].rclass, wire.MAX_UDP_RESPONSE))
+        elif query.edns_size is not None:
+            limit = max(wire.CLASSIC_UDP_LIMIT, min(query.edns_size, wire.MAX_UDP_RESPONSE))
         else:
             limit = wire.CLASSIC_UDP_LIMIT
-        question = query.q
-        if question.qclass not in (_CLASS_IN, _CLASS_ANY):
+        if query.qclass not in (_CLASS_IN, _CLASS_ANY):
             return self._fail(data, wire.RCODE_NOTIMP, "notimp")
-        labels = question.qname.label
-        if any(not label or b"." in label for label in labels):
+        if any(b"." in label for label in query.labels):
             return self._fail(data, wire.RCODE_FORMERR, "formerr")
-        key = ".".join(label.decode("latin-1") for label in labels).lower()
-        qtype = question.qtype
+        key = b".".join(query.labels).decode("latin-1").lower()
+        qtype = query.qtype
 
         if qtype == _TYPE_PTR:
             ip = _reverse_name_to_ip(key)
             if ip is not None and ip in self._ptr:
-                record = RR(question.qname, QTYPE.PTR, rdata=PTR(self._ptr[ip] + "."), ttl=self._config.ttl)
-                return self._answer(query, limit, bool(opts), [record])
+                return self._answer(query, limit, [(_TYPE_PTR, wire.encode_name(self._ptr[ip]))])
         addrs = self._find(key)
         if addrs is None:
             ip = _reverse_name_to_ip(key)
@@ -260,10 +245,10 @@ class MagicDNS:
             if qtype in _NOT_IMPLEMENTED_TYPES:
                 return self._fail(data, wire.RCODE_NOTIMP, "notimp")
             wanted = {_TYPE_A: (4,), _TYPE_AAAA: (6,), _TYPE_ANY: (4, 6)}.get(qtype, ())
-            records = [_address_record(question.qname, ip, self._config.ttl) for ip in addrs if ip.version in wanted]
-            return self._answer(query, limit, bool(opts), records)
+            records = [(_TYPE_A if ip.version == 4 else _TYPE_AAAA, ip.packed) for ip in addrs if ip.version in wanted]
+            return self._answer(query, limit, records)
         if self._is_authoritative(key):
-            return self._answer(query, limit, bool(opts), [], rcode=wire.RCODE_NXDOMAIN)
+            return self._answer(query, limit, [], rcode=wire.RCODE_NXDOMAIN)
         nameservers = self._route(key) or self._config.default_resolvers
         if not nameservers:
             return self._fail(data, wire.RCODE_SERVFAIL, "servfail_no_upstream")
@@ -271,17 +256,8 @@ class MagicDNS:
         return Forward(tuple(nameservers), data, limit)
 
     def _answer(
-        self, query: DNSRecord, limit: int, edns: bool, records: list[RR], rcode: int = wire.RCODE_NOERROR
+        self, query: wire.Query, limit: int, records: list[tuple[int, bytes]], rcode: int = wire.RCODE_NOERROR
     ) -> Answer:
-        header = DNSHeader(id=query.header.id, qr=1, aa=1, rd=query.header.rd, ra=query.header.rd, rcode=rcode)
-        reply = DNSRecord(header, questions=[query.q], rr=records)
-        if edns:
-            reply.add_ar(EDNS0(udp_len=wire.MAX_UDP_RESPONSE))
-        packed = reply.pack()
-        # Drop whole answers from the end until it fits, and tell the client to retry over TCP.
-        while len(packed) > limit and reply.rr:
-            reply.rr.pop()
-            reply.header.tc = 1
-            packed = reply.pack()
+        response = wire.build_response(query, rcode, records, self._config.ttl, limit)
         self.stats["nxdomain" if rcode == wire.RCODE_NXDOMAIN else "answered"] += 1
-        return Answer(packed, rcode)
+        return Answer(response, rcode)

@@ -7,6 +7,7 @@ framing used over TCP.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 HEADER_LEN = 12
 #: RFC 1035 §4.2.1: the UDP limit when the client did not advertise a bigger one with EDNS.
@@ -124,3 +125,126 @@ class TCPFrameDecoder:
     def pending(self) -> int:
         """Bytes buffered towards an incomplete message."""
         return len(self._buffer)
+
+
+TYPE_OPT = 41
+_MAX_NAME_WIRE = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """The parts of a query the resolver needs. ``question`` is the raw question section (name case kept)."""
+
+    id: int
+    flags: int
+    labels: tuple[bytes, ...]
+    qtype: int
+    qclass: int
+    question: bytes
+    #: The EDNS UDP payload size the client advertised, or None without an OPT record.
+    edns_size: int | None
+
+
+def read_name(msg: bytes, pos: int) -> tuple[tuple[bytes, ...], int]:
+    """Read a (possibly compressed) name at ``pos``: (labels, offset after it). Raises ValueError.
+
+    Compression pointers must point strictly backwards and past the header, which rules out loops.
+    """
+    labels: list[bytes] = []
+    end: int | None = None
+    total = 1
+    limit = pos
+    while True:
+        if pos >= len(msg):
+            raise ValueError("name runs past the message")
+        length = msg[pos]
+        if length & 0xC0 == 0xC0:
+            if pos + 2 > len(msg):
+                raise ValueError("truncated compression pointer")
+            target = ((length & 0x3F) << 8) | msg[pos + 1]
+            if end is None:
+                end = pos + 2
+            if target >= limit or target < HEADER_LEN:
+                raise ValueError("bad compression pointer")
+            pos = limit = target
+            continue
+        if length & 0xC0:
+            raise ValueError("reserved label type")
+        if length == 0:
+            return tuple(labels), (end if end is not None else pos + 1)
+        total += length + 1
+        if total > _MAX_NAME_WIRE or pos + 1 + length > len(msg):
+            raise ValueError("name too long or truncated")
+        labels.append(msg[pos + 1 : pos + 1 + length])
+        pos += 1 + length
+
+
+def parse_query(msg: bytes) -> Query:
+    """Strictly parse a standard query: one question, no answer/authority records, at most one OPT.
+
+    Raises ValueError for anything malformed (the caller answers FORMERR).
+    """
+    if len(msg) < HEADER_LEN:
+        raise ValueError("message shorter than a header")
+    qid, flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!6H", msg)
+    if qdcount != 1 or ancount or nscount:
+        raise ValueError("a query has exactly one question and no answers")
+    labels, pos = read_name(msg, HEADER_LEN)
+    if pos + 4 > len(msg):
+        raise ValueError("question truncated")
+    qtype, qclass = struct.unpack_from("!2H", msg, pos)
+    question = msg[HEADER_LEN : pos + 4]
+    pos += 4
+    edns_size: int | None = None
+    for _ in range(arcount):
+        _name, pos = read_name(msg, pos)
+        if pos + 10 > len(msg):
+            raise ValueError("additional record truncated")
+        rtype, rclass, _ttl, rdlength = struct.unpack_from("!HHIH", msg, pos)
+        pos += 10 + rdlength
+        if pos > len(msg):
+            raise ValueError("additional record data truncated")
+        if rtype == TYPE_OPT:
+            if edns_size is not None:
+                raise ValueError("more than one OPT record")  # RFC 6891 §6.1.1
+            edns_size = rclass
+    return Query(qid, flags, labels, qtype, qclass, question, edns_size)
+
+
+def encode_name(name: str) -> bytes:
+    """Uncompressed wire form of a dotted ASCII name."""
+    out = bytearray()
+    for label in name.rstrip(".").split("."):
+        raw = label.encode("ascii")
+        out.append(len(raw))
+        out += raw
+    out.append(0)
+    return bytes(out)
+
+
+_OPT_RECORD = b"\x00" + struct.pack("!HHIH", TYPE_OPT, MAX_UDP_RESPONSE, 0, 0)
+
+
+def build_response(
+    query: Query, rcode: int, answers: list[tuple[int, bytes]], ttl: int, limit: int
+) -> bytes:
+    """An authoritative response echoing ``query``'s question; ``answers`` are (type, rdata) for its name.
+
+    Answers that do not fit in ``limit`` bytes are left off (whole records) and TC is set.
+    """
+    flags = FLAG_QR | 0x0400 | (query.flags & FLAG_RD) | (rcode & 0xF)  # 0x0400: AA
+    if query.flags & FLAG_RD:
+        flags |= 0x0080  # RA: we recurse (forward) on the client's behalf
+    opt = _OPT_RECORD if query.edns_size is not None else b""
+    room = limit - HEADER_LEN - len(query.question) - len(opt)
+    records = []
+    for rtype, rdata in answers:
+        # The owner name is a pointer to the question name at offset 12.
+        record = b"\xc0\x0c" + struct.pack("!HHIH", rtype, 1, ttl, len(rdata)) + rdata
+        if len(record) > room:
+            flags |= FLAG_TC
+            break
+        room -= len(record)
+        records.append(record)
+    header = struct.pack("!6H", query.id, flags, 1, len(records), 0, 1 if opt else 0)
+    return header + query.question + b"".join(records) + opt
