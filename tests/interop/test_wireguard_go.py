@@ -216,16 +216,19 @@ class TamperingDevice:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
-        if data[:1] == b"\x04" and len(data) > 32:
-            self.tampered += 1
-            corrupted = bytearray(data)
-            corrupted[len(data) // 2] ^= 0x10
-            self._inner.receive_datagram(bytes(corrupted), addr, now)  # must not burn the genuine counter
-            self._inner.receive_datagram(data, addr, now)
-            self._inner.receive_datagram(data, addr, now)  # must not be delivered twice
-        else:
-            self._inner.receive_datagram(data, addr, now)
+    def receive_datagrams(self, datagrams: list[tuple[bytes, Any]], now: float) -> None:
+        out = []
+        for data, addr in datagrams:
+            if data[:1] == b"\x04" and len(data) > 32:
+                self.tampered += 1
+                corrupted = bytearray(data)
+                corrupted[len(data) // 2] ^= 0x10
+                out.append((bytes(corrupted), addr))  # must not burn the genuine counter
+                out.append((data, addr))
+                out.append((data, addr))  # must not be delivered twice
+            else:
+                out.append((data, addr))
+        self._inner.receive_datagrams(out, now)
 
 
 async def test_corrupted_and_replayed_datagrams_are_dropped(wireguard_go_setup: WireGuardGoSetup) -> None:

@@ -8,8 +8,9 @@ I/O pattern (no task switch per packet):
 
 * one receive task waits for readability, then drains the socket with
   non-blocking ``recvfrom_into`` until ``BlockingIOError`` (at most ``batch``
-  datagrams), feeding each to the device; afterwards it flushes
-  ``datagrams_to_send`` once and dispatches events;
+  datagrams), feeds the batch to the device (``receive_datagrams``), then
+  flushes ``datagrams_to_send`` once and dispatches packets and events (both
+  ``packet_events`` modes of the device are supported);
 * the device's timer is a :class:`trio.CancelScope` deadline that every
   device interaction moves to ``get_timer()``, so timers need no polling and
   no extra wakeups;
@@ -171,6 +172,12 @@ class WireGuardUDP:
         self.device.send_packet(peer, packet, now)
         self._after_device_call(now)
 
+    def send_packets(self, peer: NodePublic, packets: list[bytes | bytearray | memoryview]) -> None:
+        """Like :meth:`send_packet` for several packets to one peer (cheaper per packet)."""
+        now = trio.current_time()
+        self.device.send_packets(peer, packets, now)
+        self._after_device_call(now)
+
     def send_keepalive(self, peer: NodePublic) -> None:
         """Send an empty transport message to ``peer``."""
         now = trio.current_time()
@@ -263,26 +270,36 @@ class WireGuardUDP:
                 self.counters.send_queued += 1
         self._writable_wanted.set()
 
+    def _deliver(self, peer: NodePublic, packet: bytes, ev: PacketReceived | None = None) -> None:
+        on_packet = self._on_packet
+        if on_packet is not None:
+            self.counters.packets_delivered += 1
+            on_packet(peer, packet)
+            return
+        try:
+            self._packet_send.send_nowait(ev if ev is not None else PacketReceived(peer, packet))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.counters.packets_dropped_channel_full += 1
+        else:
+            self.counters.packets_delivered += 1
+
     def _dispatch_events(self) -> None:
+        # Packets from a device made with packet_events=False come as plain tuples.
+        received = self.device.packets_received()
+        for peer, packet in received:
+            try:
+                self._deliver(peer, packet)
+            except Exception:  # a faulty handler must not kill the node
+                self.counters.handler_errors += 1
+                log.exception("wg driver: packet handler failed")
         events = self.device.drain_events()
         if not events:
             return
-        on_packet, on_event = self._on_packet, self._on_event
+        on_event = self._on_event
         for ev in events:
             try:
                 if type(ev) is PacketReceived:
-                    self.counters.packets_delivered += 1
-                    if on_packet is not None:
-                        on_packet(ev.peer, ev.packet)
-                    else:
-                        try:
-                            self._packet_send.send_nowait(ev)
-                        except trio.WouldBlock:
-                            self.counters.packets_delivered -= 1
-                            self.counters.packets_dropped_channel_full += 1
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            self.counters.packets_delivered -= 1
-                            self.counters.packets_dropped_channel_full += 1
+                    self._deliver(ev.peer, ev.packet, ev)
                 elif on_event is not None:
                     on_event(ev)
             except Exception:  # a faulty handler must not kill the node
@@ -294,6 +311,7 @@ class WireGuardUDP:
         view = memoryview(buf)
         device = self.device
         counters = self.counters
+        batch_size = self._batch
         while True:
             sock = self._sock
             try:
@@ -304,10 +322,11 @@ class WireGuardUDP:
                 continue  # replaced by replace_socket(); wait on the new one
             now = trio.current_time()
             drained = False
-            n_in = 0
-            for _ in range(self._batch):
+            batch: list[tuple[bytes, Any]] = []
+            recv = sock.recvfrom_into
+            while len(batch) < batch_size:
                 try:
-                    n, addr = sock.recvfrom_into(buf)
+                    n, addr = recv(buf)
                 except BlockingIOError:
                     drained = True
                     break
@@ -317,12 +336,12 @@ class WireGuardUDP:
                         break
                     counters.receive_errors += 1
                     continue
-                n_in += 1
                 # A copy of n bytes: the device may keep the data (staging, events) beyond this call.
-                device.receive_datagram(bytes(view[:n]), addr, now)
-            counters.datagrams_received += n_in
-            counters.receive_batches += 1
-            if n_in:
+                batch.append((bytes(view[:n]), addr))
+            if batch:
+                counters.datagrams_received += len(batch)
+                counters.receive_batches += 1
+                device.receive_datagrams(batch, now)
                 self._after_device_call(now)
             if not drained:
                 await trio.lowlevel.checkpoint()  # full batch: be fair to other tasks
