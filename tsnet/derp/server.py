@@ -163,6 +163,9 @@ class DerpServer:
                 if isinstance(event, h11.EndOfMessage):
                     if http.our_state is h11.DONE and http.their_state is h11.DONE:
                         http.start_next_cycle()
+                        continue
+                    if http.our_state is h11.MUST_CLOSE:
+                        return
                     continue
                 if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                     return
@@ -284,7 +287,7 @@ class DerpServer:
                 conn.connection_lost(f"read error: {exc!r}")
                 return
             if not data:
-                conn.connection_lost("EOF")
+                conn.connection_lost("EOF inside a truncated frame" if conn.has_partial_frame else "EOF")
                 return
             conn.receive_data(data if type(data) is bytes else bytes(data), trio.current_time())
             self._dispatch()

@@ -235,6 +235,11 @@ class ServerConn(_Outbox):
             self._core.counters.protocol_errors += 1
             self._core._close(self, f"protocol error: {exc}")
 
+    @property
+    def has_partial_frame(self) -> bool:
+        """Bytes of an incomplete frame are buffered (EOF now means a truncated frame)."""
+        return bool(self._rx)
+
     def get_timer(self) -> float:
         """When ``handle_timer`` next has work (handshake deadline or keepalive)."""
         if self.state is not ConnState.ACTIVE:

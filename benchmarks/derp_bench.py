@@ -1,0 +1,266 @@
+"""DERP server benchmark: relay throughput, CPU per packet, memory with idle clients.
+
+The server runs in its own process pinned to one core (plain HTTP on 127.0.0.1);
+the load generator runs in this process on the other core with raw sockets and
+pre-built frames, so client-side cost stays small. Server CPU and RSS come from
+/proc. Usage: ``.venv/bin/python benchmarks/derp_bench.py [--seconds 4] [--idle 5000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import selectors
+import socket
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from tsnet.derp import frames as f  # noqa: E402
+from tsnet.derp.info import ClientInfo, seal_to  # noqa: E402
+from tsnet.key import NodePrivate  # noqa: E402
+
+PACKET = 1280
+FRAME_LEN = 5 + 32 + PACKET
+HOST = "127.0.0.1"
+
+
+def raise_nofile(want: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = max(want, soft)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(hard, target)))
+    except (ValueError, PermissionError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(target, hard), hard))
+
+
+# -- server process ------------------------------------------------------------------------
+
+
+def serve(private_hex: str) -> None:
+    import trio
+
+    from tsnet.derp.server import DerpServer
+
+    raise_nofile(65536)
+    server = DerpServer(NodePrivate(bytes.fromhex(private_hex)))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.serve_tcp, HOST, 0)
+            print(port, flush=True)
+
+    trio.run(main)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def debug_vars(port: int) -> dict:
+    with socket.create_connection((HOST, port)) as s:
+        s.sendall(b"GET /debug/vars HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+def handshake_bytes(key: NodePrivate, server_pub: bytes) -> bytes:
+    """Upgrade request with a pipelined ClientInfo (the server keeps bytes after the head)."""
+    sealed = seal_to(key.raw, server_pub, ClientInfo().to_json())
+    return (
+        b"GET /derp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n"
+        + f.encode_frame(f.ClientInfoFrame(key.public.raw, sealed))
+    )
+
+
+def connect_client(port: int, key: NodePrivate, server_pub: bytes, wait: bool = True) -> socket.socket:
+    s = socket.create_connection((HOST, port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.sendall(handshake_bytes(key, server_pub))
+    if wait:
+        # Read the 101 head, ServerKey and ServerInfo (sealed JSON {"version":2}: 24+16+13 bytes).
+        want_tail = 45 + 5 + 24 + 16 + 13
+        buf = b""
+        while b"\r\n\r\n" not in buf or len(buf.split(b"\r\n\r\n", 1)[1]) < want_tail:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise OSError("server closed during handshake")
+            buf += chunk
+    return s
+
+
+# -- throughput ----------------------------------------------------------------------------
+
+
+def relay_run(port: int, server_pid: int, server_pub: bytes, pairs: int, seconds: float) -> dict:
+    senders, receivers = [], []
+    for _ in range(pairs):
+        a, b = NodePrivate.generate(), NodePrivate.generate()
+        senders.append((a, b))
+    socks_tx, socks_rx = [], []
+    for a, b in senders:
+        socks_rx.append(connect_client(port, b, server_pub))
+        socks_tx.append(connect_client(port, a, server_pub))
+    frames_per_write = 48
+    payloads = []
+    for _a, b in senders:
+        one = f.encode_header(f.FrameType.SEND_PACKET, 32 + PACKET) + b.public.raw + bytes(PACKET)
+        payloads.append(one * frames_per_write)
+    sel = selectors.DefaultSelector()
+    for i, s in enumerate(socks_tx):
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_WRITE, ("tx", i))
+    for i, s in enumerate(socks_rx):
+        s.setblocking(False)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sel.register(s, selectors.EVENT_READ, ("rx", i))
+    pending = [memoryview(p) for p in payloads]
+    received = 0
+    warmup_end = time.perf_counter() + 0.5
+    measuring = False
+    start_bytes = 0
+    t0 = cpu0 = 0.0
+    end = warmup_end + seconds
+    buf = bytearray(1 << 20)
+    while True:
+        now = time.perf_counter()
+        if not measuring and now >= warmup_end:
+            measuring = True
+            t0, cpu0, start_bytes = now, proc_cpu(server_pid), received
+        if now >= end:
+            break
+        for key, _ in sel.select(0.1):
+            kind, i = key.data
+            if kind == "rx":
+                try:
+                    n = key.fileobj.recv_into(buf)
+                except BlockingIOError:
+                    continue
+                received += n
+            else:
+                try:
+                    sent = key.fileobj.send(pending[i])
+                except BlockingIOError:
+                    continue
+                rest = pending[i][sent:]
+                pending[i] = rest if len(rest) else memoryview(payloads[i])
+    t1, cpu1 = time.perf_counter(), proc_cpu(server_pid)
+    stats = debug_vars(port)
+    for s in socks_tx + socks_rx:
+        sel.unregister(s)
+        s.close()
+    # Received bytes include a few handshake bytes from before the window; the window delta is clean.
+    packets = (received - start_bytes) / FRAME_LEN
+    elapsed = t1 - t0
+    return {
+        "pps": packets / elapsed,
+        "mbps": packets * PACKET * 8 / elapsed / 1e6,
+        "cpu_ms_per_1000": (cpu1 - cpu0) / packets * 1000 * 1000 if packets else float("nan"),
+        "server_cpu_util": (cpu1 - cpu0) / elapsed,
+        "drops": sum(stats["drops"].values()),
+        "relayed_total": stats["packets_relayed"],
+    }
+
+
+def idle_run(port: int, server_pid: int, server_pub: bytes, count: int) -> dict:
+    raise_nofile(count + 1024)
+    base = proc_rss_mb(server_pid)
+    keys = [NodePrivate.generate() for _ in range(count)]
+    socks = []
+    t0 = time.perf_counter()
+    for i, k in enumerate(keys):
+        socks.append(connect_client(port, k, server_pub, wait=False))
+        if i % 500 == 499:
+            time.sleep(0.05)  # let the accept loop keep up with the backlog
+    deadline = time.time() + 120
+    clients = 0
+    while time.time() < deadline:
+        clients = debug_vars(port)["clients"]
+        if clients >= count:
+            break
+        time.sleep(0.25)
+    setup = time.perf_counter() - t0
+    time.sleep(0.5)
+    rss = proc_rss_mb(server_pid)
+    for s in socks:
+        s.close()
+    return {"clients": clients, "rss_mb": rss, "base_mb": base, "setup_s": setup}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serve", metavar="PRIVHEX", help=argparse.SUPPRESS)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--idle", type=int, default=5000)
+    args = ap.parse_args()
+    if args.serve:
+        os.sched_setaffinity(0, {0})
+        serve(args.serve)
+        return 0
+    if len(os.sched_getaffinity(0)) > 1:
+        os.sched_setaffinity(0, {1})
+    raise_nofile(65536)
+
+    def start_server() -> tuple[subprocess.Popen, int, bytes]:
+        priv = NodePrivate.generate()
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", priv.raw.hex()], stdout=subprocess.PIPE,
+                                text=True, env={**os.environ, "PYTHONPATH": REPO})
+        port = int(proc.stdout.readline())
+        return proc, port, priv.public.raw
+
+    rows = []
+    for pairs in (1, 100):
+        proc, port, pub = start_server()
+        try:
+            r = relay_run(port, proc.pid, pub, pairs, args.seconds)
+        finally:
+            proc.terminate()
+            proc.wait()
+        rows.append((f"{pairs} pair{'s' if pairs > 1 else ''}, 1280 B packets", r))
+    proc, port, pub = start_server()
+    try:
+        idle = idle_run(port, proc.pid, pub, args.idle)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+    print()
+    print("DERP server benchmark (server: 1 process pinned to 1 core, plain HTTP on 127.0.0.1)")
+    print()
+    print("| scenario | packets/s relayed | Mbit/s relayed (payload) | server CPU ms / 1,000 pkts "
+          "| server core busy | server drops / packets queued (whole run) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in rows:
+        print(f"| {name} | {r['pps']:,.0f} | {r['mbps']:,.0f} | {r['cpu_ms_per_1000']:.2f} | "
+              f"{r['server_cpu_util'] * 100:.0f}% | {r['drops']:,} / {r['relayed_total']:,} |")
+    print()
+    print("| idle clients | connected (server count) | server RSS | RSS before clients | setup time |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| {args.idle:,} | {idle['clients']:,} | {idle['rss_mb']:.0f} MB | {idle['base_mb']:.0f} MB | "
+          f"{idle['setup_s']:.1f} s |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
