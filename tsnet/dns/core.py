@@ -19,8 +19,6 @@ from .config import (
     QUAD100_NAME,
     QUAD100_V4,
     QUAD100_V6,
-    TAILSCALE_IPV4_RANGE,
-    TAILSCALE_IPV6_RANGE,
     DNSConfig,
     IPAddress,
 )

@@ -19,8 +19,8 @@ from .dialer import (
     socks_reply_code,
 )
 from .socks5 import (
+    ATYP_DOMAIN,
     CMD_CONNECT,
-    Credentials,
     Rejected,
     Request,
     Socks5Error,
@@ -92,7 +92,11 @@ async def _connect(
 async def _udp_associate(
     stream: trio.abc.Stream, handshake: Socks5Handshake, request: Request, settings: ProxySettings
 ) -> None:
-    """RFC 1928 §7: relay datagrams for this client until its TCP control connection ends."""
+    """RFC 1928 §7: relay datagrams for this client until its TCP control connection ends.
+
+    The client-facing relay is an OS UDP socket on the control connection's local address (loopback for
+    the default listener); only the destinations are reached through ``dial_udp``.
+    """
     if settings.dial_udp is None:
         handshake.reply(SOCKS_GENERAL_FAILURE)
         await send_or_false(stream, handshake.data_to_send())
@@ -133,7 +137,7 @@ class _UDPAssociation:
         self.settings = settings
         self.client_ip = client_ip
         # The client may announce its UDP source (RFC 1928: "the address ... expected to send from").
-        announced = ipaddress.ip_address(request.host) if request.address_type != 3 else None
+        announced = ipaddress.ip_address(request.host) if request.address_type != ATYP_DOMAIN else None
         self.client_port = request.port or None
         if announced is not None and not announced.is_unspecified:
             self.client_ip = announced
