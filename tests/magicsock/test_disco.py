@@ -279,3 +279,13 @@ def test_open_arbitrary_bytes_only_raises_disco_error(tail):
             boxes.open_message(data)
         except d.DiscoError:
             pass
+
+
+def test_retain_drops_departed_peers_boxes():
+    boxes = d.DiscoBoxes(DiscoPrivate.generate())
+    keep, gone = DiscoPrivate.generate().public, DiscoPrivate.generate().public
+    kept_box = boxes.box_for(keep)
+    gone_box = boxes.box_for(gone)
+    boxes.retain([keep])
+    assert boxes.box_for(keep) is kept_box
+    assert boxes.box_for(gone) is not gone_box

@@ -20,6 +20,7 @@ import enum
 import os
 import struct
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar, Union
 
@@ -465,6 +466,12 @@ class DiscoBoxes:
 
     def forget(self, peer: DiscoPublic) -> None:
         self._boxes.pop(peer.raw, None)
+
+    def retain(self, peers: Iterable[DiscoPublic]) -> None:
+        """Drop cached boxes for every key not in ``peers`` (e.g. after a netmap update)."""
+        keep = {p.raw for p in peers}
+        for raw in [raw for raw in self._boxes if raw not in keep]:
+            del self._boxes[raw]
 
     def seal(self, peer: DiscoPublic, message: Message | bytes, nonce: bytes | None = None) -> bytes:
         """A complete outer disco packet carrying ``message`` to ``peer``.
