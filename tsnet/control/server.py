@@ -90,10 +90,10 @@ class ServerConfig:
     nameservers: tuple[str, ...] = ()
     split_dns: dict[str, tuple[str, ...]] = field(default_factory=dict)
     extra_records: tuple[tailcfg.DNSRecord, ...] = ()
-    #: Filter compiler: given the destination node and all nodes, the rules for that node.
-    filter_for: Callable[[NodeRecord, list[NodeRecord]], tuple[tailcfg.FilterRule, ...]] | None = None
-    #: Whether ``a`` should see ``b`` as a peer (default: everyone sees everyone).
-    can_see: Callable[[NodeRecord, NodeRecord, list[NodeRecord]], bool] | None = None
+    #: Filter compiler: (destination node, all live nodes, user id -> login) -> that node's rules.
+    filter_for: Callable[[NodeRecord, list[NodeRecord], dict[int, str]], tuple[tailcfg.FilterRule, ...]] | None = None
+    #: Whether ``a`` should see ``b`` as a peer: (a, b, all live nodes, logins). Default: all see all.
+    can_see: Callable[[NodeRecord, NodeRecord, list[NodeRecord], dict[int, str]], bool] | None = None
     node_attrs: dict[str, Any] = field(
         default_factory=lambda: {"disable-captive-portal-detection": None, "debug-disable-upnp": None}
     )
@@ -558,15 +558,16 @@ class ControlServer:
             return None
         everyone = self.store.nodes()
         live = [n for n in everyone if not n.logged_out]
+        users = {u.id: u for u in self.store.users()}
+        logins = {uid: u.login_name for uid, u in users.items()}
         can_see = self.config.can_see
-        peers = [n for n in live if n.id != me.id and (can_see is None or can_see(me, n, live))]
+        peers = [n for n in live if n.id != me.id and (can_see is None or can_see(me, n, live, logins))]
         self_node = tailcfg.encode(self._tailcfg_node(me, now, is_self=True))
         peer_nodes = {n.id: tailcfg.encode(self._tailcfg_node(n, now, is_self=False)) for n in peers}
-        rules = self.config.filter_for(me, live) if self.config.filter_for is not None else _ALLOW_ALL
+        rules = self.config.filter_for(me, live, logins) if self.config.filter_for is not None else _ALLOW_ALL
         packet_filter = [tailcfg.encode(r) for r in rules]
         dns = tailcfg.encode(self.dns_config())
         derp = tailcfg.encode(self.config.derp_map) if self.config.derp_map is not None else None
-        users = {u.id: u for u in self.store.users()}
         profile_ids = {me.user_id} | {n.user_id for n in peers}
         profiles = {
             uid: tailcfg.encode(
