@@ -96,6 +96,38 @@ async def direct_dial_udp(host: str, port: int) -> SocketUDPConnection:
     return SocketUDPConnection(sock)
 
 
+def route_by_address(
+    is_tailnet: Callable[[IPAddress], bool], tailnet: Dial, other: Dial = direct_dial
+) -> Dial:
+    """A :data:`Dial` that sends tailnet destinations one way and the rest another.
+
+    This mirrors tailscaled's user dial: addresses inside a peer's AllowedIPs go through the netstack,
+    everything else through the OS. Names (no resolver configured) go to ``other``.
+    """
+
+    async def dial(host: str, port: int) -> trio.abc.Stream:
+        ip = parse_ip(host)
+        if ip is not None and is_tailnet(ip):
+            return await tailnet(host, port)
+        return await other(host, port)
+
+    return dial
+
+
+def route_udp_by_address(
+    is_tailnet: Callable[[IPAddress], bool], tailnet: DialUDP, other: DialUDP = direct_dial_udp
+) -> DialUDP:
+    """The UDP counterpart of :func:`route_by_address`."""
+
+    async def dial_udp(host: str, port: int) -> UDPConnection:
+        ip = parse_ip(host)
+        if ip is not None and is_tailnet(ip):
+            return await tailnet(host, port)
+        return await other(host, port)
+
+    return dial_udp
+
+
 async def resolve_host(host: str, resolve: Resolve | None) -> list[str]:
     """Candidate hosts to dial: the literal itself, the resolver's addresses, or the name unchanged."""
     ip = parse_ip(host)
