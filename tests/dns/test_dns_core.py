@@ -251,6 +251,11 @@ def test_from_control_json() -> None:
     assert isinstance(magic.handle_query(DNSRecord.question("h.corp.example").pack()), Forward)
     # Without routes the suffix is inferred from the node names.
     assert DNSConfig.from_control(None, nodes).base_domain == "tn.test"
+    # Without the magicdns-aaaa attribute, node names get no AAAA answers (NOERROR, empty).
+    v4_only = MagicDNS(DNSConfig.from_control(dns_json, nodes, ipv6_answers=False))
+    reply = ask(v4_only, "alpha", "AAAA")
+    assert reply.header.rcode == RCODE.NOERROR and reply.rr == []
+    assert addresses(ask(v4_only, "alpha", "A")) == ["100.64.0.1"]
 
 
 def test_additional_records_edns_and_pointers(magic: MagicDNS) -> None:

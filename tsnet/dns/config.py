@@ -140,15 +140,26 @@ class DNSConfig:
         )
 
     @classmethod
-    def from_control(cls, dns_config: Mapping[str, Any] | None, nodes: Mapping[str, Iterable[str]]) -> DNSConfig:
+    def from_control(
+        cls,
+        dns_config: Mapping[str, Any] | None,
+        nodes: Mapping[str, Iterable[str]],
+        *,
+        ipv6_answers: bool = True,
+    ) -> DNSConfig:
         """Build from control's JSON ``DNSConfig`` and the netmap's ``{Node.Name: Node.Addresses}``.
 
         The MagicDNS suffix is taken as the longest ``Routes`` key with an empty resolver list that
-        contains a node name, else the common parent of the node names. Unusable entries raise
-        :class:`DNSConfigError` so the caller can report which config was bad.
+        contains a node name, else the common parent of the node names. ``ipv6_answers`` False drops the
+        nodes' IPv6 addresses (tailscaled only answers AAAA for peers with the ``magicdns-aaaa`` node
+        attribute when the node has IPv4). Unusable entries raise :class:`DNSConfigError` so the caller
+        can report which config was bad.
         """
         dns_config = dns_config or {}
-        hosts = {normalize_name(n): list(a) for n, a in nodes.items()}
+        hosts: dict[str, list[IPAddress]] = {}
+        for name, addresses in nodes.items():
+            ips = [_parse_ip(a) for a in addresses]
+            hosts[normalize_name(name)] = [ip for ip in ips if ipv6_answers or ip.version == 4]
 
         def addrs(resolvers: Any) -> list[str]:
             return [str(r.get("Addr", "")) for r in (resolvers or []) if isinstance(r, Mapping) and r.get("Addr")]
