@@ -1,0 +1,91 @@
+"""State directory and admin CLI: file modes, schema version, persistent Noise key, authkey/nodes commands."""
+
+import datetime as dt
+import json
+import stat
+
+import pytest
+
+from tsnet.cli import main
+from tsnet.control.cli import parse_duration
+from tsnet.control.store import SCHEMA_VERSION, Store, StoreError
+
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def test_state_files_private_and_key_persistent(tmp_path):
+    d = tmp_path / "st"
+    s = Store.open(d)
+    key = s.noise_key()
+    s.create_authkey(NOW)
+    assert s.schema_version() == SCHEMA_VERSION
+    s.close()
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    for f in d.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    s2 = Store.open(d)
+    assert s2.noise_key() == key
+    assert s2.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_newer_schema_refused(tmp_path):
+    s = Store.open(tmp_path / "st")
+    s.db.execute("UPDATE meta SET value='99' WHERE name='schema_version'")
+    s.close()
+    with pytest.raises(StoreError, match="newer"):
+        Store.open(tmp_path / "st")
+
+
+def test_address_allocation_unique_and_reused_after_delete(tmp_path):
+    s = Store.open(tmp_path / "st")
+    nodes = [s.create_node(NOW, machine_key=f"m{i}", node_key=f"k{i}", name="host", user_id=1, ephemeral=False,
+                           tags=(), key_expiry=None, hostinfo=None, authkey_id=None) for i in range(300)]
+    assert len({n.ipv4 for n in nodes}) == 300 and len({n.ipv6 for n in nodes}) == 300
+    assert [n.name for n in nodes[:3]] == ["host", "host-1", "host-2"]
+    assert all(not n.ipv4.endswith((".0", ".255")) for n in nodes)
+    assert nodes[0].ipv4 == "100.64.0.1" and nodes[0].ipv6 == "fd7a:115c:a1e0::1"
+    s.delete_node(nodes[5].id)
+    again = s.create_node(NOW, machine_key="mx", node_key="kx", name="x", user_id=1, ephemeral=False, tags=(),
+                          key_expiry=None, hostinfo=None, authkey_id=None)
+    assert again.ipv4 == nodes[5].ipv4
+
+
+def test_durations():
+    assert parse_duration("24h") == dt.timedelta(hours=24)
+    assert parse_duration("1h30m") == dt.timedelta(minutes=90)
+    with pytest.raises(Exception):
+        parse_duration("soon")
+
+
+def test_cli_authkey_and_nodes(tmp_path, capsys):
+    d = str(tmp_path / "st")
+    assert main(["control", "authkey", "create", "--state-dir", d, "--reusable", "--ephemeral", "--tags", "tag:a,tag:b",
+                 "--expiry", "1h"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("tskey-auth-") and "--TL" not in key
+    assert main(["control", "authkey", "list", "--state-dir", d, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["key"] == key and row["reusable"] and row["ephemeral"] and row["tags"] == ["tag:a", "tag:b"]
+    assert row["state"] == "valid"
+    assert main(["control", "authkey", "revoke", "--state-dir", d, key]) == 0
+    main(["control", "authkey", "list", "--state-dir", d, "--json"])
+    assert json.loads(capsys.readouterr().out)[0]["state"] == "auth key revoked"
+    assert main(["control", "authkey", "revoke", "--state-dir", d, "tskey-auth-none"]) == 1
+    assert main(["control", "authkey", "create", "--state-dir", d, "--tags", "nottag"]) == 2
+
+    s = Store.open(d)
+    s.create_node(NOW, machine_key="m", node_key="k", name="web", user_id=1, ephemeral=False, tags=(),
+                  key_expiry=None, hostinfo=None, authkey_id=None)
+    s.close()
+    capsys.readouterr()
+    assert main(["control", "nodes", "list", "--state-dir", d, "--json"]) == 0
+    (n,) = json.loads(capsys.readouterr().out)
+    assert n["name"] == "web" and n["addresses"] == ["100.64.0.1", "fd7a:115c:a1e0::1"] and not n["expired"]
+    assert main(["control", "nodes", "expire", "--state-dir", d, "web"]) == 0
+    main(["control", "nodes", "list", "--state-dir", d, "--json"])
+    assert json.loads(capsys.readouterr().out)[0]["expired"]
+    assert main(["control", "nodes", "delete", "--state-dir", d, "web.tailnet.test"]) == 0
+    main(["control", "nodes", "list", "--state-dir", d, "--json"])
+    assert json.loads(capsys.readouterr().out) == []
+    with pytest.raises(SystemExit):
+        main(["control", "nodes", "delete", "--state-dir", d, "ghost"])
