@@ -28,6 +28,7 @@ class WireGuardGoSetup:
     py_ns: Namespace
     wg: WireGuardGo
     wg_public: NodePublic  # wireguard-go's static key
+    wg_private: NodePrivate
     our_private: NodePrivate
     wg_endpoint: tuple[str, int]  # wireguard-go's UDP address, as recvfrom reports it
     our_ip: ipaddress.IPv4Address  # link address of the py namespace
@@ -36,6 +37,25 @@ class WireGuardGoSetup:
     our_port: int
     router: Namespace | None = None  # the NAT router, when there is one
     public_ip: ipaddress.IPv4Address | None = None  # our address as wireguard-go sees it (the NAT's WAN side)
+
+    def our_peer_config(self, **kw: object) -> PeerConfig:
+        """How wireguard-go is configured to know us (overrides via keyword arguments)."""
+        endpoint = f"{self.our_ip}:{self.our_port}" if self.router is None else None
+        args: dict[str, object] = {"allowed_ips": [f"{self.our_overlay}/32"], "endpoint": endpoint}
+        args.update(kw)
+        return PeerConfig(self.our_private.public.raw, **args)  # type: ignore[arg-type]
+
+    def restart_wireguard_go(self) -> WireGuardGo:
+        """Stop wireguard-go and start a fresh process (new TUN) with the same key, port and peer config."""
+        self.wg.process.stop()
+        self.wg = start_wireguard_go(
+            self.wg_ns,
+            private_key=self.wg_private.raw,
+            address=f"{self.wg_overlay}/24",
+            listen_port=WG_PORT,
+            peers=[self.our_peer_config()],
+        )
+        return self.wg
 
     def our_socket(self, port: int = 0) -> socket.socket:
         """A UDP socket in the py namespace bound to our link address."""
@@ -79,6 +99,7 @@ def make_wireguard_go_setup(lab: Lab, *, nat: str | None = None) -> WireGuardGoS
         py_ns=py_ns,
         wg=wg,
         wg_public=wg_private.public,
+        wg_private=wg_private,
         our_private=our_private,
         wg_endpoint=(str(wg_addr), WG_PORT),
         our_ip=our_addr,

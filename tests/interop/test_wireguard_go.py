@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from tests.lab.packets import PROTO_ICMP, icmp_echo, parse_icmp_echo, parse_ipv4
-from tsnet.wg import HandshakeCompleted, Limits, PacketReceived, PeerEndpointChanged, WireGuard
+from tsnet.wg import HandshakeCompleted, HandshakeFailed, Limits, PacketReceived, PeerEndpointChanged, WireGuard
 from tsnet.wg.driver import WireGuardUDP
 
 if TYPE_CHECKING:
@@ -78,6 +78,38 @@ class PythonPeer:
             assert (ip.src, ip.dst) == (s.wg_overlay, s.our_overlay)
             assert echo.is_reply and (echo.ident, echo.seq, echo.data) == (ident, seq, data)
             return
+
+
+    async def ping_until_answered(self, seq: int, per_try: float = 0.25) -> int:
+        """Send echo requests (seq, seq+1, ...) until one is answered; return the answered seq.
+
+        For recovery tests, where early requests are expected to be lost.
+        Replies to earlier tries may still arrive late and are accepted.
+        """
+        s = self.setup
+        sent: set[int] = set()
+        with trio.fail_after(STEP_TIMEOUT):
+            while True:
+                self.driver.send_packet(s.wg_public, icmp_echo(str(s.our_overlay), str(s.wg_overlay), 0x7777, seq, b"retry"))
+                sent.add(seq)
+                with trio.move_on_after(per_try):
+                    while True:
+                        ip = parse_ipv4(await self.next_packet())
+                        echo = parse_icmp_echo(ip.payload)
+                        if echo.is_reply and echo.ident == 0x7777 and echo.seq in sent:
+                            return echo.seq
+                seq += 1
+
+    async def kernel_pinger(self) -> trio.socket.SocketType:
+        """A raw ICMP socket in wireguard-go's namespace (its echo requests go into the tunnel)."""
+        return trio.socket.from_stdlib_socket(self.setup.wg_ns.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+
+
+async def wait_counter(predicate: Callable[[], bool], what: str) -> None:
+    """Bounded wait for a condition we can only observe by looking (counters, UAPI state)."""
+    with trio.fail_after(STEP_TIMEOUT):
+        while not predicate():
+            await trio.sleep(0.02)
 
 
 async def started(nursery: trio.Nursery, setup: WireGuardGoSetup, **kw: Any) -> PythonPeer:
@@ -245,3 +277,90 @@ async def test_corrupted_and_replayed_datagrams_are_dropped(wireguard_go_setup: 
     assert tampered >= 10
     assert counters.drop_data_invalid == tampered and counters.drop_replayed == tampered
     assert counters.data_received == 10
+
+
+async def test_recovers_after_wireguard_go_restarts(wireguard_go_setup: WireGuardGoSetup) -> None:
+    """The peer forgets our session; our side notices the silence and re-handshakes (new-handshake timer)."""
+    s = wireguard_go_setup
+    limits = Limits(keepalive_timeout=0.3, rekey_timeout=0.3, rekey_timeout_jitter=0.0)
+    async with trio.open_nursery() as nursery:
+        peer = await started(nursery, s, limits=limits)
+        await peer.ping(1)
+        await trio.to_thread.run_sync(s.restart_wireguard_go)
+        answered = await peer.ping_until_answered(2)  # the first tries use the dead session and are lost
+        assert answered >= 2
+        await peer.ping(answered + 100)
+        nursery.cancel_scope.cancel()
+    assert [e.initiator for e in peer.handshakes()] == [True, True]
+    assert peer.device.counters.drop_unknown_index == 0
+
+
+async def test_retransmits_then_gives_up_then_recovers(wireguard_go_setup: WireGuardGoSetup) -> None:
+    s = wireguard_go_setup
+    limits = Limits(rekey_timeout=0.05, rekey_timeout_jitter=0.0, rekey_attempt_time=0.5)
+    s.wg.configure(remove_peers=[s.our_private.public.raw])  # wireguard-go ignores our initiations now
+    async with trio.open_nursery() as nursery:
+        peer = await started(nursery, s, limits=limits)
+        peer.driver.send_packet(s.wg_public, icmp_echo(str(s.our_overlay), str(s.wg_overlay), 1, 1, b"lost"))
+        await peer.wait_for(lambda: [e for e in peer.events if isinstance(e, HandshakeFailed)], "HandshakeFailed")
+        sent = peer.device.counters.initiations_sent
+        assert limits.max_handshake_retries <= sent <= limits.max_handshake_retries + 2
+        assert peer.device.peer_status(s.wg_public).staged_packets == 0  # the staged packet was dropped
+        # Once wireguard-go knows us again, new traffic starts a fresh handshake series.
+        s.wg.configure(peers=[s.our_peer_config()])
+        await peer.ping(2)
+        nursery.cancel_scope.cancel()
+    assert [e.initiator for e in peer.handshakes()] == [True]
+
+
+async def test_passive_keepalive_reaches_wireguard_go(wireguard_go_setup: WireGuardGoSetup) -> None:
+    """We receive data and do not answer: after keepalive_timeout our device sends a keepalive."""
+    s = wireguard_go_setup
+    limits = Limits(keepalive_timeout=0.2)
+    async with trio.open_nursery() as nursery:
+        peer = await started(nursery, s, limits=limits, port=s.our_port)
+        raw = await peer.kernel_pinger()
+        request = icmp_echo(str(s.wg_overlay), str(s.our_overlay), 9, 9, b"unanswered")
+        await raw.sendto(request[20:], (str(s.our_overlay), 0))
+        await peer.next_packet()
+        assert peer.device.counters.keepalives_sent == 0
+        await wait_counter(lambda: peer.device.counters.keepalives_sent == 1, "our keepalive")
+        # wireguard-go counts our handshake response (92 bytes), then the 32-byte keepalive.
+        await wait_counter(lambda: s.wg.peer(s.our_private.public.raw).rx_bytes >= 92 + 32, "keepalive at wireguard-go")
+        raw.close()
+        nursery.cancel_scope.cancel()
+    assert s.wg.peer(s.our_private.public.raw).rx_bytes == 92 + 32  # and nothing else
+    assert peer.device.counters.keepalives_sent == 1
+
+
+async def test_wireguard_go_persistent_keepalives_are_consumed(wireguard_go_setup: WireGuardGoSetup) -> None:
+    s = wireguard_go_setup
+    async with trio.open_nursery() as nursery:
+        peer = await started(nursery, s, port=s.our_port)
+        # Setting a persistent keepalive makes wireguard-go send one at once (handshaking first), then every second.
+        s.wg.configure(peers=[s.our_peer_config(persistent_keepalive=1)])
+        await wait_counter(lambda: peer.device.counters.keepalives_received >= 2, "two keepalives")
+        nursery.cancel_scope.cancel()
+    assert [e.initiator for e in peer.handshakes()] == [False]
+    assert peer.device.counters.data_received == 0 and peer.device.counters.total_dropped() == 0
+
+
+async def test_simultaneous_initiation(wireguard_go_setup: WireGuardGoSetup) -> None:
+    """Both sides want to talk at once: both initiate, the handshakes cross, all packets arrive."""
+    s = wireguard_go_setup
+    async with trio.open_nursery() as nursery:
+        peer = await started(nursery, s, port=s.our_port)
+        raw = await peer.kernel_pinger()
+        kernel_request = icmp_echo(str(s.wg_overlay), str(s.our_overlay), 0x3333, 1, b"from the kernel")
+        await raw.sendto(kernel_request[20:], (str(s.our_overlay), 0))
+        peer.driver.send_packet(s.wg_public, icmp_echo(str(s.our_overlay), str(s.wg_overlay), 0x4444, 1, b"from us"))
+        got = set()
+        while len(got) < 2:
+            echo = parse_icmp_echo(parse_ipv4(await peer.next_packet()).payload)
+            got.add((echo.is_reply, echo.ident, echo.data))
+        assert got == {(False, 0x3333, b"from the kernel"), (True, 0x4444, b"from us")}
+        for seq in range(2, 6):
+            await peer.ping(seq)
+        raw.close()
+        nursery.cancel_scope.cancel()
+    assert peer.handshakes()
