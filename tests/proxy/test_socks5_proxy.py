@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import socket
 import struct
 
@@ -188,3 +190,37 @@ async def test_silent_clients_are_dropped_after_the_handshake_timeout(
                 assert await stream.receive_some(100) == b""
             assert trio.current_time() - start >= 10
     assert server.stats.get("socks5_handshake_timeout") == 1
+
+
+async def test_ipv6_loopback_listener(nursery: trio.Nursery, proxy_server: ProxyServer, origin_port: int) -> None:
+    proxy = await nursery.start(proxy_server.serve, "::1")
+    assert proxy.address.startswith("[::1]:")
+    for flag in ("--socks5-hostname", "-x"):
+        target = proxy.address if flag != "-x" else proxy.http_url
+        result = await curl(flag, target, f"http://web.tailnet.test:{origin_port}/v6")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["target"] == "/v6"
+
+
+async def test_half_close_and_bulk_data_survive_the_relay(nursery: trio.Nursery, proxy: LoopbackProxy) -> None:
+    """The origin reads until EOF, then answers with a digest: needs EOF propagation and no lost bytes."""
+
+    async def digest_server(stream: trio.SocketStream) -> None:
+        async with stream:
+            hasher, size = hashlib.sha256(), 0
+            while data := await stream.receive_some(65536):
+                hasher.update(data)
+                size += len(data)
+            await stream.send_all(f"{size} {hasher.hexdigest()}".encode())
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(trio.serve_listeners, digest_server, listeners)
+    port = listeners[0].socket.getsockname()[1]
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    stream, (code, _h, _p) = await open_socks(proxy, 1, "web.tailnet.test", port)
+    assert code == 0
+    async with stream:
+        await stream.send_all(payload)
+        await stream.send_eof()
+        answer = await read_until_close(stream)
+    assert answer.decode() == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}"
