@@ -168,3 +168,28 @@ async def test_keepalives_flow(nursery, tmp_path):
     with trio.fail_after(10):
         while c.counters["keepalives"] < 3:
             await trio.sleep(0.01)
+
+
+async def test_server_key_change_is_followed(control, nursery):
+    from tsnet.key import MachinePrivate
+
+    a, wa, _ = await start(control, nursery, control.config("a", control.authkey(reusable=True)))
+    await wa.wait_for(lambda nm: True)
+    old_key = a.server_key
+    control.server.noise_key = MachinePrivate.generate()  # as if the server lost its state key
+    await a._drop_conn()
+    # The next lite update fails the handshake, refetches /key, and the retry succeeds.
+    from tsnet.control.client import ControlError
+
+    with trio.fail_after(10):
+        for attempt in range(2):  # the poll loop may have refetched the key first; then one try suffices
+            try:
+                await a.send_update(disco_key=DiscoPrivate.generate().public)
+                break
+            except ControlError:
+                if attempt:
+                    raise
+    assert a.server_key == control.server.noise_key.public != old_key
+    assert a.counters["key_changes"] == 1
+    node = control.server.store.node_by_key(str(a.config.node_key.public))
+    assert node.disco_key == str(a.config.disco_key)

@@ -234,16 +234,21 @@ class ControlClient:
                         stream, host=host, machine_key=self.config.machine_key, server_key=self.server_key,
                         version=self.config.version,
                     )
-            except HandshakeError as exc:
-                # Perhaps the server's key changed: refetch it once and retry on the next call.
-                new_key = await fetch_server_key(lu, self.config.version)
+            except (HandshakeError, ts2021.controlhttp.UpgradeError, NoiseError) as exc:
+                # A server that cannot authenticate us closes the connection right after the 101:
+                # perhaps its key changed. Refetch it; the caller's retry then uses the new one.
+                try:
+                    new_key = await fetch_server_key(lu, self.config.version)
+                except (OSError, ControlError):
+                    new_key = self.server_key
                 if new_key != self.server_key:
                     self.counters["key_changes"] += 1
                     self.server_key = new_key
-                raise ControlError(f"handshake failed: {exc}") from None
-            except (OSError, trio.TooSlowError, ts2021.controlhttp.UpgradeError, NoiseError, ssl.SSLError) as exc:
                 last = exc
-        raise ControlError(f"cannot reach {lu.url}: {last}")
+                break
+            except (OSError, trio.TooSlowError, ssl.SSLError) as exc:
+                last = exc
+        raise ControlError(f"cannot connect to {lu.url}: {last}")
 
     async def _client(self) -> H2Client:
         async with self._conn_lock:
@@ -362,8 +367,16 @@ class ControlClient:
             endpoint_types=tuple(1 for _ in self.endpoints) or None,
         )
 
-    async def send_update(self, *, endpoints: tuple[str, ...] | None = None, preferred_derp: int | None = None) -> None:
+    async def send_update(
+        self,
+        *,
+        endpoints: tuple[str, ...] | None = None,
+        preferred_derp: int | None = None,
+        disco_key: DiscoPublic | None = None,
+    ) -> None:
         """A lite map update: new endpoints / home DERP / disco key reach the server and the peers."""
+        if disco_key is not None:
+            self.config.disco_key = disco_key
         if endpoints is not None:
             self.endpoints = tuple(endpoints)
         if preferred_derp is not None:
