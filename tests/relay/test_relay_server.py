@@ -361,3 +361,18 @@ def test_client_rejects_zero_generation_and_foreign_endpoint():
         RelayBindHandshake(a, ep, generation=0)
     with pytest.raises(ValueError):
         RelayBindHandshake(d.DiscoBoxes(DiscoPrivate.generate()), ep, generation=1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.booleans())
+def test_client_handshake_never_raises_on_junk(data, control):
+    srv, a, b = _CLIENT_FUZZ
+    h = RelayBindHandshake(a, _CLIENT_FUZZ_EP, generation=1)
+    h.start(0)
+    hdr = encode_header(PROTOCOL_DISCO, _CLIENT_FUZZ_EP.vni, control=control)
+    for pkt in (data, hdr + data, hdr + d.MAGIC + srv.disco_public.raw + data, hdr + d.MAGIC + b.public_key.raw + data):
+        assert isinstance(h.receive_datagram(pkt, SERVER_ADDR, 0.5), list)
+
+
+_CLIENT_FUZZ = make()
+_CLIENT_FUZZ_EP = _CLIENT_FUZZ[0].allocate(_CLIENT_FUZZ[1].public_key, _CLIENT_FUZZ[2].public_key, 0)
