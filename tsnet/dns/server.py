@@ -7,6 +7,7 @@ and TCP streams for 100.100.100.100:53 later. Forwarding is pluggable (:data:`Fo
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -238,18 +239,31 @@ class DNSServer:
 
         ``task_status.started`` receives the bound ``(host, port)``.
         """
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        udp = trio.socket.socket(family, socket.SOCK_DGRAM)
-        tcp = trio.socket.socket(family, socket.SOCK_STREAM)
+        udp, tcp = await _bind_pair(host, port)
         with udp, tcp:
-            await udp.bind((host, port))
             bound_port = udp.getsockname()[1]
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            await tcp.bind((host, bound_port))
-            tcp.listen(128)
             listener = trio.SocketListener(tcp)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.serve_udp, udp)
                 nursery.start_soon(self.serve_tcp, [listener])
                 task_status.started((host, bound_port))
 
+
+async def _bind_pair(host: str, port: int) -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+    """A UDP socket and a listening TCP socket on the same port; with port 0, retry if TCP's is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for attempt in range(20):
+        udp = trio.socket.socket(family, socket.SOCK_DGRAM)
+        tcp = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            await udp.bind((host, port))
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await tcp.bind((host, udp.getsockname()[1]))
+            tcp.listen(128)
+            return udp, tcp
+        except OSError as exc:
+            udp.close()
+            tcp.close()
+            if port != 0 or exc.errno != errno.EADDRINUSE or attempt == 19:
+                raise
+    raise AssertionError("unreachable")
