@@ -50,6 +50,7 @@ from tsnet.wg.noise import (
     dh,
     tai64n,
 )
+from tsnet.wg.ratelimit import LoadMonitor, RateLimiter
 from tsnet.wg.session import Keypair, Peer
 from tsnet.wg.stats import Counters, PeerStatus
 
@@ -146,11 +147,10 @@ class WireGuard:
         self._heap: list[tuple[float, int, Peer]] = []
         self._seq = itertools.count()
 
-        self._forced_load: bool | None = None
-        self._load_window_start = now
-        self._load_count = 0
-        self._under_load_until = float("-inf")
-        self._rate_buckets: dict[Hashable, list[float]] = {}
+        self._load = LoadMonitor(
+            threshold=self.limits.under_load_handshakes_per_second, hold=self.limits.under_load_duration, now=now
+        )
+        self._rate_limiter = RateLimiter(rate=self.limits.handshake_rate_per_second, burst=self.limits.handshake_rate_burst)
         self._last_timestamp = b""
 
     @property
@@ -248,13 +248,11 @@ class WireGuard:
         handshake messages arrived within a second, and ``limits.under_load_duration`` after.
         Under load, handshake messages without a valid mac2 get a cookie reply and are dropped.
         """
-        self._forced_load = under_load
+        self._load.forced = under_load
 
     def is_under_load(self, now: float) -> bool:
         """Whether handshake messages currently need a valid mac2."""
-        if self._forced_load is not None:
-            return self._forced_load
-        return now < self._under_load_until
+        return self._load.under_load(now)
 
     # -- datagrams in --------------------------------------------------------
 
@@ -435,13 +433,7 @@ class WireGuard:
 
     def _handshake_allowed(self, data: bytes | bytearray | memoryview, addr: Addr, now: float) -> bool:
         """mac1, load accounting, and under load mac2 (else cookie reply) plus the per-source rate limit."""
-        limits = self.limits
-        if now - self._load_window_start >= 1.0:
-            self._load_window_start = now
-            self._load_count = 0
-        self._load_count += 1
-        if self._load_count >= limits.under_load_handshakes_per_second:
-            self._under_load_until = now + limits.under_load_duration
+        self._load.note_handshake(now)
         if not self._cookie_checker.check_mac1(data):
             self.counters.drop_bad_mac1 += 1
             return False
@@ -454,30 +446,9 @@ class WireGuard:
             self.counters.cookie_replies_sent += 1
             self.counters.drop_needs_cookie += 1
             return False
-        if not self._rate_allow(addr, now):
+        if not self._rate_limiter.allow(addr, now):
             self.counters.drop_rate_limited += 1
             return False
-        return True
-
-    def _rate_allow(self, addr: Addr, now: float) -> bool:
-        """Token bucket per source host (port ignored), as wireguard-go's ratelimiter."""
-        key = addr[0] if isinstance(addr, tuple) and addr else addr
-        limits = self.limits
-        buckets = self._rate_buckets
-        bucket = buckets.get(key)
-        if bucket is None:
-            if len(buckets) >= 4096:
-                # Forget sources that have been quiet long enough to have refilled completely.
-                idle = limits.handshake_rate_burst / limits.handshake_rate_per_second
-                for k in [k for k, (_, last) in buckets.items() if now - last > idle]:
-                    del buckets[k]
-            bucket = buckets[key] = [float(limits.handshake_rate_burst), now]
-        tokens = min(limits.handshake_rate_burst, bucket[0] + (now - bucket[1]) * limits.handshake_rate_per_second)
-        bucket[1] = now
-        if tokens < 1.0:
-            bucket[0] = tokens
-            return False
-        bucket[0] = tokens - 1.0
         return True
 
     def _receive_initiation(self, data: bytes | bytearray | memoryview, addr: Addr, now: float) -> None:
