@@ -133,7 +133,7 @@ async def test_handshake_as_initiator_and_kernel_echo(wireguard_go_setup: WireGu
         our_port = peer.driver.local_address[1]
         nursery.cancel_scope.cancel()
     status = await trio.to_thread.run_sync(lambda: s.wg.wait_handshake_after(s.our_private.public.raw, before - 1))
-    assert status.endpoint == f"{s.our_ip}:{our_port}"
+    assert status.endpoint == s.our_endpoint_text(our_port)
     assert status.rx_bytes > 0 and status.tx_bytes > 0
     assert peer.device.counters.handshakes_completed == 1
     assert peer.device.counters.data_received == 12
@@ -201,7 +201,7 @@ async def test_our_endpoint_changes_and_wireguard_go_roams(wireguard_go_setup: W
         peer = await started(nursery, s)
         await peer.ping(1)
         first_port = peer.driver.local_address[1]
-        assert s.wg.peer(s.our_private.public.raw).endpoint == f"{s.our_ip}:{first_port}"
+        assert s.wg.peer(s.our_private.public.raw).endpoint == s.our_endpoint_text(first_port)
         for round_ in range(2):
             new_sock = s.our_socket()
             new_port = new_sock.getsockname()[1]
@@ -209,7 +209,7 @@ async def test_our_endpoint_changes_and_wireguard_go_roams(wireguard_go_setup: W
             for seq in range(10 * (round_ + 1), 10 * (round_ + 1) + 5):
                 await peer.ping(seq)  # replies can only arrive if wireguard-go followed us
             status = await trio.to_thread.run_sync(lambda: s.wg.peer(s.our_private.public.raw))
-            assert status.endpoint == f"{s.our_ip}:{new_port}" and new_port != first_port
+            assert status.endpoint == s.our_endpoint_text(new_port) and new_port != first_port
         nursery.cancel_scope.cancel()
     assert len(peer.handshakes()) == 1  # roaming needs no new handshake
     assert not [e for e in peer.events if isinstance(e, PeerEndpointChanged)]  # wireguard-go never moved
@@ -364,3 +364,21 @@ async def test_simultaneous_initiation(wireguard_go_setup: WireGuardGoSetup) -> 
         raw.close()
         nursery.cancel_scope.cancel()
     assert peer.handshakes()
+
+
+async def test_ipv6_outer_transport(wireguard_go_over_ipv6: WireGuardGoSetup) -> None:
+    """Same WireGuard over UDP/IPv6 (the inner packets stay IPv4); both directions, and no spurious roaming."""
+    s = wireguard_go_over_ipv6
+    assert s.our_ip.version == 6 and ":" in s.wg_endpoint[0]
+    async with trio.open_nursery() as nursery:
+        peer = await started(nursery, s, port=s.our_port)
+        await peer.ping(1)
+        raw = await peer.kernel_pinger()
+        await raw.sendto(icmp_echo(str(s.wg_overlay), str(s.our_overlay), 5, 5, b"v6")[20:], (str(s.our_overlay), 0))
+        echo = parse_icmp_echo(parse_ipv4(await peer.next_packet()).payload)
+        assert (echo.is_reply, echo.data) == (False, b"v6")
+        raw.close()
+        nursery.cancel_scope.cancel()
+    assert s.wg.peer(s.our_private.public.raw).endpoint == s.our_endpoint_text(s.our_port)
+    assert peer.device.peer_status(s.wg_public).endpoint == s.wg_endpoint
+    assert not [e for e in peer.events if isinstance(e, PeerEndpointChanged)]

@@ -55,6 +55,8 @@ WG_SOCKET_DIR = Path("/var/run/wireguard")
 
 # 10.240.0.0/12 split into /24s: 4096 subnets shared by all concurrent lab users.
 LAB_POOL = ipaddress.IPv4Network("10.240.0.0/12")
+# Each claimed /24 also owns the /64 with the same index in this ULA /48 (so IPv6 needs no claims of its own).
+LAB_POOL6 = ipaddress.IPv6Network("fd7e:5700::/48")
 
 _counter = itertools.count(1)
 _counter_lock = threading.Lock()
@@ -221,6 +223,9 @@ class Link:
     subnet: ipaddress.IPv4Network
     a_addr: ipaddress.IPv4Address
     b_addr: ipaddress.IPv4Address
+    subnet6: ipaddress.IPv6Network | None = None  # with ipv6=True: a ULA /64, a gets ::1, b gets ::2
+    a_addr6: ipaddress.IPv6Address | None = None
+    b_addr6: ipaddress.IPv6Address | None = None
 
     def addr_of(self, ns: Namespace) -> ipaddress.IPv4Address:
         """The link address on ``ns``'s end."""
@@ -246,7 +251,7 @@ class Namespace:
     lab: Lab
     name: str
     label: str
-    addresses: list[ipaddress.IPv4Interface] = field(default_factory=list)
+    addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = field(default_factory=list)
 
     # -- commands -------------------------------------------------------------------------------------------------
 
@@ -285,9 +290,11 @@ class Namespace:
 
     # -- addressing and routes ------------------------------------------------------------------------------------
 
-    def add_address(self, ifname: str, iface: ipaddress.IPv4Interface | str) -> ipaddress.IPv4Interface:
-        iface = ipaddress.IPv4Interface(iface)
-        self.ip("addr", "add", str(iface), "dev", ifname)
+    def add_address(self, ifname: str, iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface | str) -> Any:
+        """Add an IPv4 or IPv6 address (IPv6 without duplicate address detection, so it is usable at once)."""
+        iface = ipaddress.ip_interface(iface)
+        extra = ["nodad"] if iface.version == 6 else []
+        self.ip("addr", "add", str(iface), "dev", ifname, *extra)
         self.addresses.append(iface)
         return iface
 
@@ -306,11 +313,13 @@ class Namespace:
         self.ip("link", "set", ifname, "up")
         return iface
 
-    def add_route(self, dest: str, via: ipaddress.IPv4Address | str | None = None, dev: str | None = None) -> None:
+    def add_route(self, dest: str, via: ipaddress.IPv4Address | ipaddress.IPv6Address | str | None = None, dev: str | None = None) -> None:
         """Add a route; ``via`` must be an address inside a lab subnet (nothing routes off the machine)."""
-        args = ["route", "add", dest]
         if via is not None:
-            via = ipaddress.IPv4Address(via)
+            via = ipaddress.ip_address(via)
+        family = "-6" if (via is not None and via.version == 6) or ":" in dest else "-4"
+        args = [family, "route", "add", dest]
+        if via is not None:
             if not self.lab.owns_address(via):
                 raise LabError(f"refusing route via {via}: not inside a lab subnet")
             args += ["via", str(via)]
@@ -326,8 +335,7 @@ class Namespace:
     def assert_isolated(self) -> None:
         """Raise :class:`LabError` unless every route here stays inside the lab.
 
-        Checks all IPv4 and IPv6 routing tables: gateways must be lab addresses
-        (IPv6 gateways are refused outright, the lab never adds any), and the
+        Checks all IPv4 and IPv6 routing tables: gateways must be lab addresses, and the
         namespace must have a non-loopback address (tailscaled needs one).
         """
         for family in ("-4", "-6"):
@@ -339,7 +347,7 @@ class Namespace:
                     gw = ipaddress.ip_address(m.group(1))
                 except ValueError as exc:
                     raise LabError(f"{self.name}: cannot parse route {line!r}") from exc
-                if not isinstance(gw, ipaddress.IPv4Address) or not self.lab.owns_address(gw):
+                if not self.lab.owns_address(gw):
                     raise LabError(f"{self.name}: route leaves the lab: {line!r}")
         if not any(not a.ip.is_loopback for a in self.addresses):
             raise LabError(f"{self.name}: no non-loopback address (add a link or add_dummy())")
@@ -465,22 +473,39 @@ class Lab:
         self._subnets.append(net)
         return net
 
-    def owns_address(self, addr: ipaddress.IPv4Address) -> bool:
+    def subnet6_of(self, net: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
+        """The ULA /64 that belongs to a claimed lab /24."""
+        index = (int(net.network_address) - int(LAB_POOL.network_address)) >> 8
+        return ipaddress.IPv6Network((int(LAB_POOL6.network_address) + (index << 64), 64))
+
+    def owns_address(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether ``addr`` lies in a subnet this lab claimed (or its IPv6 twin)."""
+        if addr.version == 6:
+            return any(addr in self.subnet6_of(net) for net in self._subnets)
         return any(addr in net for net in self._subnets)
 
-    def link(self, a: Namespace, b: Namespace, *, mtu: int | None = None) -> Link:
-        """Join two namespaces with a veth pair in a fresh /24: ``a`` gets .1, ``b`` gets .2."""
+    def link(self, a: Namespace, b: Namespace, *, mtu: int | None = None, ipv6: bool = False) -> Link:
+        """Join two namespaces with a veth pair in a fresh /24: ``a`` gets .1, ``b`` gets .2.
+
+        With ``ipv6`` the ends also get ``::1``/``::2`` in the /24's ULA /64.
+        """
         a_if, b_if = self.ifname("v"), self.ifname("v")
         run(["ip", "-n", a.name, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name])
         net = self.subnet()
         a_addr, b_addr = net[1], net[2]
         a.add_address(a_if, ipaddress.IPv4Interface(f"{a_addr}/24"))
         b.add_address(b_if, ipaddress.IPv4Interface(f"{b_addr}/24"))
+        link = Link(a, b, a_if, b_if, net, a_addr, b_addr)
+        if ipv6:
+            net6 = self.subnet6_of(net)
+            link.subnet6, link.a_addr6, link.b_addr6 = net6, net6[1], net6[2]
+            a.add_address(a_if, f"{net6[1]}/64")
+            b.add_address(b_if, f"{net6[2]}/64")
         for ns, ifname in ((a, a_if), (b, b_if)):
             if mtu is not None:
                 ns.ip("link", "set", ifname, "mtu", str(mtu))
             ns.ip("link", "set", ifname, "up")
-        return Link(a, b, a_if, b_if, net, a_addr, b_addr)
+        return link
 
     def router(self, label: str, inside: Namespace, outside: Namespace, *, nat: str | None = "easy") -> tuple[Namespace, Link, Link]:
         """Put ``inside`` behind a new router namespace connected to ``outside``.

@@ -271,3 +271,20 @@ def test_sysctl_is_per_namespace(lab: Lab) -> None:
     a.enable_forwarding()
     assert a.run(["cat", "/proc/sys/net/ipv4/ip_forward"]).strip() == "1" == a.read_sysctl("net.ipv4.ip_forward")
     assert b.run(["cat", "/proc/sys/net/ipv4/ip_forward"]).strip() == "0" == b.read_sysctl("net.ipv4.ip_forward")
+
+
+def test_ipv6_link(lab: Lab) -> None:
+    a, b = lab.namespace("a"), lab.namespace("b")
+    link = lab.link(a, b, ipv6=True)
+    assert link.a_addr6 in link.subnet6 and link.subnet6 == lab.subnet6_of(link.subnet)
+    server = a.socket(socket.AF_INET6)
+    server.bind((str(link.a_addr6), 0))
+    server.settimeout(RECV_TIMEOUT)
+    client = b.socket(socket.AF_INET6)
+    client.sendto(b"six", server.getsockname()[:2])
+    data, src = server.recvfrom(10)
+    assert data == b"six" and src[0] == str(link.b_addr6)
+    a.add_route("fd7e:5700:ffff::/64", via=link.b_addr6)
+    a.assert_isolated()
+    with pytest.raises(LabError):
+        a.add_route("::/0", via="2001:db8::1")

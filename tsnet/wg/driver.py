@@ -102,7 +102,9 @@ class WireGuardUDP:
 
     Args:
         device: the sans-IO core; build it with ``now=trio.current_time()``.
-            Peer endpoints are ``(host, port)`` tuples as ``recvfrom`` returns them.
+            Peer endpoints are ``(host, port)`` tuples as ``recvfrom`` returns them;
+            on IPv6 sockets the source is shortened to ``(host, port)`` unless it
+            carries a scope id (link-local), so it matches configured endpoints.
         sock: a bound UDP socket (stdlib or trio; the driver takes it over and
             makes it non-blocking). None: bind a new one on ``bind``.
         bind: ``(host, port)`` used when ``sock`` is None.
@@ -321,6 +323,7 @@ class WireGuardUDP:
                     return
                 continue  # replaced by replace_socket(); wait on the new one
             now = trio.current_time()
+            v6 = sock.family == socket.AF_INET6
             drained = False
             batch: list[tuple[bytes, Any]] = []
             recv = sock.recvfrom_into
@@ -336,6 +339,9 @@ class WireGuardUDP:
                         break
                     counters.receive_errors += 1
                     continue
+                if v6 and not addr[3]:
+                    # (host, port, flowinfo, scope_id) -> (host, port): endpoints compare equal to configured ones.
+                    addr = addr[:2]
                 # A copy of n bytes: the device may keep the data (staging, events) beyond this call.
                 batch.append((bytes(view[:n]), addr))
             if batch:
