@@ -624,3 +624,15 @@ def test_handle_timer_early_is_harmless() -> None:
     b.handle_timer(net.clock.now)
     assert a.counters.as_dict() == before
     assert a.get_timer() is not None
+
+
+def test_memoryview_and_bytearray_input_through_a_whole_handshake() -> None:
+    net, a, b = make_pair()
+    a.send_packet(b.public_key, memoryview(ipv4(b"mv")), net.clock.now)
+    for _ in range(3):
+        for d, _dst in a.datagrams_to_send(net.clock.now):
+            b.receive_datagram(memoryview(bytes(d)), A_ADDR, net.clock.now)
+        for d, _dst in b.datagrams_to_send(net.clock.now):
+            a.receive_datagrams([(bytearray(d), B_ADDR)], net.clock.now)
+    assert packets(b) == [ipv4(b"mv")]
+    assert a.counters.total_dropped() == 0 and b.counters.total_dropped() == 0
