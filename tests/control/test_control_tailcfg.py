@@ -89,7 +89,7 @@ def test_register_request_from_tailscaled_shape():
 names = st.text(alphabet="abcdefgh", max_size=5)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.builds(
     tc.Node,
     id=st.integers(1, 2**53), name=names, addresses=st.lists(names).map(tuple), online=st.booleans() | st.none(),

@@ -119,6 +119,20 @@ class _Session:
         self.sent_domain: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _View:
+    generation: int
+    now: _dt.datetime
+    live: list[NodeRecord]
+    by_id: dict[int, NodeRecord]
+    users: dict[int, Any]
+    logins: dict[int, str]
+    peer_nodes: dict[int, dict]
+    dns: dict
+    derp: dict | None
+    control_time: str
+
+
 class ControlServer:
     """A Tailscale-compatible coordination server over a :class:`Store`."""
 
@@ -128,6 +142,7 @@ class ControlServer:
         self.noise_key: MachinePrivate = store.noise_key()
         self.sessions: dict[int, _Session] = {}
         self.generation = 0
+        self._view_cache: _View | None = None
         self._compressor = zstandard.ZstdCompressor(level=3)
         #: An embedded :class:`tsnet.derp.server.DerpServer` served at ``/derp`` on our listener.
         self.derp: Any = None
@@ -550,24 +565,44 @@ class ControlServer:
             extra_records=cfg.extra_records or None,
         )
 
+    def _view(self) -> _View:
+        """Everything sessions share, built once per generation (so a change costs O(nodes), not O(nodes²))."""
+        cached = self._view_cache
+        if cached is not None and cached.generation == self.generation:
+            return cached
+        now = self.now()
+        live = [n for n in self.store.nodes() if not n.logged_out]
+        users = {u.id: u for u in self.store.users()}
+        view = _View(
+            generation=self.generation,
+            now=now,
+            live=live,
+            by_id={n.id: n for n in live},
+            users=users,
+            logins={uid: u.login_name for uid, u in users.items()},
+            peer_nodes={n.id: tailcfg.encode(self._tailcfg_node(n, now, is_self=False)) for n in live},
+            dns=tailcfg.encode(self.dns_config()),
+            derp=tailcfg.encode(self.config.derp_map) if self.config.derp_map is not None else None,
+            control_time=tailcfg.encode(tailcfg.MapResponse(control_time=now))["ControlTime"],
+        )
+        self._view_cache = view
+        return view
+
     def _session_delta(self, session: _Session, *, first: bool) -> dict[str, Any] | None:
         """What this session has not yet been told; None if nothing changed."""
-        now = self.now()
-        me = self.store.node(session.node_id)
+        view = self._view()
+        me = view.by_id.get(session.node_id)
         if me is None:
             return None
-        everyone = self.store.nodes()
-        live = [n for n in everyone if not n.logged_out]
-        users = {u.id: u for u in self.store.users()}
-        logins = {uid: u.login_name for uid, u in users.items()}
+        live, logins, users = view.live, view.logins, view.users
         can_see = self.config.can_see
         peers = [n for n in live if n.id != me.id and (can_see is None or can_see(me, n, live, logins))]
-        self_node = tailcfg.encode(self._tailcfg_node(me, now, is_self=True))
-        peer_nodes = {n.id: tailcfg.encode(self._tailcfg_node(n, now, is_self=False)) for n in peers}
+        self_node = tailcfg.encode(self._tailcfg_node(me, view.now, is_self=True))
+        peer_nodes = {n.id: view.peer_nodes[n.id] for n in peers}
         rules = self.config.filter_for(me, live, logins) if self.config.filter_for is not None else _ALLOW_ALL
         packet_filter = [tailcfg.encode(r) for r in rules]
-        dns = tailcfg.encode(self.dns_config())
-        derp = tailcfg.encode(self.config.derp_map) if self.config.derp_map is not None else None
+        dns = view.dns
+        derp = view.derp
         profile_ids = {me.user_id} | {n.user_id for n in peers}
         profiles = {
             uid: tailcfg.encode(
@@ -604,7 +639,7 @@ class ControlServer:
             out["CollectServices"] = False
         if not out:
             return None
-        out["ControlTime"] = tailcfg.encode(tailcfg.MapResponse(control_time=now))["ControlTime"]
+        out["ControlTime"] = view.control_time
         session.sent_self = self_node
         session.sent_peers = peer_nodes
         session.sent_filter = packet_filter
@@ -633,10 +668,17 @@ class ControlServer:
         return gone
 
     async def run_ephemeral_gc(self) -> None:
-        interval = max(0.05, min(self.config.ephemeral_timeout / 4, 30.0))
+        """Periodic housekeeping: ephemeral GC, and telling peers when a node key expires by time."""
+        interval = max(0.05, min(self.config.ephemeral_timeout / 4, 5.0))
+        expired: set[int] = set()
         while True:
             await trio.sleep(interval)
             self.collect_ephemeral()
+            now = self.now()
+            current = {n.id for n in self.store.nodes() if n.expired(now)}
+            if current != expired:
+                expired = current
+                self.notify()
 
     async def watch_store(self, interval: float = 0.5) -> None:
         """Notice writes by other processes (the admin CLI) and push them to the nodes."""
