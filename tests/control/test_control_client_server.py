@@ -193,3 +193,28 @@ async def test_server_key_change_is_followed(control, nursery):
     assert a.counters["key_changes"] == 1
     node = control.server.store.node_by_key(str(a.config.node_key.public))
     assert node.disco_key == str(a.config.disco_key)
+
+
+async def test_auth_url_shown_and_followup_sent(control, nursery):
+    """A server asking for interactive login: the client shows AuthURL once and re-sends it as Followup."""
+    from tsnet.control import tailcfg
+
+    seen_followups = []
+    real_register = control.server.register
+
+    def interactive(machine, req):
+        seen_followups.append(req.followup)
+        if not req.followup:
+            return tailcfg.RegisterResponse(auth_url="https://login.example/a/123")
+        return real_register(machine, tailcfg.RegisterRequest(
+            version=req.version, node_key=req.node_key, hostinfo=req.hostinfo,
+            auth=tailcfg.RegisterResponseAuth(auth_key=control.authkey())))
+
+    control.server.register = interactive
+    shown = []
+    cfg = control.config("inter", None, on_auth_url=shown.append)
+    async with ControlClient(cfg) as c:
+        resp = await c.login()
+    assert shown == ["https://login.example/a/123"]
+    assert seen_followups == ["", "https://login.example/a/123"]
+    assert resp.machine_authorized and c.logged_in

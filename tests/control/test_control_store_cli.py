@@ -89,3 +89,11 @@ def test_cli_authkey_and_nodes(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == []
     with pytest.raises(SystemExit):
         main(["control", "nodes", "delete", "--state-dir", d, "ghost"])
+
+
+def test_serve_refuses_bad_policy_with_line(tmp_path, capsys):
+    bad = tmp_path / "policy.hujson"
+    bad.write_text('{\n  // comment\n  "acls": [\n    {"action": "accept", "src": ["group:ghost"], "dst": ["*:*"]},\n  ],\n}\n')
+    assert main(["control", "serve", "--state-dir", str(tmp_path / "st"), "--policy", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "line 4:" in err and "group:ghost" in err
