@@ -209,3 +209,30 @@ async def test_tcp_idle_connections_are_closed(nursery: trio.Nursery, autojump_c
     with trio.fail_after(120):
         assert await client.receive_some(10) == b""
     assert trio.current_time() - start >= 30
+
+
+async def test_forwarder_ignores_mismatched_replies(nursery: trio.Nursery) -> None:
+    """A stray datagram with the wrong ID (or a query, not a reply) is skipped, not relayed."""
+    upstream = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await upstream.bind(("127.0.0.1", 0))
+    port = upstream.getsockname()[1]
+
+    async def fake_nameserver() -> None:
+        with upstream:
+            data, source = await upstream.recvfrom(65535)
+            query = DNSRecord.parse(data)
+            wrong = query.reply()
+            wrong.header.id ^= 0xFFFF
+            await upstream.sendto(wrong.pack(), source)
+            await upstream.sendto(data, source)  # the query echoed back: QR clear
+            right = query.reply()
+            right.add_answer(*DNSRecord.question("x").replyZone(f"{query.q.qname} 60 A 192.0.2.7").rr)
+            await upstream.sendto(right.pack(), source)
+
+    nursery.start_soon(fake_nameserver)
+    magic = MagicDNS(make_config(default_resolvers=[f"127.0.0.1:{port}"]))
+    query = DNSRecord.question("example.com")
+    result = magic.handle_query(query.pack())
+    with trio.fail_after(5):
+        reply = DNSRecord.parse(await UpstreamForwarder(timeout=5)(result))  # type: ignore[arg-type]
+    assert reply.header.id == query.header.id and [str(rr.rdata) for rr in reply.rr] == ["192.0.2.7"]
