@@ -18,6 +18,7 @@ not collide. Leftovers of dead runs (pid no longer alive) are swept on start.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import itertools
 import os
@@ -129,7 +130,7 @@ class SubnetPool:
                 return False
             if owner and _pid_alive(owner):
                 return False
-            # Stale claim from a dead run: take it over (rename is atomic; a racing claimer retries).
+            # Stale claim from a dead run: take it over (under the pool lock; the rename is atomic).
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(str(os.getpid()))
             os.replace(tmp, path)
@@ -141,13 +142,16 @@ class SubnetPool:
     def claim(self) -> ipaddress.IPv4Network:
         """Claim a free /24 for this process; released by :meth:`release_all`."""
         n = len(self.subnets)
-        for i in range(n):
-            idx = (self._start + i) % n
-            path = self.claim_dir / f"subnet-{idx}"
-            if self._try_claim(path):
-                self._held.append(path)
-                self._start = idx + 1
-                return self.subnets[idx]
+        # The lock makes taking over a dead run's claim race-free between concurrent runs.
+        with open(self.claim_dir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for i in range(n):
+                idx = (self._start + i) % n
+                path = self.claim_dir / f"subnet-{idx}"
+                if self._try_claim(path):
+                    self._held.append(path)
+                    self._start = idx + 1
+                    return self.subnets[idx]
         raise LabError("lab subnet pool exhausted")
 
     def release_all(self) -> None:

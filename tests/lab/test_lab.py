@@ -288,3 +288,19 @@ def test_ipv6_link(lab: Lab) -> None:
     a.assert_isolated()
     with pytest.raises(LabError):
         a.add_route("::/0", via="2001:db8::1")
+
+
+def test_subnet_pool_takes_over_only_dead_claims(tmp_path) -> None:
+    from tests.lab.netns import SubnetPool
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pool = SubnetPool(claim_dir=tmp_path, pool=ipaddress.IPv4Network("10.240.0.0/23"))
+    (tmp_path / "subnet-0").write_text("1")  # pid 1 is alive: never taken
+    (tmp_path / "subnet-1").write_text(str(dead.pid))
+    assert pool.claim() == ipaddress.IPv4Network("10.240.1.0/24")
+    assert (tmp_path / "subnet-1").read_text() == str(os.getpid())
+    with pytest.raises(LabError, match="exhausted"):
+        pool.claim()
+    pool.release_all()
+    assert not (tmp_path / "subnet-1").exists() and (tmp_path / "subnet-0").exists()
