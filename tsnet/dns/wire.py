@@ -1,7 +1,6 @@
-"""Byte-level DNS helpers that must work even on messages dnslib cannot parse.
-
-FORMERR replies, UDP truncation of forwarded answers and the RFC 1035 §4.2.2 / RFC 7766 two-byte length
-framing used over TCP.
+"""Byte-level DNS: a strict query parser and response builder for MagicDNS answers (the per-query
+fast path, no dnslib objects), plus helpers that must work on any message: header-only error replies,
+UDP truncation of forwarded answers, and RFC 1035 §4.2.2 / RFC 7766 two-byte length framing for TCP.
 """
 
 from __future__ import annotations
