@@ -12,8 +12,6 @@ tuple that ``recvfrom`` returned — handed back unchanged as destinations.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import os
 import struct
 import time
@@ -53,6 +51,7 @@ from tsnet.wg.noise import (
 from tsnet.wg.ratelimit import LoadMonitor, RateLimiter
 from tsnet.wg.session import Keypair, Peer
 from tsnet.wg.stats import Counters, PeerStatus
+from tsnet.wg.timers import TimerQueue
 
 __all__ = ["Addr", "Counters", "PeerStatus", "WireGuard"]
 
@@ -143,9 +142,7 @@ class WireGuard:
 
         self._outgoing: list[tuple[bytes | bytearray, Addr]] = []
         self._events: deque[Event] = deque()
-        # Min-heap of (deadline, seq, peer); at most one live entry per peer (see Peer.scheduled_at).
-        self._heap: list[tuple[float, int, Peer]] = []
-        self._seq = itertools.count()
+        self._timers = TimerQueue()
 
         self._load = LoadMonitor(
             threshold=self.limits.under_load_handshakes_per_second, hold=self.limits.under_load_duration, now=now
@@ -895,33 +892,18 @@ class WireGuard:
         It may return a time at which nothing turns out to be due; calling
         ``handle_timer`` then is harmless.
         """
-        heap = self._heap
-        while heap:
-            deadline, _, peer = heap[0]
-            if peer.removed or peer.scheduled_at != deadline:
-                heapq.heappop(heap)
-                continue
-            return deadline
-        return None
+        return self._timers.next_deadline()
 
     def handle_timer(self, now: float) -> None:
         """Run every timer due at ``now``: retransmissions, keepalives, rekeys, key erasure."""
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            deadline, _, peer = heapq.heappop(heap)
-            if peer.removed or peer.scheduled_at != deadline:
-                continue
-            peer.scheduled_at = None
-            self._fire_timers(peer, now)
-            nxt = peer.next_deadline()
+        for peer in self._timers.pop_due(now):
+            self._fire_timers(peer, now)  # type: ignore[arg-type]
+            nxt = peer.next_deadline()  # type: ignore[attr-defined]
             if nxt is not None:
-                self._schedule(peer, nxt)
+                self._timers.schedule(peer, nxt)
 
     def _schedule(self, peer: Peer, deadline: float) -> None:
-        scheduled = peer.scheduled_at
-        if scheduled is None or deadline < scheduled:
-            peer.scheduled_at = deadline
-            heapq.heappush(self._heap, (deadline, next(self._seq), peer))
+        self._timers.schedule(peer, deadline)
 
     def _arm_persistent_keepalive(self, peer: Peer, now: float) -> None:
         peer.timer_persistent_keepalive = t = now + peer.persistent_keepalive  # type: ignore[operator]
