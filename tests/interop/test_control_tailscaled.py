@@ -44,8 +44,10 @@ def _tsnet(*args: str) -> str:
 class Node:
     """One tailscaled in its namespace, with its CLI."""
 
-    def __init__(self, ns: Namespace, bins: TailscaleBinaries, state: Path, control_url: str, name: str):
+    def __init__(self, ns: Namespace, bins: TailscaleBinaries, state: Path, control_url: str, name: str,
+                 mem_state: bool = False):
         self.ns, self.bins, self.state, self.name, self.control_url = ns, bins, state, name, control_url
+        self.mem_state = mem_state  # --state=mem: makes tailscaled register as an ephemeral node
         self.sock = state / "tailscaled.sock"
         self.proc: LabProcess | None = None
         self.start()
@@ -59,8 +61,9 @@ class Node:
             "TS_NETCHECK_GENERATE_204_URL": self.control_url + "/generate_204",
             "HOME": str(self.state),
         }
+        extra = ("--state=mem:",) if self.mem_state else ()
         self.proc, _ = start_tailscaled(self.ns, self.bins, env=env, state_dir=self.state / "state",
-                                        socket_path=self.sock, port=41641)
+                                        socket_path=self.sock, port=41641, extra_args=extra)
         wait_until(lambda: self.sock.exists() or self.proc.poll() is not None, 20, "tailscaled socket")
         assert self.proc.poll() is None, self.proc.log()[-3000:]
 
@@ -93,7 +96,8 @@ class Tailnet:
     nodes: list[Node]
 
 
-def make_tailnet(lab: Lab, bins: TailscaleBinaries, tmp_path: Path, *, forward: bool) -> Tailnet:
+def make_tailnet(lab: Lab, bins: TailscaleBinaries, tmp_path: Path, *, forward: bool,
+                 server_args: tuple[str, ...] = (), mem_state: tuple[bool, bool] = (False, False)) -> Tailnet:
     ctl, n1, n2 = lab.namespace("ctl"), lab.namespace("n1"), lab.namespace("n2")
     l1, l2 = lab.link(ctl, n1), lab.link(ctl, n2)
     # The DERP map names ctl's address on link 1; node 2 reaches it through ctl (a local address there).
@@ -106,7 +110,7 @@ def make_tailnet(lab: Lab, bins: TailscaleBinaries, tmp_path: Path, *, forward: 
     assert authkey.startswith("tskey-auth-") and "\n" not in authkey
     server = ctl.popen([sys.executable, "-m", "tsnet", "control", "serve", "--listen", f"0.0.0.0:{CONTROL_PORT}",
                         "--advertise-host", str(l1.a_addr), "--state-dir", str(state),
-                        "--stun-port", str(STUN_PORT), "-v"],
+                        "--stun-port", str(STUN_PORT), "-v", *server_args],
                        env={"PYTHONPATH": str(REPO)}, cwd=str(REPO))
     url1 = f"http://{l1.a_addr}:{CONTROL_PORT}"
     url2 = f"http://{l2.a_addr}:{CONTROL_PORT}"
@@ -114,10 +118,10 @@ def make_tailnet(lab: Lab, bins: TailscaleBinaries, tmp_path: Path, *, forward: 
                or server.poll() is not None, 30, "control server up")
     assert server.poll() is None, server.log()
     nodes = []
-    for ns, url, name in ((n1, url1, "alpha"), (n2, url2, "beta")):
+    for (ns, url, name), mem in zip(((n1, url1, "alpha"), (n2, url2, "beta")), mem_state):
         st = tmp_path / name
         st.mkdir()
-        nodes.append(Node(ns, bins, st, url, name))
+        nodes.append(Node(ns, bins, st, url, name, mem_state=mem))
     return Tailnet(server, state, authkey, nodes)
 
 
@@ -128,9 +132,9 @@ def dump(net: Tailnet) -> None:
     print(f"--- control server ---\n{net.server.log()[-5000:]}")
 
 
-def join_both(net: Tailnet) -> tuple[Node, Node]:
-    for node in net.nodes:
-        node.cli("up", f"--login-server={node.control_url}", f"--authkey={net.authkey}", f"--hostname={node.name}",
+def join_both(net: Tailnet, keys: tuple[str, str] | None = None) -> tuple[Node, Node]:
+    for node, key in zip(net.nodes, keys or (net.authkey, net.authkey)):
+        node.cli("up", f"--login-server={node.control_url}", f"--authkey={key}", f"--hostname={node.name}",
                  "--timeout=60s", timeout=90)
     a, b = net.nodes
     wait_until(lambda: a.peer_names() == ["beta"] and b.peer_names() == ["alpha"], 30, "both nodes list each other")
@@ -186,5 +190,41 @@ def test_tailscaled_meet_through_embedded_derp(lab: Lab, tailscale_binaries: Tai
         a, b = join_both(net)
         out = a.cli("ping", "--c", "3", "--timeout", "5s", v4_of(b), timeout=60, check=False)
         assert "pong from beta" in out and "via DERP(tsnet)" in out, out
+    finally:
+        dump(net)
+
+
+POLICY = """{
+  // beta is a tagged server; members may reach it, it may not open connections back.
+  "tagOwners": {"tag:srv": []},
+  "acls": [
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["tag:srv:*"]},
+  ],
+}
+"""
+
+
+def test_policy_tags_and_ephemeral_gc_with_tailscaled(lab: Lab, tailscale_binaries: TailscaleBinaries,
+                                                      tmp_path: Path) -> None:
+    policy = tmp_path / "policy.hujson"
+    policy.write_text(POLICY)
+    net = make_tailnet(lab, tailscale_binaries, tmp_path, forward=True, mem_state=(False, True),
+                       server_args=("--policy", str(policy), "--ephemeral-timeout", "2s"))
+    try:
+        tagged = _tsnet("control", "authkey", "create", "--state-dir", str(net.state), "--ephemeral",
+                        "--tags", "tag:srv").strip()
+        a, b = join_both(net, (net.authkey, tagged))
+        (peer_b,) = a.status()["Peer"].values()
+        assert peer_b["Tags"] == ["tag:srv"]
+        out = a.cli("ping", "--c", "10", "--timeout", "5s", v4_of(b), timeout=60)
+        assert "pong from beta" in out, out
+        listed = json.loads(_tsnet("control", "nodes", "list", "--json", "--state-dir", str(net.state)))
+        beta = next(n for n in listed if n["name"] == "beta")
+        assert beta["ephemeral"] and beta["tags"] == ["tag:srv"] and beta["key_expiry"] is None
+        # beta dies without logging out: the server drops it after the ephemeral timeout.
+        b.proc.signal(9)
+        wait_until(lambda: a.peer_names() == [], 30, "ephemeral beta garbage-collected")
+        listed = json.loads(_tsnet("control", "nodes", "list", "--json", "--state-dir", str(net.state)))
+        assert [n["name"] for n in listed] == ["alpha"]
     finally:
         dump(net)
