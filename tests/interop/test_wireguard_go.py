@@ -382,3 +382,40 @@ async def test_ipv6_outer_transport(wireguard_go_over_ipv6: WireGuardGoSetup) ->
     assert s.wg.peer(s.our_private.public.raw).endpoint == s.our_endpoint_text(s.our_port)
     assert peer.device.peer_status(s.wg_public).endpoint == s.wg_endpoint
     assert not [e for e in peer.events if isinstance(e, PeerEndpointChanged)]
+
+
+async def test_wireguard_go_reinitiates_after_restart(wireguard_go_setup: WireGuardGoSetup) -> None:
+    """A restarted wireguard-go initiates to us while we still hold the old session: we must accept it."""
+    s = wireguard_go_setup
+    async with trio.open_nursery() as nursery:
+        peer = await started(nursery, s, port=s.our_port)
+        await peer.ping(1)
+        await trio.to_thread.run_sync(s.restart_wireguard_go)
+        raw = await peer.kernel_pinger()
+        await raw.sendto(icmp_echo(str(s.wg_overlay), str(s.our_overlay), 6, 6, b"after restart")[20:], (str(s.our_overlay), 0))
+        echo = parse_icmp_echo(parse_ipv4(await peer.next_packet()).payload)
+        assert (echo.is_reply, echo.data) == (False, b"after restart")
+        raw.close()
+        await peer.ping(2)  # and our direction uses the new session at once
+        nursery.cancel_scope.cancel()
+    assert [e.initiator for e in peer.handshakes()] == [True, False]
+
+
+async def test_cookie_reply_under_load_is_accepted_by_wireguard_go(wireguard_go_setup: WireGuardGoSetup) -> None:
+    """Under load we answer wireguard-go's initiation with a cookie reply; it retries (after its 5 s
+    REKEY_TIMEOUT) with a valid mac2, which we accept."""
+    s = wireguard_go_setup
+    async with trio.open_nursery() as nursery:
+        peer = await started(nursery, s, port=s.our_port)
+        peer.device.set_under_load(True)
+        raw = await peer.kernel_pinger()
+        await raw.sendto(icmp_echo(str(s.wg_overlay), str(s.our_overlay), 8, 8, b"cookie")[20:], (str(s.our_overlay), 0))
+        with trio.fail_after(STEP_TIMEOUT):
+            ev = await peer.packets.receive()
+        echo = parse_icmp_echo(parse_ipv4(ev.packet).payload)
+        assert (echo.is_reply, echo.data) == (False, b"cookie")
+        raw.close()
+        nursery.cancel_scope.cancel()
+    c = peer.device.counters
+    assert c.cookie_replies_sent >= 1 and c.drop_needs_cookie >= 1
+    assert [e.initiator for e in peer.handshakes()] == [False]
