@@ -218,3 +218,20 @@ async def test_auth_url_shown_and_followup_sent(control, nursery):
     assert shown == ["https://login.example/a/123"]
     assert seen_followups == ["", "https://login.example/a/123"]
     assert resp.machine_authorized and c.logged_in
+
+
+async def test_dns_config_magicdns_split_and_extra_records(control, nursery):
+    from tsnet.control import tailcfg
+
+    cfg = control.server.config
+    cfg.nameservers = ("192.0.2.53",)
+    cfg.split_dns = {"corp.example": ("10.0.0.53",)}
+    cfg.extra_records = (tailcfg.DNSRecord(name="db.tailnet.test", type="A", value="100.64.9.9"),)
+    a, wa, _ = await start(control, nursery, control.config("a", control.authkey()))
+    nm = await wa.wait_for(lambda nm: True)
+    dns = nm.dns_config
+    assert dns.proxied and dns.domains == ("tailnet.test",)
+    assert [r.addr for r in dns.resolvers] == ["192.0.2.53"]
+    assert [r.addr for r in dns.routes["corp.example."]] == ["10.0.0.53"]
+    assert "tailnet.test." in dns.routes
+    assert dns.extra_records[0].value == "100.64.9.9"

@@ -115,3 +115,20 @@ async def test_policy_applies_through_server(nursery, tmp_path):
     laptop = await watchers["laptop"].wait_for(lambda nm: len(nm.peers) == 1)
     assert laptop.peers[0].name.startswith("srv.") and laptop.packet_filter == ()
     assert laptop.peers[0].tags == ("tag:srv",)
+
+
+async def test_request_tags_need_tag_owner(nursery, tmp_path):
+    store = Store.open(tmp_path / "s")
+    config = ServerConfig()
+    parse_policy('{"tagOwners": {"tag:ok": ["autogroup:member"], "tag:locked": ["nobody@x"]}}').install(config)
+    server = ControlServer(store, config)
+    port = await nursery.start(server.serve, "127.0.0.1", 0)
+    h = Harness(server, port, nursery)
+    async with ControlClient(h.config("good", h.authkey(), tags=("tag:ok",))) as c:
+        await c.login()
+    assert store.node_by_name("good").tags == ("tag:ok",) and store.node_by_name("good").key_expiry is None
+    from tsnet.control.client import LoginError
+
+    async with ControlClient(h.config("bad", h.authkey(), tags=("tag:locked",))) as c:
+        with pytest.raises(LoginError, match="not permitted"):
+            await c.login()

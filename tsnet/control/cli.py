@@ -126,6 +126,8 @@ def _cmd_nodes_expire(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+
     import trio
 
     from . import tailcfg
@@ -146,6 +148,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(base_domain=args.base_domain, ephemeral_timeout=args.ephemeral_timeout.total_seconds())
     config.magic_dns = not args.no_magic_dns
     config.nameservers = tuple(args.nameserver or ())
+    config.key_expiry = args.key_expiry if args.key_expiry.total_seconds() > 0 else None
+    try:
+        for item in args.split_dns or ():
+            suffix, _, servers = item.partition("=")
+            if not suffix or not servers:
+                raise ValueError(f"--split-dns {item!r}: want SUFFIX=IP[,IP...]")
+            config.split_dns[suffix] = tuple(s for s in servers.split(",") if s)
+        records = []
+        for item in args.extra_record or ():
+            name, _, value = item.partition("=")
+            addr = ipaddress.ip_address(value)
+            records.append(tailcfg.DNSRecord(name=name, type="AAAA" if addr.version == 6 else "A", value=str(addr)))
+        config.extra_records = tuple(records)
+    except ValueError as exc:
+        print(f"tsnet control: {exc}", file=sys.stderr)
+        return 2
     if args.policy:
         from .policy import PolicyError, load_policy_file
 
@@ -208,6 +226,11 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--base-domain", default="tailnet.test", help="MagicDNS domain (default %(default)s)")
     serve.add_argument("--no-magic-dns", action="store_true", help="turn MagicDNS off")
     serve.add_argument("--nameserver", action="append", help="upstream DNS resolver for nodes (repeatable)")
+    serve.add_argument("--split-dns", action="append", metavar="SUFFIX=IP[,IP]",
+                       help="send queries for SUFFIX to these resolvers (repeatable)")
+    serve.add_argument("--extra-record", action="append", metavar="NAME=IP", help="extra MagicDNS record (repeatable)")
+    serve.add_argument("--key-expiry", type=parse_duration, default=parse_duration("180d"),
+                       help="node key lifetime for user nodes (default 180d; 0s = never)")
     serve.add_argument("--ephemeral-timeout", type=parse_duration, default=parse_duration("5m"),
                        help="delete ephemeral nodes offline this long (default 5m)")
     serve.add_argument("-v", "--verbose", action="store_true")

@@ -130,6 +130,21 @@ class Policy:
         """Make a :class:`~tsnet.control.server.ServerConfig` use this policy."""
         config.filter_for = self.filter_for
         config.can_see = self.can_see
+        config.tag_allowed = self.tag_allowed
+
+    def tag_allowed(self, tag: str, login: str) -> bool:
+        """May a node of user ``login`` claim ``tag`` itself (Hostinfo.RequestTags)?"""
+        owners = self.tag_owners.get(tag)
+        if owners is None:
+            return False
+        for owner in owners:
+            if owner in ("autogroup:member", "autogroup:admin", "autogroup:owner") or owner == login:
+                return True
+            if owner.startswith("group:") and login in self.groups.get(owner, ()):
+                return True
+            if owner.startswith("tag:"):
+                continue  # a tag may own a tag only for already tagged nodes; not applicable here
+        return False
 
     # -- selectors -----------------------------------------------------------------------------
 

@@ -94,6 +94,8 @@ class ServerConfig:
     filter_for: Callable[[NodeRecord, list[NodeRecord], dict[int, str]], tuple[tailcfg.FilterRule, ...]] | None = None
     #: Whether ``a`` should see ``b`` as a peer: (a, b, all live nodes, logins). Default: all see all.
     can_see: Callable[[NodeRecord, NodeRecord, list[NodeRecord], dict[int, str]], bool] | None = None
+    #: Whether a node of user ``login`` may take ``tag`` via Hostinfo.RequestTags (None: any tag is fine).
+    tag_allowed: Callable[[str, str], bool] | None = None
     node_attrs: dict[str, Any] = field(
         default_factory=lambda: {"disable-captive-portal-detection": None, "debug-disable-upnp": None}
     )
@@ -381,6 +383,15 @@ class ControlServer:
             target = mine[-1] if mine else None
 
         tags = authkey.tags if authkey is not None and authkey.tags else (target.tags if target else ())
+        requested = tuple(req.hostinfo.request_tags or ()) if req.hostinfo is not None else ()
+        if requested and not (authkey is not None and authkey.tags):
+            login = self._user_for(()).login_name
+            allowed = self.config.tag_allowed
+            bad = [t for t in requested if not re.fullmatch(r"tag:[A-Za-z][A-Za-z0-9-]*", t)
+                   or (allowed is not None and not allowed(t, login))]
+            if bad:
+                return tailcfg.RegisterResponse(error=f"requested tags {bad} are invalid or not permitted")
+            tags = requested
         ephemeral = bool(req.ephemeral) or (authkey.ephemeral if authkey is not None else bool(target and target.ephemeral))
         if tags or self.config.key_expiry is None:
             key_expiry = None
