@@ -636,3 +636,20 @@ def test_memoryview_and_bytearray_input_through_a_whole_handshake() -> None:
             a.receive_datagrams([(bytearray(d), B_ADDR)], net.clock.now)
     assert packets(b) == [ipv4(b"mv")]
     assert a.counters.total_dropped() == 0 and b.counters.total_dropped() == 0
+
+
+def test_add_peer_again_updates_only_what_is_given() -> None:
+    net, a, b = make_pair(psk=b"\x42" * 32)
+    establish(net, a, b)
+    a.add_peer(b.public_key, persistent_keepalive=30)
+    st = a.peer_status(b.public_key)
+    assert st.persistent_keepalive == 30 and st.endpoint == B_ADDR and st.has_session
+    a.add_peer(b.public_key, endpoint=("10.1.0.2", 51820))  # PSK untouched: a new handshake still works
+    net.clock.advance(6)
+    a.initiate_handshake(b.public_key, net.clock.now)
+    net.pump()
+    assert a.counters.handshakes_completed == 2
+    a.add_peer(b.public_key, persistent_keepalive=0)
+    assert a.peer_status(b.public_key).persistent_keepalive is None
+    with pytest.raises(ValueError):
+        a.add_peer(b.public_key, persistent_keepalive=-1)

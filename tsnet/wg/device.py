@@ -165,28 +165,32 @@ class WireGuard:
         preshared_key: bytes | None = None,
         persistent_keepalive: float | None = None,
     ) -> None:
-        """Add a peer, or update endpoint/PSK/keepalive of an existing one (sessions are kept).
+        """Add a peer, or update an existing one (its sessions are kept).
 
-        ``preshared_key`` is 32 bytes (None = 32 zero bytes, as Tailscale uses).
-        ``persistent_keepalive`` is an interval in seconds (None or 0 = off).
-        Raises ValueError for our own key or a PSK of the wrong length.
+        ``preshared_key`` is 32 bytes (Tailscale uses none: 32 zero bytes).
+        ``persistent_keepalive`` is an interval in seconds (0 = off).
+        For a new peer, None means: no endpoint yet, zero PSK, keepalive off.
+        For an existing peer, None leaves that setting as it is.
+        Raises ValueError for our own key, a PSK of the wrong length, or a negative interval.
         """
         if public_key == self._public:
             raise ValueError("cannot add our own public key as a peer")
-        psk = bytes(32) if preshared_key is None else bytes(preshared_key)
-        if len(psk) != 32:
-            raise ValueError(f"preshared key must be 32 bytes, got {len(psk)}")
+        if preshared_key is not None and len(preshared_key) != 32:
+            raise ValueError(f"preshared key must be 32 bytes, got {len(preshared_key)}")
         if persistent_keepalive is not None and persistent_keepalive < 0:
             raise ValueError("persistent_keepalive must be >= 0")
         peer = self._peers.get(public_key)
         if peer is not None:
             if endpoint is not None:
                 peer.endpoint = endpoint
-            peer.preshared_key = psk
-            peer.persistent_keepalive = persistent_keepalive or None
-            if peer.persistent_keepalive is None:
-                peer.timer_persistent_keepalive = None
+            if preshared_key is not None:
+                peer.preshared_key = bytes(preshared_key)
+            if persistent_keepalive is not None:
+                peer.persistent_keepalive = persistent_keepalive or None
+                if peer.persistent_keepalive is None:
+                    peer.timer_persistent_keepalive = None
             return
+        psk = bytes(32) if preshared_key is None else bytes(preshared_key)
         try:
             ss: bytes | None = dh(self._static, public_key.raw)
         except HandshakeError:
