@@ -235,3 +235,31 @@ async def test_dns_config_magicdns_split_and_extra_records(control, nursery):
     assert [r.addr for r in dns.routes["corp.example."]] == ["10.0.0.53"]
     assert "tailnet.test." in dns.routes
     assert dns.extra_records[0].value == "100.64.9.9"
+
+
+async def test_garbage_requests_get_errors_and_server_survives(control, nursery):
+    from tsnet.control.h2conn import open_h2_client
+    from tsnet.control import conn as ts2021
+    from tsnet.key import MachinePrivate
+
+    res = await ts2021.dial("127.0.0.1", control.port, machine_key=MachinePrivate.generate(),
+                            server_key=control.server.noise_key.public)
+    async with open_h2_client(res.stream, "x") as h2c:
+        for path, body, status in (
+            ("/machine/register", b"{not json", 400),
+            ("/machine/register", b'{"NodeKey": ""}', 400),
+            ("/machine/map", b'{"NodeKey": "nodekey:' + b"00" * 32 + b'"}', 400),
+            ("/machine/map", b"[]", 400),
+            ("/machine/unknown", b"{}", 404),
+        ):
+            r = await h2c.request("POST", path, body=body)
+            await r.read()
+            assert r.status == status, (path, body)
+        r = await h2c.request("GET", "/machine/register")
+        await r.read()
+        assert r.status == 400
+        r = await h2c.request("POST", "/machine/register", body=b'{"Version": 133}')
+        assert b"lacks a NodeKey" in await r.read()
+    # Still serving real clients afterwards.
+    a, wa, _ = await start(control, nursery, control.config("after", control.authkey()))
+    await wa.wait_for(lambda nm: nm.name.startswith("after."))

@@ -203,6 +203,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         trio.run(main)
     except KeyboardInterrupt:
         return 0
+    except OSError as exc:
+        print(f"tsnet control: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

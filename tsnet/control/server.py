@@ -341,6 +341,7 @@ class ControlServer:
                 self.store.update_node(node.id, logged_out=True, key_expiry=now)
                 self._end_session(node.id)
             self.notify()
+            log.info("node %s logged out%s", node.name, " (ephemeral, deleted)" if node.ephemeral else "")
             return answer
 
         if node is not None and not node.expired(now) and not (req.auth and req.auth.auth_key):
@@ -428,6 +429,8 @@ class ControlServer:
         if authkey is not None:
             self.store.mark_authkey_used(authkey.id)
         self.notify()
+        log.info("node %s registered (id %d, %s, %s)%s", result.name, result.id, result.ipv4, result.ipv6,
+                 " ephemeral" if result.ephemeral else "")
         return self._register_ok(result)
 
     # -- map -----------------------------------------------------------------------------------
@@ -484,6 +487,7 @@ class ControlServer:
             return
 
         self.counters["map_polls"] += 1
+        log.debug("map poll opened by %s", node.name)
         old = self.sessions.get(node.id)
         if old is not None and old.scope is not None:
             old.scope.cancel()  # a new long poll replaces the old one
