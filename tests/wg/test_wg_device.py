@@ -653,3 +653,36 @@ def test_add_peer_again_updates_only_what_is_given() -> None:
     assert a.peer_status(b.public_key).persistent_keepalive is None
     with pytest.raises(ValueError):
         a.add_peer(b.public_key, persistent_keepalive=-1)
+
+
+def test_initiator_under_load_cookies_the_response() -> None:
+    limits = Limits()
+    net, a, b = make_pair(limits)
+    a.set_under_load(True)
+    a.send_packet(b.public_key, ipv4(b"x"), net.clock.now)
+    net.pump()
+    # b's response lacked mac2: a answered with a cookie, which b files under its pending session's index.
+    assert a.counters.drop_needs_cookie == 1
+    assert b.counters.cookie_replies_received == 1
+    net.tick(net.clock.now + limits.rekey_timeout + limits.rekey_timeout_jitter)
+    # The retried initiation gets a response that carries mac2 and is accepted.
+    assert a.counters.handshakes_completed == 1
+    assert packets(b) == [ipv4(b"x")]
+
+
+def test_timestamps_stay_monotonic_when_the_wall_clock_steps_back() -> None:
+    clock = Clock()
+    wall = [1_700_000_000.0]
+    net = Net(clock)
+    a = net.add(A_ADDR, WireGuard(key(1), now=clock.now, rng=CountingRng(1), wall_clock=lambda: wall[0]))
+    b = net.add(B_ADDR, WireGuard(key(2), now=clock.now, rng=CountingRng(2)))
+    a.add_peer(b.public_key, endpoint=B_ADDR)
+    b.add_peer(a.public_key, endpoint=A_ADDR)
+    a.initiate_handshake(b.public_key, clock.now)
+    net.pump()
+    wall[0] -= 3600  # NTP step backwards
+    clock.advance(6)
+    a.initiate_handshake(b.public_key, clock.now)
+    net.pump()
+    assert b.counters.drop_replayed_initiation == 0
+    assert a.counters.handshakes_completed == 2
