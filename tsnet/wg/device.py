@@ -576,7 +576,40 @@ class WireGuard:
             self._stage(peer, bytes(packet))
             self._flush_staged(peer, now)
             return
-        self._seal(peer, kp, packet, now)
+        # The per-packet hot path, inlined: the single-packet twin of _seal_many.
+        counter = kp.send_counter
+        kp.send_counter = counter + 1
+        n = len(packet)
+        if n & 15 and n < self._mtu:
+            # Zero-pad to a multiple of 16, but never beyond the MTU.
+            pad = min(-n & 15, self._mtu - n)
+            packet = bytes(packet) + bytes(pad)
+            n += pad
+        # The counter is both the header field and the nonce; encode it once.
+        counter_bytes = counter.to_bytes(8, "little")
+        endpoint = peer.endpoint
+        if endpoint is not None:
+            self._outgoing.append(
+                (kp.header + counter_bytes + kp.seal.encrypt(_NONCE_PREFIX + counter_bytes, packet, None), endpoint)
+            )
+        else:
+            self.counters.drop_no_endpoint += 1
+        peer.tx_bytes += n + 32
+        # Any authenticated packet sent: no passive keepalive owed any more.
+        peer.timer_passive_keepalive = None
+        if peer.persistent_keepalive is not None:
+            self._arm_persistent_keepalive(peer, now)
+        if n:
+            self.counters.data_sent += 1
+            if peer.timer_new_handshake is None:
+                # Data sent: expect to hear back within KEEPALIVE + REKEY_TIMEOUT, else rehandshake.
+                peer.timer_new_handshake = t = now + self.limits.new_handshake_after + self._jitter()
+                self._schedule(peer, t)
+        else:
+            self.counters.keepalives_sent += 1
+        # Keep the key fresh: rekey well before the hard limits.
+        if counter >= kp.rekey_after or now > kp.rekey_at:
+            self._initiate(peer, now, retry=False)
 
     def send_packets(self, public_key: NodePublic, packets: Iterable[bytes | bytearray | memoryview], now: float) -> None:
         """``send_packet`` for several packets to one peer, in order; cheaper per packet for batches."""
@@ -640,51 +673,16 @@ class WireGuard:
             if not self._usable(kp, now):
                 self._initiate(peer, now, retry=False)
                 return
-            self._seal(peer, kp, staged.popleft(), now)  # type: ignore[arg-type]
+            batch = list(staged)
+            staged.clear()
+            rest = self._seal_many(peer, kp, batch, now)  # type: ignore[arg-type]
+            if rest:  # the session ran out of counters: keep the rest, in order, for the next session
+                staged.extendleft(reversed(rest))
 
     def _send_keepalive(self, peer: Peer, now: float) -> None:
         if not peer.staged:
             peer.staged.append(b"")
         self._flush_staged(peer, now)
-
-    def _seal(self, peer: Peer, kp: Keypair, packet: bytes | bytearray | memoryview, now: float) -> None:
-        """Encrypt one packet under ``kp`` (usable, checked by the caller) and queue the datagram.
-
-        The single-packet twin of ``_seal_many``, kept separate because it is the per-packet hot path.
-        """
-        counter = kp.send_counter
-        kp.send_counter = counter + 1
-        n = len(packet)
-        if n & 15 and n < self._mtu:
-            # Zero-pad to a multiple of 16, but never beyond the MTU.
-            pad = min(-n & 15, self._mtu - n)
-            packet = bytes(packet) + bytes(pad)
-            n += pad
-        # The counter is both the header field and the nonce; encode it once.
-        counter_bytes = counter.to_bytes(8, "little")
-        endpoint = peer.endpoint
-        if endpoint is not None:
-            self._outgoing.append(
-                (kp.header + counter_bytes + kp.seal.encrypt(_NONCE_PREFIX + counter_bytes, packet, None), endpoint)
-            )
-        else:
-            self.counters.drop_no_endpoint += 1
-        peer.tx_bytes += n + 32
-        # Any authenticated packet sent: no passive keepalive owed any more.
-        peer.timer_passive_keepalive = None
-        if peer.persistent_keepalive is not None:
-            self._arm_persistent_keepalive(peer, now)
-        if n:
-            self.counters.data_sent += 1
-            if peer.timer_new_handshake is None:
-                # Data sent: expect to hear back within KEEPALIVE + REKEY_TIMEOUT, else rehandshake.
-                peer.timer_new_handshake = t = now + self.limits.new_handshake_after + self._jitter()
-                self._schedule(peer, t)
-        else:
-            self.counters.keepalives_sent += 1
-        # Keep the key fresh: rekey well before the hard limits.
-        if counter >= kp.rekey_after or now > kp.rekey_at:
-            self._initiate(peer, now, retry=False)
 
     def _seal_many(
         self, peer: Peer, kp: Keypair, packets: Iterable[bytes | bytearray | memoryview], now: float
