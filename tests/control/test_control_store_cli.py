@@ -97,3 +97,28 @@ def test_serve_refuses_bad_policy_with_line(tmp_path, capsys):
     assert main(["control", "serve", "--state-dir", str(tmp_path / "st"), "--policy", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "line 4:" in err and "group:ghost" in err
+
+
+async def test_netmap_command_against_loopback_server(control, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import trio
+
+    repo = Path(__file__).resolve().parents[2]
+    state = tmp_path / "py.json"
+    cmd = [sys.executable, "-m", "tsnet", "control", "netmap", "--login-server", control.url,
+           "--authkey", control.authkey(), "--hostname", "cli-node", "--state", str(state), "--json"]
+    with trio.fail_after(30):
+        done = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, cwd=repo, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    summary = json.loads(done.stdout)
+    assert summary["self"]["name"] == "cli-node.tailnet.test." and summary["peers"] == []
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    # Second run: same keys from --state, no auth key needed.
+    cmd2 = [c for c in cmd if c != cmd[cmd.index("--authkey") + 1] and c != "--authkey"]
+    with trio.fail_after(30):
+        again = await trio.run_process(cmd2, capture_stdout=True, capture_stderr=True, cwd=repo, check=False)
+    assert again.returncode == 0, again.stderr.decode()
+    assert json.loads(again.stdout)["self"] == summary["self"]

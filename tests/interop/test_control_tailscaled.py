@@ -164,20 +164,37 @@ def test_two_tailscaled_join_our_control(lab: Lab, tailscale_binaries: Tailscale
         out = a.cli("ping", "--c", "10", "--timeout", "5s", v4_of(b), timeout=60)
         assert "pong from beta" in out, out
 
+        # Our Python client joins the same tailnet from n1 and sees both tailscaled with what the data plane needs.
+        out = a.ns.run([sys.executable, "-m", "tsnet", "control", "netmap", "--login-server", a.control_url,
+                        "--authkey", net.authkey, "--hostname", "pynode", "--wait-peers", "2", "--json"],
+                       timeout=60)
+        summary = json.loads(out)
+        assert summary["self"]["name"] == "pynode.tailnet.test." and summary["derp_regions"] == [900]
+        peers = {p["name"]: p for p in summary["peers"]}
+        assert set(peers) == {"alpha.tailnet.test.", "beta.tailnet.test."}
+        for p in peers.values():
+            assert p["disco_key"].startswith("discokey:") and p["home_derp"] == 900 and p["cap"] == 133
+            assert p["online"] is True and p["endpoints"]
+        assert sorted(peers["beta.tailnet.test."]["addresses"]) == sorted(f"{ip}/{32 if '.' in ip else 128}"
+                                                                         for ip in b_ips)
+        wait_until(lambda: "pynode" in a.peer_names(), 15, "tailscaled lists our Python node")
+
         # Restart b: it re-registers its known node key without an auth key and keeps its addresses.
         b.stop()
-        wait_until(lambda: not a.status()["Peer"] or not next(iter(a.status()["Peer"].values()))["Online"], 15,
-                   "a sees b offline")
+        def b_online() -> bool:
+            return next(p for p in a.status()["Peer"].values() if p["HostName"] == "beta")["Online"]
+
+        wait_until(lambda: not b_online(), 15, "a sees b offline")
         b.start()
         wait_until(lambda: b.status()["BackendState"] == "Running", 30, "b running again after restart")
         assert sorted(b.status()["Self"]["TailscaleIPs"]) == sorted(b_ips)
-        wait_until(lambda: next(iter(a.status()["Peer"].values()))["Online"] is True, 15, "a sees b online")
+        wait_until(b_online, 15, "a sees b online")
         out = b.cli("ping", "--c", "10", "--timeout", "5s", v4_of(a), timeout=60)
         assert "pong from alpha" in out, out
 
         # Logout: the server expires b's key and a drops it from its peers.
         b.cli("logout", timeout=30)
-        wait_until(lambda: a.peer_names() == [], 15, "a no longer lists b")
+        wait_until(lambda: a.peer_names() == ["pynode"], 15, "a no longer lists b")
         listed = json.loads(_tsnet("control", "nodes", "list", "--json", "--state-dir", str(net.state)))
         assert next(n for n in listed if n["name"] == "beta")["logged_out"] is True
     finally:

@@ -209,6 +209,78 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _netmap_summary(nm: Any) -> dict[str, Any]:
+    return {
+        "self": {"name": nm.name, "addresses": [str(a) for a in nm.addresses], "key": str(nm.node_key)},
+        "domain": nm.domain,
+        "derp_regions": sorted(nm.derp_map.regions) if nm.derp_map and nm.derp_map.regions else [],
+        "peers": [
+            {"name": p.name, "addresses": [str(a) for a in p.addresses], "key": str(p.key),
+             "disco_key": str(p.disco_key) if p.disco_key else None,
+             "endpoints": [f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}" for ip, port in p.endpoints],
+             "home_derp": p.home_derp, "cap": p.cap, "online": p.online, "tags": list(p.tags)}
+            for p in nm.peers
+        ],
+        "packet_filter_rules": len(nm.packet_filter),
+    }
+
+
+def _cmd_netmap(args: argparse.Namespace) -> int:
+    """Log in with our Python client and print the first network map (optionally waiting for peers)."""
+    import os
+
+    import trio
+
+    from ..key import DiscoPrivate, MachinePrivate, NodePrivate
+    from .client import ClientConfig, ControlClient, ControlError
+
+    state: dict[str, str] = {}
+    path = Path(args.state) if args.state else None
+    if path is not None and path.exists():
+        state = json.loads(path.read_text())
+    machine = MachinePrivate.parse(state["machine"]) if "machine" in state else MachinePrivate.generate()
+    node = NodePrivate.parse(state["node"]) if "node" in state else NodePrivate.generate()
+    if path is not None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"machine": str(machine), "node": str(node)}, f)
+    config = ClientConfig(control_url=args.login_server, machine_key=machine, node_key=node,
+                          disco_key=DiscoPrivate.generate().public, hostname=args.hostname,
+                          auth_key=args.authkey, ephemeral=args.ephemeral,
+                          tags=tuple(t for group in args.tags or () for t in group.split(",") if t))
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        done = trio.Event()
+
+        def on_netmap(nm: Any) -> None:
+            if len(nm.peers) >= args.wait_peers:
+                result["nm"] = nm
+                done.set()
+
+        with trio.fail_after(args.timeout.total_seconds()):
+            async with ControlClient(config) as client:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client.run, on_netmap)
+                    await done.wait()
+                    nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except (ControlError, trio.TooSlowError, OSError) as exc:
+        print(f"tsnet control netmap: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    summary = _netmap_summary(result["nm"])
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        me = summary["self"]
+        print(f"{me['name']}  {' '.join(me['addresses'])}")
+        for p in summary["peers"]:
+            print(f"  peer {p['name']:30} {' '.join(p['addresses']):40} derp={p['home_derp']} online={p['online']}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add ``tsnet control`` and its subcommands."""
     control = subparsers.add_parser("control", help="run or administer a coordination (control) server")
@@ -254,6 +326,18 @@ def register(subparsers: Any) -> None:
     revoke = with_state(asub.add_parser("revoke", help="revoke a key"))
     revoke.add_argument("key")
     revoke.set_defaults(func=_cmd_authkey_revoke)
+
+    netmap = csub.add_parser("netmap", help="log in with the Python client and print the network map")
+    netmap.add_argument("--login-server", required=True, help="control URL, e.g. http://127.0.0.1:8080")
+    netmap.add_argument("--authkey", help="pre-auth key (omit to re-register a known node key from --state)")
+    netmap.add_argument("--hostname", default="tsnet-py")
+    netmap.add_argument("--state", help="JSON file keeping this node's machine and node keys (mode 0600)")
+    netmap.add_argument("--ephemeral", action="store_true")
+    netmap.add_argument("--tags", action="append", help="request tags tag:a,tag:b")
+    netmap.add_argument("--wait-peers", type=int, default=0, help="wait until at least N peers are listed")
+    netmap.add_argument("--timeout", type=parse_duration, default=parse_duration("30s"))
+    netmap.add_argument("--json", action="store_true")
+    netmap.set_defaults(func=_cmd_netmap)
 
     nodes = csub.add_parser("nodes", help="registered nodes")
     nsub = nodes.add_subparsers(dest="nodes_command", metavar="ACTION")
