@@ -24,7 +24,8 @@ from ..key import NodePrivate, NodePublic
 from . import stun
 from .client_core import PeerGoneEvent, PeerPresentEvent, ServerInfoReceived
 from .frames import DerpProtocolError
-from .server_core import ConnState, DerpServerCore, MeshLink, ServerConn
+from .server_core import ConnState, DerpServerCore, ServerConn
+from .websocket import WebSocketStream, handshake_response, wants_websocket
 
 __all__ = ["DerpServer"]
 
@@ -229,6 +230,12 @@ class DerpServer:
         not_ideal = b"ideal-node" in headers
         if remote is None:
             remote = _remote_of(stream)
+        if wants_websocket(headers):
+            # Browser-style clients: DERP bytes inside WebSocket binary messages.
+            await stream.send_all(handshake_response(headers))
+            ws = WebSocketStream(stream, bytes(trailing_data))
+            await self.run_connection(ws, b"", remote, write_101=False, not_ideal=not_ideal)
+            return
         await self.run_connection(stream, trailing_data, remote, write_101=not fast_start, not_ideal=not_ideal)
 
     async def run_connection(
