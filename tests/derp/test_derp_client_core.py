@@ -120,3 +120,13 @@ def test_backoff_schedule():
     assert max(delays) == pytest.approx(5.0)
     b.reset()
     assert b.next_delay() == pytest.approx(0.01)
+
+
+def test_single_region_derp_map_shape():
+    from tsnet.derp.derpmap import single_region_derp_map
+
+    m = single_region_derp_map(8443, stun_port=3478, insecure_for_tests=True)
+    node = m["Regions"]["900"]["Nodes"][0]
+    assert node == {"Name": "900a", "RegionID": 900, "HostName": "127.0.0.1", "IPv4": "127.0.0.1", "IPv6": "none",
+                    "DERPPort": 8443, "STUNPort": 3478, "STUNTestIP": "127.0.0.1", "InsecureForTests": True}
+    assert DerpNode.from_json(node).port == 8443

@@ -346,7 +346,8 @@ class DerpServer:
                 return False
             reply = json.loads(body)
             return isinstance(reply, dict) and reply.get("Allow") is True
-        except (OSError, trio.TooSlowError, h11.ProtocolError, ValueError, ssl.SSLError) as exc:
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                h11.ProtocolError, ValueError, ssl.SSLError) as exc:
             log.warning("derp: verify-clients lookup failed for %s: %r", key.short(), exc)
             return self.verify_fail_open if self.verify_client_url is not None else False
 
@@ -368,7 +369,10 @@ class DerpServer:
             remote = _remote_of(stream)
             if ssl_context is not None:
                 stream = trio.SSLStream(stream, ssl_context, server_side=True)
-            await self.serve_stream(stream, remote)
+            try:
+                await self.serve_stream(stream, remote)
+            except* Exception as group:  # one bad connection must never take the listener down
+                log.error("derp: connection from %s failed: %r", remote, group.exceptions[0])
 
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, handle, listeners)
