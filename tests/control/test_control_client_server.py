@@ -263,3 +263,29 @@ async def test_garbage_requests_get_errors_and_server_survives(control, nursery)
     # Still serving real clients afterwards.
     a, wa, _ = await start(control, nursery, control.config("after", control.authkey()))
     await wa.wait_for(lambda nm: nm.name.startswith("after."))
+
+
+async def test_small_peer_changes_travel_as_patches(control, nursery):
+    from tsnet.control.server import _Session
+
+    key = control.authkey(reusable=True)
+    a, wa, _ = await start(control, nursery, control.config("a", key))
+    b, wb, _ = await start(control, nursery, control.config("b", key))
+    await wa.wait_for(lambda nm: len(nm.peers) == 1)
+    server = control.server
+    node_a = server.store.node_by_name("a")
+    probe = _Session(node_a.id)
+    server._session_delta(probe, first=True)
+    await b.send_update(endpoints=("192.0.2.8:1",), preferred_derp=901)
+    delta = server._session_delta(probe, first=False)
+    assert "PeersChanged" not in delta
+    (patch,) = delta["PeersChangedPatch"]
+    assert patch["Endpoints"] == ["192.0.2.8:1"] and patch["DERPRegion"] == 901
+    nm = await wa.wait_for(lambda nm: nm.peers[0].home_derp == 901)
+    assert nm.peers[0].endpoints[0][1] == 1
+    # A hostname change is not patchable: the full node is sent.
+    node_b = server.store.node_by_name("b")
+    server.store.update_node(node_b.id, hostinfo={"Hostname": "renamed"})
+    server.notify()
+    delta = server._session_delta(probe, first=False)
+    assert delta["PeersChanged"][0]["Hostinfo"]["Hostname"] == "renamed"

@@ -121,6 +121,23 @@ class _Session:
         self.sent_domain: str | None = None
 
 
+# Node fields a PeerChange can carry, by JSON name: Node name -> PeerChange name.
+_PATCHABLE = {"Online": "Online", "LastSeen": "LastSeen", "Endpoints": "Endpoints", "HomeDERP": "DERPRegion",
+              "DiscoKey": "DiscoKey", "Cap": "Cap", "Key": "Key", "KeyExpiry": "KeyExpiry", "CapMap": "CapMap"}
+
+
+def _peer_patch(node_id: int, before: dict, after: dict) -> dict | None:
+    """A PeersChangedPatch entry turning ``before`` into ``after``, or None if a full node is needed."""
+    patch: dict[str, Any] = {"NodeID": node_id}
+    for name in set(before) | set(after):
+        if before.get(name) == after.get(name):
+            continue
+        if name not in _PATCHABLE or name not in after:
+            return None  # a removed field or one a patch cannot express
+        patch[_PATCHABLE[name]] = after[name]
+    return patch
+
+
 @dataclass(frozen=True, slots=True)
 class _View:
     generation: int
@@ -536,7 +553,9 @@ class ControlServer:
         hostinfo = None
         if node.hostinfo is not None:
             try:
-                hostinfo = from_json(tailcfg.Hostinfo, node.hostinfo)
+                # NetInfo (DERP latencies, ...) churns on every netcheck and peers do not use it;
+                # leaving it out lets endpoint/DERP changes travel as small patches.
+                hostinfo = from_json(tailcfg.Hostinfo, {k: v for k, v in node.hostinfo.items() if k != "NetInfo"})
             except DecodeError:
                 hostinfo = None
         addresses = (f"{node.ipv4}/32", f"{node.ipv6}/128")
@@ -634,10 +653,21 @@ class ControlServer:
             if peer_nodes:
                 out["Peers"] = [peer_nodes[i] for i in sorted(peer_nodes)]
         else:
-            changed = [peer_nodes[i] for i in sorted(peer_nodes) if session.sent_peers.get(i) != peer_nodes[i]]
+            changed, patches = [], []
+            for i in sorted(peer_nodes):
+                before, now_node = session.sent_peers.get(i), peer_nodes[i]
+                if before == now_node:
+                    continue
+                patch = _peer_patch(i, before, now_node) if before is not None else None
+                if patch is not None:
+                    patches.append(patch)
+                else:
+                    changed.append(now_node)
             removed = sorted(set(session.sent_peers) - set(peer_nodes))
             if changed:
                 out["PeersChanged"] = changed
+            if patches:
+                out["PeersChangedPatch"] = patches
             if removed:
                 out["PeersRemoved"] = removed
         if first or packet_filter != session.sent_filter:
