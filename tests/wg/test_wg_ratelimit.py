@@ -44,3 +44,14 @@ def test_load_monitor_threshold_hold_and_override() -> None:
     lm.note_handshake(2.1)
     lm.note_handshake(2.2)
     assert not lm.under_load(2.2)
+
+
+def test_limits_validation() -> None:
+    import pytest
+
+    from tsnet.wg import Limits
+
+    assert Limits(rekey_after_messages=10).max_handshake_retries == 18
+    for bad in ({"rekey_timeout": 0}, {"rekey_after_messages": 0}, {"mtu": -1}, {"reject_after_messages": 2**64}):
+        with pytest.raises(ValueError):
+            Limits(**bad)

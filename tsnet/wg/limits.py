@@ -47,6 +47,20 @@ class Limits:
     handshake_rate_per_second: float = 20.0
     handshake_rate_burst: int = 5
 
+    def __post_init__(self) -> None:
+        for name in ("rekey_after_time", "reject_after_time", "rekey_attempt_time", "rekey_timeout",
+                     "keepalive_timeout", "cookie_refresh_time", "under_load_duration", "handshake_rate_per_second"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Limits.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("rekey_after_messages", "reject_after_messages", "max_staged_packets",
+                     "under_load_handshakes_per_second", "handshake_rate_burst"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Limits.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.rekey_timeout_jitter < 0 or self.handshake_initiation_min_interval < 0 or self.mtu < 0:
+            raise ValueError("Limits: rekey_timeout_jitter, handshake_initiation_min_interval and mtu must be >= 0")
+        if self.reject_after_messages > 2**64 - 2**13 - 1:
+            raise ValueError("Limits.reject_after_messages cannot exceed 2**64 - 2**13 - 1 (nonce space)")
+
     @property
     def max_handshake_retries(self) -> int:
         """Retransmissions before giving up (wireguard-go: REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)."""
