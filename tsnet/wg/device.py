@@ -279,7 +279,7 @@ class WireGuard:
                         self.counters.drop_expired_keypair += 1
                         return
                     try:
-                        plaintext = kp.open.decrypt(_pack_nonce(counter), data[16:], None)
+                        plaintext = kp.open(_pack_nonce(counter), data[16:], None)
                     except InvalidTag:
                         self.counters.drop_data_invalid += 1
                         return
@@ -347,7 +347,7 @@ class WireGuard:
                     # Unknown, expired or unconfirmed sessions take the general path below.
                     if kp is not None and now < kp.expires and kp.peer.next is not kp:
                         try:
-                            plaintext = kp.open.decrypt(_pack_nonce(counter), data[16:], None)
+                            plaintext = kp.open(_pack_nonce(counter), data[16:], None)
                         except InvalidTag:
                             counters.drop_data_invalid += 1
                             continue
@@ -590,7 +590,7 @@ class WireGuard:
         endpoint = peer.endpoint
         if endpoint is not None:
             self._outgoing.append(
-                (kp.header + counter_bytes + kp.seal.encrypt(_NONCE_PREFIX + counter_bytes, packet, None), endpoint)
+                (kp.header + counter_bytes + kp.seal(_NONCE_PREFIX + counter_bytes, packet, None), endpoint)
             )
         else:
             self.counters.drop_no_endpoint += 1
@@ -695,7 +695,7 @@ class WireGuard:
         counter = kp.send_counter
         limit = kp.send_limit
         header = kp.header
-        encrypt = kp.seal.encrypt
+        encrypt = kp.seal
         mtu = self._mtu
         endpoint = peer.endpoint
         append = self._outgoing.append

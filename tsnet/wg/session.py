@@ -51,9 +51,10 @@ class Keypair:
         limits: Limits,
     ) -> None:
         self.peer = peer
-        # Cipher objects are built once per session: constructing them per packet costs as much as sealing.
-        self.seal = ChaCha20Poly1305(send_key)
-        self.open = ChaCha20Poly1305(receive_key)
+        # Ciphers are built once per session (constructing one per packet costs as much as sealing);
+        # keep their bound encrypt/decrypt methods: seal(nonce, plaintext, None), open(nonce, ciphertext, None).
+        self.seal = ChaCha20Poly1305(send_key).encrypt
+        self.open = ChaCha20Poly1305(receive_key).decrypt
         self.local_index = local_index
         self.remote_index = remote_index
         # Type and receiver index never change within a session: the first 8 header bytes, ready-made.
