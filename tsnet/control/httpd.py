@@ -105,9 +105,7 @@ async def serve_http1(stream: trio.abc.Stream, app: App, *, remote: str = "", id
             )
             result = await app(req)
             if isinstance(result, Takeover):
-                # Skip past the request's EndOfMessage so trailing bytes are exposed.
-                if conn.their_state is h11.DONE or conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
-                    pass
+                # Bytes the client sent past the request (already read by us) belong to the new protocol.
                 leftover, _closed = conn.trailing_data
                 await result.run(stream, bytes(leftover))
                 return

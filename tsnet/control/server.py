@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from . import conn as ts2021
 from .h2conn import H2Request, H2ResponseWriter, serve_h2
 from .httpd import HTTPRequest, Reply, Takeover, serve_http1
 from .jsoncodec import DecodeError, from_json
-from .store import NodeRecord, Store, StoreError
+from .store import NodeRecord, Store
 
 __all__ = ["ControlServer", "ServerConfig", "default_derp_map", "sanitize_hostname"]
 
