@@ -212,6 +212,7 @@ async def test_flooder_hits_rate_limit_without_hurting_others():
     async with trio.open_nursery() as n:
         server, port = await start_server(n, rate_limit_bytes_per_sec=100_000, rate_limit_burst=70_000)
         flooder = await start_client(n, plain_node(port))
+        flooder.max_pending_frames = 10_000  # let the whole burst reach the server
         victim = await start_client(n, plain_node(port))
         x = await start_client(n, plain_node(port))
         y = await start_client(n, plain_node(port))
@@ -290,6 +291,8 @@ async def test_http_endpoints():
         assert status == 426 and body == b"DERP requires connection upgrade"
         status, _, body = await http_get(port, "/debug/vars")
         assert status == 200 and "packets_relayed" in json.loads(body)
+        assert server.http_response(h11.Request(method="GET", target="/debug/vars", headers=[("Host", "x")]),
+                                    ("192.0.2.1", 5))[0] == 403
         n.cancel_scope.cancel()
 
 

@@ -252,6 +252,7 @@ class DerpClient:
         self._conn_scope: trio.CancelScope | None = None
         self.backoff = Backoff()
         self.keepalive_ping_interval = keepalive_ping_interval
+        self.max_pending_frames = 1024
         self.server_key: NodePublic | None = None
         self.connects = 0
         self.dropped_events = 0
@@ -274,6 +275,10 @@ class DerpClient:
         raw = dst.raw if isinstance(dst, NodePublic) else bytes(dst)
         proto = self._proto
         if proto is not None and self._connected.is_set():
+            if proto.pending_frames >= self.max_pending_frames:
+                # The server (or the network) is not keeping up; never buffer without bound.
+                self.dropped_sends += 1
+                return False
             ok = proto.send_packet(raw, packet, now)
             self._wake.set()
             if not ok:

@@ -306,6 +306,15 @@ class DerpClientProtocol:
         self._write(encode_frame(Ping(data)), now)
         return data
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued but not yet taken by ``data_to_send``."""
+        return sum(map(len, self._out))
+
+    @property
+    def pending_frames(self) -> int:
+        return len(self._out)
+
     def data_to_send(self) -> bytes:
         """Everything queued, coalesced."""
         if not self._out:

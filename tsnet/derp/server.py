@@ -10,6 +10,7 @@ Standalone: ``await derp.serve_tcp(host, port, ssl_context=...)``.
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import json
 import logging
 import re
@@ -159,7 +160,7 @@ class DerpServer:
                         if upgrade in (b"derp", b"websocket"):
                             await self.handle_upgrade(stream, event, http.trailing_data[0], remote)
                             return
-                    await self._simple_response(http, stream, event)
+                    await self._simple_response(http, stream, event, remote)
                     continue
                 if isinstance(event, h11.EndOfMessage):
                     if http.our_state is h11.DONE and http.their_state is h11.DONE:
@@ -178,8 +179,9 @@ class DerpServer:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
 
-    async def _simple_response(self, http: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> None:
-        status, headers, body = self.http_response(req)
+    async def _simple_response(self, http: h11.Connection, stream: trio.abc.Stream, req: h11.Request,
+                               remote: tuple[str, int] | None) -> None:
+        status, headers, body = self.http_response(req, remote)
         headers = headers + [(b"content-length", str(len(body)).encode())]
         out = http.send(h11.Response(status_code=status, headers=headers))
         if req.method != b"HEAD" and body:
@@ -187,8 +189,12 @@ class DerpServer:
         out += http.send(h11.EndOfMessage())
         await stream.send_all(out)
 
-    def http_response(self, req: h11.Request) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """Status, headers and body for the non-upgrade endpoints (usable by an embedding server)."""
+    def http_response(self, req: h11.Request, remote: tuple[str, int] | None = None
+                      ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Status, headers and body for the non-upgrade endpoints (usable by an embedding server).
+
+        ``/debug/vars`` (counters as JSON) is only served to loopback clients.
+        """
         path = req.target.split(b"?", 1)[0]
         method = req.method
         if path in (b"/derp/probe", b"/derp/latency-check"):
@@ -206,6 +212,8 @@ class DerpServer:
         if path == b"/robots.txt":
             return 200, [(b"content-type", b"text/plain")], b"User-agent: *\nDisallow: /\n"
         if path == b"/debug/vars":
+            if remote is None or not ipaddress.ip_address(remote[0].split("%")[0]).is_loopback:
+                return 403, [(b"content-type", b"text/plain")], b"forbidden\n"
             return 200, [(b"content-type", b"application/json")], json.dumps(self.stats()).encode()
         if path == b"/":
             return 200, [(b"content-type", b"text/plain")], b"tsnet DERP server\n"
