@@ -289,3 +289,14 @@ async def test_small_peer_changes_travel_as_patches(control, nursery):
     server.notify()
     delta = server._session_delta(probe, first=False)
     assert delta["PeersChanged"][0]["Hostinfo"]["Hostname"] == "renamed"
+
+
+async def test_deleted_node_logs_in_again_with_its_key(control, nursery):
+    key = control.authkey(reusable=True)
+    a, wa, _ = await start(control, nursery, control.config("a", key))
+    b, wb, _ = await start(control, nursery, control.config("b", key))
+    await wa.wait_for(lambda nm: len(nm.peers) == 1)
+    old_id = control.server.store.node_by_name("b").id
+    control.server.delete_node(old_id)
+    nm = await wa.wait_for(lambda nm: len(nm.peers) == 1 and nm.peers[0].id != old_id, timeout=15)
+    assert nm.peers[0].name == "b.tailnet.test."

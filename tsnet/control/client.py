@@ -32,7 +32,16 @@ from .h2conn import H2Client, H2Error
 from .netmap import MapFrameDecoder, MapSession, MapSessionError, NetworkMap
 from .noise import HandshakeError, NoiseError
 
-__all__ = ["ClientConfig", "ControlClient", "ControlError", "LoginError", "LoginURL", "fetch_server_key", "parse_login_url"]
+__all__ = [
+    "ClientConfig",
+    "ControlClient",
+    "ControlError",
+    "LoginError",
+    "LoginURL",
+    "NeedsLogin",
+    "fetch_server_key",
+    "parse_login_url",
+]
 
 log = logging.getLogger("tsnet.control.client")
 
@@ -46,6 +55,10 @@ class ControlError(Exception):
 
 class LoginError(ControlError):
     """The server refused the login (bad or expired auth key, ...)."""
+
+
+class NeedsLogin(ControlError):
+    """The server no longer knows this node key (deleted or logged out by an admin)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,7 +411,10 @@ class ControlClient:
                 )
                 if resp.status != 200:
                     body = await resp.read(limit=4096)
-                    raise ControlError(f"map: http {resp.status}: {body[:200].decode('utf-8', 'replace')}")
+                    text = body[:200].decode("utf-8", "replace")
+                    if resp.status in (400, 401, 403) and ("unknown node" in text or "logged out" in text):
+                        raise NeedsLogin(f"map: http {resp.status}: {text}")
+                    raise ControlError(f"map: http {resp.status}: {text}")
                 decoder = MapFrameDecoder()
                 session = MapSession()
                 try:
@@ -453,10 +469,21 @@ class ControlClient:
                 if not started:
                     started = True
                     task_status.started()
+                started_at = trio.current_time()
                 await self.poll_once(on_netmap)
-                backoff = 0.5
+                if trio.current_time() - started_at < 1.0:
+                    await trio.sleep(backoff)  # the server keeps ending polls at once: do not spin
+                    backoff = min(max_backoff, backoff * 2)
+                else:
+                    backoff = 0.5
             except LoginError:
                 raise
+            except NeedsLogin as exc:
+                log.info("control: %s; logging in again", exc)
+                self.logged_in = False
+                self.rotate_node_key()
+                await trio.sleep(backoff)
+                backoff = min(max_backoff, backoff * 2)
             except ControlError as exc:
                 log.info("control: %s; retrying in %.1fs", exc, backoff)
                 await trio.sleep(backoff)
