@@ -135,7 +135,9 @@ class DerpServer:
             w = wakes.get(box)
             if w is not None:
                 w.set()
+        # Each connection's own reader handles verification and closing; just drain the lists.
         self.core.take_closed()
+        self.core.take_verify_requests()
 
     # -- HTTP front end --------------------------------------------------------------------
 
