@@ -686,3 +686,18 @@ def test_timestamps_stay_monotonic_when_the_wall_clock_steps_back() -> None:
     net.pump()
     assert b.counters.drop_replayed_initiation == 0
     assert a.counters.handshakes_completed == 2
+
+
+def test_receiver_rejects_counters_at_or_above_its_limit() -> None:
+    clock = Clock()
+    net = Net(clock)
+    a = net.add(A_ADDR, WireGuard(key(1), now=clock.now, rng=CountingRng(1)))
+    b = net.add(B_ADDR, WireGuard(key(2), now=clock.now, rng=CountingRng(2),
+                                  limits=Limits(reject_after_messages=3, rekey_after_messages=2)))
+    a.add_peer(b.public_key, endpoint=B_ADDR)
+    b.add_peer(a.public_key, endpoint=A_ADDR)
+    for i in range(5):
+        a.send_packet(b.public_key, ipv4(b"%d" % i), clock.now)  # counters 0..4 on a's side
+    net.pump()
+    assert packets(b) == [ipv4(b"0"), ipv4(b"1"), ipv4(b"2")]
+    assert b.counters.drop_replayed == 2
