@@ -40,7 +40,7 @@ class Counters:
     drop_unknown_index: int = 0  # type 2/3/4 for an index we do not hold
     drop_cookie_invalid: int = 0
     drop_data_invalid: int = 0  # transport AEAD failure (forged or corrupted)
-    drop_replayed: int = 0  # counter already seen or too old for the window
+    drop_replayed: int = 0  # counter already seen, too old for the window, or at/above REJECT_AFTER_MESSAGES
     drop_expired_keypair: int = 0  # keypair past REJECT_AFTER_TIME / REJECT_AFTER_MESSAGES
     drop_bad_inner_packet: int = 0  # decrypted plaintext is not a well-formed IPv4/IPv6 packet
     drop_internal_error: int = 0  # a bug caught by the receive path's safety net
