@@ -28,9 +28,6 @@ from tsnet.derp.server import DerpServer
 from tsnet.derp.tls import generate_self_signed, server_ssl_context
 from tsnet.key import NodePrivate
 
-pytestmark = pytest.mark.filterwarnings("ignore::trio.TrioDeprecationWarning")
-
-
 def plain_node(port, region=1, name="1a"):
     return DerpNode(name, region, "127.0.0.1", ipv4="127.0.0.1", ipv6="none", derp_port=port, plain_http=True)
 
@@ -484,3 +481,4 @@ def test_cli_runs_until_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
