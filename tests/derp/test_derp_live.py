@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import h11
-import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -110,7 +110,6 @@ class DerpServer:
         self._wakes: dict[object, _Wake] = {}
         self._shutting_down = False
         self._conn_scopes: set[trio.CancelScope] = set()
-        self._all_done = trio.Event()
         self._stun_counters = {"requests": 0, "ignored": 0}
         self.listen_port: int | None = None
         self.stun_port: int | None = None
@@ -284,8 +283,6 @@ class DerpServer:
             conn.connection_lost()
             self._dispatch()
             del self._wakes[conn]
-            if self._shutting_down and not self._conn_scopes:
-                self._all_done.set()
 
     async def _reader(self, conn: ServerConn, stream: trio.abc.Stream, initial: bytes) -> None:
         core = self.core
