@@ -264,7 +264,8 @@ class WireGuard:
         ``HandshakeCompleted`` events; transport data yields ``PacketReceived``
         events, or entries in ``packets_received()`` when the device was made
         with ``packet_events=False`` (keepalives yield nothing). Anything
-        invalid is counted and dropped.
+        invalid is counted and dropped. ``data`` is not retained, so a
+        buffer reused for ``recv_into`` is fine.
         """
         try:
             if len(data) >= KEEPALIVE_SIZE:
