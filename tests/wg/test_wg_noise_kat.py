@@ -270,3 +270,35 @@ def test_hchacha20_vector_and_xchacha_cross_check() -> None:
     subkey = _hchacha20(key, nonce[:16])
     expected = ChaCha20Poly1305(subkey).encrypt(b"\0\0\0\0" + nonce[16:], b"cookie-cookie-16", b"ad")
     assert cookie.xaead_encrypt(key, nonce, b"cookie-cookie-16", b"ad") == expected
+
+
+def test_device_initiation_decodes_with_the_reference_chain() -> None:
+    """A WireGuard device's type-1 message, opened step by step with the reference functions above."""
+    from tsnet.key import NodePrivate
+    from tsnet.wg import WireGuard
+
+    sr = NodePrivate(SR)
+    si = NodePrivate(SI)
+    dev = WireGuard(si, now=0.0, rng=lambda n: b"\x5a" * n, wall_clock=lambda: 1_700_000_000.25)
+    dev.add_peer(sr.public, endpoint=("192.0.2.1", 51820))
+    dev.initiate_handshake(sr.public, 0.0)
+    ((msg, dst),) = dev.datagrams_to_send(0.0)
+    msg = bytes(msg)
+    assert dst == ("192.0.2.1", 51820) and len(msg) == 148
+    assert msg[:4] == b"\x01\0\0\0" and msg[4:8] == b"\x5a" * 4  # sender index straight from the rng
+    e_pub = msg[8:40]
+    assert e_pub == PUB(b"\x5a" * 32)
+    assert msg[116:132] == MAC16(H(b"mac1----", sr.public.raw), msg[:116])
+    assert msg[132:] == bytes(16)
+    c = H(b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s")
+    h = H(H(c, b"WireGuard v1 zx2c4 Jason@zx2c4.com"), sr.public.raw)
+    (c,) = KDF(1, c, e_pub)
+    h = H(h, e_pub)
+    c, k = KDF(2, c, DH(SR, e_pub))
+    nonce = bytes(12)
+    assert ChaCha20Poly1305(k).decrypt(nonce, msg[40:88], h) == si.public.raw
+    h = H(h, msg[40:88])
+    c, k = KDF(2, c, DH(SR, si.public.raw))
+    ts = ChaCha20Poly1305(k).decrypt(nonce, msg[88:116], h)
+    assert ts[:8] == (0x400000000000000A + 1_700_000_000).to_bytes(8, "big")
+    assert int.from_bytes(ts[8:], "big") == 250_000_000 & ~0xFFFFFF
