@@ -127,10 +127,6 @@ def tai64n(unix_time: float) -> bytes:
     return _TAI64N.pack(_TAI64_EPOCH + seconds, nanos)
 
 
-def private_from_raw(raw: bytes) -> X25519PrivateKey:
-    return X25519PrivateKey.from_private_bytes(raw)
-
-
 def public_raw(private: X25519PrivateKey) -> bytes:
     return private.public_key().public_bytes_raw()
 
