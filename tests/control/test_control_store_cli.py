@@ -48,6 +48,10 @@ def test_address_allocation_unique_and_reused_after_delete(tmp_path):
     again = s.create_node(NOW, machine_key="mx", node_key="kx", name="x", user_id=1, ephemeral=False, tags=(),
                           key_expiry=None, hostinfo=None, authkey_id=None)
     assert again.ipv4 == nodes[5].ipv4
+    s.delete_node(again.id)
+    last = s.create_node(NOW, machine_key="my", node_key="ky", name="y", user_id=1, ephemeral=False, tags=(),
+                         key_expiry=None, hostinfo=None, authkey_id=None)
+    assert last.id > again.id  # node IDs are never reused
 
 
 def test_durations():

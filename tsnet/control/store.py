@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS authkeys (
     used INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS nodes (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reuse a NodeID: clients key peer state on it
     stable_id TEXT NOT NULL UNIQUE,
     machine_key TEXT NOT NULL,
     node_key TEXT NOT NULL UNIQUE,
