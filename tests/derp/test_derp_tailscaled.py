@@ -98,6 +98,9 @@ def test_tailscaled_relays_through_our_tls_derper(lab: Lab, tailscale_binaries: 
         out = ns.run([str(bins.tailscale), f"--socket={sock}", "ping", "--c", "5", "--timeout", "5s", b_ip],
                      timeout=60, check=False)
         assert "pong from beta" in out and "via DERP(test)" in out, out
+        # netcheck's STUN probe is answered by our responder (derper-exact bytes), so UDP counts as working.
+        out = ns.run([str(bins.tailscale), f"--socket={sock}", "netcheck"], timeout=60, check=False)
+        assert "UDP: true" in out and f"IPv4: yes, {l1.b_addr}:" in out, out
     finally:
         for _, _, proc, name in locals().get("nodes", []):
             print(f"--- tailscaled {name} ---\n{proc.log()[-3000:]}")
