@@ -55,3 +55,19 @@ def test_limits_validation() -> None:
     for bad in ({"rekey_timeout": 0}, {"rekey_after_messages": 0}, {"mtu": -1}, {"reject_after_messages": 2**64}):
         with pytest.raises(ValueError):
             Limits(**bad)
+
+
+def test_fast_packet_received_constructor_matches_the_dataclass() -> None:
+    import dataclasses
+
+    import pytest
+
+    from tests.wg.wgutil import key
+    from tsnet.wg.events import PacketReceived, packet_received
+
+    pk = key(1).public
+    fast = packet_received(pk, b"\x45abc")
+    assert fast == PacketReceived(pk, b"\x45abc") and type(fast) is PacketReceived
+    assert hash(fast) == hash(PacketReceived(pk, b"\x45abc"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.packet = b""  # type: ignore[misc]

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tsnet.key import NodePrivate, NodePublic, clamp
 from tsnet.wg.cookie import CookieChecker
-from tsnet.wg.events import Event, HandshakeCompleted, HandshakeFailed, PacketReceived, PeerEndpointChanged
+from tsnet.wg.events import Event, HandshakeCompleted, HandshakeFailed, PeerEndpointChanged, packet_received
 from tsnet.wg.limits import Limits
 from tsnet.wg.messages import (
     COOKIE_REPLY_SIZE,
@@ -314,7 +314,7 @@ class WireGuard:
                         if length != n:
                             plaintext = plaintext[:length]  # strip the padding
                         if self._packet_events:
-                            self._events.append(PacketReceived(peer.public_key, plaintext))
+                            self._events.append(packet_received(peer.public_key, plaintext))
                         else:
                             self._received.append((peer.public_key, plaintext))
                         self._transport_received(peer, addr, len(data), 1, now)
@@ -399,7 +399,7 @@ class WireGuard:
                             plaintext = plaintext[:length]
                         run_data += 1
                         if events:
-                            deliver(PacketReceived(peer.public_key, plaintext))
+                            deliver(packet_received(peer.public_key, plaintext))
                         else:
                             deliver((peer.public_key, plaintext))
                         continue
