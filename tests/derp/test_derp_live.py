@@ -481,3 +481,37 @@ def test_cli_runs_until_sigterm():
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def _start_cli_derper(*extra):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tsnet", "derper", "--listen", "127.0.0.1:0", "--plain-http", "--stun-port", "-1", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    line = proc.stdout.readline()
+    assert "listening on http://127.0.0.1:" in line, line
+    return proc, int(line.rsplit(":", 1)[1].split("/")[0])
+
+
+async def test_cli_mesh_between_two_derper_processes():
+    mesh_key = os.urandom(32).hex()
+    first, p1 = _start_cli_derper("--mesh-key", mesh_key)
+    second, p2 = _start_cli_derper("--mesh-key", mesh_key, "--mesh-with", f"http://127.0.0.1:{p1}")
+    try:
+        async with trio.open_nursery() as n:
+            a = await start_client(n, plain_node(p1))
+            b = await start_client(n, plain_node(p2))
+            # Only the second server watches the first, so b -> a is forwarded (a's key is present on the first).
+            got = None
+            with trio.fail_after(20):
+                while got is None:
+                    b.send(a.private_key.public, b"b->a via mesh")
+                    with trio.move_on_after(0.2):
+                        got = await next_of(a, ReceivedPacket)
+            assert got == ReceivedPacket(b.private_key.public, b"b->a via mesh")
+            n.cancel_scope.cancel()
+    finally:
+        for proc in (first, second):
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+            proc.stdout.close()
