@@ -78,6 +78,7 @@ async def test_bad_keys_refused(control, nursery):
     async with ControlClient(control.config("four", expired)) as c:
         with pytest.raises(LoginError, match="expired"):
             await c.login()
+    control.server.config.interactive_login = False
     async with ControlClient(control.config("five", None)) as c:
         with pytest.raises(LoginError, match="auth key"):
             await c.login()
@@ -300,3 +301,24 @@ async def test_deleted_node_logs_in_again_with_its_key(control, nursery):
     control.server.delete_node(old_id)
     nm = await wa.wait_for(lambda nm: len(nm.peers) == 1 and nm.peers[0].id != old_id, timeout=15)
     assert nm.peers[0].name == "b.tailnet.test."
+
+
+async def test_interactive_login_waits_for_admin_approval(control, nursery):
+    shown = []
+    approved = trio.Event()
+
+    def on_url(url):
+        shown.append(url)
+        token = url.rsplit("/", 1)[1]
+        assert control.server.store.pending(token).hostname == "walk-in"
+        control.server.store.approve_pending(token)  # what 'tsnet control nodes approve' does
+        control.server.notify()  # (the running server notices CLI writes through watch_store)
+        approved.set()
+
+    cfg = control.config("walk-in", None, on_auth_url=on_url)
+    async with ControlClient(cfg) as c:
+        with trio.fail_after(10):
+            await c.login()
+    assert shown and shown[0].startswith(f"http://127.0.0.1:{control.port}/register/")
+    node = control.server.store.node_by_key(str(cfg.node_key.public))
+    assert node.name == "walk-in" and control.server.store.pending_logins() == []

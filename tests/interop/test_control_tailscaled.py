@@ -245,3 +245,35 @@ def test_policy_tags_and_ephemeral_gc_with_tailscaled(lab: Lab, tailscale_binari
         assert [n["name"] for n in listed] == ["alpha"]
     finally:
         dump(net)
+
+
+def test_tailscale_up_interactive_login_approved_by_admin(lab: Lab, tailscale_binaries: TailscaleBinaries,
+                                                          tmp_path: Path) -> None:
+    net = make_tailnet(lab, tailscale_binaries, tmp_path, forward=True)
+    a = net.nodes[0]
+    cmd = a.ns.exec_args([str(a.bins.tailscale), f"--socket={a.sock}", "up", f"--login-server={a.control_url}",
+                          "--hostname=walkin", "--timeout=60s"])
+    up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        seen = []
+        assert up.stdout is not None
+        for line in up.stdout:  # tailscale prints the AuthURL and waits
+            seen.append(line)
+            if "/register/" in line:
+                url = line.strip()
+                break
+        assert url and url.startswith(a.control_url + "/register/"), "".join(seen)
+        page = a.ns.run(["curl", "-s", "-m", "5", url], check=False)
+        assert "tsnet control nodes approve" in page, page
+        _tsnet("control", "nodes", "approve", "--state-dir", str(net.state), url)
+        assert up.wait(timeout=60) == 0
+        st = a.status()
+        assert st["BackendState"] == "Running" and st["Self"]["HostName"] == "walkin"
+        listed = json.loads(_tsnet("control", "nodes", "list", "--json", "--state-dir", str(net.state)))
+        assert [n["name"] for n in listed] == ["walkin"]
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        dump(net)

@@ -125,6 +125,22 @@ def _cmd_nodes_expire(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_nodes_approve(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    token = args.token.rstrip("/").rsplit("/", 1)[-1]  # accept the whole AuthURL too
+    if not store.approve_pending(token):
+        print("tsnet control: no pending login with that token", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_nodes_pending(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    for p in store.pending_logins():
+        print(f"{p.token}  {p.hostname:24}  {p.created.isoformat()}  {'approved' if p.approved else 'waiting'}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import ipaddress
 
@@ -147,6 +163,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     store = _open_store(args)
     config = ServerConfig(base_domain=args.base_domain, ephemeral_timeout=args.ephemeral_timeout.total_seconds())
     config.magic_dns = not args.no_magic_dns
+    config.interactive_login = not args.no_interactive_login
     config.nameservers = tuple(args.nameserver or ())
     config.key_expiry = args.key_expiry if args.key_expiry.total_seconds() > 0 else None
     try:
@@ -306,6 +323,8 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--extra-record", action="append", metavar="NAME=IP", help="extra MagicDNS record (repeatable)")
     serve.add_argument("--key-expiry", type=parse_duration, default=parse_duration("180d"),
                        help="node key lifetime for user nodes (default 180d; 0s = never)")
+    serve.add_argument("--no-interactive-login", action="store_true",
+                       help="refuse nodes without an auth key instead of giving them an AuthURL to approve")
     serve.add_argument("--ephemeral-timeout", type=parse_duration, default=parse_duration("5m"),
                        help="delete ephemeral nodes offline this long (default 5m)")
     serve.add_argument("-v", "--verbose", action="store_true")
@@ -348,6 +367,11 @@ def register(subparsers: Any) -> None:
     nd = with_state(nsub.add_parser("delete", help="delete a node"))
     nd.add_argument("name")
     nd.set_defaults(func=_cmd_nodes_delete)
+    na = with_state(nsub.add_parser("approve", help="approve an interactive login (token or AuthURL)"))
+    na.add_argument("token")
+    na.set_defaults(func=_cmd_nodes_approve)
+    npd = with_state(nsub.add_parser("pending", help="list interactive logins waiting for approval"))
+    npd.set_defaults(func=_cmd_nodes_pending)
     ne = with_state(nsub.add_parser("expire", help="expire a node's key now"))
     ne.add_argument("name")
     ne.set_defaults(func=_cmd_nodes_expire)

@@ -46,6 +46,7 @@ _ALLOW_ALL = (
     ),
 )
 _TAGGED_LOGIN = "tagged-devices"
+_NEEDS_AUTH = "this tsnet control server needs an auth key (tailscale up --authkey=...)"
 
 
 def _utcnow() -> _dt.datetime:
@@ -96,6 +97,10 @@ class ServerConfig:
     can_see: Callable[[NodeRecord, NodeRecord, list[NodeRecord], dict[int, str]], bool] | None = None
     #: Whether a node of user ``login`` may take ``tag`` via Hostinfo.RequestTags (None: any tag is fine).
     tag_allowed: Callable[[str, str], bool] | None = None
+    #: Unknown nodes without an auth key get an AuthURL; an admin approves with ``nodes approve``.
+    interactive_login: bool = True
+    #: How long a follow-up register waits for approval before answering the AuthURL again.
+    interactive_wait: float = 120.0
     node_attrs: dict[str, Any] = field(
         default_factory=lambda: {"disable-captive-portal-detection": None, "debug-disable-upnp": None}
     )
@@ -162,6 +167,7 @@ class ControlServer:
         self.sessions: dict[int, _Session] = {}
         self.generation = 0
         self._view_cache: _View | None = None
+        self._changed = trio.Event()
         self._compressor = zstandard.ZstdCompressor(level=3)
         #: An embedded :class:`tsnet.derp.server.DerpServer` served at ``/derp`` on our listener.
         self.derp: Any = None
@@ -178,6 +184,8 @@ class ControlServer:
         self.generation += 1
         for session in self.sessions.values():
             session.wake.set()
+        self._changed.set()
+        self._changed = trio.Event()
 
     # -- HTTP/1.1 front ------------------------------------------------------------------------
 
@@ -212,6 +220,17 @@ class ControlServer:
             return Reply(204, b"", headers=headers)
         if self.derp is not None and path in ("/derp", "/derp/probe", "/derp/latency-check"):
             return self._derp_route(req)
+        if path.startswith("/register/"):
+            token = path.rsplit("/", 1)[1]
+            pending = self.store.pending(token)
+            if pending is None:
+                return Reply(404, b"unknown login link\n")
+            text = (
+                f"Login request from {pending.hostname}.\n\n"
+                f"An administrator approves it on the control server with:\n\n"
+                f"    tsnet control nodes approve {token}\n"
+            )
+            return Reply(200, text.encode())
         if path == "/":
             return Reply(200, b"tsnet control server\n")
         return Reply(404, b"not found\n")
@@ -295,7 +314,7 @@ class ControlServer:
                 self.counters["bad_requests"] += 1
                 await resp.respond(400, f"bad register request: {exc}\n".encode())
                 return
-            answer = self.register(machine, rreq)
+            answer = await self._register_interactive(machine, rreq, req.authority)
             await resp.respond(200, tailcfg.dumps(answer), "application/json")
             return
         if path == "/machine/map":
@@ -332,8 +351,43 @@ class ControlServer:
             auth_url="",
         )
 
-    def register(self, machine: MachinePublic, req: tailcfg.RegisterRequest) -> tailcfg.RegisterResponse:
-        """Handle one ``/machine/register`` for the Noise peer ``machine``."""
+    async def _register_interactive(
+        self, machine: MachinePublic, req: tailcfg.RegisterRequest, authority: str
+    ) -> tailcfg.RegisterResponse:
+        """Register, with the interactive flow: unknown node without a key gets an AuthURL;
+        its follow-up request waits until an administrator approves the token."""
+        if req.followup and "/register/" in req.followup and not (req.auth and req.auth.auth_key):
+            token = req.followup.rsplit("/register/", 1)[1]
+            pending = self.store.pending(token)
+            if pending is None or pending.machine_key != str(machine):
+                return tailcfg.RegisterResponse(error="unknown or expired login URL; run tailscale up again")
+            with trio.move_on_after(self.config.interactive_wait):
+                while not pending.approved:
+                    await self._changed.wait()
+                    pending = self.store.pending(token) or pending
+            if not pending.approved:
+                return tailcfg.RegisterResponse(auth_url=req.followup)
+            answer = self.register(machine, req, approved=True)
+            if not answer.error:
+                self.store.delete_pending(token)
+            return answer
+        answer = self.register(machine, req)
+        if answer.error == _NEEDS_AUTH and self.config.interactive_login and req.node_key is not None:
+            hostname = sanitize_hostname(req.hostinfo.hostname if req.hostinfo else None)
+            pending = self.store.create_pending(self.now(), machine_key=str(machine), node_key=str(req.node_key),
+                                                hostname=hostname)
+            host = authority or "localhost"
+            log.info("interactive login for %s: approve with 'tsnet control nodes approve %s'", hostname, pending.token)
+            return tailcfg.RegisterResponse(auth_url=f"http://{host}/register/{pending.token}")
+        return answer
+
+    def register(
+        self, machine: MachinePublic, req: tailcfg.RegisterRequest, *, approved: bool = False
+    ) -> tailcfg.RegisterResponse:
+        """Handle one ``/machine/register`` for the Noise peer ``machine``.
+
+        ``approved``: an administrator approved this login interactively, so no auth key is needed.
+        """
         self.counters["registers"] += 1
         now = self.now()
         mkey = str(machine)
@@ -385,14 +439,12 @@ class ControlServer:
             old = self.store.node_by_key(str(req.old_node_key))
             if old is not None and old.machine_key != mkey:
                 old = None
-        if node is not None and node.expired(now) and authkey is None:
+        if node is not None and node.expired(now) and authkey is None and not approved:
             return tailcfg.RegisterResponse(node_key_expired=True)
-        if old is not None and authkey is None and old.expired(now):
+        if old is not None and authkey is None and old.expired(now) and not approved:
             return tailcfg.RegisterResponse(error="node key expired; log in again with an auth key")
-        if old is None and node is None and authkey is None:
-            return tailcfg.RegisterResponse(
-                error="this tsnet control server needs an auth key (tailscale up --authkey=...)"
-            )
+        if old is None and node is None and authkey is None and not approved:
+            return tailcfg.RegisterResponse(error=_NEEDS_AUTH)
 
         target = old or node
         if target is None and authkey is not None:

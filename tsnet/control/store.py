@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..key import MachinePrivate
 
-__all__ = ["SCHEMA_VERSION", "AuthKey", "NodeRecord", "Store", "StoreError", "UserRecord"]
+__all__ = ["SCHEMA_VERSION", "AuthKey", "NodeRecord", "PendingLogin", "Store", "StoreError", "UserRecord"]
 
 SCHEMA_VERSION = 1
 _DB_NAME = "control.db"
@@ -70,7 +70,27 @@ CREATE TABLE IF NOT EXISTS nodes (
     authkey_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS nodes_machine ON nodes(machine_key);
+CREATE TABLE IF NOT EXISTS pending_logins (
+    token TEXT PRIMARY KEY,
+    machine_key TEXT NOT NULL,
+    node_key TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    created TEXT NOT NULL,
+    approved INTEGER NOT NULL DEFAULT 0
+);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLogin:
+    """An interactive login waiting for an administrator (``tsnet control nodes approve TOKEN``)."""
+
+    token: str
+    machine_key: str
+    node_key: str
+    hostname: str
+    created: _dt.datetime
+    approved: bool
 
 
 class StoreError(Exception):
@@ -303,6 +323,34 @@ class Store:
 
     def mark_authkey_used(self, key_id: int) -> None:
         self.db.execute("UPDATE authkeys SET used=used+1 WHERE id=?", (key_id,))
+
+    # -- interactive logins -------------------------------------------------------------------
+
+    def create_pending(self, now: _dt.datetime, *, machine_key: str, node_key: str, hostname: str) -> PendingLogin:
+        token = secrets.token_urlsafe(18)
+        self.db.execute(
+            "INSERT INTO pending_logins(token, machine_key, node_key, hostname, created) VALUES (?, ?, ?, ?, ?)",
+            (token, machine_key, node_key, hostname, _ts(now)),
+        )
+        return PendingLogin(token, machine_key, node_key, hostname, now, False)
+
+    def pending(self, token: str) -> PendingLogin | None:
+        row = self.db.execute(
+            "SELECT token, machine_key, node_key, hostname, created, approved FROM pending_logins WHERE token=?", (token,)
+        ).fetchone()
+        if row is None:
+            return None
+        return PendingLogin(row[0], row[1], row[2], row[3], _dt.datetime.fromisoformat(row[4]), bool(row[5]))
+
+    def pending_logins(self) -> list[PendingLogin]:
+        rows = self.db.execute("SELECT token FROM pending_logins ORDER BY created").fetchall()
+        return [p for p in (self.pending(r[0]) for r in rows) if p is not None]
+
+    def approve_pending(self, token: str) -> bool:
+        return self.db.execute("UPDATE pending_logins SET approved=1 WHERE token=?", (token,)).rowcount > 0
+
+    def delete_pending(self, token: str) -> None:
+        self.db.execute("DELETE FROM pending_logins WHERE token=?", (token,))
 
     # -- nodes --------------------------------------------------------------------------------
 
