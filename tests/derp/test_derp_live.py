@@ -515,3 +515,37 @@ async def test_cli_mesh_between_two_derper_processes():
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
             proc.stdout.close()
+
+
+async def test_verify_callback_that_raises_denies_without_crashing():
+    def broken(key, ip):
+        raise KeyError("policy bug")
+
+    async with trio.open_nursery() as n:
+        server, port = await start_server(n, verify_client=broken)
+        denied = DerpClient(NodePrivate.generate(), plain_node(port))
+        n.start_soon(denied.run)
+        with trio.fail_after(10):
+            while server.counters.rejected_clients < 1:
+                await trio.sleep(0.01)
+        assert not denied.connected
+        assert (await http_get(port, "/derp/probe"))[0] == 200  # the listener is still serving
+        n.cancel_scope.cancel()
+
+
+async def test_verify_url_unreachable_fails_open_by_default():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    dead_port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    async with trio.open_nursery() as n:
+        server, port = await start_server(n, verify_client_url=f"http://127.0.0.1:{dead_port}/verify")
+        await start_client(n, plain_node(port))
+        strict, sport = await start_server(n, verify_client_url=f"http://127.0.0.1:{dead_port}/verify",
+                                           verify_fail_open=False)
+        denied = DerpClient(NodePrivate.generate(), plain_node(sport))
+        n.start_soon(denied.run)
+        with trio.fail_after(10):
+            while strict.counters.rejected_clients < 1:
+                await trio.sleep(0.01)
+        n.cancel_scope.cancel()

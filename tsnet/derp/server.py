@@ -340,12 +340,16 @@ class DerpServer:
     async def _verify(self, conn: ServerConn) -> bool:
         key = NodePublic(conn.key)  # type: ignore[arg-type]
         ip = conn.remote[0] if conn.remote else ""
-        try:
-            if self.verify_client is not None:
+        if self.verify_client is not None:
+            try:
                 result = self.verify_client(key, ip)
                 if inspect.isawaitable(result):
                     result = await result
                 return bool(result)
+            except Exception:  # a broken policy callback denies; it must not kill the connection task
+                log.exception("derp: verify_client callback failed for %s", key.short())
+                return False
+        try:
             assert self.verify_client_url is not None
             with trio.fail_after(5):
                 status, body = await _http_post_json(self.verify_client_url, {"NodePublic": str(key), "Source": ip})
@@ -356,7 +360,7 @@ class DerpServer:
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
                 h11.ProtocolError, ValueError, ssl.SSLError) as exc:
             log.warning("derp: verify-clients lookup failed for %s: %r", key.short(), exc)
-            return self.verify_fail_open if self.verify_client_url is not None else False
+            return self.verify_fail_open
 
     # -- standalone listener ---------------------------------------------------------------
 
