@@ -223,6 +223,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"tsnet control: cannot listen on {args.listen}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        store.close()
     return 0
 
 
