@@ -609,9 +609,17 @@ class DerpServerCore:
         nbytes = 0
         relayed = 0
         relayed_bytes = 0
+        # Locals instead of globals/attributes: this loop runs once per frame.
+        max_frame = MAX_CLIENT_FRAME
+        conn_cls = ServerConn
+        missing = _MISSING
+        disco_magic = DISCO_MAGIC
+        disco_min = KEY_LEN + _DISCO_MIN_LEN
+        hdr_len = -1
+        hdr = b""
         while n - pos >= 5:
             ftype, length = unpack(buf, pos)
-            if length > MAX_CLIENT_FRAME:
+            if length > max_frame:
                 raise DerpProtocolError(f"frame type 0x{ftype:02x} declares {length} bytes (limit {MAX_CLIENT_FRAME})")
             end = pos + 5 + length
             if end > n:
@@ -619,7 +627,7 @@ class DerpServerCore:
             frames += 1
             nbytes += length
             if ftype == 4:  # SendPacket: the hot path
-                if length < KEY_LEN:
+                if length < 32:
                     raise DerpProtocolError(f"SendPacket of {length} bytes has no destination key")
                 dst = buf[pos + 5 : pos + 37]
                 if limited:
@@ -629,23 +637,27 @@ class DerpServerCore:
                         pos = end
                         continue
                     conn._tokens -= cost
-                target = route.get(dst, _MISSING)
-                if target.__class__ is ServerConn:
-                    # Inlined _push_packet: this line runs once per relayed packet.
-                    if length >= KEY_LEN + _DISCO_MIN_LEN and buf.startswith(DISCO_MAGIC, pos + 37):
+                target = route.get(dst, missing)
+                if target.__class__ is conn_cls:
+                    # Inlined _push_packet. RecvPacket has the SendPacket's length, so one header
+                    # (type, length, our key) serves every packet of that size in this batch.
+                    if length != hdr_len:
+                        hdr_len = length
+                        hdr = pack(5, length) + src
+                    if length >= disco_min and buf.startswith(disco_magic, pos + 37):
                         q = target._disco
                     else:
                         q = target._other
                     if len(q) >= target._depth:
                         q.popleft()
                         counters.drops[_QUEUE_HEAD] += 1
-                    q.append((pack(5, length) + src, mv[pos + 37 : end]))
+                    q.append((hdr, mv[pos + 37 : end]))
                     if not target._dirty:
                         target._dirty = True
                         dirty.append(target)
                     sent_to.add(dst)
                     relayed += 1
-                    relayed_bytes += length - KEY_LEN
+                    relayed_bytes += length
                 else:
                     self._route_slow(conn, dst, target, mv[pos + 37 : end], now)
             elif ftype == FrameType.FORWARD_PACKET:
@@ -660,7 +672,7 @@ class DerpServerCore:
         counters.packets_received += frames
         counters.bytes_received += nbytes
         counters.packets_relayed += relayed
-        counters.bytes_relayed += relayed_bytes
+        counters.bytes_relayed += relayed_bytes - KEY_LEN * relayed
 
     def _route_slow(self, conn: ServerConn, dst: bytes, target, packet: memoryview, now: float) -> None:
         counters = self.counters
