@@ -322,3 +322,23 @@ async def test_interactive_login_waits_for_admin_approval(control, nursery):
     assert shown and shown[0].startswith(f"http://127.0.0.1:{control.port}/register/")
     node = control.server.store.node_by_key(str(cfg.node_key.public))
     assert node.name == "walk-in" and control.server.store.pending_logins() == []
+
+
+async def test_expired_node_without_key_reauthenticates_interactively(control, nursery):
+    urls = []
+
+    def approve(url):
+        urls.append(url)
+        control.server.store.approve_pending(url.rsplit("/", 1)[1])
+        control.server.notify()
+
+    cfg = control.config("laptop", control.authkey(), on_auth_url=approve)
+    b, wb, _ = await start(control, nursery, cfg)
+    nm = await wb.wait_for(lambda nm: True)
+    cfg.auth_key = None  # single-use key is spent; renewal must go through the admin
+    before = control.server.store.node_by_name("laptop")
+    control.server.expire_node(before.id)
+    nm = await wb.wait_for(lambda nm: str(nm.self_node.key) != before.node_key)
+    after = control.server.store.node_by_name("laptop")
+    assert len(urls) == 1 and after.id == before.id and after.ipv4 == before.ipv4
+    assert not after.expired(control.server.now())

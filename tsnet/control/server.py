@@ -442,12 +442,12 @@ class ControlServer:
         if node is not None and node.expired(now) and authkey is None and not approved:
             return tailcfg.RegisterResponse(node_key_expired=True)
         if old is not None and authkey is None and old.expired(now) and not approved:
-            return tailcfg.RegisterResponse(error="node key expired; log in again with an auth key")
+            return tailcfg.RegisterResponse(error=_NEEDS_AUTH)  # re-authenticate: auth key or interactive
         if old is None and node is None and authkey is None and not approved:
             return tailcfg.RegisterResponse(error=_NEEDS_AUTH)
 
         target = old or node
-        if target is None and authkey is not None:
+        if target is None and (authkey is not None or approved):
             # Re-login after logout keeps the machine's node (ID, name, addresses).
             mine = self.store.nodes_by_machine(mkey)
             target = mine[-1] if mine else None
