@@ -27,12 +27,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("derper", help="run a DERP relay server (and STUN)")
     p.add_argument("--listen", type=_hostport, default=("127.0.0.1", 3340), help="HOST:PORT (default 127.0.0.1:3340)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--plain-http", action="store_true", help="serve plain HTTP (clients need TS_DEBUG_USE_DERP_HTTP)")
+    mode.add_argument("--plain-http", action="store_true", help="serve plain HTTP, the default (tailscaled then needs TS_DEBUG_USE_DERP_HTTP=1)")
     mode.add_argument("--self-signed", action="store_true", help="TLS with a freshly generated self-signed certificate")
     mode.add_argument("--tls-cert", metavar="C", help="TLS certificate chain (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="K", help="TLS private key (PEM)")
     p.add_argument("--stun-port", type=int, default=3478, help="UDP STUN port on the listen IP; 0 or -1 disables")
-    p.add_argument("--mesh-with", action="append", default=[], metavar="URL", help="peer DERP URL (repeatable)")
+    p.add_argument("--mesh-with", action="append", default=[], metavar="URL", help="peer DERP URL, http://host:port or https://host:port (repeatable or comma-separated)")
     p.add_argument("--mesh-key", metavar="K", help="64 hex chars shared by mesh peers")
     p.add_argument("--verify-clients-url", metavar="URL", help="admission check: POST {NodePublic, Source}")
     p.add_argument("--private-key", metavar="KEY", help="server key (privkey:hex); random if omitted")
@@ -94,8 +94,9 @@ async def _main(args: argparse.Namespace, private: NodePrivate, mesh_key: bytes 
             if args.stun_port > 0:
                 sport = await nursery.start(server.serve_stun, host, args.stun_port)
                 print(f"STUN on udp {host}:{sport}", flush=True)
-            for url in args.mesh_with:
-                nursery.start_soon(server.run_mesh_peer, url)
+            for url in (u.strip() for arg in args.mesh_with for u in arg.split(",")):
+                if url:
+                    nursery.start_soon(server.run_mesh_peer, url)
             async for signum in signals:
                 print(f"signal {signal.Signals(signum).name}: shutting down", flush=True)
                 break
