@@ -342,3 +342,17 @@ async def test_expired_node_without_key_reauthenticates_interactively(control, n
     after = control.server.store.node_by_name("laptop")
     assert len(urls) == 1 and after.id == before.id and after.ipv4 == before.ipv4
     assert not after.expired(control.server.now())
+
+
+async def test_admin_cli_writes_reach_a_running_server(control, nursery):
+    from tsnet.cli import main as tsnet_main
+
+    key = control.authkey(reusable=True)
+    a, wa, _ = await start(control, nursery, control.config("a", key))
+    b, wb, _ = await start(control, nursery, control.config("gone", key))
+    await wa.wait_for(lambda nm: len(nm.peers) == 1)
+    old_id = control.server.store.node_by_name("gone").id
+    state_dir = str(control.server.store.path.parent)
+    # The CLI writes through its own SQLite connection; the server's store watcher picks it up.
+    assert tsnet_main(["control", "nodes", "delete", "--state-dir", state_dir, "gone"]) == 0
+    await wa.wait_for(lambda nm: all(p.id != old_id for p in nm.peers))
