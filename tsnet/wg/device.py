@@ -345,22 +345,23 @@ class WireGuard:
         Cheaper per packet than single calls: transport data in a run of
         consecutive datagrams from one peer shares its timer/roaming bookkeeping.
         """
-        keypairs = self._keypairs
+        get_keypair = self._keypairs.get
         counters = self.counters
         events = self._packet_events
         deliver = self._events.append if events else self._received.append
+        unpack_header, pack_nonce, unpack_be16 = _unpack_header, _pack_nonce, _BE16.unpack_from  # locals: faster
         run_peer: Peer | None = None  # peer of the current run of transport datagrams
         run_addr: Addr = None
         run_bytes = run_data = 0
         for data, addr in datagrams:
             try:
                 if len(data) >= KEEPALIVE_SIZE:
-                    msg_type, receiver, counter = _unpack_header(data)
-                    kp = keypairs.get(receiver) if msg_type == TYPE_TRANSPORT else None
+                    msg_type, receiver, counter = unpack_header(data)
+                    kp = get_keypair(receiver) if msg_type == TYPE_TRANSPORT else None
                     # Unknown, expired or unconfirmed sessions take the general path below.
                     if kp is not None and now < kp.expires and kp.peer.next is not kp:
                         try:
-                            plaintext = kp.open(_pack_nonce(counter), data[16:], None)
+                            plaintext = kp.open(pack_nonce(counter), data[16:], None)
                         except InvalidTag:
                             counters.drop_data_invalid += 1
                             continue
@@ -387,7 +388,7 @@ class WireGuard:
                             continue
                         if plaintext[0] == 0x45 and n >= 20:
                             # Inlined common case of _ip_length: IPv4 without options.
-                            length = _BE16.unpack_from(plaintext, 2)[0]
+                            length = unpack_be16(plaintext, 2)[0]
                             if length > n or length < 20:
                                 length = -1
                         else:
