@@ -714,3 +714,15 @@ def test_receive_buffer_may_be_reused() -> None:
         b.receive_datagram(memoryview(buf)[: len(d)], A_ADDR, net.clock.now)
         buf[:] = bytes(len(buf))  # the driver scribbles over its buffer before the next recv
     assert packets(b) == [ipv4(b"reuse %d" % i) for i in range(3)]
+
+
+@pytest.mark.parametrize(("inner", "wire"), [(36, 80), (84, 128), (1280, 1312), (20, 64)])
+def test_padded_sizes_match_wireguard_go(inner: int, wire: int) -> None:
+    # Notes A.4 (verified against wireguard-go): a 36-byte ICMP reply is 48 bytes of plaintext, 80 on the wire.
+    net, a, b = make_pair()
+    establish(net, a, b)
+    net.log.clear()
+    a.send_packet(b.public_key, ipv4(bytes(inner - 20)), net.clock.now)
+    net.pump()
+    assert [len(p) for s, _d, p in net.log if s == A_ADDR] == [wire]
+    assert packets(b) == [ipv4(bytes(inner - 20))]
