@@ -663,7 +663,7 @@ class WireGuard:
 
         Payloads may be ``bytearray`` (bytes-like, ready for ``sendto``).
         Datagrams for peers without an endpoint are dropped and counted
-        (``counters.no_endpoint``) when they are produced.
+        (``counters.drop_no_endpoint``) when they are produced.
         """
         out = self._outgoing
         self._outgoing = []
