@@ -167,6 +167,7 @@ class ControlServer:
         self.sessions: dict[int, _Session] = {}
         self.generation = 0
         self._view_cache: _View | None = None
+        self._peer_cache: dict[int, tuple[NodeRecord, bool, bool, dict]] = {}
         self._changed = trio.Event()
         self._compressor = zstandard.ZstdCompressor(level=3)
         #: An embedded :class:`tsnet.derp.server.DerpServer` served at ``/derp`` on our listener.
@@ -651,6 +652,16 @@ class ControlServer:
             extra_records=cfg.extra_records or None,
         )
 
+    def _encoded_peer(self, node: NodeRecord, now: _dt.datetime) -> dict:
+        """The peer form of ``node`` as JSON, reused while nothing about the node changed."""
+        online, expired = node.id in self.sessions, node.expired(now)
+        hit = self._peer_cache.get(node.id)
+        if hit is not None and hit[1] == online and hit[2] == expired and hit[0] == node:
+            return hit[3]
+        encoded = tailcfg.encode(self._tailcfg_node(node, now, is_self=False))
+        self._peer_cache[node.id] = (node, online, expired, encoded)
+        return encoded
+
     def _view(self) -> _View:
         """Everything sessions share, built once per generation (so a change costs O(nodes), not O(nodes²))."""
         cached = self._view_cache
@@ -666,7 +677,7 @@ class ControlServer:
             by_id={n.id: n for n in live},
             users=users,
             logins={uid: u.login_name for uid, u in users.items()},
-            peer_nodes={n.id: tailcfg.encode(self._tailcfg_node(n, now, is_self=False)) for n in live},
+            peer_nodes={n.id: self._encoded_peer(n, now) for n in live},
             dns=tailcfg.encode(self.dns_config()),
             derp=tailcfg.encode(self.config.derp_map) if self.config.derp_map is not None else None,
             control_time=tailcfg.encode(tailcfg.MapResponse(control_time=now))["ControlTime"],
