@@ -97,6 +97,8 @@ class ServerConfig:
     can_see: Callable[[NodeRecord, NodeRecord, list[NodeRecord], dict[int, str]], bool] | None = None
     #: Whether a node of user ``login`` may take ``tag`` via Hostinfo.RequestTags (None: any tag is fine).
     tag_allowed: Callable[[str, str], bool] | None = None
+    #: Send the optional early payload (EarlyNoise with a node-key challenge) before HTTP/2.
+    send_early_payload: bool = True
     #: Unknown nodes without an auth key get an AuthURL; an admin approves with ``nodes approve``.
     interactive_login: bool = True
     #: How long a follow-up register waits for approval before answering the AuthURL again.
@@ -290,7 +292,12 @@ class ControlServer:
 
     async def _serve_noise(self, stream: trio.abc.Stream, initiation: bytes, leftover: bytes) -> None:
         try:
-            noise = await ts2021.accept(stream, initiation, self.noise_key, leftover=leftover)
+            early = None
+            if self.config.send_early_payload:
+                # Like headscale: a per-connection node-key challenge (1.96 reads and ignores it).
+                challenge = "chalpub:" + MachinePrivate.generate().public.hex()
+                early = tailcfg.EarlyNoise(node_key_challenge=challenge)
+            noise = await ts2021.accept(stream, initiation, self.noise_key, leftover=leftover, early=early)
         except (ts2021.HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.counters["handshake_failures"] += 1
             log.info("noise handshake failed: %s", exc)
