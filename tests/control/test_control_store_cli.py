@@ -126,3 +126,52 @@ async def test_netmap_command_against_loopback_server(control, tmp_path):
         again = await trio.run_process(cmd2, capture_stdout=True, capture_stderr=True, cwd=repo, check=False)
     assert again.returncode == 0, again.stderr.decode()
     assert json.loads(again.stdout)["self"] == summary["self"]
+
+
+async def test_serve_subprocess_with_derp_map_file(tmp_path):
+    """`tsnet control serve` end to end on loopback: a user-given DERP map reaches a client."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import trio
+
+    from control_helpers import NetmapWatcher
+    from tsnet.control.client import ClientConfig, ControlClient
+    from tsnet.key import DiscoPrivate, MachinePrivate, NodePrivate
+
+    repo = Path(__file__).resolve().parents[2]
+    derp_map = tmp_path / "derp.json"
+    derp_map.write_text(json.dumps({"Regions": {"7": {"RegionID": 7, "RegionCode": "own", "RegionName": "Own",
+                                                      "Nodes": [{"Name": "7a", "RegionID": 7, "HostName": "derp.example"}]}}}))
+    state = tmp_path / "st"
+    admin = Store.open(state)
+    key = admin.create_authkey(NOW, reusable=True).key
+    admin.close()
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tsnet", "control", "serve", "--listen", "127.0.0.1:0", "--state-dir", str(state),
+         "--derp-map", str(derp_map)], cwd=repo, stderr=subprocess.PIPE)
+    try:
+        buf = b""
+        with trio.fail_after(20):
+            while b"serving http://" not in buf:
+                chunk = await proc.stderr.receive_some(4096)
+                assert chunk, buf.decode()
+                buf += chunk
+        url = buf.split(b"serving ", 1)[1].split(b" ", 1)[0].decode()
+        watcher = NetmapWatcher()
+        cfg = ClientConfig(control_url=url, machine_key=MachinePrivate.generate(), node_key=NodePrivate.generate(),
+                           disco_key=DiscoPrivate.generate().public, hostname="sub", auth_key=key)
+        async with ControlClient(cfg) as client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.run, watcher)
+                nm = await watcher.wait_for(lambda nm: True)
+                nursery.cancel_scope.cancel()
+        assert list(nm.derp_map.regions) == [7] and nm.derp_map.regions[7].nodes[0].host_name == "derp.example"
+    finally:
+        proc.terminate()
+        with trio.move_on_after(10):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
