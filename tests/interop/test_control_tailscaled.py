@@ -94,6 +94,8 @@ class Tailnet:
     state: Path
     authkey: str
     nodes: list[Node]
+    ctl: Namespace
+    url1: str
 
 
 def make_tailnet(lab: Lab, bins: TailscaleBinaries, tmp_path: Path, *, forward: bool,
@@ -122,7 +124,7 @@ def make_tailnet(lab: Lab, bins: TailscaleBinaries, tmp_path: Path, *, forward: 
         st = tmp_path / name
         st.mkdir()
         nodes.append(Node(ns, bins, st, url, name, mem_state=mem))
-    return Tailnet(server, state, authkey, nodes)
+    return Tailnet(server, state, authkey, nodes, ctl, url1)
 
 
 def dump(net: Tailnet) -> None:
@@ -276,4 +278,52 @@ def test_tailscale_up_interactive_login_approved_by_admin(lab: Lab, tailscale_bi
         if up.poll() is None:
             up.kill()
             up.wait()
+        dump(net)
+
+
+RELAY_POLICY = """{
+  "tagOwners": {"tag:relay": []},
+  "grants": [
+    {"src": ["*"], "dst": ["*"], "ip": ["*"]},
+    // members may relay through tag:relay nodes (cap/relay there, cap/relay-target on the members)
+    {"src": ["autogroup:member"], "dst": ["tag:relay"], "app": {"tailscale.com/cap/relay": []}},
+  ],
+}
+"""
+
+
+def test_peer_relay_grant_lets_tailscaled_relay(lab: Lab, tailscale_binaries: TailscaleBinaries,
+                                                tmp_path: Path) -> None:
+    """alpha and beta cannot reach each other directly; a tailscaled in ctl, granted
+    tailscale.com/cap/relay by our policy, relays their WireGuard traffic."""
+    policy = tmp_path / "policy.hujson"
+    policy.write_text(RELAY_POLICY)
+    net = make_tailnet(lab, tailscale_binaries, tmp_path, forward=False, server_args=("--policy", str(policy)))
+    try:
+        relay_key = _tsnet("control", "authkey", "create", "--state-dir", str(net.state), "--tags", "tag:relay").strip()
+        st = tmp_path / "relay"
+        st.mkdir()
+        relay = Node(net.ctl, tailscale_binaries, st, net.url1, "relay")
+        net.nodes.append(relay)
+        relay.cli("up", f"--login-server={net.url1}", f"--authkey={relay_key}", "--hostname=relay", "--timeout=60s",
+                  timeout=90)
+        relay.cli("set", "--relay-server-port=40000")
+        a, b = net.nodes[0], net.nodes[1]
+        for node in (a, b):
+            node.cli("up", f"--login-server={node.control_url}", f"--authkey={net.authkey}", f"--hostname={node.name}",
+                     "--timeout=60s", timeout=90)
+        wait_until(lambda: a.peer_names() == ["beta", "relay"] and b.peer_names() == ["alpha", "relay"], 30,
+                   "all peers visible")
+        target = v4_of(b)
+        outputs = []
+
+        def relayed() -> bool:
+            out = a.cli("ping", "--c", "1", "--timeout", "3s", target, timeout=30, check=False)
+            outputs.append(out)
+            return "peer-relay(" in out
+
+        wait_until(relayed, 45, "ping via the peer relay", interval=1.0)
+        print("".join(outputs))
+        assert "pong from beta" in outputs[-1], outputs[-3:]
+    finally:
         dump(net)
