@@ -164,3 +164,26 @@ def test_early_payload_sniffer_splits():
     s3 = controlhttp.EarlyPayloadSniffer()
     with pytest.raises(controlhttp.UpgradeError):
         s3.feed(b"\xff\xff\xffTS\x7f\xff\xff\xff")
+
+
+@pytest.mark.parametrize("url, http_port, https_port, authority", [
+    ("https://controlplane.example", 80, 443, "controlplane.example"),
+    ("https://h.example:8443", 80, 8443, "h.example:8443"),
+    ("http://h.example", 80, 443, "h.example"),
+    ("http://h.example:8080", 8080, 443, "h.example:8080"),
+    ("http://127.0.0.1:8080", 8080, None, "127.0.0.1:8080"),
+    ("http://10.1.2.3", 80, None, "10.1.2.3"),
+    ("http://localhost:9000/", 9000, None, "localhost:9000"),
+])
+def test_login_url_ports(url, http_port, https_port, authority):
+    from tsnet.control.client import parse_login_url
+
+    lu = parse_login_url(url)
+    assert (lu.http_port, lu.https_port, lu.authority) == (http_port, https_port, authority)
+
+
+def test_login_url_rejects_other_schemes():
+    from tsnet.control.client import parse_login_url
+
+    with pytest.raises(ValueError):
+        parse_login_url("ftp://x")
