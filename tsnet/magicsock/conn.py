@@ -1,0 +1,764 @@
+"""magicsock: one UDP socket per family, WireGuard over the best path per peer (sans-IO core).
+
+:class:`MagicSock` ties the pieces together the way tailscaled's magicsock does:
+
+* every datagram from the UDP socket is classified (:mod:`.demux`) and goes to
+  netcheck (STUN), the disco receiver (naked or Geneve disco) or WireGuard
+  (naked or Geneve-wrapped);
+* packets arriving over DERP are disco (addressed to our node key) or raw
+  WireGuard from the DERP source node;
+* the WireGuard core runs with roaming off; each peer's WireGuard endpoint is
+  just its node key, and every outgoing WireGuard datagram asks that peer's
+  :class:`~.endpoint.PeerEndpoint` where to go: a trusted UDP path (direct
+  beats peer relay) alone, otherwise the untrusted UDP path plus DERP, or DERP
+  alone (so traffic flows over DERP at once and moves to direct when a pong
+  confirms it);
+* disco actions are carried out: pings/pongs on the path they name,
+  CallMeMaybe over DERP with our current endpoints (re-STUNning first when
+  they are older than 27 s), which makes the peer ping us back through our
+  fresh NAT mapping (hole punching);
+* incoming WireGuard needs no address → peer table: the WireGuard core finds
+  the session by receiver index (data) or by the initiator's static key
+  (handshakes), so datagrams from unknown sources (a NAT's new mapping, a
+  relay) are routed cryptographically. Sources proven by disco or by
+  decryption are remembered for status only;
+* endpoint discovery: local interface addresses with the bound port plus
+  STUN against the DERP map's STUN servers (periodically, 20-26 s), reported
+  as :class:`EndpointsChanged`; netcheck picks the home DERP region
+  (:class:`HomeDerpChanged`).
+
+The core never does I/O and never reads a clock: callers pass ``now``
+(seconds, monotonic) and collect :meth:`MagicSock.take_udp`,
+:meth:`MagicSock.take_derp`, :meth:`MagicSock.take_packets` and
+:meth:`MagicSock.take_events`. :class:`tsnet.magicsock.driver.MagicSockDriver`
+is the trio driver.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import logging
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tsnet.key import DiscoPrivate, DiscoPublic, NodePrivate, NodePublic
+from tsnet.magicsock import disco
+from tsnet.magicsock.addrport import AddrPort, IPAddress
+from tsnet.magicsock.demux import PacketKind, classify
+from tsnet.magicsock.discorecv import DiscoPeer, DiscoReceiver
+from tsnet.magicsock.endpoint import (
+    Action,
+    BestPathChanged,
+    DerpPath,
+    PeerEndpoint,
+    SendCallMeMaybe,
+    SendPing,
+    SendPong,
+    StartRelayDiscovery,
+    UDPPath,
+)
+from tsnet.magicsock.netcheck import NetcheckReport, StunProber, stun_targets
+from tsnet.magicsock.tsmp import IPPROTO_TSMP
+from tsnet.relay.geneve import PROTOCOL_DISCO, PROTOCOL_WIREGUARD, encode_header
+from tsnet.wg.device import WireGuard
+
+__all__ = [
+    "ENDPOINTS_FRESH_ENOUGH",
+    "EndpointType",
+    "Endpoint",
+    "PeerConfig",
+    "PathStatus",
+    "EndpointsChanged",
+    "HomeDerpChanged",
+    "PathChanged",
+    "MagicSockEvent",
+    "MagicSock",
+    "peers_from_netmap",
+]
+
+log = logging.getLogger("tsnet.magicsock")
+
+#: Our STUN endpoints must be this fresh before a CallMeMaybe goes out.
+ENDPOINTS_FRESH_ENOUGH = 27.0
+RESTUN_MIN, RESTUN_MAX = 20.0, 26.0
+#: A CallMeMaybe waits at most this long for a re-STUN before going out anyway.
+CMM_MAX_WAIT = 3.0
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class EndpointType(enum.IntEnum):
+    """tailcfg.EndpointType values (what ``MapRequest.EndpointTypes`` carries)."""
+
+    UNKNOWN = 0
+    LOCAL = 1
+    STUN = 2
+    PORTMAPPED = 3
+    STUN4_LOCAL_PORT = 4
+    EXPLICIT_CONF = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    addr: AddrPort
+    type: EndpointType
+
+    def __str__(self) -> str:
+        return str(self.addr)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """What magicsock needs to know about one peer (from the netmap)."""
+
+    node_key: NodePublic
+    disco_key: DiscoPublic | None
+    endpoints: tuple[AddrPort, ...] = ()
+    home_derp: int = 0
+    cap: int = 0
+    allowed_ips: tuple[IPNetwork, ...] = ()
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PathStatus:
+    """One peer's current path, as ``tailscale status`` would show it.
+
+    ``kind`` is ``direct``, ``peer-relay``, ``derp`` or ``none``; ``addr`` is
+    ``ip:port`` (direct), ``ip:port:vni:N`` (relay) or None; ``derp_region``
+    the region DERP traffic would use.
+    """
+
+    node_key: NodePublic
+    name: str
+    kind: str
+    addr: str | None
+    derp_region: int | None
+    latency: float | None
+    last_change: float | None
+    trusted: bool
+    handshake: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "node_key": str(self.node_key),
+            "name": self.name,
+            "kind": self.kind,
+            "addr": self.addr,
+            "derp_region": self.derp_region,
+            "latency": self.latency,
+            "last_change": self.last_change,
+            "trusted": self.trusted,
+            "handshake": self.handshake,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointsChanged:
+    """Our endpoint list changed: report it to control (lite map update)."""
+
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HomeDerpChanged:
+    """Netcheck picked a (new) home DERP region; ``report`` is the netcheck that did."""
+
+    region: int
+    report: NetcheckReport | None
+
+
+@dataclass(frozen=True, slots=True)
+class PathChanged:
+    """A peer's best UDP path changed (None: back to DERP only)."""
+
+    peer: NodePublic
+    old: str | None
+    new: str | None
+    reason: str
+
+
+MagicSockEvent = EndpointsChanged | HomeDerpChanged | PathChanged
+
+
+@dataclass(frozen=True, slots=True)
+class _DerpSource:
+    """WireGuard's view of a datagram that came over DERP (used only for cookie replies)."""
+
+    region: int
+    node: NodePublic
+
+
+@dataclass(slots=True)
+class _Peer:
+    config: PeerConfig
+    ep: PeerEndpoint
+    last_change: float | None = None
+    #: UDP sources seen for this peer (proved by disco or by WireGuard decryption)
+    sources: set[UDPPath] = field(default_factory=set)
+
+
+def _sockaddr_family(addr: AddrPort) -> int:
+    return 6 if addr.is_v6 else 4
+
+
+def peers_from_netmap(netmap: Any) -> list[PeerConfig]:
+    """PeerConfigs for every peer of a :class:`tsnet.control.netmap.NetworkMap`."""
+    out = []
+    for p in netmap.peers:
+        eps = []
+        for ip, port in p.endpoints:
+            try:
+                eps.append(AddrPort.of(ip, port))
+            except ValueError:
+                continue
+        allowed = p.allowed_ips or tuple(ipaddress.ip_network(a, strict=False) for a in p.addresses)
+        out.append(PeerConfig(p.key, p.disco_key, tuple(eps), p.home_derp, p.cap, tuple(allowed), p.name))
+    return out
+
+
+class MagicSock:
+    """The magicsock core (sans-IO). See the module docstring.
+
+    Args:
+        node_private: our WireGuard (node) key.
+        disco_private: our disco key (fresh per process, like tailscaled's).
+        now: the caller's monotonic clock.
+        drop_direct_udp: test hook: silently drop direct (non-relay, non-STUN)
+            UDP both ways, as if a firewall blocked the peers' direct path.
+        rng: randomness for re-STUN jitter (tests inject a seeded one).
+    """
+
+    def __init__(
+        self,
+        node_private: NodePrivate,
+        disco_private: DiscoPrivate,
+        *,
+        now: float,
+        drop_direct_udp: bool = False,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node_private = node_private
+        self.node_key = node_private.public
+        self.wg = WireGuard(node_private, now=now, roaming=False, packet_events=False)
+        self.boxes = disco.DiscoBoxes(disco_private)
+        self.disco_key = self.boxes.public_key
+        self.disco = DiscoReceiver(self.boxes, relay_client_enabled=False)
+        self.drop_direct_udp = drop_direct_udp
+        self._rng = rng or random.Random()
+        self.peers: dict[NodePublic, _Peer] = {}
+        self._routes: dict[IPAddress, NodePublic] = {}
+        self._prefix_routes: list[tuple[IPNetwork, NodePublic]] = []
+        self._udp_out: list[tuple[bytes | bytearray, AddrPort]] = []
+        self._derp_out: list[tuple[int, NodePublic, bytes | bytearray]] = []
+        self._events: list[MagicSockEvent] = []
+        self._received: list[tuple[NodePublic, bytes]] = []
+        self.derp_map: Any = None
+        self.home_derp = 0
+        self.local_addresses: tuple[IPAddress, ...] = ()
+        self.ports: dict[int, int] = {}
+        self.configured_port = 0
+        self.endpoints: tuple[Endpoint, ...] = ()
+        self.endpoints_at: float | None = None
+        self.last_report: NetcheckReport | None = None
+        self._stun_mapped: tuple[AddrPort, ...] = ()
+        self._prober: StunProber | None = None
+        self._next_stun: float | None = None
+        self._pending_cmm: dict[tuple[NodePublic, int], float] = {}
+        self.counters: dict[str, int] = {}
+
+    # --- counters -------------------------------------------------------------
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    # --- configuration --------------------------------------------------------
+
+    def set_sockets(self, ports: dict[int, int], local_addresses: Iterable[IPAddress], now: float,
+                    configured_port: int = 0) -> None:
+        """The driver bound its sockets: ``ports`` maps family (4/6) to port; interface addresses to advertise."""
+        self.ports = dict(ports)
+        self.configured_port = configured_port
+        self.local_addresses = tuple(local_addresses)
+        self._update_endpoints(now)
+
+    def set_derp_map(self, derp_map: Any, now: float) -> None:
+        """A (new) DERP map: pick a provisional home region and run netcheck."""
+        self.derp_map = derp_map
+        regions = sorted(int(r) for r in (getattr(derp_map, "regions", None) or {}))
+        if regions and self.home_derp not in regions:
+            self._set_home(regions[0], None)
+        self.restun(now)
+
+    def set_peers(self, peers: Iterable[PeerConfig], now: float) -> None:
+        """Reconfigure the peer set (add, update, remove). A changed disco key resets that peer's paths."""
+        new = {p.node_key: p for p in peers if p.node_key != self.node_key}
+        for key in [k for k in self.peers if k not in new]:
+            del self.peers[key]
+            self.wg.remove_peer(key)
+            log.info("magicsock: peer %s removed", key.short())
+        for key, cfg in new.items():
+            st = self.peers.get(key)
+            if st is None:
+                ep = PeerEndpoint(key, cfg.disco_key, my_node_key=self.node_key, home_derp=cfg.home_derp,
+                                  relay_capable=False)
+                st = self.peers[key] = _Peer(cfg, ep)
+                self.wg.add_peer(key, endpoint=key)
+                actions = ep.update_from_netmap(cfg.endpoints, now)
+            else:
+                st.config = cfg
+                actions = st.ep.update_from_netmap(cfg.endpoints, now, disco_key=cfg.disco_key,
+                                                   home_derp=cfg.home_derp)
+            self._do(st, actions, now)
+        self.disco.set_peers(DiscoPeer(p.node_key, p.disco_key, p.cap) for p in new.values() if p.disco_key)
+        routes: dict[IPAddress, NodePublic] = {}
+        prefixes: list[tuple[IPNetwork, NodePublic]] = []
+        for key, cfg in new.items():
+            for net in cfg.allowed_ips:
+                if net.prefixlen == net.max_prefixlen:
+                    routes[net.network_address] = key
+                else:
+                    prefixes.append((net, key))
+        prefixes.sort(key=lambda x: -x[0].prefixlen)  # longest prefix first
+        self._routes, self._prefix_routes = routes, prefixes
+
+    def set_netmap(self, netmap: Any, now: float) -> None:
+        """Apply a control :class:`~tsnet.control.netmap.NetworkMap`: DERP map (when changed) and peers."""
+        if netmap.derp_map is not None and netmap.derp_map != self.derp_map:
+            self.set_derp_map(netmap.derp_map, now)
+        self.set_peers(peers_from_netmap(netmap), now)
+
+    # --- sending --------------------------------------------------------------
+
+    def peer_for_ip(self, dst: IPAddress) -> NodePublic | None:
+        """The peer whose AllowedIPs hold ``dst`` (exact host routes first, then longest prefix)."""
+        key = self._routes.get(dst)
+        if key is not None:
+            return key
+        for net, key in self._prefix_routes:
+            if dst.version == net.version and dst in net:
+                return key
+        return None
+
+    def send_ip_packet(self, packet: bytes | bytearray | memoryview, now: float) -> bool:
+        """Route an IP packet to the peer owning its destination. False (and counted) when none does."""
+        try:
+            ver = packet[0] >> 4
+            if ver == 4:
+                dst: IPAddress = ipaddress.IPv4Address(bytes(packet[16:20]))
+            elif ver == 6:
+                dst = ipaddress.IPv6Address(bytes(packet[24:40]))
+            else:
+                raise ValueError
+        except (IndexError, ValueError):
+            self._count("send_bad_packet")
+            return False
+        key = self.peer_for_ip(dst)
+        if key is None:
+            self._count("send_no_route")
+            return False
+        self.send_packet(key, packet, now)
+        return True
+
+    def send_packet(self, peer: NodePublic, packet: bytes | bytearray | memoryview, now: float) -> None:
+        """Encrypt ``packet`` to ``peer`` and route the datagrams. Raises KeyError for an unknown peer."""
+        self.wg.send_packet(peer, packet, now)
+        self._flush_wg(now)
+
+    def send_packets(self, peer: NodePublic, packets: list[bytes | bytearray | memoryview], now: float) -> None:
+        self.wg.send_packets(peer, packets, now)
+        self._flush_wg(now)
+
+    def _flush_wg(self, now: float) -> None:
+        out = self.wg.datagrams_to_send(now)
+        if not out:
+            return
+        last_key: Any = None
+        plan = None
+        for payload, dest in out:
+            if dest.__class__ is NodePublic:
+                st = self.peers.get(dest)
+                if st is None:
+                    self._count("wg_send_unknown_peer")
+                    continue
+                if dest is not last_key:
+                    # One plan per run of datagrams to the same peer: the plan's
+                    # discovery work must not repeat per packet of a burst.
+                    plan = st.ep.send_plan(now)
+                    last_key = dest
+                    if plan.actions:
+                        self._do(st, list(plan.actions), now)
+                assert plan is not None
+                if plan.udp is not None:
+                    self._send_udp_path(plan.udp, payload, PROTOCOL_WIREGUARD)
+                if plan.derp_region is not None:
+                    self._derp_out.append((plan.derp_region, dest, payload))
+                    self._count("wg_sent_derp")
+                if not plan.has_route:
+                    self._count("wg_send_no_path")
+            elif isinstance(dest, AddrPort):  # a cookie reply to a UDP source
+                self._send_udp_path(UDPPath(dest), payload, PROTOCOL_WIREGUARD)
+            elif isinstance(dest, UDPPath):
+                self._send_udp_path(dest, payload, PROTOCOL_WIREGUARD)
+            elif isinstance(dest, _DerpSource):
+                self._derp_out.append((dest.region, dest.node, payload))
+            else:
+                self._count("wg_send_bad_dest")
+
+    def _send_udp_path(self, path: UDPPath, payload: bytes | bytearray, protocol: int) -> None:
+        if path.vni is not None:
+            payload = encode_header(protocol, path.vni) + payload
+            self._count("udp_sent_relay")
+        elif self.drop_direct_udp:
+            self._count("udp_dropped_by_hook")
+            return
+        else:
+            self._count("udp_sent_direct")
+        self._udp_out.append((payload, path.addr))
+
+    def _send_disco(self, st: _Peer, path: DerpPath | UDPPath, message: disco.Message) -> None:
+        disco_key = st.ep.disco_key
+        if disco_key is None:
+            self._count("disco_send_no_key")
+            return
+        try:
+            packet = self.boxes.seal(disco_key, message)
+        except disco.DiscoError:
+            self._count("disco_send_bad_key")
+            return
+        self._count(f"disco_sent_{type(message).__name__.lower()}")
+        if isinstance(path, DerpPath):
+            self._derp_out.append((path.region, st.config.node_key, packet))
+        else:
+            self._send_udp_path(path, packet, PROTOCOL_DISCO)
+
+    # --- actions --------------------------------------------------------------
+
+    def _do(self, st: _Peer, actions: list[Action], now: float) -> None:
+        for a in actions:
+            cls = a.__class__
+            if cls is SendPing:
+                self._send_disco(st, a.path, a.ping)  # type: ignore[union-attr]
+            elif cls is SendPong:
+                self._send_disco(st, a.path, a.pong)  # type: ignore[union-attr]
+            elif cls is SendCallMeMaybe:
+                self._call_me_maybe(st, a.region, now)  # type: ignore[union-attr]
+            elif cls is BestPathChanged:
+                self._path_changed(st, a, now)  # type: ignore[arg-type]
+            elif cls is StartRelayDiscovery:
+                self._count("relay_discovery_skipped")  # no relay manager wired in yet
+
+    def _path_changed(self, st: _Peer, a: BestPathChanged, now: float) -> None:
+        old = str(a.old.path) if a.old else None
+        new = str(a.new.path) if a.new else None
+        st.last_change = now
+        self._count("path_changes")
+        if a.new is not None:
+            st.sources.add(a.new.path)
+        lat = f" latency={a.new.latency * 1000:.2f}ms" if a.new else ""
+        log.info("magicsock: peer %s (%s) now using %s (was %s; %s)%s", st.config.node_key.short(),
+                 st.config.name or "-", new or "DERP", old or "DERP", a.reason, lat)
+        self._events.append(PathChanged(st.config.node_key, old, new, a.reason))
+
+    def _endpoints_fresh(self, now: float) -> bool:
+        return self.endpoints_at is not None and now - self.endpoints_at <= ENDPOINTS_FRESH_ENOUGH
+
+    def _call_me_maybe(self, st: _Peer, region: int, now: float) -> None:
+        if not self._endpoints_fresh(now) and self.derp_map is not None and self._stun_targets():
+            # Stale endpoints would send the peer to dead NAT mappings: re-STUN first.
+            self._pending_cmm[(st.config.node_key, region)] = now
+            if self._prober is None:
+                self.restun(now)
+            return
+        self._send_cmm_now(st, region)
+
+    def _send_cmm_now(self, st: _Peer, region: int) -> None:
+        eps = tuple(e.addr for e in self.endpoints)
+        self._send_disco(st, DerpPath(region), disco.CallMeMaybe(eps))
+
+    def _flush_pending_cmm(self) -> None:
+        pending, self._pending_cmm = self._pending_cmm, {}
+        for (key, region) in pending:
+            st = self.peers.get(key)
+            if st is not None:
+                self._send_cmm_now(st, region)
+
+    # --- receiving ------------------------------------------------------------
+
+    def receive_udp(self, data: bytes | bytearray | memoryview, src: AddrPort, now: float) -> None:
+        """One datagram from the UDP socket. Never raises."""
+        self.receive_udp_batch([(data, src)], now)
+
+    def receive_udp_batch(self, batch: Iterable[tuple[bytes | bytearray | memoryview, AddrPort]], now: float) -> None:
+        """A drained batch of ``(datagram, source)``. WireGuard runs go to the core in one call."""
+        wg_batch: list[tuple[Any, Any]] = []
+        for data, src in batch:
+            try:
+                c = classify(data)
+                kind = c.kind
+                if kind is PacketKind.WIREGUARD:
+                    if self.drop_direct_udp:
+                        self._count("udp_dropped_by_hook")
+                        continue
+                    wg_batch.append((c.payload, src))
+                    continue
+                if wg_batch:
+                    self.wg.receive_datagrams(wg_batch, now)
+                    wg_batch = []
+                if kind is PacketKind.STUN_BINDING:
+                    self._receive_stun(c.payload, src, now)
+                elif kind is PacketKind.DISCO:
+                    if self.drop_direct_udp:
+                        self._count("udp_dropped_by_hook")
+                        continue
+                    self._receive_disco(c.payload, UDPPath(src), now)
+                elif kind is PacketKind.GENEVE_DISCO:
+                    self._receive_disco(c.payload, UDPPath(src, c.vni), now, geneve_control=c.control)
+                elif kind is PacketKind.GENEVE_WIREGUARD:
+                    self.wg.receive_datagram(c.payload, UDPPath(src, c.vni), now)
+                else:
+                    self._count("udp_unknown")
+            except Exception:  # the safety net: junk must never take the node down
+                log.debug("magicsock: error handling datagram from %s", src, exc_info=True)
+                self._count("udp_internal_error")
+        if wg_batch:
+            self.wg.receive_datagrams(wg_batch, now)
+        self._after_wg_receive(now)
+
+    def receive_derp(self, region: int, src: NodePublic, data: bytes | bytearray | memoryview, now: float) -> None:
+        """A packet that DERP region ``region`` delivered from node ``src``. Never raises."""
+        try:
+            st = self.peers.get(src)
+            if st is not None:
+                st.ep.last_derp_region_heard = region
+            if disco.looks_like_disco(data):
+                self._receive_disco(memoryview(data), DerpPath(region), now, derp_src=src)
+                return
+            if st is None:
+                self._count("derp_from_unknown_peer")
+                return
+            self._count("wg_received_derp")
+            self.wg.receive_datagram(data, _DerpSource(region, src), now)
+            self._after_wg_receive(now)
+        except Exception:
+            log.debug("magicsock: error handling DERP packet from %s", src.short(), exc_info=True)
+            self._count("derp_internal_error")
+
+    def _after_wg_receive(self, now: float) -> None:
+        for peer, packet in self.wg.packets_received():
+            if len(packet) >= 20 and packet[0] >> 4 == 4 and packet[9] == IPPROTO_TSMP:
+                # TSMP (disco key adverts): 1.96.4 ignores them unless TS_USE_CACHED_NETMAP.
+                self._count("tsmp_dropped")
+                continue
+            self._received.append((peer, packet))
+        self._flush_wg(now)  # handshake responses, keepalives
+
+    def take_packets(self) -> list[tuple[NodePublic, bytes]]:
+        """Decrypted inner IP packets as ``(peer, packet)``."""
+        out, self._received = self._received, []
+        return out
+
+    def _receive_disco(self, packet: memoryview, path: UDPPath | DerpPath, now: float, *,
+                       derp_src: NodePublic | None = None, geneve_control: bool = False) -> None:
+        r = self.disco.receive(packet, path, derp_src=derp_src, geneve_control=geneve_control)
+        if r is None:
+            self._count("disco_dropped")
+            return
+        msg = r.message
+        self._count(f"disco_recv_{type(msg).__name__.lower()}")
+        if isinstance(msg, disco.Ping):
+            nodes = r.nodes
+            key = msg.node_key if msg.node_key in nodes else nodes[0]
+            st = self.peers.get(key)
+            if st is None:
+                return
+            if isinstance(path, UDPPath):
+                st.sources.add(path)
+            self._do(st, st.ep.handle_ping(msg, path, now), now)
+            # Other peers sharing this disco key learn the candidate too (no pong from them).
+            for other in nodes:
+                if other != key and isinstance(path, UDPPath) and (o := self.peers.get(other)) is not None:
+                    o.ep.handle_ping(msg, path, now)
+        elif isinstance(msg, disco.Pong):
+            for key in r.nodes:
+                st = self.peers.get(key)
+                if st is not None:
+                    self._do(st, st.ep.handle_pong(msg, path, now), now)
+        elif isinstance(msg, disco.CallMeMaybe):
+            st = self.peers.get(r.nodes[0])
+            if st is not None:
+                self._do(st, st.ep.handle_call_me_maybe(msg, now), now)
+        else:
+            self._count("disco_unhandled")
+
+    # --- STUN / endpoints -------------------------------------------------------
+
+    def _stun_targets(self) -> list[Any]:
+        if self.derp_map is None:
+            return []
+        families = set(self.ports) or {4}
+        return [t for t in stun_targets(self.derp_map) if _sockaddr_family(t.addr) in families]
+
+    def restun(self, now: float) -> None:
+        """Start a netcheck round now (unless one is running)."""
+        if self._prober is not None:
+            return
+        targets = self._stun_targets()
+        if not targets:
+            self._next_stun = None
+            return
+        self._prober = StunProber(targets, now)
+        self._next_stun = None
+        self._drain_prober()
+
+    def _drain_prober(self) -> None:
+        if self._prober is None:
+            return
+        for data, addr in self._prober.datagrams_to_send():
+            self._udp_out.append((data, addr))
+            self._count("stun_sent")
+
+    def _receive_stun(self, data: memoryview, src: AddrPort, now: float) -> None:
+        if self._prober is None or not self._prober.receive(data, src, now):
+            self._count("stun_unexpected")
+            return
+        if self._prober.done:
+            self._finish_netcheck(now)
+
+    def _finish_netcheck(self, now: float) -> None:
+        assert self._prober is not None
+        report = self._prober.report()
+        self._prober = None
+        self._next_stun = now + self._rng.uniform(RESTUN_MIN, RESTUN_MAX)
+        self.last_report = report
+        self._stun_mapped = report.mapped
+        log.debug("magicsock: netcheck %s", report.as_dict())
+        if report.preferred_derp and report.preferred_derp != self.home_derp:
+            self._set_home(report.preferred_derp, report)
+        self._update_endpoints(now)
+        if report.udp:
+            self.endpoints_at = now
+        self._flush_pending_cmm()
+
+    def _set_home(self, region: int, report: NetcheckReport | None) -> None:
+        log.info("magicsock: home DERP region %d (was %d)", region, self.home_derp)
+        self.home_derp = region
+        self._events.append(HomeDerpChanged(region, report))
+
+    def _update_endpoints(self, now: float) -> None:
+        eps: list[Endpoint] = []
+        seen: set[AddrPort] = set()
+
+        def add(addr: AddrPort, typ: EndpointType) -> None:
+            if addr not in seen:
+                seen.add(addr)
+                eps.append(Endpoint(addr, typ))
+
+        for m in self._stun_mapped:
+            add(m, EndpointType.STUN)
+        report = self.last_report
+        if report is not None and report.hard_nat and report.global_v4 and self.configured_port:
+            add(AddrPort(report.global_v4.ip, self.configured_port), EndpointType.STUN4_LOCAL_PORT)
+        locals_ = [ip for ip in self.local_addresses if not (ip.version == 6 and ip.is_link_local)]
+        non_loop = [ip for ip in locals_ if not ip.is_loopback]
+        for ip in non_loop or locals_:
+            port = self.ports.get(ip.version)
+            if port:
+                add(AddrPort(ip, port), EndpointType.LOCAL)
+        new = tuple(eps)
+        if new != self.endpoints:
+            self.endpoints = new
+            log.info("magicsock: endpoints %s", " ".join(f"{e.addr}({e.type.name.lower()})" for e in new))
+            self._events.append(EndpointsChanged(new))
+
+    # --- output -----------------------------------------------------------------
+
+    def take_udp(self) -> list[tuple[bytes | bytearray, AddrPort]]:
+        """Datagrams for the UDP socket(s): ``(payload, destination)``."""
+        out, self._udp_out = self._udp_out, []
+        return out
+
+    def take_derp(self) -> list[tuple[int, NodePublic, bytes | bytearray]]:
+        """Packets for DERP: ``(region, destination node key, payload)``."""
+        out, self._derp_out = self._derp_out, []
+        return out
+
+    def take_events(self) -> list[MagicSockEvent]:
+        out, self._events = self._events, []
+        return out
+
+    def note_udp_unreachable(self, dest: AddrPort, now: float) -> None:
+        """The driver's ``sendto`` said unreachable: drop that path as best for every peer using it."""
+        path = UDPPath(dest)
+        for st in self.peers.values():
+            if st.ep.best is not None and st.ep.best.path == path:
+                self._do(st, st.ep.note_send_error(path), now)
+
+    # --- timers -----------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` next has work (None: nothing scheduled)."""
+        times = []
+        t = self.wg.get_timer()
+        if t is not None:
+            times.append(t)
+        for st in self.peers.values():
+            t = st.ep.get_timer()
+            if t is not None:
+                times.append(t)
+        if self._prober is not None:
+            t = self._prober.get_timer()
+            times.append(t if t is not None else self._prober.started + self._prober.timeout)
+        if self._next_stun is not None:
+            times.append(self._next_stun)
+        if self._pending_cmm:
+            times.append(min(self._pending_cmm.values()) + CMM_MAX_WAIT)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        self.wg.handle_timer(now)
+        self._flush_wg(now)
+        for st in list(self.peers.values()):
+            t = st.ep.get_timer()
+            if t is not None and t <= now:
+                self._do(st, st.ep.handle_timer(now), now)
+        if self._prober is not None:
+            self._prober.handle_timer(now)
+            self._drain_prober()
+            if self._prober.expired(now):
+                self._finish_netcheck(now)
+        if self._next_stun is not None and self._next_stun <= now:
+            self.restun(now)
+        if self._pending_cmm and min(self._pending_cmm.values()) + CMM_MAX_WAIT <= now:
+            self._flush_pending_cmm()  # STUN is not answering: go with what we have
+
+    # --- status -----------------------------------------------------------------
+
+    def peer_status(self, key: NodePublic, now: float) -> PathStatus:
+        """The current path of one peer. Raises KeyError for an unknown peer."""
+        st = self.peers[key]
+        ep = st.ep
+        plan = ep.addr_for_send(now)
+        best = ep.best
+        trusted = ep.is_trusted(now)
+        if best is not None and trusted:
+            kind = "direct" if best.path.is_direct else "peer-relay"
+            addr: str | None = str(best.path)
+        else:
+            kind = "derp" if plan.derp_region else ("none" if best is None else
+                                                     ("direct" if best.path.is_direct else "peer-relay"))
+            addr = str(best.path) if best is not None else None
+        try:
+            handshake = self.wg.peer_status(key, now).has_session
+        except KeyError:
+            handshake = False
+        return PathStatus(key, st.config.name, kind, addr, plan.derp_region, best.latency if best else None,
+                          st.last_change, trusted, handshake)
+
+    def status(self, now: float) -> list[PathStatus]:
+        """Every peer's current path."""
+        return [self.peer_status(k, now) for k in self.peers]
+

@@ -1,0 +1,345 @@
+"""Thin trio driver for :class:`tsnet.magicsock.conn.MagicSock`.
+
+* One non-blocking UDP socket per address family (IPv6 optional), bound to the
+  configured port (0 = random; IPv6 tries the IPv4 port first). A reader task
+  per socket waits for readability and drains up to ``batch`` datagrams into
+  one :meth:`~MagicSock.receive_udp_batch` call; no task switch per packet.
+* DERP: a :class:`tsnet.derp.client.DerpRegions` (one connection per region in
+  use, home region marked preferred); received packets go to
+  :meth:`~MagicSock.receive_derp`.
+* The core's timer is a cancel-scope deadline moved after every core call.
+* Sends are synchronous (``sendto`` on the non-blocking socket; a full kernel
+  buffer drops the datagram, as UDP may).
+
+``on_packet(peer, ip_packet)`` receives decrypted packets; ``on_event(event)``
+receives :class:`~tsnet.magicsock.conn.EndpointsChanged`,
+:class:`~tsnet.magicsock.conn.HomeDerpChanged` and
+:class:`~tsnet.magicsock.conn.PathChanged` (e.g. to send a lite map update to
+control).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import logging
+import math
+import socket
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tsnet.derp.client import DerpNode, DerpRegions
+from tsnet.derp.client_core import ReceivedPacket
+from tsnet.key import DiscoPrivate, NodePrivate, NodePublic
+from tsnet.magicsock.addrport import AddrPort, IPAddress
+from tsnet.magicsock.conn import HomeDerpChanged, MagicSock, MagicSockEvent, PathStatus
+
+__all__ = ["MagicSockDriver", "derp_nodes_from_map", "interface_addresses"]
+
+log = logging.getLogger("tsnet.magicsock")
+
+DEFAULT_BATCH = 64
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+_SIOCGIFADDR = 0x8915
+_UNREACHABLE = (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL)
+
+
+def interface_addresses() -> list[IPAddress]:
+    """Addresses of every interface that is up (IPv4 via ioctl, IPv6 from /proc/net/if_inet6)."""
+    out: list[IPAddress] = []
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for _, name in socket.if_nameindex():
+            try:
+                res = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # no IPv4 address on it
+            out.append(ipaddress.IPv4Address(res[20:24]))
+    finally:
+        s.close()
+    try:
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 6:
+                out.append(ipaddress.IPv6Address(bytes.fromhex(parts[0])))
+    except OSError:
+        pass
+    return out
+
+
+def derp_nodes_from_map(derp_map: Any, *, plain_http: bool = False) -> dict[int, list[DerpNode]]:
+    """Region ID → nodes for :class:`DerpRegions`, from a ``tailcfg.DERPMap``."""
+    out: dict[int, list[DerpNode]] = {}
+    for rid, region in (getattr(derp_map, "regions", None) or {}).items():
+        nodes = []
+        for n in region.nodes or ():
+            nodes.append(DerpNode(
+                name=n.name or "",
+                region_id=int(n.region_id or rid),
+                host_name=n.host_name or "",
+                ipv4=n.ipv4 or "",
+                ipv6=n.ipv6 or "",
+                derp_port=n.derp_port or 0,
+                stun_port=n.stun_port or 0,
+                stun_only=bool(n.stun_only),
+                insecure_for_tests=bool(n.insecure_for_tests),
+                cert_name=n.cert_name or "",
+                stun_test_ip=n.stun_test_ip or "",
+                can_port80=bool(n.can_port80),
+                plain_http=plain_http,
+            ))
+        out[int(rid)] = nodes
+    return out
+
+
+def _open_udp(family: int, host: str, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+            except OSError:
+                pass
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class MagicSockDriver:
+    """Runs a :class:`MagicSock` on real sockets and DERP connections. Construct inside trio."""
+
+    def __init__(
+        self,
+        node_private: NodePrivate,
+        disco_private: DiscoPrivate | None = None,
+        *,
+        port: int = 0,
+        bind_v4: str = "0.0.0.0",
+        bind_v6: str | None = "::",
+        local_addresses: Iterable[IPAddress] | None = None,
+        derp_plain_http: bool = False,
+        drop_direct_udp: bool = False,
+        on_packet: Callable[[NodePublic, bytes], None] | None = None,
+        on_event: Callable[[MagicSockEvent], None] | None = None,
+        batch: int = DEFAULT_BATCH,
+    ) -> None:
+        self.core = MagicSock(node_private, disco_private or DiscoPrivate.generate(), now=trio.current_time(),
+                              drop_direct_udp=drop_direct_udp)
+        self.node_private = node_private
+        self.port = port
+        self.bind_v4 = bind_v4
+        self.bind_v6 = bind_v6
+        self._local_addresses = list(local_addresses) if local_addresses is not None else None
+        self.derp_plain_http = derp_plain_http
+        self.on_packet = on_packet
+        self.on_event = on_event
+        self.batch = batch
+        self.sockets: dict[int, socket.socket] = {}
+        self.regions = DerpRegions(node_private, {})
+        self._timer_scope: trio.CancelScope | None = None
+        self._running = trio.Event()
+        self._addr_cache: dict[tuple[Any, ...], AddrPort] = {}
+        self.counters = {"udp_received": 0, "udp_sent": 0, "udp_send_dropped": 0, "udp_send_errors": 0,
+                         "derp_received": 0, "derp_sent": 0, "derp_send_dropped": 0, "receive_batches": 0}
+
+    # --- public API -------------------------------------------------------------
+
+    @property
+    def disco_key(self):  # type: ignore[no-untyped-def]
+        return self.core.disco_key
+
+    @property
+    def node_key(self) -> NodePublic:
+        return self.core.node_key
+
+    def local_port(self, family: int = 4) -> int:
+        return self.core.ports[family]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind sockets, connect DERP as needed, and serve until cancelled."""
+        self._bind()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.regions.run)
+                for sock in self.sockets.values():
+                    nursery.start_soon(self._reader, sock)
+                nursery.start_soon(self._derp_reader)
+                nursery.start_soon(self._timer_loop)
+                self._running.set()
+                if self.core.home_derp in self.regions.derp_map:
+                    self.regions.set_home(self.core.home_derp)
+                self._pump()
+                task_status.started()
+        finally:
+            for sock in self.sockets.values():
+                sock.close()
+
+    async def wait_running(self) -> None:
+        await self._running.wait()
+
+    def set_netmap(self, netmap: Any) -> None:
+        """Apply a control NetworkMap (DERP map, peers, endpoints, disco keys)."""
+        if netmap.derp_map is not None:
+            self.set_derp_map(netmap.derp_map)
+        self.core.set_netmap(netmap, trio.current_time())
+        self._pump()
+
+    def set_derp_map(self, derp_map: Any) -> None:
+        nodes = derp_nodes_from_map(derp_map, plain_http=self.derp_plain_http)
+        if nodes != self.regions.derp_map:
+            for rid in [r for r in self.regions.clients if r not in nodes]:
+                self.regions.close_region(rid)
+            self.regions.derp_map = nodes
+        if derp_map != self.core.derp_map:
+            self.core.set_derp_map(derp_map, trio.current_time())
+        self._pump()
+
+    def set_peers(self, peers: Iterable[Any]) -> None:
+        self.core.set_peers(peers, trio.current_time())
+        self._pump()
+
+    def send_packet(self, peer: NodePublic, packet: bytes | bytearray | memoryview) -> None:
+        self.core.send_packet(peer, packet, trio.current_time())
+        self._pump()
+
+    def send_ip_packet(self, packet: bytes | bytearray | memoryview) -> bool:
+        ok = self.core.send_ip_packet(packet, trio.current_time())
+        self._pump()
+        return ok
+
+    def status(self) -> list[PathStatus]:
+        return self.core.status(trio.current_time())
+
+    def peer_status(self, peer: NodePublic) -> PathStatus:
+        return self.core.peer_status(peer, trio.current_time())
+
+    # --- internals ----------------------------------------------------------------
+
+    def _bind(self) -> None:
+        v4 = _open_udp(socket.AF_INET, self.bind_v4, self.port)
+        self.sockets[4] = v4
+        port4 = v4.getsockname()[1]
+        if self.bind_v6 is not None:
+            for try_port in dict.fromkeys((self.port or port4, 0)):
+                try:
+                    self.sockets[6] = _open_udp(socket.AF_INET6, self.bind_v6, try_port)
+                    break
+                except OSError:
+                    continue
+            else:
+                log.info("magicsock: no IPv6 socket")
+        ports = {fam: s.getsockname()[1] for fam, s in self.sockets.items()}
+        if self._local_addresses is not None:
+            local = self._local_addresses
+        elif self.bind_v4 not in ("0.0.0.0", ""):
+            local = [ipaddress.ip_address(self.bind_v4)]
+        else:
+            local = interface_addresses()
+        local = [ip for ip in local if ip.version in ports]
+        self.core.set_sockets(ports, local, trio.current_time(), configured_port=self.port)
+        log.info("magicsock: listening on %s", " ".join(f"udp{f}:{p}" for f, p in sorted(ports.items())))
+
+    def _addr(self, sockaddr: tuple[Any, ...]) -> AddrPort:
+        ap = self._addr_cache.get(sockaddr)
+        if ap is None:
+            ap = AddrPort.from_sockaddr(sockaddr)
+            if len(self._addr_cache) > 4096:
+                self._addr_cache.clear()
+            self._addr_cache[sockaddr] = ap
+        return ap
+
+    async def _reader(self, sock: socket.socket) -> None:
+        recvfrom = sock.recvfrom
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            batch = []
+            for _ in range(self.batch):
+                try:
+                    data, addr = recvfrom(65535)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    # ICMP errors surface here on Linux (ECONNREFUSED etc.): not fatal.
+                    log.debug("magicsock: recv error %s", exc)
+                    continue
+                batch.append((data, self._addr(addr)))
+            if not batch:
+                continue
+            self.counters["udp_received"] += len(batch)
+            self.counters["receive_batches"] += 1
+            self.core.receive_udp_batch(batch, trio.current_time())
+            self._pump()
+            await trio.lowlevel.checkpoint()
+
+    async def _derp_reader(self) -> None:
+        async for rev in self.regions.events:
+            ev = rev.event
+            if ev.__class__ is ReceivedPacket:
+                self.counters["derp_received"] += 1
+                self.core.receive_derp(rev.region_id, ev.src, ev.packet, trio.current_time())
+                self._pump()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            with trio.CancelScope() as scope:
+                self._timer_scope = scope
+                t = self.core.get_timer()
+                scope.deadline = t if t is not None else math.inf
+                await trio.sleep_forever()
+            self._timer_scope = None
+            self.core.handle_timer(trio.current_time())
+            self._pump()
+
+    def _pump(self) -> None:
+        """Carry out everything the core queued, then re-arm the timer."""
+        core = self.core
+        socks = self.sockets
+        for payload, dest in core.take_udp():
+            sock = socks.get(6 if dest.ip.version == 6 else 4)
+            if sock is None:
+                self.counters["udp_send_dropped"] += 1
+                continue
+            try:
+                sock.sendto(payload, (str(dest.ip), dest.port))
+                self.counters["udp_sent"] += 1
+            except BlockingIOError:
+                self.counters["udp_send_dropped"] += 1
+            except OSError as exc:
+                self.counters["udp_send_errors"] += 1
+                if exc.errno in _UNREACHABLE:
+                    core.note_udp_unreachable(dest, trio.current_time())
+        if self._running.is_set():
+            for region, dst, payload in core.take_derp():
+                try:
+                    ok = self.regions.send(region, dst, bytes(payload))
+                except KeyError:
+                    ok = False  # region not in the map
+                self.counters["derp_sent" if ok else "derp_send_dropped"] += 1
+        for ev in core.take_events():
+            if isinstance(ev, HomeDerpChanged) and self._running.is_set() and ev.region in self.regions.derp_map:
+                self.regions.set_home(ev.region)
+            if self.on_event is not None:
+                try:
+                    self.on_event(ev)
+                except Exception:
+                    log.exception("magicsock: event handler failed")
+        packets = core.take_packets()
+        if packets and self.on_packet is not None:
+            for peer, pkt in packets:
+                try:
+                    self.on_packet(peer, pkt)
+                except Exception:
+                    log.exception("magicsock: packet handler failed")
+        if self._timer_scope is not None:
+            t = core.get_timer()
+            self._timer_scope.deadline = t if t is not None else math.inf
