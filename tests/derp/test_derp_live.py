@@ -549,3 +549,32 @@ async def test_verify_url_unreachable_fails_open_by_default():
             while strict.counters.rejected_clients < 1:
                 await trio.sleep(0.01)
         n.cancel_scope.cancel()
+
+
+async def test_paced_rate_limit_is_lossless_and_isolated():
+    async with trio.open_nursery() as n:
+        server, port = await start_server(n, rate_limit_bytes_per_sec=5_000_000, rate_limit_mode="pace")
+        flooder = await start_client(n, plain_node(port))
+        flooder.max_pending_frames = 10_000
+        victim = await start_client(n, plain_node(port))
+        x = await start_client(n, plain_node(port))
+        y = await start_client(n, plain_node(port))
+        total = 1500  # ~2 MB: well over the 64 KiB burst, so the server must pause reading the flooder
+        sent = 0
+        got_victim = 0
+        got_y = 0
+        with trio.fail_after(20):
+            while got_victim < total:
+                while sent < total and sent - got_victim < 300:  # stay under the per-client queue depth
+                    flooder.send(victim.private_key.public, bytes(1280))
+                    sent += 1
+                x.send(y.private_key.public, b"small")
+                while got_y < 1:
+                    if isinstance(await y.events.receive(), ReceivedPacket):
+                        got_y += 1
+                got_y = 0
+                ev = await victim.events.receive()
+                if isinstance(ev, ReceivedPacket):
+                    got_victim += 1
+        assert not server.counters.drops and server.counters.rate_limit_pauses > 0
+        n.cancel_scope.cancel()

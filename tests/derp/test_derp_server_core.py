@@ -289,3 +289,20 @@ def test_random_frames_never_crash_the_server(random_frames, raw_noise):
     c.proto.send_packet(b.pub, b"still alive", 0.0)
     pump_all([b, c])
     assert ReceivedPacket(c.pub, b"still alive") in b.events
+
+
+def test_paced_rate_limit_relays_everything_and_asks_driver_to_wait():
+    burst = 5 + 32 + 65536
+    core = make_core(rate_limit_bytes_per_sec=10_000, rate_limit_burst=burst, rate_limit_mode="pace")
+    flooder, victim = Pair(core), Pair(core)
+    pump_all([flooder, victim])
+    assert flooder.conn.read_resume_at(0.0) == 0.0
+    for _ in range(100):
+        flooder.proto.send_packet(victim.pub, bytes(1280), 0.0)
+    flooder.conn.receive_data(flooder.proto.data_to_send(), 0.0)
+    victim.pump()
+    assert len(victim.take(ReceivedPacket)) == 100 and not core.counters.drops
+    debt = 100 * 1317 - burst
+    assert flooder.conn.read_resume_at(0.0) == debt / 10_000
+    assert flooder.conn.read_resume_at(debt / 10_000) == debt / 10_000  # paid off exactly then
+    assert victim.conn.read_resume_at(0.0) == 0.0

@@ -37,6 +37,9 @@ def register(subparsers) -> None:
     p.add_argument("--verify-clients-url", metavar="URL", help="admission check: POST {NodePublic, Source}")
     p.add_argument("--private-key", metavar="KEY", help="server key (privkey:hex); random if omitted")
     p.add_argument("--rate-limit", type=float, default=0.0, metavar="BYTES_PER_SEC", help="per-client send limit")
+    p.add_argument("--rate-limit-burst", type=int, default=0, metavar="BYTES", help="bucket size (min 65573)")
+    p.add_argument("--rate-limit-mode", choices=("drop", "pace"), default="drop",
+                   help="over the limit: drop and count packets, or pace reading (lossless backpressure)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_run)
 
@@ -85,7 +88,8 @@ async def _main(args: argparse.Namespace, private: NodePrivate, mesh_key: bytes 
     elif args.tls_cert:
         ssl_context = server_ssl_context(args.tls_cert, args.tls_key)
     server = DerpServer(private, mesh_key=mesh_key, verify_client_url=args.verify_clients_url,
-                        rate_limit_bytes_per_sec=args.rate_limit)
+                        rate_limit_bytes_per_sec=args.rate_limit, rate_limit_burst=args.rate_limit_burst,
+                        rate_limit_mode=args.rate_limit_mode)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(partial(server.serve_tcp, host, port, ssl_context=ssl_context))

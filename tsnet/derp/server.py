@@ -84,6 +84,7 @@ class DerpServer:
         verify_fail_open: bool = True,
         rate_limit_bytes_per_sec: float = 0.0,
         rate_limit_burst: int = 0,
+        rate_limit_mode: str = "drop",
         queue_depth: int = 512,
         write_timeout: float = 2.0,
         mesh_write_timeout: float = 30.0,
@@ -99,6 +100,7 @@ class DerpServer:
             verify_clients=verify_client is not None or verify_client_url is not None,
             rate_limit_bytes_per_sec=rate_limit_bytes_per_sec,
             rate_limit_burst=rate_limit_burst,
+            rate_limit_mode=rate_limit_mode,
             log=log.debug,
         )
         self.mesh_key = mesh_key
@@ -303,8 +305,13 @@ class DerpServer:
             if not data:
                 conn.connection_lost("EOF inside a truncated frame" if conn.has_partial_frame else "EOF")
                 return
-            conn.receive_data(data if type(data) is bytes else bytes(data), trio.current_time())
+            now = trio.current_time()
+            conn.receive_data(data if type(data) is bytes else bytes(data), now)
             self._dispatch()
+            resume = conn.read_resume_at(now)
+            if resume > now:
+                self.core.counters.rate_limit_pauses += 1
+                await trio.sleep_until(resume)  # paced rate limit: TCP backpressure slows the sender
             if conn.closed and conn.close_reason.startswith("protocol error"):
                 log.info("derp: %s: %s", conn.remote, conn.close_reason)
 

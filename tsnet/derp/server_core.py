@@ -92,6 +92,7 @@ class ServerCounters:
     protocol_errors: int = 0
     rejected_clients: int = 0
     dup_client_conns: int = 0
+    rate_limit_pauses: int = 0  # paced mode: times a driver stopped reading a client
     drops: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, object]:
@@ -240,6 +241,16 @@ class ServerConn(_Outbox):
         """Bytes of an incomplete frame are buffered (EOF now means a truncated frame)."""
         return bool(self._rx)
 
+    def read_resume_at(self, now: float) -> float:
+        """(Paced rate limit) when the driver may read again; ``now`` if it need not wait."""
+        core = self._core
+        if not core.rate_limit_pace or self.can_mesh or self._tokens >= 0:
+            return now
+        core._refill(self, now)
+        if self._tokens >= 0:
+            return now
+        return now + (-self._tokens) / core.rate_limit_bytes_per_sec
+
     def get_timer(self) -> float:
         """When ``handle_timer`` next has work (handshake deadline or keepalive)."""
         if self.state is not ConnState.ACTIVE:
@@ -319,8 +330,11 @@ class DerpServerCore:
     clients skip verification.
 
     ``rate_limit_bytes_per_sec``: per-connection token bucket on SendPacket frames
-    (frame bytes); packets over the budget are dropped and counted as
-    ``rate_limited``. Mesh connections are exempt.
+    (frame bytes). With ``rate_limit_mode="drop"`` packets over the budget are
+    dropped and counted as ``rate_limited``; with ``"pace"`` (derper's newer
+    behaviour, lossless) every packet is relayed, the bucket goes into debt and
+    ``ServerConn.read_resume_at`` tells the driver how long to stop reading, so TCP
+    backpressure slows the sender. Mesh connections are exempt.
     """
 
     def __init__(
@@ -333,6 +347,7 @@ class DerpServerCore:
         verify_clients: bool = False,
         rate_limit_bytes_per_sec: float = 0.0,
         rate_limit_burst: int = 0,
+        rate_limit_mode: str = "drop",
         server_info: ServerInfo | None = None,
         rng: random.Random | None = None,
         log: Callable[[str], None] | None = None,
@@ -346,6 +361,9 @@ class DerpServerCore:
         self.keepalive_interval = min(keepalive_interval, 60.0)
         self.verify_clients = verify_clients
         self.rate_limit_bytes_per_sec = float(rate_limit_bytes_per_sec)
+        if rate_limit_mode not in ("drop", "pace"):
+            raise ValueError(f"rate_limit_mode must be 'drop' or 'pace', not {rate_limit_mode!r}")
+        self.rate_limit_pace = rate_limit_mode == "pace"
         self.rate_limit_burst = max(int(rate_limit_burst), 5 + KEY_LEN + MAX_PACKET_SIZE) if rate_limit_bytes_per_sec else 0
         self.server_info_json = (server_info or ServerInfo()).to_json()
         self.counters = ServerCounters()
@@ -603,6 +621,7 @@ class DerpServerCore:
         sent_to = conn._sent_to
         counters = self.counters
         limited = self.rate_limit_bytes_per_sec > 0 and not conn.can_mesh
+        pace = self.rate_limit_pace
         if limited:
             self._refill(conn, now)
         frames = 0
@@ -632,7 +651,7 @@ class DerpServerCore:
                 dst = buf[pos + 5 : pos + 37]
                 if limited:
                     cost = 5 + length
-                    if conn._tokens < cost:
+                    if conn._tokens < cost and not pace:
                         counters.drops[DropReason.RATE_LIMITED.value] += 1
                         pos = end
                         continue
