@@ -356,3 +356,18 @@ async def test_admin_cli_writes_reach_a_running_server(control, nursery):
     # The CLI writes through its own SQLite connection; the server's store watcher picks it up.
     assert tsnet_main(["control", "nodes", "delete", "--state-dir", state_dir, "gone"]) == 0
     await wa.wait_for(lambda nm: all(p.id != old_id for p in nm.peers))
+
+
+async def test_c2n_echo_through_ping_request(control, nursery):
+    a, wa, _ = await start(control, nursery, control.config("probe-me", control.authkey()))
+    await wa.wait_for(lambda nm: True)
+    node = control.server.store.node_by_name("probe-me")
+    assert node.id in control.server.sessions  # the poll is open once the first netmap arrived
+    with trio.fail_after(10):
+        reply = await control.server.c2n_request(node.id, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"\r\n\r\nhello")
+    reply = await control.server.c2n_request(node.id, b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 404")
+    assert a.counters["pings_answered"] >= 1  # the second one may still be reading the (empty) reply
+    with pytest.raises(LookupError):
+        await control.server.c2n_request(9999, b"GET /echo HTTP/1.1\r\n\r\n")

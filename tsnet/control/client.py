@@ -13,6 +13,8 @@ application) lives in the sans-IO :mod:`tsnet.control.netmap`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as _dt
 import logging
 import secrets
@@ -195,6 +197,9 @@ class ControlClient:
         #: Set by :meth:`logout`; :meth:`run` then returns instead of logging in again.
         self.logged_out = False
         self._h2: H2Client | None = None
+        self._last_ping_url: str | None = None
+        #: Optional c2n handler: (method, path, body) -> (status, body). ``/echo`` is built in.
+        self.c2n_handler: Callable[[str, str, bytes], tuple[int, bytes]] | None = None
         self._conn_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: object | None = None
@@ -422,6 +427,8 @@ class ControlClient:
                         for msg in decoder.feed(chunk):
                             watchdog.deadline = trio.current_time() + WATCHDOG_SECONDS
                             self.counters["map_messages"] += 1
+                            if msg.ping_request is not None:
+                                self._on_ping(msg.ping_request)
                             nm = session.apply(msg, _dt.datetime.now(_dt.timezone.utc))
                             if nm is None:
                                 self.counters["keepalives"] += 1
@@ -438,6 +445,67 @@ class ControlClient:
         except (H2Error, OSError, trio.BrokenResourceError, MapSessionError) as exc:
             await self._drop_conn()
             raise ControlError(f"map poll: {exc}") from None
+
+    # -- control-to-node (PingRequest) ----------------------------------------------------------
+
+    def _on_ping(self, ping: tailcfg.PingRequest) -> None:
+        if not ping.url or ping.url == self._last_ping_url:
+            return  # the same URL again is a repeat, not a new request
+        self._last_ping_url = ping.url
+        if self._nursery is not None:
+            self._nursery.start_soon(self._answer_ping, ping)
+
+    async def _answer_ping(self, ping: tailcfg.PingRequest) -> None:
+        """Answer a PingRequest: HEAD for a plain ping, serve and POST back for c2n (both over Noise)."""
+        parts = urlsplit(ping.url or "")
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        authority = parts.netloc or self.login_url.authority
+        try:
+            client = await self._client()
+            if ping.types == "c2n":
+                raw = base64.b64decode(ping.payload or "")
+                reply = self.serve_c2n(raw)
+                resp = await client.request("POST", target, body=reply, authority=authority)
+            elif not ping.types and ping.url_is_noise:
+                resp = await client.request("HEAD", target, authority=authority)
+            else:
+                log.debug("ignoring PingRequest of type %r", ping.types)
+                return
+            await resp.read(limit=64 * 1024)
+            self.counters["pings_answered"] = self.counters.get("pings_answered", 0) + 1
+        except (ControlError, H2Error, OSError, binascii.Error) as exc:
+            log.info("answering PingRequest failed: %s", exc)
+
+    def serve_c2n(self, raw_request: bytes) -> bytes:
+        """Serve one c2n HTTP/1.1 request and return the raw HTTP/1.1 response.
+
+        Built in: ``/echo`` (answers the request body). Other paths go to
+        ``self.c2n_handler(method, path, body) -> (status, body)`` if set, else 404.
+        """
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(raw_request)
+        conn.receive_data(b"")
+        method, path, body = "", "", bytearray()
+        try:
+            while True:
+                event = conn.next_event()
+                if isinstance(event, h11.Request):
+                    method, path = event.method.decode(), event.target.decode()
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif event is h11.NEED_DATA or isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+        except h11.ProtocolError:
+            status, out = 400, b"bad request\n"
+        else:
+            if path.split("?", 1)[0] == "/echo":
+                status, out = 200, bytes(body)
+            elif self.c2n_handler is not None:
+                status, out = self.c2n_handler(method, path, bytes(body))
+            else:
+                status, out = 404, b"not found\n"
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found"}.get(status, "Status")
+        return f"HTTP/1.1 {status} {reason}\r\nContent-Length: {len(out)}\r\n\r\n".encode() + out
 
     def self_expired(self, now: _dt.datetime | None = None) -> bool:
         nm = self.netmap

@@ -113,7 +113,7 @@ class _Session:
     """One open map long-poll."""
 
     __slots__ = ("node_id", "wake", "scope", "sent_self", "sent_peers", "sent_filter", "sent_dns", "sent_derp",
-                 "sent_profiles", "sent_domain")
+                 "sent_profiles", "sent_domain", "outbox")
 
     def __init__(self, node_id: int) -> None:
         self.node_id = node_id
@@ -126,6 +126,7 @@ class _Session:
         self.sent_derp: dict | None = None
         self.sent_profiles: dict[int, dict] = {}
         self.sent_domain: str | None = None
+        self.outbox: list[dict] = []  # one-off messages (PingRequest) to send next
 
 
 # Node fields a PeerChange can carry, by JSON name: Node name -> PeerChange name.
@@ -170,6 +171,7 @@ class ControlServer:
         self.generation = 0
         self._view_cache: _View | None = None
         self._peer_cache: dict[int, tuple[NodeRecord, bool, bool, dict]] = {}
+        self._c2n_waiters: dict[str, tuple[MachinePublic, list[bytes], trio.Event]] = {}
         self._changed = trio.Event()
         self._compressor = zstandard.ZstdCompressor(level=3)
         #: An embedded :class:`tsnet.derp.server.DerpServer` served at ``/derp`` on our listener.
@@ -337,7 +339,44 @@ class ControlServer:
                 return
             await self.serve_map(machine, mreq, resp)
             return
+        if path.startswith("/c2n/") and req.method == "POST":
+            waiter = self._c2n_waiters.get(path[len("/c2n/"):])
+            if waiter is None or waiter[0] != machine:
+                await resp.respond(404, b"unknown c2n token\n")
+                return
+            waiter[1].append(req.body)
+            waiter[2].set()
+            await resp.respond(200, b"")
+            return
         await resp.respond(404, b"not found\n")
+
+    async def c2n_request(self, node_id: int, request: bytes, *, timeout: float = 10.0) -> bytes:
+        """Ask a connected node to serve ``request`` (raw HTTP/1.1) through control-to-node (c2n).
+
+        Returns the node's raw HTTP/1.1 response. Raises LookupError if the node has
+        no open map poll and trio.TooSlowError if it does not answer in time.
+        """
+        import base64
+        import secrets
+
+        session = self.sessions.get(node_id)
+        node = self.store.node(node_id)
+        if session is None or node is None:
+            raise LookupError(f"node {node_id} is not connected")
+        token = secrets.token_hex(16)
+        got: list[bytes] = []
+        done = trio.Event()
+        self._c2n_waiters[token] = (MachinePublic.parse(node.machine_key), got, done)
+        ping = tailcfg.PingRequest(url=f"https://unused/c2n/{token}", url_is_noise=True, types="c2n",
+                                   payload=base64.b64encode(request).decode())
+        session.outbox.append({"PingRequest": tailcfg.encode(ping)})
+        session.wake.set()
+        try:
+            with trio.fail_after(timeout):
+                await done.wait()
+        finally:
+            del self._c2n_waiters[token]
+        return got[0]
 
     # -- register ------------------------------------------------------------------------------
 
@@ -585,6 +624,8 @@ class ControlServer:
                     if msg is not None:
                         await resp.write(self._frame(msg, compress))
                     first = False
+                    while session.outbox:
+                        await resp.write(self._frame(session.outbox.pop(0), compress))
                     with trio.move_on_after(self.config.keepalive_interval) as idle:
                         await session.wake.wait()
                     if idle.cancelled_caught:
