@@ -113,6 +113,7 @@ class WireGuardUDP:
             block). If None, packets go to :attr:`packets`, a memory channel of
             ``PacketReceived`` events with ``packet_buffer`` slots; when it is full,
             packets are dropped and counted rather than stalling the socket.
+            Devices made with ``packet_events=False`` (faster) work the same way.
         on_event: called for every other event (handshake completed/failed,
             endpoint changed).
         batch: maximum datagrams fed per wakeup before yielding to other tasks.
