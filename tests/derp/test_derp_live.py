@@ -578,3 +578,25 @@ async def test_paced_rate_limit_is_lossless_and_isolated():
                     got_victim += 1
         assert not server.counters.drops and server.counters.rate_limit_pauses > 0
         n.cancel_scope.cancel()
+
+
+async def test_regions_map_change_redials_changed_region_only():
+    async with trio.open_nursery() as n:
+        s1, p1 = await start_server(n)
+        s2, p2 = await start_server(n)
+        s3, p3 = await start_server(n)
+        regions = DerpRegions(NodePrivate.generate(), {1: [plain_node(p1)], 2: [plain_node(p2, 2, "2a")]})
+        await n.start(regions.run)
+        regions.set_home(1)
+        regions.send(2, NodePrivate.generate().public, b"x")
+        old1, old2 = regions.clients[1], regions.clients[2]
+        await old1.wait_connected()
+        await old2.wait_connected()
+        closed = regions.set_derp_map({1: [plain_node(p1)], 2: [plain_node(p3, 2, "2b")]})
+        assert closed == [2] and regions.clients[1] is old1 and 2 not in regions.clients
+        regions.send(2, NodePrivate.generate().public, b"y")  # redials region 2 at its new node
+        await regions.clients[2].wait_connected()
+        with trio.fail_after(10):
+            while s3.counters.clients != 1 or s2.counters.clients != 0:
+                await trio.sleep(0.01)
+        n.cancel_scope.cancel()

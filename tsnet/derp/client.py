@@ -532,6 +532,18 @@ class DerpRegions:
         self.policy.note_write(region_id, trio.current_time())
         return self._client(region_id).send(dst, packet)
 
+    def set_derp_map(self, derp_map: Mapping[int, list[DerpNode]]) -> list[int]:
+        """Install a new map; regions that vanished or whose nodes changed are closed (and
+        redialled on next use, as tailscaled does). Returns the closed region IDs."""
+        new = dict(derp_map)
+        closed = [rid for rid in list(self.clients) if new.get(rid) != self.derp_map.get(rid)]
+        for rid in closed:
+            self.close_region(rid)
+        self.derp_map = new
+        if self.policy.home is not None and self.policy.home in new and self.policy.home in closed:
+            self._client(self.policy.home)  # home stays connected
+        return closed
+
     def close_region(self, region_id: int) -> None:
         """Close a region's connection (idle non-home, or map change)."""
         client = self.clients.pop(region_id, None)
