@@ -459,3 +459,24 @@ async def test_we_consume_wireguard_go_cookie_replies(wireguard_go_setup: WireGu
     c = peer.device.counters
     assert c.cookie_replies_received >= 1, "wireguard-go never went under load"
     assert c.drop_cookie_invalid == 0
+
+
+async def test_time_based_rekey_keeps_traffic_flowing(wireguard_go_setup: WireGuardGoSetup) -> None:
+    """REKEY_AFTER_TIME / REJECT_AFTER_TIME shrunk to fractions of a second: sessions age out and are
+    replaced while pings keep being answered."""
+    s = wireguard_go_setup
+    limits = Limits(
+        rekey_after_time=0.4, reject_after_time=1.2, keepalive_timeout=0.3, rekey_timeout=0.2, rekey_timeout_jitter=0.0
+    )
+    async with trio.open_nursery() as nursery:
+        peer = await started(nursery, s, limits=limits)
+        seq = 0
+        with trio.fail_after(20):
+            while len(peer.handshakes()) < 4:
+                seq += 1
+                await peer.ping(seq)
+                await trio.sleep(0.02)  # pacing: let sessions age between pings
+        nursery.cancel_scope.cancel()
+    assert all(e.initiator for e in peer.handshakes())
+    assert peer.device.counters.data_received == seq
+    assert peer.device.counters.drop_expired_keypair == 0
