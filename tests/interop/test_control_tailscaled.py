@@ -327,3 +327,56 @@ def test_peer_relay_grant_lets_tailscaled_relay(lab: Lab, tailscale_binaries: Ta
         assert "pong from beta" in outputs[-1], outputs[-3:]
     finally:
         dump(net)
+
+
+def test_c2n_echo_with_tailscaled_and_in_process_server(lab: Lab, tailscale_binaries: TailscaleBinaries,
+                                                         tmp_path: Path) -> None:
+    """Our server runs in this process (listening socket made inside ctl); it sends tailscaled a c2n
+    PingRequest and gets tailscaled's /echo answer back over Noise."""
+    import socket
+
+    import trio
+
+    from tsnet.control.server import ControlServer, ServerConfig, default_derp_map
+    from tsnet.control.store import Store
+    from tsnet.derp.server import DerpServer
+
+    ctl, n1 = lab.namespace("ctl"), lab.namespace("n1")
+    link = lab.link(ctl, n1)
+    sock = ctl.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((str(link.a_addr), CONTROL_PORT))
+    sock.listen(64)
+    url = f"http://{link.a_addr}:{CONTROL_PORT}"
+    store = Store.open(tmp_path / "control")
+    server = ControlServer(store, ServerConfig(derp_map=default_derp_map(str(link.a_addr), CONTROL_PORT)))
+    server.attach_derp(DerpServer())
+    key = store.create_authkey(server.now()).key
+    st = tmp_path / "alpha"
+    st.mkdir()
+    node: Node | None = None
+
+    async def main() -> bytes:
+        nonlocal node
+        async with trio.open_nursery() as nursery:
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+            nursery.start_soon(trio.serve_listeners, server.handle_tcp, [listener])
+            node = await trio.to_thread.run_sync(lambda: Node(n1, tailscale_binaries, st, url, "alpha"))
+            await trio.to_thread.run_sync(lambda: node.cli("up", f"--login-server={url}", f"--authkey={key}",
+                                                           "--hostname=alpha", "--timeout=60s", timeout=90))
+            with trio.fail_after(20):
+                while not server.sessions:  # tailscaled's long poll (an external process; bounded wait)
+                    await trio.sleep(0.05)
+                (node_id,) = server.sessions
+                reply = await server.c2n_request(
+                    node_id, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nping", timeout=15)
+            nursery.cancel_scope.cancel()
+        return reply
+
+    try:
+        reply = trio.run(main)
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"ping"), reply
+    finally:
+        if node is not None and node.proc is not None:
+            print(f"--- tailscaled ---\n{node.proc.log()[-3000:]}")
+        store.close()
