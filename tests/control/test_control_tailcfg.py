@@ -98,3 +98,28 @@ names = st.text(alphabet="abcdefgh", max_size=5)
 ))
 def test_node_round_trip_property(node):
     assert tc.decode(tc.Node, tc.dumps(node)) == node
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+def _fields_of(cls):
+    import dataclasses
+
+    return [f.metadata["json"] for f in dataclasses.fields(cls) if "json" in f.metadata]
+
+
+@pytest.mark.parametrize("cls", [tc.RegisterRequest, tc.MapRequest, tc.MapResponse, tc.Node, tc.Hostinfo])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_arbitrary_json_decodes_or_raises_decode_error(cls, data):
+    names = _fields_of(cls)
+    obj = data.draw(st.dictionaries(st.sampled_from(names) | st.text(max_size=6), json_values, max_size=6))
+    try:
+        tc.decode(cls, json.dumps(obj))
+    except tc.DecodeError:
+        pass
