@@ -1,0 +1,97 @@
+"""magicsock through NATs in the namespace lab (tests/lab/nat_topology.py), Python nodes only.
+
+Each node: our control client + MagicSock + WireGuard, answering ICMP echo
+(raw IPv4 packets) over the tailnet. Our control server (with embedded DERP
+and STUN) sits on the "internet" namespace.
+
+* public <-> easy NAT: direct.
+* easy <-> easy: traffic starts over DERP, then hole punching goes direct.
+* hard <-> hard (no relay): stays on DERP, traffic still flows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.lab import Lab, wait_until
+from tests.lab.nat_topology import NatTopology, PyNode
+
+pytestmark = pytest.mark.interop
+
+TIMEOUT = 25.0
+
+
+def _wait(cond, what: str, topo: NatTopology, timeout: float = TIMEOUT) -> None:
+    def check() -> bool:
+        dead = [p for p in topo.lab.processes if p.poll() is not None]
+        if dead:
+            raise AssertionError(f"process died: {dead[0]}")
+        return bool(cond())
+
+    try:
+        wait_until(check, timeout, what, interval=0.1)
+    except Exception:
+        print(topo.logs()[-20000:])
+        raise
+
+
+def _pair(lab: Lab, tmp_path: Path, kind_a: str, kind_b: str) -> tuple[NatTopology, PyNode, PyNode]:
+    topo = NatTopology(lab, tmp_path)
+    topo.start_control()
+    ha, hb = topo.add_host("a", kind_a), topo.add_host("b", kind_b)
+    a = topo.start_python_node(ha, ping="b")
+    b = topo.start_python_node(hb)
+    return topo, a, b
+
+
+def _replies_flow(node: PyNode, topo: NatTopology, more_than: int = 0) -> int:
+    _wait(lambda: node.status().get("replies", 0) > more_than, "echo replies", topo)
+    return node.status()["replies"]
+
+
+def test_public_to_easy_nat_goes_direct(lab: Lab, tmp_path: Path) -> None:
+    topo, a, b = _pair(lab, tmp_path, "easy", "public")
+    _replies_flow(a, topo)
+    _wait(lambda: a.path_kind("b") == "direct" and b.path_kind("a") == "direct", "direct path both ways", topo)
+    pa, pb = a.peer("b"), b.peer("a")
+    # a (behind the NAT) talks to b's own address; b talks to a's NAT mapping on the router's WAN side.
+    assert pa["addr"] == f"{topo.hosts['b'].public_ip}:41641"
+    assert pb["addr"].startswith(topo.hosts["a"].public_ip + ":")
+    # a's STUN endpoint is its router's WAN address (easy NAT keeps the port).
+    assert f"{topo.hosts['a'].public_ip}:41641" in a.status()["endpoints"]
+    n = _replies_flow(a, topo)
+    _replies_flow(a, topo, n + 5)
+
+
+def test_easy_to_easy_starts_on_derp_then_goes_direct(lab: Lab, tmp_path: Path) -> None:
+    topo, a, b = _pair(lab, tmp_path, "easy", "easy")
+    _replies_flow(a, topo)
+    # The first WireGuard packets went over DERP (no path was confirmed yet).
+    _wait(lambda: b.status()["counters"].get("wg_received_derp", 0) > 0, "WireGuard via DERP", topo)
+    _wait(lambda: a.path_kind("b") == "direct" and b.path_kind("a") == "direct", "direct path both ways", topo)
+    assert a.peer("b")["addr"] == f"{topo.hosts['b'].public_ip}:41641"
+    assert b.peer("a")["addr"] == f"{topo.hosts['a'].public_ip}:41641"
+    st = a.status()
+    assert st["counters"].get("disco_sent_callmemaybe", 0) + b.status()["counters"].get(
+        "disco_sent_callmemaybe", 0) > 0
+    # Once direct, WireGuard stops going to DERP.
+    derp_sent = st["counters"].get("wg_sent_derp", 0)
+    n = _replies_flow(a, topo, st["replies"])
+    _replies_flow(a, topo, n + 5)
+    assert a.status()["counters"].get("wg_sent_derp", 0) == derp_sent
+
+
+def test_hard_to_hard_without_relay_stays_on_derp(lab: Lab, tmp_path: Path) -> None:
+    topo, a, b = _pair(lab, tmp_path, "hard", "hard")
+    _replies_flow(a, topo)
+    # Give discovery its chance: CallMeMaybe received and pings answered-or-not on both sides.
+    _wait(lambda: b.status()["counters"].get("disco_recv_callmemaybe", 0) > 0
+          and a.status()["counters"].get("disco_sent_ping", 0) >= 2, "hole punching attempted", topo)
+    n = _replies_flow(a, topo, a.status()["replies"] + 10)
+    for node, peer in ((a, "b"), (b, "a")):
+        p = node.peer(peer)
+        assert p["kind"] == "derp" and not p["trusted"], p
+    assert n > 10
+    assert b.status()["counters"].get("wg_received_derp", 0) > 10

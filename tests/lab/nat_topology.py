@@ -1,0 +1,151 @@
+"""A reusable NAT topology on top of :mod:`tests.lab`: an "internet", NAT routers, hosts, our control server.
+
+::
+
+    host(public) ──┐
+                   ├── inet (forwards; runs `tsnet control serve` + DERP + STUN on a dummy address)
+    host ── easy/hard NAT router ──┘
+
+* ``inet`` routes between all its links; it never learns the LANs behind the routers.
+* An *easy* router is MASQUERADE (keeps the source port: endpoint-independent
+  mapping) and filters by conntrack (address-and-port-dependent filtering): a
+  port-restricted cone NAT, where hole punching works. A *hard* router adds
+  ``--random-fully`` (a new port per destination), where it does not.
+* Routers drop unsolicited inbound UDP to themselves (INPUT), so a peer's
+  early probe leaves no conntrack entry behind that would later force the
+  router to pick another port for our own outbound flow (Linux's clash rule).
+
+Python nodes (:mod:`tests.lab.magicsock_node`) run as processes inside their
+namespace; :class:`PyNode.status` reads their JSON status. Everything is
+cleaned up by the lab (processes, namespaces) at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.lab.netns import Lab, LabProcess, Link, Namespace, wait_until
+
+__all__ = ["CONTROL_PORT", "STUN_PORT", "NatTopology", "PyNode", "Host"]
+
+REPO = Path(__file__).resolve().parents[2]
+CONTROL_PORT = 8080
+STUN_PORT = 3478
+
+
+def tsnet_cli(*args: str) -> str:
+    """Run ``python -m tsnet ARGS`` in this (host) namespace; state files only, no network."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-m", "tsnet", *args], capture_output=True, text=True, timeout=60,
+                         cwd=REPO, env=env)
+    if out.returncode != 0:
+        raise AssertionError(f"tsnet {' '.join(args)} failed: {out.stderr}")
+    return out.stdout
+
+
+@dataclass
+class Host:
+    name: str
+    ns: Namespace
+    nat: str  # "public", "easy" or "hard"
+    router: Namespace | None = None
+    wan: Link | None = None
+
+    @property
+    def public_ip(self) -> str:
+        """The address the internet sees for this host (its own, or its router's WAN address)."""
+        if self.wan is not None:
+            return str(self.wan.a_addr)
+        return str(self.ns.addresses[0].ip)
+
+
+@dataclass
+class PyNode:
+    host: Host
+    proc: LabProcess
+    status_path: Path
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.status_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def peer(self, hostname: str) -> dict[str, Any] | None:
+        return next((p for p in self.status().get("peers", ()) if p.get("hostname") == hostname), None)
+
+    def path_kind(self, hostname: str) -> str | None:
+        p = self.peer(hostname)
+        return p["kind"] if p else None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+@dataclass
+class NatTopology:
+    lab: Lab
+    tmp: Path
+    inet: Namespace = field(init=False)
+    control_ip: str = field(init=False)
+    control_url: str = field(init=False)
+    state: Path = field(init=False)
+    authkey: str = field(init=False)
+    server: LabProcess = field(init=False)
+    hosts: dict[str, Host] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.inet = self.lab.namespace("inet")
+        self.inet.enable_forwarding()
+        self.control_ip = str(self.inet.add_dummy().ip)
+        self.control_url = f"http://{self.control_ip}:{CONTROL_PORT}"
+        self.state = self.tmp / "control"
+        self.authkey = tsnet_cli("control", "authkey", "create", "--state-dir", str(self.state),
+                                 "--reusable").strip()
+
+    def start_control(self, *extra: str) -> None:
+        """``tsnet control serve`` in ``inet`` with embedded DERP (plain HTTP) and STUN."""
+        self.server = self.inet.popen(
+            [sys.executable, "-m", "tsnet", "control", "serve", "--listen", f"{self.control_ip}:{CONTROL_PORT}",
+             "--state-dir", str(self.state), "--stun-port", str(STUN_PORT), "--no-interactive-login", *extra],
+            env={"PYTHONPATH": str(REPO)}, cwd=str(REPO))
+        wait_until(lambda: "publicKey" in self.inet.run(["curl", "-s", "-m", "2", self.control_url + "/key?v=133"],
+                                                        check=False) or self.server.poll() is not None,
+                   30, "control server up")
+        assert self.server.poll() is None, self.server.log()
+
+    def add_host(self, name: str, nat: str) -> Host:
+        """A host on the internet (``public``) or behind its own ``easy`` / ``hard`` NAT router."""
+        ns = self.lab.namespace(name)
+        if nat == "public":
+            link = self.lab.link(self.inet, ns)
+            ns.add_route("default", via=link.a_addr)
+            host = Host(name, ns, nat)
+        elif nat in ("easy", "hard"):
+            router, _lan, wan = self.lab.router(f"{name}r", ns, self.inet, nat=nat)
+            router.add_route("default", via=wan.b_addr)
+            router.iptables("-A", "INPUT", "-i", wan.a_if, "-p", "udp", "-j", "DROP")
+            host = Host(name, ns, nat, router, wan)
+        else:
+            raise ValueError(f"unknown host kind {nat!r}")
+        ns.assert_isolated()
+        self.hosts[name] = host
+        return host
+
+    def start_python_node(self, host: Host, *, ping: str | None = None, port: int = 41641) -> PyNode:
+        status = self.tmp / f"{host.name}.status.json"
+        args = [sys.executable, "-m", "tests.lab.magicsock_node", "--control-url", self.control_url,
+                "--authkey", self.authkey, "--hostname", host.name, "--status", str(status), "--port", str(port)]
+        if ping:
+            args += ["--ping", ping]
+        proc = host.ns.popen(args, env={"PYTHONPATH": str(REPO)}, cwd=str(REPO))
+        return PyNode(host, proc, status)
+
+    def logs(self) -> str:
+        return self.lab.process_logs()
