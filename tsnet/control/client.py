@@ -403,6 +403,12 @@ class ControlClient:
         if status != 200:
             raise ControlError(f"lite map update: http {status}: {data[:200].decode('utf-8', 'replace')}")
 
+    async def _lite_update_quietly(self) -> None:
+        try:
+            await self.send_update()
+        except ControlError as exc:
+            log.info("lite update failed: %s", exc)
+
     async def poll_once(self, on_netmap: Callable[[NetworkMap], object]) -> None:
         """One long poll: returns when the server ends it; raises on errors and the 120 s watchdog."""
         self.counters["polls"] += 1
@@ -534,6 +540,10 @@ class ControlClient:
                     if self.self_expired():
                         self.rotate_node_key()
                     await self.login()
+                    # Like tailscaled: a lite update alongside the first poll, since servers may
+                    # ignore Hostinfo/endpoints carried by the long-poll request itself.
+                    if self._nursery is not None:
+                        self._nursery.start_soon(self._lite_update_quietly)
                 if not started:
                     started = True
                     task_status.started()
