@@ -96,6 +96,12 @@ class Tailnet:
     nodes: list[Node]
     ctl: Namespace
     url1: str
+    server_cmd: list[str]
+
+    def restart_server(self) -> None:
+        """Stop the control server and start it again on the same state directory."""
+        self.server.stop()
+        self.server = self.ctl.popen(self.server_cmd, env={"PYTHONPATH": str(REPO)}, cwd=str(REPO))
 
 
 def make_tailnet(lab: Lab, bins: TailscaleBinaries, tmp_path: Path, *, forward: bool,
@@ -110,10 +116,10 @@ def make_tailnet(lab: Lab, bins: TailscaleBinaries, tmp_path: Path, *, forward: 
     state = tmp_path / "control"
     authkey = _tsnet("control", "authkey", "create", "--state-dir", str(state), "--reusable").strip()
     assert authkey.startswith("tskey-auth-") and "\n" not in authkey
-    server = ctl.popen([sys.executable, "-m", "tsnet", "control", "serve", "--listen", f"0.0.0.0:{CONTROL_PORT}",
-                        "--advertise-host", str(l1.a_addr), "--state-dir", str(state),
-                        "--stun-port", str(STUN_PORT), "-v", *server_args],
-                       env={"PYTHONPATH": str(REPO)}, cwd=str(REPO))
+    server_cmd = [sys.executable, "-m", "tsnet", "control", "serve", "--listen", f"0.0.0.0:{CONTROL_PORT}",
+                  "--advertise-host", str(l1.a_addr), "--state-dir", str(state),
+                  "--stun-port", str(STUN_PORT), "-v", *server_args]
+    server = ctl.popen(server_cmd, env={"PYTHONPATH": str(REPO)}, cwd=str(REPO))
     url1 = f"http://{l1.a_addr}:{CONTROL_PORT}"
     url2 = f"http://{l2.a_addr}:{CONTROL_PORT}"
     wait_until(lambda: "publicKey" in n1.run(["curl", "-s", "-m", "2", url1 + "/key?v=133"], check=False)
@@ -124,7 +130,7 @@ def make_tailnet(lab: Lab, bins: TailscaleBinaries, tmp_path: Path, *, forward: 
         st = tmp_path / name
         st.mkdir()
         nodes.append(Node(ns, bins, st, url, name, mem_state=mem))
-    return Tailnet(server, state, authkey, nodes, ctl, url1)
+    return Tailnet(server, state, authkey, nodes, ctl, url1, server_cmd)
 
 
 def dump(net: Tailnet) -> None:
@@ -380,3 +386,21 @@ def test_c2n_echo_with_tailscaled_and_in_process_server(lab: Lab, tailscale_bina
         if node is not None and node.proc is not None:
             print(f"--- tailscaled ---\n{node.proc.log()[-3000:]}")
         store.close()
+
+
+def test_server_restart_keeps_the_tailnet(lab: Lab, tailscale_binaries: TailscaleBinaries, tmp_path: Path) -> None:
+    """State and the Noise key persist: after a control restart tailscaled reconnects by itself."""
+    net = make_tailnet(lab, tailscale_binaries, tmp_path, forward=True)
+    try:
+        a, b = join_both(net)
+        ips_before = sorted(b.status()["Self"]["TailscaleIPs"])
+        net.restart_server()
+        # b changes its Hostinfo; only the restarted server can tell a about it.
+        b.cli("set", "--hostname=beta2")
+        wait_until(lambda: a.peer_names() == ["beta2"], 45, "a learns b's change through the restarted server",
+                   interval=0.2)
+        assert sorted(b.status()["Self"]["TailscaleIPs"]) == ips_before
+        out = a.cli("ping", "--c", "10", "--timeout", "5s", v4_of(b), timeout=60)
+        assert "pong from beta" in out, out
+    finally:
+        dump(net)
