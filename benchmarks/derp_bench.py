@@ -266,11 +266,15 @@ def main() -> int:
     print("DERP server benchmark (server: 1 process pinned to 1 core, plain HTTP on 127.0.0.1)")
     print()
     print("| scenario | packets/s relayed | Mbit/s relayed (payload) | server CPU ms / 1,000 pkts "
-          "| server core busy | server drops / packets queued (whole run) |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "| server core busy | packets/s per full core (derived) | server drops / packets queued (whole run) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows:
+        per_core = 1e6 / r["cpu_ms_per_1000"] if r["cpu_ms_per_1000"] else float("nan")
         print(f"| {name} | {r['pps']:,.0f} | {r['mbps']:,.0f} | {r['cpu_ms_per_1000']:.2f} | "
-              f"{r['server_cpu_util'] * 100:.0f}% | {r['drops']:,} / {r['relayed_total']:,} |")
+              f"{r['server_cpu_util'] * 100:.0f}% | {per_core:,.0f} | {r['drops']:,} / {r['relayed_total']:,} |")
+    print()
+    print(f"(machine load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; with other work "
+          "running, 'core busy' < 100% means the server was waiting for the CPU or for the load generator)")
     print()
     print("| idle clients | connected (server count) | server RSS | RSS before clients | setup time |")
     print("|---:|---:|---:|---:|---:|")
