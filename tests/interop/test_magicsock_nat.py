@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import Lab, wait_until
-from tests.lab.nat_topology import NatTopology, PyNode
+from tests.lab.nat_topology import NatTopology, PyNode, start_tailscaled_node
 
 pytestmark = pytest.mark.interop
 
@@ -95,3 +95,26 @@ def test_hard_to_hard_without_relay_stays_on_derp(lab: Lab, tmp_path: Path) -> N
         assert p["kind"] == "derp" and not p["trusted"], p
     assert n > 10
     assert b.status()["counters"].get("wg_received_derp", 0) > 10
+
+
+def test_tailscaled_peer_behind_easy_nat_pings_our_node_direct(lab: Lab, tmp_path: Path, tailscale_binaries) -> None:
+    """Real tailscaled 1.96.4 as one peer: disco ping, direct path both ways, ICMP over WireGuard."""
+    topo = NatTopology(lab, tmp_path)
+    topo.start_control()
+    hp, ht = topo.add_host("py", "easy"), topo.add_host("ts", "easy")
+    py = topo.start_python_node(hp, ping="ts")
+    ts = start_tailscaled_node(topo, ht, tailscale_binaries)
+    _wait(lambda: ts.peer("py") is not None and py.peer("ts") is not None, "both see each other", topo)
+    # Our node's ICMP echo requests are answered by tailscaled's netstack.
+    _replies_flow(py, topo)
+    # tailscaled's disco ping reaches our node and our pong comes back directly.
+    py_ip = py.status()["ip"]
+    out = ts.cli("ping", "--c", "20", "--timeout", "3s", py_ip, timeout=90)
+    assert "pong from py" in out and "via DERP" not in out.splitlines()[-1], out
+    assert f"via {topo.hosts['py'].public_ip}:41641" in out, out
+    _wait(lambda: py.path_kind("ts") == "direct", "our node direct to tailscaled", topo)
+    assert py.peer("ts")["addr"] == f"{topo.hosts['ts'].public_ip}:41641"
+    peer = ts.peer("py")
+    assert peer["CurAddr"] == f"{topo.hosts['py'].public_ip}:41641", peer
+    n = _replies_flow(py, topo)
+    _replies_flow(py, topo, n + 5)

@@ -149,3 +149,56 @@ class NatTopology:
 
     def logs(self) -> str:
         return self.lab.process_logs()
+
+
+@dataclass
+class TailscaledNode:
+    """A real tailscaled 1.96.4 on a lab host, joined to our control server."""
+
+    host: Host
+    proc: LabProcess
+    sock: Path
+    bins: Any
+
+    def cli(self, *args: str, timeout: float = 60.0, check: bool = True) -> str:
+        cmd = self.host.ns.exec_args([str(self.bins.tailscale), f"--socket={self.sock}", *args])
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if check and out.returncode != 0:
+            raise AssertionError(f"tailscale {' '.join(args)} -> {out.returncode}\n{out.stdout}\n{out.stderr}\n"
+                                 f"--- tailscaled log ---\n{self.proc.log()[-4000:]}")
+        return out.stdout
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.cli("status", "--json"))
+
+    def peer(self, hostname: str) -> dict[str, Any] | None:
+        return next((p for p in (self.status().get("Peer") or {}).values() if p.get("HostName") == hostname), None)
+
+    def ipv4(self) -> str:
+        return next(ip for ip in self.status()["Self"]["TailscaleIPs"] if "." in ip)
+
+
+def start_tailscaled_node(topo: NatTopology, host: Host, bins: Any, *, port: int = 41641,
+                          env: dict[str, str] | None = None) -> TailscaledNode:
+    """Start tailscaled (userspace networking, ``--no-logs-no-support``) on ``host`` and ``tailscale up`` it."""
+    from tests.lab.tailscaled import start_tailscaled
+
+    state = topo.tmp / f"tailscaled-{host.name}"
+    state.mkdir(parents=True, exist_ok=True)
+    full_env = {
+        "TS_DEBUG_USE_DERP_HTTP": "1",
+        "TS_NO_LOGS_NO_SUPPORT": "true",
+        "TS_DISABLE_PORTMAPPER": "1",
+        "TS_ASSUME_NETWORK_UP_FOR_TEST": "1",
+        "TS_NETCHECK_GENERATE_204_URL": topo.control_url + "/generate_204",
+        "HOME": str(state),
+        **(env or {}),
+    }
+    sock = state / "tailscaled.sock"
+    proc, _ = start_tailscaled(host.ns, bins, env=full_env, state_dir=state / "state", socket_path=sock, port=port)
+    wait_until(lambda: sock.exists() or proc.poll() is not None, 20, "tailscaled socket")
+    assert proc.poll() is None, proc.log()[-3000:]
+    node = TailscaledNode(host, proc, sock, bins)
+    node.cli("up", f"--login-server={topo.control_url}", f"--authkey={topo.authkey}", f"--hostname={host.name}",
+             "--timeout=60s", timeout=90)
+    return node
