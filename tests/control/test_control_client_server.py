@@ -1,6 +1,7 @@
 """Our client against our server over loopback: register, map poll, deltas, logout, expiry."""
 
 import datetime as dt
+import functools
 import ipaddress
 
 import pytest
@@ -371,3 +372,29 @@ async def test_c2n_echo_through_ping_request(control, nursery):
     assert a.counters["pings_answered"] >= 1  # the second one may still be reading the (empty) reply
     with pytest.raises(LookupError):
         await control.server.c2n_request(9999, b"GET /echo HTTP/1.1\r\n\r\n")
+
+
+async def test_https_login_url_with_verified_key_fetch(nursery, tmp_path):
+    """An https login URL: /key over verified TLS, ts2021 falls back from port 80 to the TLS port."""
+    import ssl
+
+    from control_helpers import Harness, self_signed_cert
+    from tsnet.control.client import ControlError, fetch_server_key, parse_login_url
+    from tsnet.control.server import ControlServer, ServerConfig
+    from tsnet.control.store import Store
+
+    cert, key = self_signed_cert(tmp_path, "127.0.0.1")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    store = Store.open(tmp_path / "st")
+    server = ControlServer(store, ServerConfig())
+    port = await nursery.start(functools.partial(server.serve, "127.0.0.1", 0, ssl_context=server_ctx))
+    h = Harness(server, port, nursery)
+    h.url = f"https://127.0.0.1:{port}"
+    trust = ssl.create_default_context(cafile=str(cert))
+    # Without trusting the certificate, /key fails (it is verified normally).
+    with pytest.raises(ControlError, match="certificate verify failed"):
+        await fetch_server_key(parse_login_url(h.url))
+    a, wa, _ = await start(h, nursery, h.config("secure", h.authkey(), ssl_context=trust))
+    nm = await wa.wait_for(lambda nm: True)
+    assert nm.name == "secure.tailnet.test." and a.server_key == server.noise_key.public

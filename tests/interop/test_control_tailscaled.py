@@ -45,22 +45,26 @@ class Node:
     """One tailscaled in its namespace, with its CLI."""
 
     def __init__(self, ns: Namespace, bins: TailscaleBinaries, state: Path, control_url: str, name: str,
-                 mem_state: bool = False):
+                 mem_state: bool = False, tls_ca: Path | None = None):
         self.ns, self.bins, self.state, self.name, self.control_url = ns, bins, state, name, control_url
         self.mem_state = mem_state  # --state=mem: makes tailscaled register as an ephemeral node
+        self.tls_ca = tls_ca  # trust this CA for https control (and DERP over TLS instead of plain HTTP)
         self.sock = state / "tailscaled.sock"
         self.proc: LabProcess | None = None
         self.start()
 
     def start(self) -> None:
         env = {
-            "TS_DEBUG_USE_DERP_HTTP": "1",
             "TS_NO_LOGS_NO_SUPPORT": "true",
             "TS_DISABLE_PORTMAPPER": "1",
             "TS_ASSUME_NETWORK_UP_FOR_TEST": "1",
             "TS_NETCHECK_GENERATE_204_URL": self.control_url + "/generate_204",
             "HOME": str(self.state),
         }
+        if self.tls_ca is not None:
+            env["SSL_CERT_FILE"] = str(self.tls_ca)
+        else:
+            env["TS_DEBUG_USE_DERP_HTTP"] = "1"
         extra = ("--state=mem:",) if self.mem_state else ()
         self.proc, _ = start_tailscaled(self.ns, self.bins, env=env, state_dir=self.state / "state",
                                         socket_path=self.sock, port=41641, extra_args=extra)
@@ -404,3 +408,43 @@ def test_server_restart_keeps_the_tailnet(lab: Lab, tailscale_binaries: Tailscal
         assert "pong from beta" in out, out
     finally:
         dump(net)
+
+
+def test_tailscaled_over_https_control(lab: Lab, tailscale_binaries: TailscaleBinaries, tmp_path: Path) -> None:
+    """`serve --tls-cert/--tls-key`: tailscaled verifies /key over TLS (our CA via SSL_CERT_FILE), dials
+    ts2021 on port 80 first, falls back to the TLS port, and uses the embedded DERP over TLS."""
+    sys.path.insert(0, str(REPO / "tests" / "control"))
+    from control_helpers import self_signed_cert
+
+    ctl, n1, n2 = lab.namespace("ctl"), lab.namespace("n1"), lab.namespace("n2")
+    l1, l2 = lab.link(ctl, n1), lab.link(ctl, n2)
+    n2.add_route(str(l1.subnet), via=l2.a_addr)
+    cert, key = self_signed_cert(tmp_path, str(l1.a_addr))
+    state = tmp_path / "control"
+    authkey = _tsnet("control", "authkey", "create", "--state-dir", str(state), "--reusable").strip()
+    port = 8443
+    server = ctl.popen([sys.executable, "-m", "tsnet", "control", "serve", "--listen", f"0.0.0.0:{port}",
+                        "--advertise-host", str(l1.a_addr), "--state-dir", str(state), "--tls-cert", str(cert),
+                        "--tls-key", str(key), "-v"], env={"PYTHONPATH": str(REPO)}, cwd=str(REPO))
+    url = f"https://{l1.a_addr}:{port}"
+    nodes: list[Node] = []
+    try:
+        wait_until(lambda: "publicKey" in n1.run(["curl", "-s", "-m", "2", "--cacert", str(cert), url + "/key?v=133"],
+                                                 check=False) or server.poll() is not None, 30, "https control up")
+        assert server.poll() is None, server.log()
+        for ns, name in ((n1, "alpha"), (n2, "beta")):
+            st = tmp_path / name
+            st.mkdir()
+            node = Node(ns, tailscale_binaries, st, url, name, tls_ca=cert)
+            nodes.append(node)
+            node.cli("up", f"--login-server={url}", f"--authkey={authkey}", f"--hostname={name}", "--timeout=60s",
+                     timeout=90)
+        a, b = nodes
+        wait_until(lambda: a.peer_names() == ["beta"] and b.peer_names() == ["alpha"], 30, "peers over https")
+        out = a.cli("ping", "--c", "5", "--timeout", "5s", v4_of(b), timeout=60, check=False)
+        assert "pong from beta" in out and "via DERP(tsnet)" in out, out  # no forwarding: DERP over TLS
+    finally:
+        for node in nodes:
+            if node.proc is not None:
+                print(f"--- tailscaled {node.name} ---\n{node.proc.log()[-3000:]}")
+        print(f"--- control server ---\n{server.log()[-5000:]}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import logging
 import re
@@ -198,10 +199,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"tsnet control: --derp-map {args.derp_map}: {exc}", file=sys.stderr)
             return 1
     server = ControlServer(store, config)
+    ssl_context = None
+    if args.tls_cert or args.tls_key:
+        import ssl
+
+        if not (args.tls_cert and args.tls_key):
+            print("tsnet control: --tls-cert and --tls-key go together", file=sys.stderr)
+            return 2
+        try:
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+            ssl_context.set_alpn_protocols(["http/1.1"])
+        except (OSError, ssl.SSLError) as exc:
+            print(f"tsnet control: TLS certificate: {exc}", file=sys.stderr)
+            return 1
+    scheme = "https" if ssl_context else "http"
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(server.serve, host, port)
+            bound = await nursery.start(functools.partial(server.serve, host, port, ssl_context=ssl_context))
             advertised = args.advertise_host or host
             if derp_map is not None:
                 config.derp_map = derp_map
@@ -214,7 +230,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 if args.stun_port:
                     stun_port = await nursery.start(derp.serve_stun, host, args.stun_port)
                 config.derp_map = default_derp_map(advertised, bound, stun_port=stun_port)
-            print(f"tsnet control: serving http://{advertised}:{bound} (state {args.state_dir})", file=sys.stderr, flush=True)
+            print(f"tsnet control: serving {scheme}://{advertised}:{bound} (state {args.state_dir})", file=sys.stderr,
+                  flush=True)
 
     try:
         trio.run(main)
@@ -312,6 +329,8 @@ def register(subparsers: Any) -> None:
 
     serve = with_state(csub.add_parser("serve", help="run the coordination server"))
     serve.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default %(default)s)")
+    serve.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate chain (also for /derp)")
+    serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
     serve.add_argument("--policy", help="HuJSON policy file (default: allow all)")
     serve.add_argument("--derp-map", help="JSON DERP map to advertise instead of the embedded DERP server")
     serve.add_argument("--no-derp", action="store_true", help="no embedded DERP server and no DERP map")

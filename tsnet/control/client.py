@@ -109,12 +109,16 @@ def parse_login_url(url: str) -> LoginURL:
     return LoginURL(url, "http", host, port, port, https, parts.path.rstrip("/"))
 
 
-async def _open(host: str, port: int, tls: bool, verify: bool = True) -> trio.abc.Stream:
+async def _open(
+    host: str, port: int, tls: bool, verify: bool = True, context: ssl.SSLContext | None = None
+) -> trio.abc.Stream:
     tcp = await trio.open_tcp_stream(host, port)
     if not tls:
         return tcp
-    ctx = ssl.create_default_context()
-    if not verify:
+    if verify:
+        ctx = context or ssl.create_default_context()
+    else:
+        ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     ctx.set_alpn_protocols(["http/1.1"])
@@ -123,9 +127,16 @@ async def _open(host: str, port: int, tls: bool, verify: bool = True) -> trio.ab
     return stream
 
 
-async def fetch_server_key(login: LoginURL, version: int = tailcfg.CURRENT_CAPABILITY_VERSION) -> MachinePublic:
-    """``GET /key?v=N``: the server's Noise public key."""
-    stream = await _open(login.host, login.port, login.scheme == "https")
+async def fetch_server_key(
+    login: LoginURL, version: int = tailcfg.CURRENT_CAPABILITY_VERSION, *, ssl_context: ssl.SSLContext | None = None
+) -> MachinePublic:
+    """``GET /key?v=N``: the server's Noise public key (TLS verified with ``ssl_context`` or system roots)."""
+    try:
+        stream = await _open(login.host, login.port, login.scheme == "https", context=ssl_context)
+    except trio.BrokenResourceError as exc:  # trio reports TLS failures this way
+        raise ControlError(f"/key: TLS: {exc.__cause__ or exc}") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ControlError(f"/key: cannot connect to {login.authority}: {exc}") from None
     try:
         conn = h11.Connection(h11.CLIENT)
         target = f"{login.path}/key?v={version}"
@@ -180,6 +191,8 @@ class ClientConfig:
     version: int = tailcfg.CURRENT_CAPABILITY_VERSION
     ipn_version: str = "1.96.4-tsnet"
     on_auth_url: Callable[[str], None] = _print_auth_url
+    #: Trust for ``GET /key`` over https (default: system roots). ts2021 itself is authenticated by Noise.
+    ssl_context: ssl.SSLContext | None = None
 
 
 class ControlClient:
@@ -238,7 +251,7 @@ class ControlClient:
     async def _dial(self) -> ts2021.DialResult:
         lu = self.login_url
         if self.server_key is None:
-            self.server_key = await fetch_server_key(lu, self.config.version)
+            self.server_key = await fetch_server_key(lu, self.config.version, ssl_context=self.config.ssl_context)
         attempts: list[tuple[int, bool]] = [(lu.http_port, False)]
         if lu.https_port is not None:
             attempts.append((lu.https_port, True))
@@ -256,15 +269,14 @@ class ControlClient:
                 # A server that cannot authenticate us closes the connection right after the 101:
                 # perhaps its key changed. Refetch it; the caller's retry then uses the new one.
                 try:
-                    new_key = await fetch_server_key(lu, self.config.version)
+                    new_key = await fetch_server_key(lu, self.config.version, ssl_context=self.config.ssl_context)
                 except (OSError, ControlError):
                     new_key = self.server_key
                 if new_key != self.server_key:
                     self.counters["key_changes"] += 1
                     self.server_key = new_key
                 last = exc
-                break
-            except (OSError, trio.TooSlowError, ssl.SSLError) as exc:
+            except (OSError, trio.TooSlowError, ssl.SSLError, trio.BrokenResourceError) as exc:
                 last = exc
         raise ControlError(f"cannot connect to {lu.url}: {last}")
 

@@ -19,6 +19,7 @@ import datetime as _dt
 import json
 import logging
 import re
+import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -284,7 +285,7 @@ class ControlServer:
     async def handle_tcp(self, stream: trio.abc.Stream) -> None:
         """Serve one accepted TCP connection (HTTP/1.1, possibly upgraded)."""
         remote = ""
-        sock = getattr(stream, "socket", None)
+        sock = getattr(stream, "socket", None) or getattr(getattr(stream, "transport_stream", None), "socket", None)
         if sock is not None:
             try:
                 remote = "%s:%d" % sock.getpeername()[:2]
@@ -860,12 +861,31 @@ class ControlServer:
 
     # -- serving -------------------------------------------------------------------------------
 
-    async def serve(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on ``host:port`` until cancelled; reports the bound port through ``task_status``."""
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` (HTTPS when ``ssl_context`` is given) until cancelled.
+
+        Reports the bound port through ``task_status``.
+        """
         async with trio.open_nursery() as nursery:
-            listeners = await trio.open_tcp_listeners(port, host=host)
+            listeners: list[Any] = list(await trio.open_tcp_listeners(port, host=host))
             bound = listeners[0].socket.getsockname()[1]
+            if ssl_context is not None:
+                listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners]
             nursery.start_soon(self.run_ephemeral_gc)
             nursery.start_soon(self.watch_store)
-            nursery.start_soon(trio.serve_listeners, self.handle_tcp, listeners)
+            nursery.start_soon(trio.serve_listeners, self._handle_guarded, listeners)
             task_status.started(bound)
+
+    async def _handle_guarded(self, stream: trio.abc.Stream) -> None:
+        # A failed TLS handshake (scanner, wrong client) must not take the listener down.
+        try:
+            await self.handle_tcp(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
+            log.debug("connection failed: %r", exc)
