@@ -132,3 +132,41 @@ async def test_request_tags_need_tag_owner(nursery, tmp_path):
     async with ControlClient(h.config("bad", h.authkey(), tags=("tag:locked",))) as c:
         with pytest.raises(LoginError, match="not permitted"):
             await c.login()
+
+
+async def test_policy_file_edits_apply_live_and_bad_edits_are_ignored(nursery, tmp_path):
+    path = tmp_path / "policy.hujson"
+    path.write_text('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]}')
+    store = Store.open(tmp_path / "s")
+    config = ServerConfig(policy_path=str(path))
+    server = ControlServer(store, config)
+    assert server.reload_policy() is None
+    port = await nursery.start(server.serve, "127.0.0.1", 0)
+    h = Harness(server, port, nursery)
+    w = NetmapWatcher()
+    client = ControlClient(h.config("n", h.authkey()))
+
+    async def run():
+        async with client:
+            await client.run(w)
+
+    nursery.start_soon(run)
+    nm = await w.wait_for(lambda nm: True)
+    assert nm.packet_filter[0].dst_ports[0].ports.first == 22
+    path.write_text('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:443"]}], // edited\n}')
+    nm = await w.wait_for(lambda nm: nm.packet_filter[0].dst_ports[0].ports.first == 443)
+    path.write_text('{"acls": [{"action": "accept", "src": ["group:missing"], "dst": ["*:80"]}]}')
+    assert "group:missing" in server.reload_policy()  # refused; the 443 policy stays
+    assert server.config.filter_for(store.node_by_name("n"), store.nodes(), {})[0].dst_ports[0].ports.first == 443
+
+
+def test_policy_check_command(tmp_path, capsys):
+    from tsnet.cli import main
+
+    good = tmp_path / "good.hujson"
+    good.write_text('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]},],}')
+    assert main(["control", "policy", "check", str(good)]) == 0
+    bad = tmp_path / "bad.hujson"
+    bad.write_text('{\n "acls": [\n  {"action": "accept", "src": ["*"], "dst": ["nohost:22"]}\n ]\n}')
+    assert main(["control", "policy", "check", str(bad)]) == 1
+    assert "line 3:" in capsys.readouterr().err

@@ -142,6 +142,21 @@ def _cmd_nodes_pending(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_policy_check(args: argparse.Namespace) -> int:
+    from .policy import PolicyError, load_policy_file
+
+    try:
+        policy = load_policy_file(args.file)
+    except OSError as exc:
+        print(f"tsnet control: {exc}", file=sys.stderr)
+        return 1
+    except PolicyError as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok ({len(policy.rules)} rules, {len(policy.groups)} groups, {len(policy.tag_owners)} tags)")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import ipaddress
 
@@ -191,6 +206,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"tsnet control: policy {args.policy}: {exc}", file=sys.stderr)
             return 1
         policy.install(config)
+        config.policy_path = args.policy
     derp_map = None
     if args.derp_map:
         try:
@@ -350,6 +366,13 @@ def register(subparsers: Any) -> None:
                        help="delete ephemeral nodes offline this long (default 5m)")
     serve.add_argument("-v", "--verbose", action="store_true")
     serve.set_defaults(func=_cmd_serve)
+
+    policy = csub.add_parser("policy", help="policy files")
+    psub = policy.add_subparsers(dest="policy_command", metavar="ACTION")
+    policy.set_defaults(func=lambda args: (policy.print_help(), 2)[1])
+    pcheck = psub.add_parser("check", help="validate a HuJSON policy file (errors name the line)")
+    pcheck.add_argument("file")
+    pcheck.set_defaults(func=_cmd_policy_check)
 
     authkey = csub.add_parser("authkey", help="pre-auth keys")
     asub = authkey.add_subparsers(dest="authkey_command", metavar="ACTION")

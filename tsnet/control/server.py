@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 import re
 import ssl
 import struct
@@ -96,6 +97,8 @@ class ServerConfig:
     filter_for: Callable[[NodeRecord, list[NodeRecord], dict[int, str]], tuple[tailcfg.FilterRule, ...]] | None = None
     #: Whether ``a`` should see ``b`` as a peer: (a, b, all live nodes, logins). Default: all see all.
     can_see: Callable[[NodeRecord, NodeRecord, list[NodeRecord], dict[int, str]], bool] | None = None
+    #: Policy file to watch: edits are applied live (a bad edit is logged and ignored).
+    policy_path: str | None = None
     #: Whether a node of user ``login`` may take ``tag`` via Hostinfo.RequestTags (None: any tag is fine).
     tag_allowed: Callable[[str, str], bool] | None = None
     #: Send the optional early payload (EarlyNoise with a node-key challenge) before HTTP/2.
@@ -838,14 +841,45 @@ class ControlServer:
                 self.notify()
 
     async def watch_store(self, interval: float = 0.5) -> None:
-        """Notice writes by other processes (the admin CLI) and push them to the nodes."""
+        """Notice writes by other processes (the admin CLI) and edits of the policy file; push them to the nodes."""
         version = self.store.data_version()
+        policy_stamp = self._policy_stamp()
         while True:
             await trio.sleep(interval)
             current = self.store.data_version()
             if current != version:
                 version = current
                 self.notify()
+            stamp = self._policy_stamp()
+            if stamp != policy_stamp:
+                policy_stamp = stamp
+                self.reload_policy()
+
+    def _policy_stamp(self) -> tuple[int, int] | None:
+        path = self.config.policy_path
+        if path is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def reload_policy(self) -> str | None:
+        """Re-read ``config.policy_path``; a bad file is reported and the old policy stays. Returns the error."""
+        from .policy import PolicyError, load_policy_file
+
+        if self.config.policy_path is None:
+            return None
+        try:
+            policy = load_policy_file(self.config.policy_path)
+        except (OSError, PolicyError) as exc:
+            log.error("policy %s not applied: %s", self.config.policy_path, exc)
+            return str(exc)
+        policy.install(self.config)
+        log.info("policy %s applied", self.config.policy_path)
+        self.notify()
+        return None
 
     # -- admin actions used by the CLI and tests -----------------------------------------------
 
