@@ -600,3 +600,26 @@ async def test_regions_map_change_redials_changed_region_only():
             while s3.counters.clients != 1 or s2.counters.clients != 0:
                 await trio.sleep(0.01)
         n.cancel_scope.cancel()
+
+
+async def test_cli_self_signed_prints_a_usable_pinned_derp_map():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tsnet", "derper", "--listen", "127.0.0.1:0", "--self-signed", "--stun-port", "0",
+         "--print-derp-map"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        lines = [proc.stdout.readline() for _ in range(3)]
+        derp_map = json.loads(lines[2])
+        node = DerpNode.from_json(derp_map["Regions"]["900"]["Nodes"][0])
+        assert node.cert_name.startswith("sha256-raw:") and node.cert_name in lines[0]
+        async with trio.open_nursery() as n:
+            a = await start_client(n, node)
+            b = await start_client(n, node)
+            a.send(b.private_key.public, b"pinned tls")
+            assert (await next_of(b, ReceivedPacket)).packet == b"pinned tls"
+            n.cancel_scope.cancel()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        proc.stdout.close()

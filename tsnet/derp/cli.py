@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 from functools import partial
@@ -40,6 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--rate-limit-burst", type=int, default=0, metavar="BYTES", help="bucket size (min 65573)")
     p.add_argument("--rate-limit-mode", choices=("drop", "pace"), default="drop",
                    help="over the limit: drop and count packets, or pace reading (lossless backpressure)")
+    p.add_argument("--print-derp-map", action="store_true",
+                   help="print a one-region DERPMap (JSON) pointing at this server, for a control server")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_run)
 
@@ -81,6 +84,7 @@ async def _main(args: argparse.Namespace, private: NodePrivate, mesh_key: bytes 
 
     host, port = args.listen
     ssl_context = None
+    cert = None
     if args.self_signed:
         cert = generate_self_signed(host)
         ssl_context = server_ssl_context(self_signed=cert)
@@ -95,9 +99,20 @@ async def _main(args: argparse.Namespace, private: NodePrivate, mesh_key: bytes 
             bound = await nursery.start(partial(server.serve_tcp, host, port, ssl_context=ssl_context))
             scheme = "https" if ssl_context else "http"
             print(f"derper {server.public_key} listening on {scheme}://{host}:{bound}/derp", flush=True)
+            sport = -1
             if args.stun_port > 0:
                 sport = await nursery.start(server.serve_stun, host, args.stun_port)
                 print(f"STUN on udp {host}:{sport}", flush=True)
+            if args.print_derp_map:
+                from .derpmap import single_region_derp_map
+
+                cert_name = ""
+                if cert is not None:
+                    cert_name = cert.cert_name
+                elif args.tls_cert:
+                    cert_name = _pin_of(args.tls_cert)  # pin the leaf rather than switch checks off
+                derp_map = single_region_derp_map(bound, host=host, stun_port=sport, cert_name=cert_name)
+                print(json.dumps(derp_map), flush=True)
             for url in (u.strip() for arg in args.mesh_with for u in arg.split(",")):
                 if url:
                     nursery.start_soon(server.run_mesh_peer, url)
@@ -107,3 +122,15 @@ async def _main(args: argparse.Namespace, private: NodePrivate, mesh_key: bytes 
             await server.shutdown()
             nursery.cancel_scope.cancel()
     return 0
+
+
+def _pin_of(cert_file: str) -> str:
+    """``sha256-raw:<hex>`` of the first (leaf) certificate in a PEM file."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    with open(cert_file, "rb") as fh:
+        leaf = x509.load_pem_x509_certificates(fh.read())[0]
+    return "sha256-raw:" + hashlib.sha256(leaf.public_bytes(Encoding.DER)).hexdigest()
