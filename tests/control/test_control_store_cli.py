@@ -85,6 +85,9 @@ def test_cli_authkey_and_nodes(tmp_path, capsys):
     assert main(["control", "nodes", "list", "--state-dir", d, "--json"]) == 0
     (n,) = json.loads(capsys.readouterr().out)
     assert n["name"] == "web" and n["addresses"] == ["100.64.0.1", "fd7a:115c:a1e0::1"] and not n["expired"]
+    assert main(["control", "nodes", "rename", "--state-dir", d, "web", "Bad Name"]) == 2
+    assert main(["control", "nodes", "rename", "--state-dir", d, "web", "www"]) == 0
+    assert main(["control", "nodes", "rename", "--state-dir", d, "www", "web"]) == 0
     assert main(["control", "nodes", "expire", "--state-dir", d, "web"]) == 0
     main(["control", "nodes", "list", "--state-dir", d, "--json"])
     assert json.loads(capsys.readouterr().out)[0]["expired"]

@@ -126,6 +126,23 @@ def _cmd_nodes_expire(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_nodes_rename(args: argparse.Namespace) -> int:
+    from .server import sanitize_hostname
+
+    store = _open_store(args)
+    node = _find_node(store, args.name)
+    label = sanitize_hostname(args.new_name)
+    if label != args.new_name.lower():
+        print(f"tsnet control: {args.new_name!r} is not a valid DNS label (try {label!r})", file=sys.stderr)
+        return 2
+    other = store.node_by_name(label)
+    if other is not None and other.id != node.id:
+        print(f"tsnet control: name {label!r} is taken", file=sys.stderr)
+        return 1
+    store.rename_node(node.id, label)
+    return 0
+
+
 def _cmd_nodes_approve(args: argparse.Namespace) -> int:
     store = _open_store(args)
     token = args.token.rstrip("/").rsplit("/", 1)[-1]  # accept the whole AuthURL too
@@ -411,6 +428,10 @@ def register(subparsers: Any) -> None:
     nd = with_state(nsub.add_parser("delete", help="delete a node"))
     nd.add_argument("name")
     nd.set_defaults(func=_cmd_nodes_delete)
+    nr = with_state(nsub.add_parser("rename", help="change a node's MagicDNS name"))
+    nr.add_argument("name")
+    nr.add_argument("new_name")
+    nr.set_defaults(func=_cmd_nodes_rename)
     na = with_state(nsub.add_parser("approve", help="approve an interactive login (token or AuthURL)"))
     na.add_argument("token")
     na.set_defaults(func=_cmd_nodes_approve)
