@@ -18,6 +18,7 @@ class EchoServer:
         self.key = MachinePrivate.generate()
         self.early = early
         self.peers = []
+        self.errors = []
         self.release = trio.Event()
 
     async def app(self, req):
@@ -33,7 +34,7 @@ class EchoServer:
             async def run(stream, leftover):
                 noise = await ts2021.accept(stream, verdict, self.key, leftover=leftover, early=self.early)
                 self.peers.append(noise.peer)
-                await serve_h2(noise, self.h2_handler)
+                await serve_h2(noise, self.h2_handler, on_error=self.errors.append)
 
             return Takeover(run)
         return Reply(404, b"not found")
@@ -187,3 +188,18 @@ def test_login_url_rejects_other_schemes():
 
     with pytest.raises(ValueError):
         parse_login_url("ftp://x")
+
+
+async def test_client_cancels_streaming_response(server):
+    with trio.fail_after(10):
+        result = await ts2021.dial("127.0.0.1", server.port, machine_key=MachinePrivate.generate(),
+                                   server_key=server.key.public)
+        async with open_h2_client(result.stream, "x") as client:
+            poll = await client.request("POST", "/stream", body=b"{}")
+            chunks = poll.iter_chunks()
+            assert (await chunks.__anext__()).startswith(b"tick")
+            await poll.aclose()  # RST_STREAM(CANCEL) while the handler still holds the stream
+            server.release.set()  # the handler now tries to finish a stream that is gone
+            r = await client.request("POST", "/after", body=b"x")
+            assert json.loads(await r.read())["path"] == "/after"
+    assert server.errors == []

@@ -113,7 +113,10 @@ class _H2Base:
                 raise H2Error(f"stream {st.id} was reset")
             if not view:
                 if end:
-                    self.conn.end_stream(st.id)
+                    try:
+                        self.conn.end_stream(st.id)
+                    except h2.exceptions.ProtocolError as exc:
+                        raise H2Error(f"stream {st.id}: {exc}") from None
                     await self.flush()
                 return
             try:
@@ -125,7 +128,10 @@ class _H2Base:
                 continue
             chunk = view[:window]
             view = view[len(chunk) :]
-            self.conn.send_data(st.id, bytes(chunk), end_stream=end and not view)
+            try:
+                self.conn.send_data(st.id, bytes(chunk), end_stream=end and not view)
+            except h2.exceptions.ProtocolError as exc:  # e.g. the peer reset the stream meanwhile
+                raise H2Error(f"stream {st.id}: {exc}") from None
             await self.flush()
             if end and not view:
                 return
@@ -239,7 +245,10 @@ class H2ResponseWriter:
         all_headers = [(":status", str(status))] + list(headers or [])
         if self._st.reset:
             raise H2Error("stream was reset")
-        self._server.conn.send_headers(self._st.id, all_headers, end_stream=end)
+        try:
+            self._server.conn.send_headers(self._st.id, all_headers, end_stream=end)
+        except h2.exceptions.ProtocolError as exc:
+            raise H2Error(f"stream {self._st.id}: {exc}") from None
         if end:
             self.finished = True
         await self._server.flush()
