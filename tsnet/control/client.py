@@ -261,10 +261,14 @@ class ControlClient:
                 with trio.fail_after(15):
                     stream = await _open(lu.host, port, tls, verify=False)  # Noise authenticates
                     host = lu.host if port in (80, 443) else f"{lu.host}:{port}"
-                    return await ts2021.handshake_over(
-                        stream, host=host, machine_key=self.config.machine_key, server_key=self.server_key,
-                        version=self.config.version,
-                    )
+                    try:
+                        return await ts2021.handshake_over(
+                            stream, host=host, machine_key=self.config.machine_key, server_key=self.server_key,
+                            version=self.config.version,
+                        )
+                    except BaseException:
+                        await trio.aclose_forcefully(stream)
+                        raise
             except (HandshakeError, ts2021.controlhttp.UpgradeError, NoiseError) as exc:
                 # A server that cannot authenticate us closes the connection right after the 101:
                 # perhaps its key changed. Refetch it; the caller's retry then uses the new one.
