@@ -170,3 +170,22 @@ def test_policy_check_command(tmp_path, capsys):
     bad.write_text('{\n "acls": [\n  {"action": "accept", "src": ["*"], "dst": ["nohost:22"]}\n ]\n}')
     assert main(["control", "policy", "check", str(bad)]) == 1
     assert "line 3:" in capsys.readouterr().err
+
+
+def test_policy_tests_section_is_evaluated():
+    base = """{
+  "groups": {"group:ops": ["ops@x"]},
+  "tagOwners": {"tag:db": []},
+  "acls": [{"action": "accept", "src": ["group:ops"], "dst": ["tag:db:5432"], "proto": "tcp"}],
+  "tests": [
+    {"src": "ops@x", "accept": ["tag:db:5432"], "deny": ["tag:db:22"]},
+    %s
+  ],
+}"""
+    parse_policy(base % '{"src": "dev@x", "deny": ["tag:db:5432"]}')
+    with pytest.raises(PolicyError) as info:
+        parse_policy(base % '{"src": "dev@x",\n     "accept": ["tag:db:5432"]}')
+    assert "test failed: dev@x -> tag:db:5432 is denied" in str(info.value)
+    assert str(info.value).startswith("line 8:")  # the failing destination, not the acl line
+    with pytest.raises(PolicyError, match="is accepted, expected deny"):
+        parse_policy(base % '{"src": "ops@x", "deny": ["tag:db:5432"], "proto": "tcp"}')

@@ -295,15 +295,21 @@ def _allows_from(rules: Iterable[tailcfg.FilterRule], node: NodeRecord) -> bool:
     return False
 
 
-def _line_of(text: str, token: str) -> int | None:
-    pos = text.find(json.dumps(token))
+def _line_of(text: str, token: str, start: int = 0) -> int | None:
+    pos = text.find(json.dumps(token), start)
     if pos < 0:
-        pos = text.find(token)
+        pos = text.find(token, start)
     return None if pos < 0 else text.count("\n", 0, pos) + 1
 
 
-def _fail(text: str, token: str, reason: str) -> PolicyError:
-    line = _line_of(text, token)
+def _fail(text: str, token: str, reason: str, *, after: tuple[str, ...] = ()) -> PolicyError:
+    """An error naming the line of ``token`` (searched after each of ``after`` in turn, when given)."""
+    start = 0
+    for anchor in after:
+        pos = text.find(anchor, start)
+        if pos >= 0:
+            start = pos
+    line = _line_of(text, token, start)
     return PolicyError(f"line {line}: {reason}" if line else reason)
 
 
@@ -464,7 +470,83 @@ def parse_policy(text: str) -> Policy:
             if not isinstance(app, dict) or not all(isinstance(v, list) for v in app.values()):
                 raise _fail(text, "app", "grant app must map capability names to lists")
             policy.rules.append(_Rule(tuple(src), tuple((d, (_ALL_PORTS,)) for d in dst), None, dict(app)))
+    _run_policy_tests(policy, lower.get("tests") or [], text)
     return policy
+
+
+def _run_policy_tests(policy: Policy, tests: Any, text: str) -> None:
+    """Evaluate the policy's ``tests`` section: each ``accept`` must be allowed and each ``deny`` refused.
+
+    Identities become synthetic nodes: a login is a node of that user, ``tag:x`` a node
+    tagged x, an IP or host alias a node with that address.
+    """
+    if not isinstance(tests, list):
+        raise _fail(text, "tests", "tests must be a list")
+    import datetime as _dt
+
+    epoch = _dt.datetime(2000, 1, 1, tzinfo=_dt.timezone.utc)
+    logins: dict[int, str] = {}
+    nodes: dict[str, NodeRecord] = {}
+
+    def node_for(identity: str) -> NodeRecord:
+        if identity in nodes:
+            return nodes[identity]
+        n = len(nodes) + 1
+        ipv4, ipv6 = f"100.127.{n // 250}.{n % 250 + 1}", f"fd7a:115c:a1e0:ffff::{n:x}"
+        tags: tuple[str, ...] = ()
+        user = 1000 + n
+        literal = policy._literal(identity)
+        if identity.startswith("tag:"):
+            tags = (identity,)
+        elif literal is not None:
+            addr = literal.network_address
+            if addr.version == 4:
+                ipv4 = str(addr)
+            else:
+                ipv6 = str(addr)
+        elif "@" in identity:
+            logins[user] = identity
+        else:
+            raise _fail(text, identity, f"test identity {identity!r} must be a login, tag or address")
+        record = NodeRecord(
+            id=n, stable_id=f"test{n}", machine_key="", node_key=f"test{n}", disco_key=None, name=f"test{n}",
+            user_id=user, ipv4=ipv4, ipv6=ipv6, ephemeral=False, tags=tags, created=epoch, key_expiry=None,
+            logged_out=False, last_seen=None, hostinfo=None, endpoints=(), home_derp=0, cap=0, authkey_id=None,
+        )
+        nodes[identity] = record
+        return record
+
+    cases = []
+    for test in tests:
+        if not isinstance(test, dict) or not isinstance(test.get("src"), str):
+            raise _fail(text, "tests", "each test needs a \"src\" string")
+        src = test["src"]
+        protos = _parse_proto(text, test.get("proto"))
+        for verdict in ("accept", "deny"):
+            for dst in test.get(verdict) or []:
+                if not isinstance(dst, str) or ":" not in dst:
+                    raise _fail(text, str(dst), f"test destination {dst!r} must be host:port")
+                host, _, port = dst.rpartition(":")
+                if not port.isdigit():
+                    raise _fail(text, dst, f"test destination {dst!r} needs one port")
+                cases.append((src, host.strip("[]"), int(port), protos, verdict == "accept", dst))
+    for src, host, _, _, _, _ in cases:
+        node_for(src)
+        node_for(host)
+    everyone = list(nodes.values())
+    for src, host, port, protos, want, dst in cases:
+        s_node, d_node = nodes[src], nodes[host]
+        rules = policy.filter_for(d_node, everyone, logins)
+        allowed = any(
+            _allows_from((rule,), s_node)
+            and (rule.ip_proto is None or protos is None or set(protos) & set(rule.ip_proto))
+            and any(pr.ports is not None and pr.ports.first <= port <= pr.ports.last for pr in rule.dst_ports or ())
+            for rule in rules
+        )
+        if allowed != want:
+            verb = "accepted" if allowed else "denied"
+            raise _fail(text, dst, f"test failed: {src} -> {dst} is {verb}, expected {'accept' if want else 'deny'}",
+                        after=('"tests"', json.dumps(src)))
 
 
 def load_policy_file(path: str | Path) -> Policy:
