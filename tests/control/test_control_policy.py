@@ -95,6 +95,7 @@ async def test_policy_applies_through_server(nursery, tmp_path):
     parse_policy("""{
       "tagOwners": {"tag:srv": []},
       "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["tag:srv:22"]}],
+      "nodeAttrs": [{"target": ["tag:srv"], "attr": ["magicdns-aaaa"]}],
     }""").install(config)
     server = ControlServer(store, config)
     port = await nursery.start(server.serve, "127.0.0.1", 0)
@@ -112,6 +113,7 @@ async def test_policy_applies_through_server(nursery, tmp_path):
     srv = await watchers["srv"].wait_for(lambda nm: len(nm.peers) == 2)
     rule = srv.packet_filter[0]
     assert rule.dst_ports[0].ports.first == 22 and len(rule.src_ips) == 4
+    assert "magicdns-aaaa" in srv.cap_map and "disable-captive-portal-detection" in srv.cap_map
     laptop = await watchers["laptop"].wait_for(lambda nm: len(nm.peers) == 1)
     assert laptop.peers[0].name.startswith("srv.") and laptop.packet_filter == ()
     assert laptop.peers[0].tags == ("tag:srv",)
@@ -189,3 +191,11 @@ def test_policy_tests_section_is_evaluated():
     assert str(info.value).startswith("line 8:")  # the failing destination, not the acl line
     with pytest.raises(PolicyError, match="is accepted, expected deny"):
         parse_policy(base % '{"src": "ops@x", "deny": ["tag:db:5432"], "proto": "tcp"}')
+
+
+def test_node_attrs_target_nodes():
+    p = parse_policy('{"tagOwners": {"tag:x": []}, "nodeAttrs": [{"target": ["tag:x"], "attr": ["magicdns-aaaa"]}]}')
+    assert p.attrs_for(node(1, ["tag:x"]), [], LOGINS) == {"magicdns-aaaa": None}
+    assert p.attrs_for(node(2), [], LOGINS) == {}
+    with pytest.raises(PolicyError, match="nodeAttrs"):
+        parse_policy('{"nodeAttrs": [{"target": "*"}]}')

@@ -120,6 +120,7 @@ class Policy:
     hosts: dict[str, Prefix] = field(default_factory=dict)
     tag_owners: dict[str, tuple[str, ...]] = field(default_factory=dict)
     rules: list[_Rule] = field(default_factory=list)
+    node_attrs: list[tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=list)
     text: str = ""
     _cache_key: tuple | None = None
     _cache: dict[int, tuple[tailcfg.FilterRule, ...]] = field(default_factory=dict)
@@ -131,6 +132,16 @@ class Policy:
         config.filter_for = self.filter_for
         config.can_see = self.can_see
         config.tag_allowed = self.tag_allowed
+        config.attrs_for = self.attrs_for
+
+    def attrs_for(self, node: NodeRecord, nodes: list[NodeRecord], logins: dict[int, str] | None = None) -> dict[str, Any]:
+        """Node attributes from ``nodeAttrs`` whose ``target`` matches ``node``."""
+        out: dict[str, Any] = {}
+        for targets, attrs in self.node_attrs:
+            if any(self._matches(t, node, logins or {}) for t in targets):
+                for attr in attrs:
+                    out[attr] = None
+        return out
 
     def tag_allowed(self, tag: str, login: str) -> bool:
         """May a node of user ``login`` claim ``tag`` itself (Hostinfo.RequestTags)?"""
@@ -470,6 +481,17 @@ def parse_policy(text: str) -> Policy:
             if not isinstance(app, dict) or not all(isinstance(v, list) for v in app.values()):
                 raise _fail(text, "app", "grant app must map capability names to lists")
             policy.rules.append(_Rule(tuple(src), tuple((d, (_ALL_PORTS,)) for d in dst), None, dict(app)))
+    attrs = lower.get("nodeattrs") or []
+    if not isinstance(attrs, list):
+        raise _fail(text, "nodeAttrs", "nodeAttrs must be a list")
+    for entry in attrs:
+        e = {k.lower(): v for k, v in entry.items()} if isinstance(entry, dict) else {}
+        targets, names = e.get("target"), e.get("attr")
+        if not isinstance(targets, list) or not isinstance(names, list) or not all(isinstance(a, str) for a in names):
+            raise _fail(text, "nodeAttrs", "each nodeAttrs entry needs \"target\" and \"attr\" lists")
+        for t in targets:
+            check_selector(t, dst=False)
+        policy.node_attrs.append((tuple(targets), tuple(names)))
     _run_policy_tests(policy, lower.get("tests") or [], text)
     return policy
 

@@ -97,6 +97,8 @@ class ServerConfig:
     filter_for: Callable[[NodeRecord, list[NodeRecord], dict[int, str]], tuple[tailcfg.FilterRule, ...]] | None = None
     #: Whether ``a`` should see ``b`` as a peer: (a, b, all live nodes, logins). Default: all see all.
     can_see: Callable[[NodeRecord, NodeRecord, list[NodeRecord], dict[int, str]], bool] | None = None
+    #: Extra node attributes (self CapMap) per node, e.g. from the policy's ``nodeAttrs``.
+    attrs_for: Callable[[NodeRecord, list[NodeRecord], dict[int, str]], dict[str, Any]] | None = None
     #: Policy file to watch: edits are applied live (a bad edit is logged and ignored).
     policy_path: str | None = None
     #: Whether a node of user ``login`` may take ``tag`` via Hostinfo.RequestTags (None: any tag is fine).
@@ -747,6 +749,10 @@ class ControlServer:
         can_see = self.config.can_see
         peers = [n for n in live if n.id != me.id and (can_see is None or can_see(me, n, live, logins))]
         self_node = tailcfg.encode(self._tailcfg_node(me, view.now, is_self=True))
+        if self.config.attrs_for is not None:
+            extra_attrs = self.config.attrs_for(me, live, logins)
+            if extra_attrs:
+                self_node["CapMap"] = {**self_node.get("CapMap", {}), **extra_attrs}
         peer_nodes = {n.id: view.peer_nodes[n.id] for n in peers}
         rules = self.config.filter_for(me, live, logins) if self.config.filter_for is not None else _ALLOW_ALL
         packet_filter = [tailcfg.encode(r) for r in rules]
