@@ -204,6 +204,18 @@ def test_two_tailscaled_join_our_control(lab: Lab, tailscale_binaries: Tailscale
         out = b.cli("ping", "--c", "10", "--timeout", "5s", v4_of(a), timeout=60)
         assert "pong from alpha" in out, out
 
+        # Admin expiry: b's key dies (NeedsLogin, a sees it expired); `up` with a key renews the same node.
+        _tsnet("control", "nodes", "expire", "--state-dir", str(net.state), "beta")
+        wait_until(lambda: b.status()["BackendState"] == "NeedsLogin", 20, "b needs login after expiry")
+        wait_until(lambda: next(p for p in a.status()["Peer"].values() if p["HostName"] == "beta").get("Expired"),
+                   20, "a sees b expired")
+        b.cli("up", f"--login-server={b.control_url}", f"--authkey={net.authkey}", "--hostname=beta",
+              "--timeout=60s", timeout=90)
+        assert b.status()["BackendState"] == "Running"
+        assert sorted(b.status()["Self"]["TailscaleIPs"]) == sorted(b_ips)
+        wait_until(lambda: not next(p for p in a.status()["Peer"].values() if p["HostName"] == "beta").get("Expired"),
+                   20, "a sees b renewed")
+
         # Logout: the server expires b's key and a drops it from its peers.
         b.cli("logout", timeout=30)
         wait_until(lambda: a.peer_names() == ["pynode"], 15, "a no longer lists b")
