@@ -398,3 +398,34 @@ async def test_https_login_url_with_verified_key_fetch(nursery, tmp_path):
     a, wa, _ = await start(h, nursery, h.config("secure", h.authkey(), ssl_context=trust))
     nm = await wa.wait_for(lambda nm: True)
     assert nm.name == "secure.tailnet.test." and a.server_key == server.noise_key.public
+
+
+async def test_map_stream_of_a_client_that_stops_reading_is_dropped(control, nursery):
+    server = control.server
+    server.config.write_timeout = 0.2
+    key = control.authkey(reusable=True)
+    a, wa, _ = await start(control, nursery, control.config("a", key))
+    b_cfg = control.config("b", key)
+    stalled = set()
+    real_serve_map, real_write = server.serve_map, server._write
+
+    async def serve_map(machine, req, resp):
+        if req.node_key == b_cfg.node_key.public and req.stream:
+            stalled.add(resp)
+        await real_serve_map(machine, req, resp)
+
+    async def write(resp, frame):
+        if resp in stalled and stall_now.is_set():
+            with trio.fail_after(server.config.write_timeout):
+                await trio.sleep_forever()  # what a peer that never reads looks like to the writer
+        await real_write(resp, frame)
+
+    stall_now = trio.Event()
+    server.serve_map, server._write = serve_map, write
+    b, wb, _ = await start(control, nursery, b_cfg)
+    await wa.wait_for(lambda nm: len(nm.peers) == 1 and nm.peers[0].online)
+    b_id = server.store.node_by_name("b").id
+    stall_now.set()
+    await a.send_update(endpoints=("192.0.2.1:1",))  # b's session must write this change, and cannot
+    await wa.wait_for(lambda nm: nm.peers[0].online is False)  # dropped after write_timeout
+    assert server.store.node(b_id).last_seen is not None

@@ -87,6 +87,8 @@ class ServerConfig:
     derp_map: tailcfg.DERPMap | None = None
     ephemeral_timeout: float = 300.0
     keepalive_interval: float = 55.0
+    #: A map stream whose client does not take a message within this many seconds is dropped.
+    write_timeout: float = 30.0
     #: Node-key lifetime for user-owned nodes; None = never expire. Tagged nodes never expire.
     key_expiry: _dt.timedelta | None = _dt.timedelta(days=180)
     magic_dns: bool = True
@@ -628,15 +630,17 @@ class ControlServer:
                         break  # deleted or logged out: end the stream
                     msg = self._session_delta(session, first=first)
                     if msg is not None:
-                        await resp.write(self._frame(msg, compress))
+                        await self._write(resp, self._frame(msg, compress))
                     first = False
                     while session.outbox:
-                        await resp.write(self._frame(session.outbox.pop(0), compress))
+                        await self._write(resp, self._frame(session.outbox.pop(0), compress))
                     with trio.move_on_after(self.config.keepalive_interval) as idle:
                         await session.wake.wait()
                     if idle.cancelled_caught:
-                        await resp.write(self._frame(b'{"KeepAlive":true}', compress))
+                        await self._write(resp, self._frame(b'{"KeepAlive":true}', compress))
                 await resp.end()
+        except trio.TooSlowError:
+            log.info("map poll of %s dropped: client stopped reading", node.name)
         finally:
             if self.sessions.get(node.id) is session:
                 del self.sessions[node.id]
@@ -644,6 +648,11 @@ class ControlServer:
                 if gone is not None:
                     self.store.update_node(node.id, last_seen=self.now())
                 self.notify()
+
+    async def _write(self, resp: H2ResponseWriter, frame: bytes) -> None:
+        # A client that stops reading must not keep its session (and "online") forever.
+        with trio.fail_after(self.config.write_timeout):
+            await resp.write(frame)
 
     def _end_session(self, node_id: int) -> None:
         session = self.sessions.get(node_id)
