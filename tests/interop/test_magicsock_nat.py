@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import Lab, wait_until
-from tests.lab.nat_topology import NatTopology, PyNode, start_tailscaled_node
+from tests.lab.nat_topology import RELAY_POLICY, NatTopology, PyNode, start_tailscaled_node
 
 pytestmark = pytest.mark.interop
 
@@ -118,3 +118,28 @@ def test_tailscaled_peer_behind_easy_nat_pings_our_node_direct(lab: Lab, tmp_pat
     assert peer["CurAddr"] == f"{topo.hosts['py'].public_ip}:41641", peer
     n = _replies_flow(py, topo)
     _replies_flow(py, topo, n + 5)
+
+
+def test_hard_to_hard_moves_to_python_peer_relay(lab: Lab, tmp_path: Path) -> None:
+    """A public Python node runs a relay server granted by policy: hard<->hard leaves DERP for the relay."""
+    topo = NatTopology(lab, tmp_path)
+    topo.start_control(policy=RELAY_POLICY)
+    hr = topo.add_host("relay", "public")
+    relay = topo.start_python_node(hr, relay_server_port=40000)
+    _wait(lambda: (relay.status().get("relay_server") or {}).get("addr_ports"), "relay server ready", topo)
+    ha, hb = topo.add_host("a", "hard"), topo.add_host("b", "hard")
+    b = topo.start_python_node(hb)
+    _wait(lambda: b.peer("relay") is not None, "b sees the relay", topo)
+    a = topo.start_python_node(ha, ping="b")
+    _replies_flow(a, topo)
+    want = f"{hr.public_ip}:40000:vni:"
+    _wait(lambda: a.path_kind("b") == "peer-relay" and b.path_kind("a") == "peer-relay", "relay path both ways",
+          topo)
+    assert a.peer("b")["addr"].startswith(want) and b.peer("a")["addr"].startswith(want)
+    # WireGuard now flows through the relay server, not DERP.
+    derp_sent = a.status()["counters"].get("wg_sent_derp", 0)
+    n = _replies_flow(a, topo, a.status()["replies"])
+    _replies_flow(a, topo, n + 5)
+    assert a.status()["counters"].get("wg_sent_derp", 0) == derp_sent
+    assert relay.status()["relay_server"]["forwarded_packets"] > 10
+    assert relay.status()["relay_server"]["endpoints"].get("open", 0) >= 1

@@ -33,7 +33,8 @@ class LabNode:
         self.args = args
         self.node_private = NodePrivate.generate()
         self.driver = MagicSockDriver(self.node_private, DiscoPrivate.generate(), port=args.port, bind_v6=None,
-                                      derp_plain_http=True, on_packet=self.on_packet, on_event=self.on_event)
+                                      derp_plain_http=True, on_packet=self.on_packet, on_event=self.on_event,
+                                      relay_server_port=args.relay_server_port)
         self.client = ControlClient(ClientConfig(
             control_url=args.control_url, machine_key=MachinePrivate.generate(), node_key=self.node_private,
             disco_key=self.driver.disco_key, hostname=args.hostname, auth_key=args.authkey))
@@ -136,6 +137,12 @@ class LabNode:
             "requests_answered": self.requests_answered,
             "counters": dict(core.counters),
             "driver": dict(self.driver.counters),
+            "relay": dict(core.relay.counters),
+            "relay_server": {
+                "addr_ports": [str(a) for a in self.driver.relay_server.addr_ports],
+                "forwarded_packets": sum(self.driver.relay_server.forwarded_packets.values()),
+                "endpoints": self.driver.relay_server.endpoint_gauge(),
+            } if self.driver.relay_server else None,
         }
 
     async def write_status(self) -> None:
@@ -167,6 +174,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=41641)
     ap.add_argument("--ping", help="host name of a peer to ping")
     ap.add_argument("--interval", type=float, default=0.2)
+    ap.add_argument("--relay-server-port", type=int, help="also run a peer relay server on this UDP port")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("hpack", "h2"):

@@ -32,7 +32,15 @@ from typing import Any
 
 from tests.lab.netns import Lab, LabProcess, Link, Namespace, wait_until
 
-__all__ = ["CONTROL_PORT", "STUN_PORT", "NatTopology", "PyNode", "Host"]
+__all__ = ["CONTROL_PORT", "STUN_PORT", "RELAY_POLICY", "NatTopology", "PyNode", "Host", "TailscaledNode",
+           "start_tailscaled_node"]
+
+#: Everyone may talk to everyone, and every node may be everyone's peer relay.
+RELAY_POLICY = """{
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+  "grants": [{"src": ["*"], "dst": ["*"], "app": {"tailscale.com/cap/relay": []}}],
+}
+"""
 
 REPO = Path(__file__).resolve().parents[2]
 CONTROL_PORT = 8080
@@ -109,8 +117,12 @@ class NatTopology:
         self.authkey = tsnet_cli("control", "authkey", "create", "--state-dir", str(self.state),
                                  "--reusable").strip()
 
-    def start_control(self, *extra: str) -> None:
-        """``tsnet control serve`` in ``inet`` with embedded DERP (plain HTTP) and STUN."""
+    def start_control(self, *extra: str, policy: str | None = None) -> None:
+        """``tsnet control serve`` in ``inet`` with embedded DERP (plain HTTP) and STUN; optional HuJSON policy."""
+        if policy is not None:
+            path = self.tmp / "policy.hujson"
+            path.write_text(policy)
+            extra = (*extra, "--policy", str(path))
         self.server = self.inet.popen(
             [sys.executable, "-m", "tsnet", "control", "serve", "--listen", f"{self.control_ip}:{CONTROL_PORT}",
              "--state-dir", str(self.state), "--stun-port", str(STUN_PORT), "--no-interactive-login", *extra],
@@ -138,12 +150,15 @@ class NatTopology:
         self.hosts[name] = host
         return host
 
-    def start_python_node(self, host: Host, *, ping: str | None = None, port: int = 41641) -> PyNode:
+    def start_python_node(self, host: Host, *, ping: str | None = None, port: int = 41641,
+                          relay_server_port: int | None = None) -> PyNode:
         status = self.tmp / f"{host.name}.status.json"
         args = [sys.executable, "-m", "tests.lab.magicsock_node", "--control-url", self.control_url,
                 "--authkey", self.authkey, "--hostname", host.name, "--status", str(status), "--port", str(port)]
         if ping:
             args += ["--ping", ping]
+        if relay_server_port is not None:
+            args += ["--relay-server-port", str(relay_server_port)]
         proc = host.ns.popen(args, env={"PYTHONPATH": str(REPO)}, cwd=str(REPO))
         return PyNode(host, proc, status)
 

@@ -48,7 +48,7 @@ from tsnet.key import DiscoPrivate, DiscoPublic, NodePrivate, NodePublic
 from tsnet.magicsock import disco
 from tsnet.magicsock.addrport import AddrPort, IPAddress
 from tsnet.magicsock.demux import PacketKind, classify
-from tsnet.magicsock.discorecv import DiscoPeer, DiscoReceiver
+from tsnet.magicsock.discorecv import RELAY_CAPABLE_CAP_VERSION, DiscoPeer, DiscoReceiver
 from tsnet.magicsock.endpoint import (
     Action,
     BestPathChanged,
@@ -61,8 +61,10 @@ from tsnet.magicsock.endpoint import (
     UDPPath,
 )
 from tsnet.magicsock.netcheck import NetcheckReport, StunProber, stun_targets
+from tsnet.magicsock.relaymanager import CAP_RELAY, CAP_RELAY_TARGET, RelayManager, RelayReady, cap_granted
 from tsnet.magicsock.tsmp import IPPROTO_TSMP
 from tsnet.relay.geneve import PROTOCOL_DISCO, PROTOCOL_WIREGUARD, encode_header
+from tsnet.relay.server import RelayError, RelayServer
 from tsnet.wg.device import WireGuard
 
 __all__ = [
@@ -246,7 +248,12 @@ class MagicSock:
         self.wg = WireGuard(node_private, now=now, roaming=False, packet_events=False)
         self.boxes = disco.DiscoBoxes(disco_private)
         self.disco_key = self.boxes.public_key
-        self.disco = DiscoReceiver(self.boxes, relay_client_enabled=False)
+        self.disco = DiscoReceiver(self.boxes, relay_client_enabled=True)
+        self.relay = RelayManager(self.boxes, self.node_key)
+        #: a peer relay server this node runs (allocations over DERP are answered with it)
+        self.relay_server: RelayServer | None = None
+        self.packet_filter: tuple[Any, ...] = ()
+        self.self_ips: tuple[IPAddress, ...] = ()
         self.drop_direct_udp = drop_direct_udp
         self._rng = rng or random.Random()
         self.peers: dict[NodePublic, _Peer] = {}
@@ -304,14 +311,15 @@ class MagicSock:
             st = self.peers.get(key)
             if st is None:
                 ep = PeerEndpoint(key, cfg.disco_key, my_node_key=self.node_key, home_derp=cfg.home_derp,
-                                  relay_capable=False)
+                                  relay_capable=cfg.cap >= RELAY_CAPABLE_CAP_VERSION)
                 st = self.peers[key] = _Peer(cfg, ep)
                 self.wg.add_peer(key, endpoint=key)
                 actions = ep.update_from_netmap(cfg.endpoints, now)
             else:
                 st.config = cfg
                 actions = st.ep.update_from_netmap(cfg.endpoints, now, disco_key=cfg.disco_key,
-                                                   home_derp=cfg.home_derp)
+                                                   home_derp=cfg.home_derp,
+                                                   relay_capable=cfg.cap >= RELAY_CAPABLE_CAP_VERSION)
             self._do(st, actions, now)
         self.disco.set_peers(DiscoPeer(p.node_key, p.disco_key, p.cap) for p in new.values() if p.disco_key)
         routes: dict[IPAddress, NodePublic] = {}
@@ -324,11 +332,34 @@ class MagicSock:
                     prefixes.append((net, key))
         prefixes.sort(key=lambda x: -x[0].prefixlen)  # longest prefix first
         self._routes, self._prefix_routes = routes, prefixes
+        self._update_relay_servers()
+
+    @staticmethod
+    def _host_ips(cfg: PeerConfig) -> list[IPAddress]:
+        return [n.network_address for n in cfg.allowed_ips if n.prefixlen == n.max_prefixlen]
+
+    def _update_relay_servers(self) -> None:
+        """Relay candidates: relay-capable peers our packet filter grants ``cap/relay-target`` from."""
+        servers = {}
+        if self.self_ips:
+            for key, st in self.peers.items():
+                cfg = st.config
+                if cfg.cap >= RELAY_CAPABLE_CAP_VERSION and cfg.disco_key is not None and cap_granted(
+                        self.packet_filter, CAP_RELAY_TARGET, self._host_ips(cfg), self.self_ips):
+                    servers[key] = cfg.disco_key
+        if servers.keys() != self.relay.servers.keys():
+            log.info("magicsock: peer relay candidates: %s",
+                     " ".join(self.peers[k].config.name or k.short() for k in servers) or "none")
+        self.relay.set_servers(servers)
+        for key, st in self.peers.items():
+            st.ep.relay_servers_available = any(k != key for k in servers)
 
     def set_netmap(self, netmap: Any, now: float) -> None:
         """Apply a control :class:`~tsnet.control.netmap.NetworkMap`: DERP map (when changed) and peers."""
         if netmap.derp_map is not None and netmap.derp_map != self.derp_map:
             self.set_derp_map(netmap.derp_map, now)
+        self.packet_filter = tuple(netmap.packet_filter or ())
+        self.self_ips = tuple(a.ip for a in netmap.addresses)
         self.set_peers(peers_from_netmap(netmap), now)
 
     # --- sending --------------------------------------------------------------
@@ -449,7 +480,66 @@ class MagicSock:
             elif cls is BestPathChanged:
                 self._path_changed(st, a, now)  # type: ignore[arg-type]
             elif cls is StartRelayDiscovery:
-                self._count("relay_discovery_skipped")  # no relay manager wired in yet
+                self._start_relay_discovery(st, now)
+
+    # --- peer relays (client and server) ---------------------------------------------
+
+    def _send_disco_to_node(self, node: NodePublic, message: disco.Message, fallback_region: int = 0) -> None:
+        st = self.peers.get(node)
+        if st is None:
+            self._count("relay_unknown_node")
+            return
+        region = st.config.home_derp or st.ep.last_derp_region_heard or fallback_region
+        if not region:
+            self._count("relay_no_derp_region")
+            return
+        self._send_disco(st, DerpPath(region), message)
+
+    def _start_relay_discovery(self, st: _Peer, now: float) -> None:
+        if st.ep.disco_key is None:
+            return
+        for server, req in self.relay.discover(st.config.node_key, st.ep.disco_key, now):
+            self._send_disco_to_node(server, req)
+        self._sync_relay_servers()
+
+    def _sync_relay_servers(self) -> None:
+        for s in self.relay.expected_servers:
+            self.disco.expect_relay_server(s)
+        for s in self.relay.finished_servers:
+            self.disco.forget_relay_server(s)
+        self.relay.expected_servers.clear()
+        self.relay.finished_servers.clear()
+
+    def _relay_results(self, out: list[tuple[bytes, AddrPort]], ready: list[RelayReady], now: float) -> None:
+        for data, to in out:
+            self._udp_out.append((data, to))
+            self._count("udp_sent_relay")
+        for r in ready:
+            st = self.peers.get(r.peer)
+            if st is not None:
+                res = r.result
+                self._do(st, st.ep.handle_relay_path_ready(UDPPath(res.relay_addr, res.vni), res.server_disco,
+                                                           res.latency, now), now)
+        self._sync_relay_servers()
+
+    def _answer_allocate(self, src: NodePublic, region: int, msg: disco.AllocateUDPRelayEndpointRequest,
+                         now: float) -> None:
+        server = self.relay_server
+        st = self.peers.get(src)
+        if server is None or st is None:
+            self._count("relay_allocate_no_server")
+            return
+        if not cap_granted(self.packet_filter, CAP_RELAY, self._host_ips(st.config), self.self_ips):
+            self._count("relay_allocate_not_granted")
+            return
+        try:
+            ep = server.allocate(msg.client_disco[0], msg.client_disco[1], now)
+        except RelayError as exc:
+            log.info("magicsock: relay allocation for %s refused: %s", src.short(), exc)
+            self._count("relay_allocate_refused")
+            return
+        self._count("relay_allocate_answered")
+        self._send_disco_to_node(src, disco.AllocateUDPRelayEndpointResponse(msg.generation, ep), region)
 
     def _path_changed(self, st: _Peer, a: BestPathChanged, now: float) -> None:
         old = str(a.old.path) if a.old else None
@@ -569,6 +659,14 @@ class MagicSock:
             return
         msg = r.message
         self._count(f"disco_recv_{type(msg).__name__.lower()}")
+        if isinstance(path, UDPPath) and path.vni is not None:
+            handled = self.relay.handle_disco(path.vni, r.sender, msg, path.addr, geneve_control, now)
+            if handled is not None:
+                self._relay_results(handled[0], handled[1], now)
+                return
+            if geneve_control:
+                self._count("relay_challenge_unmatched")
+                return
         if isinstance(msg, disco.Ping):
             nodes = r.nodes
             key = msg.node_key if msg.node_key in nodes else nodes[0]
@@ -591,6 +689,24 @@ class MagicSock:
             st = self.peers.get(r.nodes[0])
             if st is not None:
                 self._do(st, st.ep.handle_call_me_maybe(msg, now), now)
+        elif isinstance(msg, disco.CallMeMaybeVia):
+            st = self.peers.get(r.nodes[0])
+            if st is not None:
+                best = st.ep.best
+                if st.ep.is_trusted(now) and best is not None and (
+                        best.path.is_direct or best.relay_server_disco == msg.endpoint.server_disco):
+                    self._count("relay_cmmvia_skipped")
+                    return
+                out = self.relay.handle_call_me_maybe_via(r.nodes[0], r.sender, msg, now)
+                self._relay_results(out, [], now)
+        elif isinstance(msg, disco.AllocateUDPRelayEndpointResponse):
+            derp_msgs, out = self.relay.handle_allocate_response(r.nodes[0], msg, now)
+            for node, m in derp_msgs:
+                self._send_disco_to_node(node, m)
+            self._relay_results(out, [], now)
+        elif isinstance(msg, disco.AllocateUDPRelayEndpointRequest):
+            assert isinstance(path, DerpPath)
+            self._answer_allocate(r.nodes[0], path.region, msg, now)
         else:
             self._count("disco_unhandled")
 
@@ -716,6 +832,9 @@ class MagicSock:
             times.append(self._next_stun)
         if self._pending_cmm:
             times.append(min(self._pending_cmm.values()) + CMM_MAX_WAIT)
+        t = self.relay.get_timer()
+        if t is not None:
+            times.append(t)
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
@@ -734,6 +853,11 @@ class MagicSock:
             self.restun(now)
         if self._pending_cmm and min(self._pending_cmm.values()) + CMM_MAX_WAIT <= now:
             self._flush_pending_cmm()  # STUN is not answering: go with what we have
+        t = self.relay.get_timer()
+        if t is not None and t <= now:
+            for server, req in self.relay.handle_timer(now):
+                self._send_disco_to_node(server, req)
+            self._sync_relay_servers()
 
     # --- status -----------------------------------------------------------------
 

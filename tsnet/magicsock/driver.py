@@ -37,7 +37,10 @@ from tsnet.derp.client import DerpNode, DerpRegions
 from tsnet.derp.client_core import ReceivedPacket
 from tsnet.key import DiscoPrivate, NodePrivate, NodePublic
 from tsnet.magicsock.addrport import AddrPort, IPAddress
-from tsnet.magicsock.conn import HomeDerpChanged, MagicSock, MagicSockEvent, PathStatus
+from tsnet.magicsock.conn import EndpointsChanged, HomeDerpChanged, MagicSock, MagicSockEvent, PathStatus
+from tsnet.relay.driver import open_udp_socket as open_relay_socket
+from tsnet.relay.driver import serve_relay
+from tsnet.relay.server import RelayServer
 
 __all__ = ["MagicSockDriver", "derp_nodes_from_map", "interface_addresses"]
 
@@ -132,6 +135,7 @@ class MagicSockDriver:
         on_packet: Callable[[NodePublic, bytes], None] | None = None,
         on_event: Callable[[MagicSockEvent], None] | None = None,
         batch: int = DEFAULT_BATCH,
+        relay_server_port: int | None = None,
     ) -> None:
         self.core = MagicSock(node_private, disco_private or DiscoPrivate.generate(), now=trio.current_time(),
                               drop_direct_udp=drop_direct_udp)
@@ -144,6 +148,10 @@ class MagicSockDriver:
         self.on_packet = on_packet
         self.on_event = on_event
         self.batch = batch
+        #: run a peer relay server on this UDP port (0 = random; None = no relay server)
+        self.relay_server_port = relay_server_port
+        self.relay_server: RelayServer | None = None
+        self.relay_socket: socket.socket | None = None
         self.sockets: dict[int, socket.socket] = {}
         self.regions = DerpRegions(node_private, {})
         self._timer_scope: trio.CancelScope | None = None
@@ -171,6 +179,9 @@ class MagicSockDriver:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.regions.run)
+                if self.relay_server_port is not None:
+                    self._start_relay_server()
+                    await nursery.start(serve_relay, self.relay_server, self.relay_socket)
                 for sock in self.sockets.values():
                     nursery.start_soon(self._reader, sock)
                 nursery.start_soon(self._derp_reader)
@@ -183,6 +194,23 @@ class MagicSockDriver:
         finally:
             for sock in self.sockets.values():
                 sock.close()
+            if self.relay_socket is not None:
+                self.relay_socket.close()
+
+    def _start_relay_server(self) -> None:
+        self.relay_socket = open_relay_socket(self.bind_v4, self.relay_server_port or 0)
+        self.relay_server = RelayServer(DiscoPrivate.generate(), now=trio.current_time())
+        self.core.relay_server = self.relay_server
+        self._update_relay_addr_ports()
+        log.info("relayserver: listening on udp4:%d", self.relay_socket.getsockname()[1])
+
+    def _update_relay_addr_ports(self) -> None:
+        """Advertise our endpoints' IPs with the relay port (interface addresses, STUN-mapped IPv4)."""
+        if self.relay_server is None or self.relay_socket is None:
+            return
+        port = self.relay_socket.getsockname()[1]
+        ips = list(dict.fromkeys(e.addr.ip for e in self.core.endpoints if e.addr.ip.version == 4))
+        self.relay_server.set_addr_ports(dynamic=[AddrPort(ip, port) for ip in ips])
 
     async def wait_running(self) -> None:
         await self._running.wait()
@@ -328,6 +356,8 @@ class MagicSockDriver:
         for ev in core.take_events():
             if isinstance(ev, HomeDerpChanged) and self._running.is_set() and ev.region in self.regions.derp_map:
                 self.regions.set_home(ev.region)
+            if isinstance(ev, EndpointsChanged):
+                self._update_relay_addr_ports()
             if self.on_event is not None:
                 try:
                     self.on_event(ev)
