@@ -408,28 +408,50 @@ class MagicSock:
         if not out:
             return
         last_key: Any = None
-        plan = None
+        udp_append = self._udp_out.append
+        derp_append = self._derp_out.append
+        # Per run of datagrams to one peer: its plan, decided once (the plan's discovery
+        # work must not repeat per packet of a burst), then a tight append loop.
+        direct_to = None  # AddrPort for naked UDP sends
+        relay_to = None  # UDPPath with a VNI
+        region = None
+        n_direct = n_relay = n_derp = n_hooked = 0
+        hooked = False
         for payload, dest in out:
             if dest.__class__ is NodePublic:
-                st = self.peers.get(dest)
-                if st is None:
-                    self._count("wg_send_unknown_peer")
-                    continue
                 if dest is not last_key:
-                    # One plan per run of datagrams to the same peer: the plan's
-                    # discovery work must not repeat per packet of a burst.
+                    st = self.peers.get(dest)
+                    if st is None:
+                        self._count("wg_send_unknown_peer")
+                        continue
                     plan = st.ep.send_plan(now)
                     last_key = dest
                     if plan.actions:
                         self._do(st, list(plan.actions), now)
-                assert plan is not None
-                if plan.udp is not None:
-                    self._send_udp_path(plan.udp, payload, PROTOCOL_WIREGUARD)
-                if plan.derp_region is not None:
-                    self._derp_out.append((plan.derp_region, dest, payload))
-                    self._count("wg_sent_derp")
-                if not plan.has_route:
-                    self._count("wg_send_no_path")
+                    direct_to = relay_to = None
+                    hooked = False
+                    udp = plan.udp
+                    if udp is not None:
+                        if udp.vni is not None:
+                            relay_to = udp
+                        elif self.drop_direct_udp:
+                            hooked = True
+                        else:
+                            direct_to = udp.addr
+                    region = plan.derp_region
+                    if not plan.has_route:
+                        self._count("wg_send_no_path")
+                if direct_to is not None:
+                    udp_append((payload, direct_to))
+                    n_direct += 1
+                elif relay_to is not None:
+                    udp_append((encode_header(PROTOCOL_WIREGUARD, relay_to.vni) + payload, relay_to.addr))
+                    n_relay += 1
+                elif hooked:
+                    n_hooked += 1
+                if region is not None:
+                    derp_append((region, dest, payload))
+                    n_derp += 1
             elif isinstance(dest, AddrPort):  # a cookie reply to a UDP source
                 self._send_udp_path(UDPPath(dest), payload, PROTOCOL_WIREGUARD)
             elif isinstance(dest, UDPPath):
@@ -438,6 +460,15 @@ class MagicSock:
                 self._derp_out.append((dest.region, dest.node, payload))
             else:
                 self._count("wg_send_bad_dest")
+        c = self.counters
+        if n_direct:
+            c["udp_sent_direct"] = c.get("udp_sent_direct", 0) + n_direct
+        if n_relay:
+            c["udp_sent_relay"] = c.get("udp_sent_relay", 0) + n_relay
+        if n_derp:
+            c["wg_sent_derp"] = c.get("wg_sent_derp", 0) + n_derp
+        if n_hooked:
+            c["udp_dropped_by_hook"] = c.get("udp_dropped_by_hook", 0) + n_hooked
 
     def _send_udp_path(self, path: UDPPath, payload: bytes | bytearray, protocol: int) -> None:
         if path.vni is not None:
@@ -585,7 +616,13 @@ class MagicSock:
     def receive_udp_batch(self, batch: Iterable[tuple[bytes | bytearray | memoryview, AddrPort]], now: float) -> None:
         """A drained batch of ``(datagram, source)``. WireGuard runs go to the core in one call."""
         wg_batch: list[tuple[Any, Any]] = []
+        append = wg_batch.append
+        hook = self.drop_direct_udp
         for data, src in batch:
+            # Fast path, naked WireGuard (types 1-4, bytes 1..3 zero), as demux.classify decides it.
+            if not hook and len(data) >= 4 and 0 < data[0] < 5 and not data[1] and not data[2] and not data[3]:
+                append((data, src))
+                continue
             try:
                 c = classify(data)
                 kind = c.kind
@@ -598,6 +635,7 @@ class MagicSock:
                 if wg_batch:
                     self.wg.receive_datagrams(wg_batch, now)
                     wg_batch = []
+                    append = wg_batch.append
                 if kind is PacketKind.STUN_BINDING:
                     self._receive_stun(c.payload, src, now)
                 elif kind is PacketKind.DISCO:
@@ -639,7 +677,7 @@ class MagicSock:
 
     def _after_wg_receive(self, now: float) -> None:
         for peer, packet in self.wg.packets_received():
-            if len(packet) >= 20 and packet[0] >> 4 == 4 and packet[9] == IPPROTO_TSMP:
+            if len(packet) > 9 and packet[9] == IPPROTO_TSMP and packet[0] >> 4 == 4:
                 # TSMP (disco key adverts): 1.96.4 ignores them unless TS_USE_CACHED_NETMAP.
                 self._count("tsmp_dropped")
                 continue
