@@ -143,3 +143,29 @@ def test_hard_to_hard_moves_to_python_peer_relay(lab: Lab, tmp_path: Path) -> No
     assert a.status()["counters"].get("wg_sent_derp", 0) == derp_sent
     assert relay.status()["relay_server"]["forwarded_packets"] > 10
     assert relay.status()["relay_server"]["endpoints"].get("open", 0) >= 1
+
+
+def test_tailscaled_and_our_node_behind_hard_nats_use_our_peer_relay(lab: Lab, tmp_path: Path,
+                                                                       tailscale_binaries) -> None:
+    """tailscaled 1.96.4 (hard NAT) <-> our node (hard NAT) through our Python relay server."""
+    topo = NatTopology(lab, tmp_path)
+    topo.start_control(policy=RELAY_POLICY)
+    hr = topo.add_host("relay", "public")
+    relay = topo.start_python_node(hr, relay_server_port=40000)
+    _wait(lambda: (relay.status().get("relay_server") or {}).get("addr_ports"), "relay server ready", topo)
+    hp, ht = topo.add_host("py", "hard"), topo.add_host("ts", "hard")
+    ts = start_tailscaled_node(topo, ht, tailscale_binaries)
+    _wait(lambda: ts.peer("relay") is not None, "tailscaled sees the relay", topo)
+    py = topo.start_python_node(hp, ping="ts")
+    _wait(lambda: ts.peer("py") is not None and py.peer("ts") is not None, "both see each other", topo)
+    _replies_flow(py, topo)
+    want = f"{hr.public_ip}:40000:vni:"
+    _wait(lambda: py.path_kind("ts") == "peer-relay", "our node on the relay path", topo)
+    assert py.peer("ts")["addr"].startswith(want)
+    out = ts.cli("ping", "--until-direct=false", "--c", "5", "--timeout", "3s", py.status()["ip"], timeout=60)
+    assert f"via peer-relay({hr.public_ip}:40000:vni:" in out, out
+    _wait(lambda: (ts.peer("py") or {}).get("PeerRelay", "").startswith(f"{hr.public_ip}:40000"),
+          "tailscaled status shows the peer relay", topo)
+    n = _replies_flow(py, topo)
+    _replies_flow(py, topo, n + 5)
+    assert relay.status()["relay_server"]["forwarded_packets"] > 10
