@@ -16,6 +16,7 @@ every ``keepalive_interval`` seconds.
 from __future__ import annotations
 
 import datetime as _dt
+import ipaddress
 import json
 import logging
 import os
@@ -244,9 +245,25 @@ class ControlServer:
                 f"    tsnet control nodes approve {token}\n"
             )
             return Reply(200, text.encode())
+        if path == "/debug/vars":
+            return self._debug_vars(req)
         if path == "/":
             return Reply(200, b"tsnet control server\n")
         return Reply(404, b"not found\n")
+
+    def _debug_vars(self, req: HTTPRequest) -> Reply:
+        """Counters as JSON (control, and the embedded DERP server's); loopback clients only, like derper."""
+        host = req.remote.rpartition(":")[0].strip("[]").split("%")[0]
+        try:
+            local = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            local = False
+        if not local:
+            return Reply(403, b"forbidden\n")
+        out: dict[str, Any] = {"control": dict(self.counters), "map_sessions": len(self.sessions)}
+        if self.derp is not None:
+            out["derp"] = self.derp.stats()
+        return Reply(200, json.dumps(out).encode(), "application/json")
 
     def attach_derp(self, derp: Any) -> None:
         """Serve ``derp`` (a :class:`tsnet.derp.server.DerpServer`) at ``/derp``; only our nodes may use it."""
