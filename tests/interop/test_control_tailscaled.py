@@ -30,6 +30,7 @@ pytestmark = pytest.mark.interop
 REPO = Path(__file__).resolve().parents[2]
 CONTROL_PORT = 8080
 STUN_PORT = 3478
+SOCKS_PORT = 1055
 
 
 def _tsnet(*args: str) -> str:
@@ -45,10 +46,13 @@ class Node:
     """One tailscaled in its namespace, with its CLI."""
 
     def __init__(self, ns: Namespace, bins: TailscaleBinaries, state: Path, control_url: str, name: str,
-                 mem_state: bool = False, tls_ca: Path | None = None):
+                 mem_state: bool = False, tls_ca: Path | None = None, socks5_port: int | None = None,
+                 extra_env: dict[str, str] | None = None):
         self.ns, self.bins, self.state, self.name, self.control_url = ns, bins, state, name, control_url
         self.mem_state = mem_state  # --state=mem: makes tailscaled register as an ephemeral node
         self.tls_ca = tls_ca  # trust this CA for https control (and DERP over TLS instead of plain HTTP)
+        self.socks5_port = socks5_port  # --socks5-server on 127.0.0.1 of the node's namespace
+        self.extra_env = dict(extra_env or {})  # e.g. TS_DEBUG_NEVER_DIRECT_UDP
         self.sock = state / "tailscaled.sock"
         self.proc: LabProcess | None = None
         self.start()
@@ -65,7 +69,10 @@ class Node:
             env["SSL_CERT_FILE"] = str(self.tls_ca)
         else:
             env["TS_DEBUG_USE_DERP_HTTP"] = "1"
-        extra = ("--state=mem:",) if self.mem_state else ()
+        env.update(self.extra_env)
+        extra: tuple[str, ...] = ("--state=mem:",) if self.mem_state else ()
+        if self.socks5_port is not None:
+            extra += (f"--socks5-server=127.0.0.1:{self.socks5_port}",)
         self.proc, _ = start_tailscaled(self.ns, self.bins, env=env, state_dir=self.state / "state",
                                         socket_path=self.sock, port=41641, extra_args=extra)
         wait_until(lambda: self.sock.exists() or self.proc.poll() is not None, 20, "tailscaled socket")
@@ -109,7 +116,8 @@ class Tailnet:
 
 
 def make_tailnet(lab: Lab, bins: TailscaleBinaries, tmp_path: Path, *, forward: bool,
-                 server_args: tuple[str, ...] = (), mem_state: tuple[bool, bool] = (False, False)) -> Tailnet:
+                 server_args: tuple[str, ...] = (), mem_state: tuple[bool, bool] = (False, False),
+                 socks5: bool = False, node_env: dict[str, str] | None = None) -> Tailnet:
     ctl, n1, n2 = lab.namespace("ctl"), lab.namespace("n1"), lab.namespace("n2")
     l1, l2 = lab.link(ctl, n1), lab.link(ctl, n2)
     # The DERP map names ctl's address on link 1; node 2 reaches it through ctl (a local address there).
@@ -133,7 +141,8 @@ def make_tailnet(lab: Lab, bins: TailscaleBinaries, tmp_path: Path, *, forward: 
     for (ns, url, name), mem in zip(((n1, url1, "alpha"), (n2, url2, "beta")), mem_state):
         st = tmp_path / name
         st.mkdir()
-        nodes.append(Node(ns, bins, st, url, name, mem_state=mem))
+        nodes.append(Node(ns, bins, st, url, name, mem_state=mem, socks5_port=SOCKS_PORT if socks5 else None,
+                          extra_env=node_env))
     return Tailnet(server, state, authkey, nodes, ctl, url1, server_cmd)
 
 
@@ -460,3 +469,176 @@ def test_tailscaled_over_https_control(lab: Lab, tailscale_binaries: TailscaleBi
             if node.proc is not None:
                 print(f"--- tailscaled {node.name} ---\n{node.proc.log()[-3000:]}")
         print(f"--- control server ---\n{server.log()[-5000:]}")
+
+
+# -- data through tailscaled's SOCKS5 proxy (userspace networking) ----------------------------------------------------
+
+BLOB_SIZE = 4 * 1024 * 1024
+
+
+def make_blob(directory: Path, name: str = "blob.bin", size: int = BLOB_SIZE) -> str:
+    """Write ``size`` random bytes to ``directory/name``; return their SHA-256 (hex)."""
+    import hashlib
+
+    directory.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(size)
+    (directory / name).write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def serve_files(ns: Namespace, directory: Path, port: int) -> LabProcess:
+    """A plain HTTP file server on 127.0.0.1:``port`` inside ``ns``.
+
+    tailscaled in userspace-networking mode hands inbound tailnet TCP for its own
+    address to 127.0.0.1:<port> of its namespace, so this is what peers reach.
+    """
+    proc = ns.popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                     "--directory", str(directory)])
+    wait_until(lambda: ns.run(["curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}",
+                               f"http://127.0.0.1:{port}/"], check=False) == "200" or proc.poll() is not None,
+               15, f"http server on port {port}")
+    assert proc.poll() is None, proc.log()
+    return proc
+
+
+def fetch_via_socks(node: Node, url: str, out: Path, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """``curl --socks5-hostname`` through ``node``'s tailscaled proxy, saving the body to ``out``."""
+    assert node.socks5_port is not None, "start the tailnet with socks5=True"
+    out.unlink(missing_ok=True)
+    cmd = node.ns.exec_args(["curl", "-sS", "--fail", "-m", f"{timeout:g}", "--socks5-hostname",
+                             f"127.0.0.1:{node.socks5_port}", "-o", str(out), url])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 15)
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fetch_ok(node: Node, url: str, out: Path, digest: str, timeout: float = 30.0) -> None:
+    res = fetch_via_socks(node, url, out, timeout)
+    assert res.returncode == 0, f"curl {url} -> {res.returncode}: {res.stderr}"
+    assert out.stat().st_size == BLOB_SIZE and sha256_of(out) == digest
+
+
+def derp_vars(net: Tailnet) -> dict:
+    """The embedded DERP server's counters, from the control server's loopback-only /debug/vars."""
+    out = net.ctl.run(["curl", "-sS", "-m", "5", f"http://127.0.0.1:{CONTROL_PORT}/debug/vars"])
+    return json.loads(out)["derp"]
+
+
+HTTP_PORT = 8000
+
+
+def test_http_through_socks5_to_peer_localhost(lab: Lab, tailscale_binaries: TailscaleBinaries,
+                                               tmp_path: Path) -> None:
+    """alpha's --socks5-server carries an HTTP fetch to a server on beta's namespace localhost; bytes intact."""
+    net = make_tailnet(lab, tailscale_binaries, tmp_path, forward=True, socks5=True)
+    try:
+        a, b = join_both(net)
+        digest = make_blob(tmp_path / "www")
+        serve_files(b.ns, tmp_path / "www", HTTP_PORT)
+        out = tmp_path / "got.bin"
+        fetch_ok(a, f"http://{v4_of(b)}:{HTTP_PORT}/blob.bin", out, digest)
+        # The proxy resolves MagicDNS names too (curl hands it the hostname).
+        fetch_ok(a, f"http://beta.tailnet.test:{HTTP_PORT}/blob.bin", out, digest)
+        peer = next(iter(a.status()["Peer"].values()))
+        assert peer["CurAddr"], f"expected a direct path with forwarding on: {peer}"
+    finally:
+        dump(net)
+
+
+def test_http_through_socks5_over_embedded_derp_only(lab: Lab, tailscale_binaries: TailscaleBinaries,
+                                                     tmp_path: Path) -> None:
+    """TS_DEBUG_NEVER_DIRECT_UDP=1 on both nodes (the link would allow direct): the fetch goes through our
+    embedded DERP, whose relay counters grow by at least the file size."""
+    net = make_tailnet(lab, tailscale_binaries, tmp_path, forward=True, socks5=True,
+                       node_env={"TS_DEBUG_NEVER_DIRECT_UDP": "1"})
+    try:
+        a, b = join_both(net)
+        digest = make_blob(tmp_path / "www")
+        serve_files(b.ns, tmp_path / "www", HTTP_PORT)
+        out = a.cli("ping", "--c", "3", "--timeout", "5s", v4_of(b), timeout=60, check=False)
+        assert "pong from beta" in out and "via DERP(tsnet)" in out, out
+        before = derp_vars(net)
+        fetch_ok(a, f"http://{v4_of(b)}:{HTTP_PORT}/blob.bin", tmp_path / "got.bin", digest, timeout=60)
+        after = derp_vars(net)
+        relayed_bytes = after["bytes_relayed"] - before["bytes_relayed"]
+        relayed_packets = after["packets_relayed"] - before["packets_relayed"]
+        print(f"DERP relayed {relayed_packets} packets, {relayed_bytes} bytes for a {BLOB_SIZE} B fetch")
+        assert relayed_bytes >= BLOB_SIZE, (before, after)
+        assert relayed_packets >= BLOB_SIZE // 1500, (before, after)
+        assert after["clients"] >= 2, after  # both tailscaled hold a DERP connection
+        peer = next(iter(a.status()["Peer"].values()))
+        assert not peer["CurAddr"] and peer["Relay"] == "tsnet", peer
+    finally:
+        dump(net)
+
+
+PORTS_POLICY = """{
+  // everyone may reach port %s on everyone; nothing else
+  "acls": [
+    {"action": "accept", "src": ["*"], "dst": ["*:%s"]},
+  ],
+}
+"""
+
+
+def test_policy_port_allowed_blocked_then_live_edit(lab: Lab, tailscale_binaries: TailscaleBinaries,
+                                                    tmp_path: Path) -> None:
+    """Port A is allowed and port B is not; editing the policy file to allow B takes effect live."""
+    port_a, port_b = 8001, 8002
+    policy = tmp_path / "policy.hujson"
+    policy.write_text(PORTS_POLICY % (port_a, port_a))
+    net = make_tailnet(lab, tailscale_binaries, tmp_path, forward=True, socks5=True,
+                       server_args=("--policy", str(policy)))
+    try:
+        a, b = join_both(net)
+        digest = make_blob(tmp_path / "www")
+        serve_files(b.ns, tmp_path / "www", port_a)
+        serve_files(b.ns, tmp_path / "www", port_b)
+        target = v4_of(b)
+        out = tmp_path / "got.bin"
+        fetch_ok(a, f"http://{target}:{port_a}/blob.bin", out, digest)
+        blocked = fetch_via_socks(a, f"http://{target}:{port_b}/blob.bin", out, timeout=5)
+        print(f"port {port_b} before the edit: curl exit {blocked.returncode}: {blocked.stderr.strip()}")
+        assert blocked.returncode != 0 and not out.exists(), blocked
+        server_pid = net.server.pid
+
+        # Allow B too: write the new file atomically; the running server notices and pushes new filters.
+        tmp = policy.with_suffix(".new")
+        tmp.write_text(PORTS_POLICY % (port_b, f"{port_a},{port_b}"))
+        os.replace(tmp, policy)
+
+        def b_reachable() -> bool:
+            return fetch_via_socks(a, f"http://{target}:{port_b}/blob.bin", out, timeout=5).returncode == 0
+
+        wait_until(b_reachable, 30, "port B reachable after the policy edit", interval=0.2)
+        assert sha256_of(out) == digest
+        fetch_ok(a, f"http://{target}:{port_a}/blob.bin", out, digest)
+        assert net.server.poll() is None and net.server.pid == server_pid  # nothing was restarted
+        assert "policy" in net.server.log() and "applied" in net.server.log()
+    finally:
+        dump(net)
+
+
+def test_ephemeral_tailscaled_leaves_on_logout(lab: Lab, tailscale_binaries: TailscaleBinaries,
+                                               tmp_path: Path) -> None:
+    """An ephemeral node that logs out is deleted at once (not after the 5 min ephemeral timeout)."""
+    net = make_tailnet(lab, tailscale_binaries, tmp_path, forward=True, mem_state=(False, True))
+    try:
+        eph = _tsnet("control", "authkey", "create", "--state-dir", str(net.state), "--ephemeral").strip()
+        a, b = join_both(net, (net.authkey, eph))
+
+        def listed() -> list[dict]:
+            return json.loads(_tsnet("control", "nodes", "list", "--json", "--state-dir", str(net.state)))
+
+        beta = next(n for n in listed() if n["name"] == "beta")
+        assert beta["ephemeral"] is True
+        b.cli("logout", timeout=30)
+        assert [n["name"] for n in listed()] == ["alpha"]
+        wait_until(lambda: a.peer_names() == [], 15, "alpha drops the logged-out ephemeral peer")
+        assert "beta logged out (ephemeral, deleted)" in net.server.log()
+    finally:
+        dump(net)
