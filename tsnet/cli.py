@@ -11,32 +11,31 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 from collections.abc import Sequence
 
 from . import __version__
 
 # Modules that contribute subcommands, in help order.
 _SUBCOMMAND_MODULES = (
+    "tsnet.demo",
+    "tsnet.cli_node",
     "tsnet.derp.cli",
     "tsnet.control.cli",
 )
 
 
-def _demo(args: argparse.Namespace) -> int:
-    print(
-        "tsnet demo: not available yet. It needs the control plane, magicsock and the public Server API,\n"
-        "which are still being built (see the status table in README.md).",
-        file=sys.stderr,
-    )
-    return 1
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line naming the offending flag (``tsnet up: error: argument --port: ...``), exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tsnet", description="A userspace Tailscale-compatible node for Python.")
+    parser = _Parser(prog="tsnet", description="A userspace Tailscale-compatible node for Python.")
     parser.add_argument("--version", action="version", version=f"tsnet {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="run a working tailnet on this machine and show it in action")
-    demo.set_defaults(func=_demo)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in _SUBCOMMAND_MODULES:
         try:
             module = importlib.import_module(name)
