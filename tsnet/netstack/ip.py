@@ -105,6 +105,9 @@ def _parse_v6(mv: memoryview) -> ParsedIP:
             ip.frag_offset = off_flags & 0xFFF8
             ip.more_fragments = bool(off_flags & 1)
             ip.is_fragment = True
+            # The fragmentable part starts here: headers after this one are only
+            # meaningful once the datagram is reassembled (see skip_v6_extensions).
+            break
         else:
             break
     else:
@@ -114,6 +117,32 @@ def _parse_v6(mv: memoryview) -> ParsedIP:
     ip.proto = nh
     ip.payload = mv[pos:end]
     return ip
+
+
+def skip_v6_extensions(next_header: int, payload: memoryview) -> tuple[int, memoryview]:
+    """Walk the extension headers at the start of a reassembled IPv6 payload.
+
+    Returns the upper-layer protocol and its payload; raises MalformedPacket if
+    the headers are truncated, too many, or another Fragment header appears.
+    """
+    pos = 0
+    end = len(payload)
+    for _ in range(_MAX_V6_EXT_HEADERS):
+        if next_header in _V6_SIMPLE_EXT:
+            if pos + 8 > end:
+                raise MalformedPacket("truncated extension header")
+            nxt = payload[pos]
+            pos += (payload[pos + 1] + 1) * 8
+            next_header = nxt
+        elif next_header == PROTO_FRAGMENT:
+            raise MalformedPacket("nested fragment header")
+        else:
+            break
+    else:
+        raise MalformedPacket("too many extension headers")
+    if pos > end:
+        raise MalformedPacket("extension header overruns packet")
+    return next_header, payload[pos:]
 
 
 def ipv4_header(src: bytes, dst: bytes, proto: int, payload_len: int, ident: int = 0, df: bool = True,

@@ -47,6 +47,7 @@ RECV_BUFFER_SIZE = 65535
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 PacketHandler = Callable[[NodePublic, bytes], None]
+PacketBatchHandler = Callable[[list[tuple[NodePublic, bytes]]], None]
 EventHandler = Callable[[Event], None]
 
 
@@ -116,6 +117,10 @@ class WireGuardUDP:
             Devices made with ``packet_events=False`` (faster) work the same way.
         on_event: called for every other event (handshake completed/failed,
             endpoint changed).
+        on_packets: called as ``on_packets([(peer, packet), ...])`` once per device
+            interaction with every packet it decrypted (takes precedence over
+            ``on_packet``); lets a consumer such as the netstack process a whole batch
+            and flush its output once.
         batch: maximum datagrams fed per wakeup before yielding to other tasks.
         send_queue_limit: datagrams kept while the kernel send buffer is full.
 
@@ -140,8 +145,10 @@ class WireGuardUDP:
         packet_buffer: int = 1024,
         batch: int = 128,
         send_queue_limit: int = 1024,
+        on_packets: PacketBatchHandler | None = None,
     ) -> None:
         self.device = device
+        self._on_packets = on_packets
         self._sock = open_udp_socket(*bind) if sock is None else _as_stdlib_socket(sock)
         self._sock.setblocking(False)
         self._on_packet = on_packet
@@ -289,6 +296,11 @@ class WireGuardUDP:
     def _dispatch_events(self) -> None:
         # Packets from a device made with packet_events=False come as plain tuples.
         received = self.device.packets_received()
+        on_packets = self._on_packets
+        if on_packets is not None:
+            if received:
+                self._deliver_batch(on_packets, received)
+            received = []
         for peer, packet in received:
             try:
                 self._deliver(peer, packet)
@@ -299,6 +311,11 @@ class WireGuardUDP:
         if not events:
             return
         on_event = self._on_event
+        if on_packets is not None:
+            batch = [(ev.peer, ev.packet) for ev in events if type(ev) is PacketReceived]
+            if batch:
+                self._deliver_batch(on_packets, batch)
+                events = [ev for ev in events if type(ev) is not PacketReceived]
         for ev in events:
             try:
                 if type(ev) is PacketReceived:
@@ -308,6 +325,14 @@ class WireGuardUDP:
             except Exception:  # a faulty handler must not kill the node
                 self.counters.handler_errors += 1
                 log.exception("wg driver: event handler failed for %r", type(ev).__name__)
+
+    def _deliver_batch(self, on_packets: PacketBatchHandler, batch: list[tuple[NodePublic, bytes]]) -> None:
+        self.counters.packets_delivered += len(batch)
+        try:
+            on_packets(batch)
+        except Exception:  # a faulty handler must not kill the node
+            self.counters.handler_errors += 1
+            log.exception("wg driver: packet batch handler failed")
 
     async def _receive_loop(self) -> None:
         buf = bytearray(RECV_BUFFER_SIZE)

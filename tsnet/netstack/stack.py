@@ -1,0 +1,891 @@
+"""The sans-IO host: IP in, IP out, with ICMP, UDP and TCP demultiplexing.
+
+:class:`Stack` owns the tables (TCP connections by 4-tuple, listeners, UDP
+endpoints), answers ICMP echo, sends RST / ICMP port-unreachable for closed
+ports, reassembles fragments and keeps one timer for everything. It never
+reads the clock (every entry point takes ``now``), never touches a socket and
+never raises on packet input: bad packets are dropped and counted in
+:attr:`Stack.counters`.
+
+Output is whole IP packets in one shared outbox (also given to every
+:class:`~tsnet.netstack.tcp.TCPConnection`); the driver takes it with
+:meth:`Stack.packets_to_send`. Objects whose application-visible state changed
+(connections, :class:`Listener`, :class:`UDPEndpoint`) are collected in one
+shared list; the driver takes it with :meth:`Stack.take_changed` and wakes the
+tasks waiting on them.
+
+Application calls on connections go through the stack (``tcp_send``,
+``tcp_receive``, ``tcp_close`` ...) so it can re-arm the connection's timer
+and forget connections that reached CLOSED.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import heapq
+import ipaddress
+import logging
+import os
+import random
+import struct
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Union
+
+from . import checksum
+from . import ip as ipmod
+from . import tcp_wire
+from .ip import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, MalformedPacket
+from .tcp import TCPConnection, TCPOptions, TCPState
+from .tcp_wire import ACK, FIN, RST, SYN, BadSegment
+
+__all__ = [
+    "EPHEMERAL_PORTS",
+    "Listener",
+    "Stack",
+    "StackCounters",
+    "UDPEndpoint",
+    "max_udp_payload",
+]
+
+log = logging.getLogger(__name__)
+
+IPAddressLike = Union[ipaddress.IPv4Address, ipaddress.IPv6Address, str]
+
+#: IANA dynamic port range (RFC 6335), used for ephemeral ports.
+EPHEMERAL_PORTS = range(49152, 65536)
+
+_UDP_HDR = struct.Struct("!HHHH")
+_ICMP_HDR = struct.Struct("!BBHHH")  # type, code, checksum, identifier/unused, sequence/unused
+_TCP_PORTS = struct.Struct("!HH")
+
+ICMP4_ECHO_REPLY = 0
+ICMP4_UNREACHABLE = 3
+ICMP4_ECHO_REQUEST = 8
+ICMP4_TIME_EXCEEDED = 11
+ICMP4_PARAM_PROBLEM = 12
+ICMP4_CODE_PROTO_UNREACHABLE = 2
+ICMP4_CODE_PORT_UNREACHABLE = 3
+ICMP6_UNREACHABLE = 1
+ICMP6_PACKET_TOO_BIG = 2
+ICMP6_TIME_EXCEEDED = 3
+ICMP6_PARAM_PROBLEM = 4
+ICMP6_ECHO_REQUEST = 128
+ICMP6_ECHO_REPLY = 129
+ICMP6_CODE_PORT_UNREACHABLE = 4
+
+# How much of the offending packet an ICMP error quotes: RFC 1812 §4.3.2.3 (576 total)
+# for v4, RFC 4443 §2.4 (the minimum MTU, 1280 total) for v6.
+_ICMP4_ERROR_MAX = 576
+_ICMP6_ERROR_MAX = 1280
+
+
+def max_udp_payload(version: int, mtu: int = 1280) -> int:
+    """Largest UDP payload we send unfragmented: 1252 (v4) / 1232 (v6) at MTU 1280."""
+    return mtu - (28 if version == 4 else 48)
+
+
+@dataclass(slots=True)
+class StackCounters:
+    """Drops and events of the whole stack (per-connection counters live in ``TCPConnection.stats``)."""
+
+    packets_received: int = 0
+    packets_sent_direct: int = 0  # packets the stack itself built (RST, ICMP, UDP)
+    malformed: int = 0  # bad IP/TCP/UDP/ICMP framing
+    bad_checksum: int = 0
+    not_for_us: int = 0  # destination is not one of our addresses
+    unknown_protocol: int = 0
+    internal_errors: int = 0  # a bug surfaced while handling a packet; logged, packet dropped
+    fragments: int = 0
+    reassembled: int = 0
+    icmp_echo_replies: int = 0
+    icmp_errors_received: int = 0
+    icmp_errors_sent: int = 0
+    icmp_rate_limited: int = 0
+    icmp_ignored: int = 0
+    oversize_reply_dropped: int = 0  # an echo reply would need fragmentation (we never fragment)
+    tcp_segments: int = 0
+    tcp_rst_sent: int = 0  # RSTs for segments to closed ports / listeners
+    tcp_syn_dropped: int = 0  # SYN-RECEIVED or accept queue bound reached
+    tcp_accept_overflow: int = 0  # handshake completed while the accept queue was full: reset
+    tcp_connections_opened: int = 0
+    tcp_connections_closed: int = 0
+    udp_datagrams: int = 0
+    udp_delivered: int = 0
+    udp_queue_full: int = 0
+    udp_no_port: int = 0
+    udp_wrong_peer: int = 0  # datagram from another address to a connected endpoint
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class _TokenBucket:
+    """Rate limiter for the ICMP messages we generate (gVisor: 1000/s, burst 50)."""
+
+    __slots__ = ("rate", "burst", "tokens", "last")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.last = now
+
+    def take(self, now: float) -> bool:
+        elapsed = now - self.last
+        if elapsed > 0:
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Listener:
+    """A listening TCP port (sans-IO). The driver waits on ``app_changed`` for new connections.
+
+    ``accept_queue`` holds established connections not yet accepted; ``half_open``
+    the SYN-RECEIVED ones. Both are bounded by ``backlog``.
+    """
+
+    __slots__ = ("local_ip", "port", "backlog", "accept_queue", "half_open", "closed", "app_changed", "_changed")
+
+    def __init__(self, local_ip: bytes | None, port: int, backlog: int, changed: list) -> None:
+        self.local_ip = local_ip  # None: every address of ours
+        self.port = port
+        self.backlog = backlog
+        self.accept_queue: deque[TCPConnection] = deque()
+        self.half_open: set[TCPConnection] = set()
+        self.closed = False
+        self.app_changed = False
+        self._changed = changed
+
+    def _notify(self) -> None:
+        if not self.app_changed:
+            self.app_changed = True
+            self._changed.append(self)
+
+    def __repr__(self) -> str:
+        return f"<Listener port={self.port} queued={len(self.accept_queue)} half_open={len(self.half_open)}>"
+
+
+class UDPEndpoint:
+    """A bound UDP port (sans-IO): a bounded queue of ``(payload, (src_ip_bytes, src_port))``.
+
+    In connected mode (``remote`` set) only datagrams from that address are queued.
+    ``error`` is set (and the endpoint marked changed) when an ICMP port-unreachable
+    answers a connected endpoint, like a kernel UDP socket; reading it clears it.
+    """
+
+    __slots__ = ("local_ip", "port", "remote", "queue", "queue_limit", "dropped", "closed", "error",
+                 "app_changed", "_changed")
+
+    def __init__(self, local_ip: bytes | None, port: int, queue_limit: int, changed: list) -> None:
+        self.local_ip = local_ip  # None: every address of ours
+        self.port = port
+        self.remote: tuple[bytes, int] | None = None
+        self.queue: deque[tuple[bytes, tuple[bytes, int]]] = deque()
+        self.queue_limit = queue_limit
+        self.dropped = 0
+        self.closed = False
+        self.error: OSError | None = None
+        self.app_changed = False
+        self._changed = changed
+
+    def _notify(self) -> None:
+        if not self.app_changed:
+            self.app_changed = True
+            self._changed.append(self)
+
+    def __repr__(self) -> str:
+        return f"<UDPEndpoint port={self.port} queued={len(self.queue)}>"
+
+
+def _packed(addr: IPAddressLike | bytes) -> bytes:
+    if isinstance(addr, bytes):
+        if len(addr) not in (4, 16):
+            raise ValueError(f"raw address must be 4 or 16 bytes, got {len(addr)}")
+        return addr
+    if isinstance(addr, str):
+        text = addr.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        if "/" in text:
+            return ipaddress.ip_interface(text).ip.packed
+        return ipaddress.ip_address(text).packed
+    return addr.packed
+
+
+def _ip_header(src: bytes, dst: bytes, proto: int, payload_len: int, ident: int = 0) -> bytes:
+    if len(src) == 4:
+        return ipmod.ipv4_header(src, dst, proto, payload_len, ident=ident, df=True)
+    return ipmod.ipv6_header(src, dst, proto, payload_len)
+
+
+def _pseudo(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    if len(src) == 4:
+        return checksum.pseudo_header_v4(src, dst, proto) + length
+    return checksum.pseudo_header_v6(src, dst, proto) + length
+
+
+class Stack:
+    """A userspace IPv4/IPv6 host as a sans-IO core.
+
+    Args:
+        addresses: our addresses (IP literals, ``ipaddress`` objects, or ``"ip/len"``).
+        now: the driver's current time.
+        tcp_options: defaults for every new TCP connection.
+        rng: ``rng(n) -> n random bytes`` (ISN secret, ephemeral ports); os.urandom by default.
+        mtu: the tunnel MTU; bounds UDP payloads and echo replies (we never fragment).
+        max_half_open: global bound on SYN-RECEIVED connections (a SYN flood cannot grow memory).
+        udp_queue_limit: datagrams queued per UDP endpoint before new ones are dropped.
+        icmp_rate, icmp_burst: token bucket for ICMP we generate (echo replies and errors).
+        reassembly_timeout, reassembly_memory: bounds of the fragment reassembler.
+    """
+
+    def __init__(
+        self,
+        addresses: Iterable[IPAddressLike],
+        *,
+        now: float,
+        tcp_options: TCPOptions = TCPOptions(),
+        rng: Callable[[int], bytes] | None = None,
+        mtu: int = 1280,
+        max_half_open: int = 1024,
+        udp_queue_limit: int = 512,
+        icmp_rate: float = 1000.0,
+        icmp_burst: int = 50,
+        reassembly_timeout: float = 30.0,
+        reassembly_memory: int = 4 << 20,
+    ) -> None:
+        self.tcp_options = tcp_options
+        self.mtu = mtu
+        self.max_half_open = max_half_open
+        self.udp_queue_limit = udp_queue_limit
+        self.counters = StackCounters()
+        self._rng = rng if rng is not None else os.urandom
+        self._isn_key = self._rng(32)
+        self._port_rng = random.Random(int.from_bytes(self._rng(8), "big"))
+        self._addresses: set[bytes] = set()
+        self._v4: list[bytes] = []
+        self._v6: list[bytes] = []
+        self.set_addresses(addresses)
+        #: whole IP packets waiting to be sent; shared with every TCPConnection
+        self.outbox: list[bytes | bytearray] = []
+        #: objects whose app-visible state changed; shared with every TCPConnection
+        self.changed: list = []
+        self.connections: dict[tuple[bytes, int, bytes, int], TCPConnection] = {}
+        self.listeners: dict[tuple[bytes | None, int], Listener] = {}
+        self.udp_endpoints: dict[tuple[bytes | None, int], UDPEndpoint] = {}
+        self._listener_of: dict[TCPConnection, Listener] = {}  # SYN-RECEIVED conns -> their listener
+        self._half_open = 0
+        self._reassembler = ipmod.Reassembler(
+            timeout=reassembly_timeout, high_water=reassembly_memory, low_water=reassembly_memory * 3 // 4
+        )
+        self._icmp_bucket = _TokenBucket(icmp_rate, icmp_burst, now)
+        self._ip_ident = self._port_rng.randrange(1 << 16)
+        # Timer heap of (deadline, tie-breaker, connection) with lazy invalidation:
+        # _deadline_of holds the one valid deadline per connection; other entries are stale.
+        self._heap: list[tuple[float, int, TCPConnection]] = []
+        self._deadline_of: dict[TCPConnection, float] = {}
+        self._heap_seq = 0
+
+    # -- addresses ---------------------------------------------------------------------------------------------------
+
+    def set_addresses(self, addresses: Iterable[IPAddressLike]) -> None:
+        """Replace our addresses. Existing connections keep working; new packets to old addresses are dropped."""
+        packed = [_packed(a) for a in addresses]
+        self._addresses = set(packed)
+        self._v4 = [a for a in packed if len(a) == 4]
+        self._v6 = [a for a in packed if len(a) == 16]
+
+    @property
+    def addresses(self) -> list[bytes]:
+        """Our addresses, raw (IPv4 first)."""
+        return self._v4 + self._v6
+
+    def source_for(self, remote_ip: bytes) -> bytes:
+        """Our address of the same family as ``remote_ip``; OSError(EADDRNOTAVAIL) if we have none."""
+        mine = self._v4 if len(remote_ip) == 4 else self._v6
+        if not mine:
+            raise OSError(errno.EADDRNOTAVAIL, f"no local IPv{4 if len(remote_ip) == 4 else 6} address")
+        return mine[0]
+
+    # -- output, changes, timers -------------------------------------------------------------------------------------
+
+    def packets_to_send(self) -> list[bytes | bytearray]:
+        """Take every IP packet produced so far."""
+        out = self.outbox[:]
+        self.outbox.clear()
+        return out
+
+    def take_changed(self) -> list:
+        """Take the connections, listeners and UDP endpoints whose app-visible state changed.
+
+        Their ``app_changed`` flags are reset, so the next change reports them again.
+        """
+        out = self.changed[:]
+        self.changed.clear()
+        for obj in out:
+            obj.app_changed = False
+        return out
+
+    def get_timer(self) -> float | None:
+        """The earliest deadline of any connection or the fragment reassembler, or None."""
+        heap = self._heap
+        deadline_of = self._deadline_of
+        while heap:
+            t, _, conn = heap[0]
+            if deadline_of.get(conn) == t:
+                break
+            heapq.heappop(heap)  # stale entry
+        t = heap[0][0] if heap else None
+        r = self._reassembler.next_deadline()
+        if r is not None and (t is None or r < t):
+            return r
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        """Fire every timer due at ``now``."""
+        heap = self._heap
+        deadline_of = self._deadline_of
+        due: list[TCPConnection] = []
+        while heap and heap[0][0] <= now:
+            t, _, conn = heapq.heappop(heap)
+            if deadline_of.get(conn) == t:
+                del deadline_of[conn]
+                due.append(conn)
+        for conn in due:
+            try:
+                conn.handle_timer(now)
+            except Exception:
+                self.counters.internal_errors += 1
+                log.exception("netstack: connection timer failed; aborting %r", conn)
+                self._safe_abort(conn, now)
+            self._touch(conn)
+        self._reassembler.expire(now)
+
+    def _touch(self, conn: TCPConnection) -> None:
+        """After anything happened to ``conn``: re-arm its timer, move it out of its listener's
+        half-open set once established, forget it once CLOSED."""
+        if conn.state == TCPState.CLOSED:
+            self._forget(conn)
+            return
+        listener = self._listener_of.get(conn)
+        if listener is not None and conn.is_established:
+            self._promote(conn, listener)
+        t = conn.get_timer()
+        old = self._deadline_of.get(conn)
+        if t == old:
+            return
+        if t is None:
+            del self._deadline_of[conn]
+            return
+        self._deadline_of[conn] = t
+        self._heap_seq += 1
+        heapq.heappush(self._heap, (t, self._heap_seq, conn))
+        if len(self._heap) > 64 + 4 * len(self._deadline_of):
+            self._compact_heap()
+
+    def _compact_heap(self) -> None:
+        # Every ACK may move a connection's deadline; stale entries pile up without this.
+        self._heap = [e for e in self._heap if self._deadline_of.get(e[2]) == e[0]]
+        heapq.heapify(self._heap)
+
+    def _forget(self, conn: TCPConnection) -> None:
+        key = (conn.local_ip, conn.local_port, conn.remote_ip, conn.remote_port)
+        if self.connections.get(key) is conn:
+            del self.connections[key]
+            self.counters.tcp_connections_closed += 1
+        self._deadline_of.pop(conn, None)
+        listener = self._listener_of.pop(conn, None)
+        if listener is not None:
+            listener.half_open.discard(conn)
+            self._half_open -= 1
+
+    def _promote(self, conn: TCPConnection, listener: Listener) -> None:
+        del self._listener_of[conn]
+        listener.half_open.discard(conn)
+        self._half_open -= 1
+        if listener.closed or len(listener.accept_queue) >= listener.backlog:
+            self.counters.tcp_accept_overflow += 1
+            self._safe_abort(conn, None)
+            return
+        listener.accept_queue.append(conn)
+        listener._notify()
+
+    def _safe_abort(self, conn: TCPConnection, now: float | None) -> None:
+        try:
+            conn.abort(now if now is not None else self._last_now)
+        except Exception:
+            self.counters.internal_errors += 1
+            log.exception("netstack: abort failed for %r", conn)
+        key = (conn.local_ip, conn.local_port, conn.remote_ip, conn.remote_port)
+        if self.connections.get(key) is conn:
+            del self.connections[key]
+            self.counters.tcp_connections_closed += 1
+        self._deadline_of.pop(conn, None)
+
+    _last_now = 0.0
+
+    # -- packets in --------------------------------------------------------------------------------------------------
+
+    def receive_packet(self, packet: bytes | bytearray | memoryview, now: float) -> None:
+        """Process one IP packet. Never raises."""
+        self.receive_packets((packet,), now)
+
+    def receive_packets(self, packets: Iterable[bytes | bytearray | memoryview], now: float) -> None:
+        """Process a batch of IP packets; each touched connection's timer is re-armed once. Never raises."""
+        self._last_now = now
+        touched: dict[TCPConnection, None] = {}
+        counters = self.counters
+        for packet in packets:
+            counters.packets_received += 1
+            try:
+                self._receive_one(packet, now, touched)
+            except (MalformedPacket, BadSegment, struct.error, IndexError, ValueError):
+                counters.malformed += 1
+            except Exception:
+                counters.internal_errors += 1
+                log.exception("netstack: error while handling a packet (dropped)")
+        for conn in touched:
+            try:
+                self._touch(conn)
+            except Exception:
+                counters.internal_errors += 1
+                log.exception("netstack: error while re-arming a connection")
+
+    def _receive_one(self, packet: bytes | bytearray | memoryview, now: float,
+                     touched: dict[TCPConnection, None]) -> None:
+        ip = ipmod.parse(packet)
+        if ip.dst not in self._addresses:
+            self.counters.not_for_us += 1
+            return
+        proto = ip.proto
+        payload = ip.payload
+        whole = True  # the packet in hand is the whole datagram (ICMP errors may quote it)
+        if ip.is_fragment:
+            self.counters.fragments += 1
+            key = (ip.version, ip.src, ip.dst, proto, ip.frag_id)
+            data = self._reassembler.add(key, ip.frag_offset, payload, ip.more_fragments, now)
+            if data is None:
+                return
+            self.counters.reassembled += 1
+            payload = memoryview(data)
+            whole = False
+            if ip.version == 6:
+                proto, payload = ipmod.skip_v6_extensions(proto, payload)
+        if proto == PROTO_TCP:
+            self._receive_tcp(ip.src, ip.dst, payload, now, touched)
+        elif proto == PROTO_UDP:
+            self._receive_udp(ip.src, ip.dst, payload, packet if whole else None, now)
+        elif proto == PROTO_ICMP and ip.version == 4:
+            self._receive_icmp4(ip.src, ip.dst, payload, now, touched)
+        elif proto == PROTO_ICMPV6 and ip.version == 6:
+            self._receive_icmp6(ip.src, ip.dst, payload, now, touched)
+        else:
+            self.counters.unknown_protocol += 1
+
+    # -- TCP ---------------------------------------------------------------------------------------------------------
+
+    def _receive_tcp(self, src: bytes, dst: bytes, seg_bytes: memoryview, now: float,
+                     touched: dict[TCPConnection, None]) -> None:
+        counters = self.counters
+        counters.tcp_segments += 1
+        if not checksum.verify(seg_bytes, _pseudo(src, dst, PROTO_TCP, len(seg_bytes))):
+            counters.bad_checksum += 1
+            return
+        seg = tcp_wire.parse(seg_bytes)
+        conn = self.connections.get((dst, seg.dport, src, seg.sport))
+        if conn is not None:
+            conn.receive_segment(seg, now)
+            touched[conn] = None
+            return
+        flags = seg.flags
+        if flags & RST:
+            return  # never answer a RST
+        listener = self.listeners.get((dst, seg.dport)) or self.listeners.get((None, seg.dport))
+        if listener is not None and not listener.closed:
+            if flags & ACK:
+                self._send_rst(dst, src, seg)  # no connection for this ACK (e.g. it already died)
+                return
+            if not flags & SYN:
+                return  # LISTEN: anything else is dropped
+            if (len(listener.half_open) >= listener.backlog
+                    or len(listener.accept_queue) >= listener.backlog
+                    or self._half_open >= self.max_half_open):
+                counters.tcp_syn_dropped += 1  # the peer retransmits; a flood cannot grow our tables
+                return
+            iss, ts_offset = self._isn(dst, seg.dport, src, seg.sport, now)
+            conn = TCPConnection.passive(
+                dst, seg.dport, src, seg.sport, seg, iss=iss, now=now, outbox=self.outbox,
+                changed=self.changed, options=self.tcp_options, ts_offset=ts_offset,
+            )
+            self.connections[(dst, seg.dport, src, seg.sport)] = conn
+            counters.tcp_connections_opened += 1
+            listener.half_open.add(conn)
+            self._listener_of[conn] = listener
+            self._half_open += 1
+            touched[conn] = None
+            return
+        self._send_rst(dst, src, seg)
+
+    def _send_rst(self, src: bytes, dst: bytes, seg: tcp_wire.Segment) -> None:
+        """RST for a segment that has no connection (RFC 9293 §3.10.7.1)."""
+        if seg.flags & ACK:
+            seq, ack, flags = seg.ack, 0, RST
+        else:
+            seg_len = len(seg.payload) + (1 if seg.flags & SYN else 0) + (1 if seg.flags & FIN else 0)
+            seq, ack, flags = 0, (seg.seq + seg_len) & 0xFFFFFFFF, RST | ACK
+        tcp = bytearray(tcp_wire.HEADER.pack(seg.dport, seg.sport, seq, ack, 5 << 4, flags, 0, 0, 0))
+        ck = checksum.checksum(tcp, _pseudo(src, dst, PROTO_TCP, 20))
+        tcp[16] = ck >> 8
+        tcp[17] = ck & 0xFF
+        self.outbox.append(_ip_header(src, dst, PROTO_TCP, 20) + tcp)
+        self.counters.tcp_rst_sent += 1
+        self.counters.packets_sent_direct += 1
+
+    def _isn(self, local_ip: bytes, local_port: int, remote_ip: bytes, remote_port: int,
+             now: float) -> tuple[int, int]:
+        """RFC 6528 ISN (4 µs clock + keyed hash of the 4-tuple) and a per-connection timestamp offset."""
+        h = hashlib.blake2s(
+            local_ip + remote_ip + _TCP_PORTS.pack(local_port, remote_port), key=self._isn_key, digest_size=8
+        ).digest()
+        iss = (int(now * 250_000) + int.from_bytes(h[:4], "big")) & 0xFFFFFFFF
+        return iss, int.from_bytes(h[4:], "big")
+
+    def _ephemeral_port(self, taken: Callable[[int], bool]) -> int:
+        span = len(EPHEMERAL_PORTS)
+        start = self._port_rng.randrange(span)
+        for i in range(span):
+            port = EPHEMERAL_PORTS[(start + i) % span]
+            if not taken(port):
+                return port
+        raise OSError(errno.EADDRINUSE, "no free ephemeral port")
+
+    def tcp_connect(self, remote_ip: IPAddressLike | bytes, remote_port: int, now: float, *,
+                    local_ip: IPAddressLike | bytes | None = None, local_port: int = 0,
+                    options: TCPOptions | None = None) -> TCPConnection:
+        """Active open; the SYN is in the outbox. Raises OSError (EADDRNOTAVAIL, EADDRINUSE) or ValueError."""
+        rip = _packed(remote_ip)
+        if not 0 < remote_port < 65536:
+            raise ValueError(f"bad port {remote_port}")
+        lip = self.source_for(rip) if local_ip is None else _packed(local_ip)
+        if lip not in self._addresses or len(lip) != len(rip):
+            raise OSError(errno.EADDRNOTAVAIL, "local address is not ours or of the wrong family")
+        if local_port == 0:
+            local_port = self._ephemeral_port(
+                lambda p: (lip, p, rip, remote_port) in self.connections
+                or (lip, p) in self.listeners or (None, p) in self.listeners
+            )
+        elif (lip, local_port, rip, remote_port) in self.connections:
+            raise OSError(errno.EADDRINUSE, "4-tuple in use")
+        self._last_now = now
+        iss, ts_offset = self._isn(lip, local_port, rip, remote_port, now)
+        conn = TCPConnection.active(
+            lip, local_port, rip, remote_port, iss=iss, now=now, outbox=self.outbox, changed=self.changed,
+            options=options or self.tcp_options, ts_offset=ts_offset,
+        )
+        self.connections[(lip, local_port, rip, remote_port)] = conn
+        self.counters.tcp_connections_opened += 1
+        self._touch(conn)
+        return conn
+
+    def tcp_listen(self, port: int, *, local_ip: IPAddressLike | bytes | None = None,
+                   backlog: int = 128) -> Listener:
+        """Listen on ``port`` (0: an ephemeral one). Raises OSError(EADDRINUSE / EADDRNOTAVAIL)."""
+        lip = None if local_ip is None else _packed(local_ip)
+        if lip is not None and lip not in self._addresses:
+            raise OSError(errno.EADDRNOTAVAIL, "address is not ours")
+        if port == 0:
+            port = self._ephemeral_port(lambda p: (lip, p) in self.listeners or (None, p) in self.listeners)
+        elif not 0 < port < 65536:
+            raise ValueError(f"bad port {port}")
+        if (lip, port) in self.listeners or (None, port) in self.listeners or (
+            lip is None and any(k[1] == port for k in self.listeners)
+        ):
+            raise OSError(errno.EADDRINUSE, f"TCP port {port} already listening")
+        listener = Listener(lip, port, max(1, backlog), self.changed)
+        self.listeners[(lip, port)] = listener
+        return listener
+
+    def tcp_accept(self, listener: Listener) -> TCPConnection | None:
+        """The next established connection of ``listener``, or None."""
+        if listener.accept_queue:
+            return listener.accept_queue.popleft()
+        return None
+
+    def close_listener(self, listener: Listener, now: float) -> None:
+        """Stop listening: queued and half-open connections are reset."""
+        if listener.closed:
+            return
+        listener.closed = True
+        self._last_now = now
+        if self.listeners.get((listener.local_ip, listener.port)) is listener:
+            del self.listeners[(listener.local_ip, listener.port)]
+        for conn in list(listener.accept_queue) + list(listener.half_open):
+            self._listener_of.pop(conn, None)
+            if conn in listener.half_open:
+                self._half_open -= 1
+            self._safe_abort(conn, now)
+        listener.accept_queue.clear()
+        listener.half_open.clear()
+        listener._notify()
+
+    def tcp_send(self, conn: TCPConnection, data: bytes | bytearray | memoryview, now: float) -> int:
+        """``conn.send`` plus timer bookkeeping; raises what ``send`` raises."""
+        self._last_now = now
+        try:
+            return conn.send(data, now)
+        finally:
+            self._touch(conn)
+
+    def tcp_receive(self, conn: TCPConnection, max_bytes: int, now: float) -> bytes:
+        """``conn.receive`` plus timer bookkeeping (a window update may be queued)."""
+        self._last_now = now
+        try:
+            return conn.receive(max_bytes, now)
+        finally:
+            self._touch(conn)
+
+    def tcp_shutdown(self, conn: TCPConnection, now: float) -> None:
+        """Half-close (FIN after queued data)."""
+        self._last_now = now
+        try:
+            conn.shutdown(now)
+        finally:
+            self._touch(conn)
+
+    def tcp_close(self, conn: TCPConnection, now: float) -> None:
+        """Full close; the connection lingers in the table until CLOSED."""
+        self._last_now = now
+        try:
+            conn.close(now)
+        finally:
+            self._touch(conn)
+
+    def tcp_abort(self, conn: TCPConnection, now: float) -> None:
+        """Reset the connection and forget it."""
+        self._last_now = now
+        self._safe_abort(conn, now)
+        self._forget(conn)
+
+    # -- UDP ---------------------------------------------------------------------------------------------------------
+
+    def _receive_udp(self, src: bytes, dst: bytes, data: memoryview, whole_packet, now: float) -> None:
+        counters = self.counters
+        counters.udp_datagrams += 1
+        if len(data) < 8:
+            raise MalformedPacket("short UDP header")
+        sport, dport, length, ck = _UDP_HDR.unpack_from(data)
+        if length < 8 or length > len(data):
+            raise MalformedPacket("bad UDP length")
+        data = data[:length]
+        if ck == 0:
+            if len(src) == 16:
+                counters.bad_checksum += 1  # RFC 8200 §8.1: a zero UDP checksum is invalid over IPv6
+                return
+        elif not checksum.verify(data, _pseudo(src, dst, PROTO_UDP, length)):
+            counters.bad_checksum += 1
+            return
+        ep = self.udp_endpoints.get((dst, dport)) or self.udp_endpoints.get((None, dport))
+        if ep is None or ep.closed:
+            counters.udp_no_port += 1
+            if whole_packet is not None:
+                self._send_port_unreachable(src, dst, whole_packet, now)
+            return
+        if ep.remote is not None and ep.remote != (src, sport):
+            counters.udp_wrong_peer += 1
+            return
+        if len(ep.queue) >= ep.queue_limit:
+            ep.dropped += 1
+            counters.udp_queue_full += 1
+            return
+        ep.queue.append((bytes(data[8:]), (src, sport)))
+        counters.udp_delivered += 1
+        ep._notify()
+
+    def udp_bind(self, local_ip: IPAddressLike | bytes | None = None, port: int = 0) -> UDPEndpoint:
+        """Bind a UDP endpoint (port 0: ephemeral). Raises OSError(EADDRINUSE / EADDRNOTAVAIL)."""
+        lip = None if local_ip is None else _packed(local_ip)
+        if lip is not None and lip not in self._addresses:
+            raise OSError(errno.EADDRNOTAVAIL, "address is not ours")
+        eps = self.udp_endpoints
+        if port == 0:
+            port = self._ephemeral_port(lambda p: (lip, p) in eps or (None, p) in eps)
+        elif not 0 < port < 65536:
+            raise ValueError(f"bad port {port}")
+        if (lip, port) in eps or (None, port) in eps or (lip is None and any(k[1] == port for k in eps)):
+            raise OSError(errno.EADDRINUSE, f"UDP port {port} in use")
+        ep = UDPEndpoint(lip, port, self.udp_queue_limit, self.changed)
+        eps[(lip, port)] = ep
+        return ep
+
+    def udp_connect(self, ep: UDPEndpoint, remote_ip: IPAddressLike | bytes, remote_port: int) -> None:
+        """Connected mode: default destination, and only datagrams from there are received."""
+        rip = _packed(remote_ip)
+        if not 0 < remote_port < 65536:
+            raise ValueError(f"bad port {remote_port}")
+        if ep.local_ip is not None and len(ep.local_ip) != len(rip):
+            raise OSError(errno.EAFNOSUPPORT, "address family does not match the bound address")
+        ep.remote = (rip, remote_port)
+        # Drop what arrived from others before connecting, as a kernel socket does.
+        ep.queue = deque(item for item in ep.queue if item[1] == ep.remote)
+
+    def udp_sendto(self, ep: UDPEndpoint, data: bytes | bytearray | memoryview,
+                   remote_ip: IPAddressLike | bytes, remote_port: int, now: float) -> None:
+        """Queue one datagram. Raises OSError(EMSGSIZE) above 1252 (v4) / 1232 (v6) bytes: we never fragment."""
+        if ep.closed:
+            raise OSError(errno.EBADF, "UDP endpoint closed")
+        rip = _packed(remote_ip)
+        if not 0 < remote_port < 65536:
+            raise ValueError(f"bad port {remote_port}")
+        src = self.source_for(rip) if ep.local_ip is None else ep.local_ip
+        if len(src) != len(rip):
+            raise OSError(errno.EAFNOSUPPORT, "address family does not match the bound address")
+        n = len(data)
+        limit = max_udp_payload(4 if len(rip) == 4 else 6, self.mtu)
+        if n > limit:
+            raise OSError(errno.EMSGSIZE, f"UDP payload of {n} bytes exceeds {limit} (no fragmentation)")
+        length = 8 + n
+        udp = bytearray(_UDP_HDR.pack(ep.port, remote_port, length, 0))
+        udp += data
+        ck = checksum.checksum(udp, _pseudo(src, rip, PROTO_UDP, length))  # never 0 (0 would mean "none")
+        udp[6] = ck >> 8
+        udp[7] = ck & 0xFF
+        self._ip_ident = (self._ip_ident + 1) & 0xFFFF
+        self.outbox.append(_ip_header(src, rip, PROTO_UDP, length, self._ip_ident) + udp)
+        self.counters.packets_sent_direct += 1
+
+    def udp_close(self, ep: UDPEndpoint) -> None:
+        """Unbind; queued datagrams are discarded."""
+        if ep.closed:
+            return
+        ep.closed = True
+        if self.udp_endpoints.get((ep.local_ip, ep.port)) is ep:
+            del self.udp_endpoints[(ep.local_ip, ep.port)]
+        ep.queue.clear()
+        ep._notify()
+
+    # -- ICMP --------------------------------------------------------------------------------------------------------
+
+    def _send_port_unreachable(self, src: bytes, dst: bytes, packet, now: float) -> None:
+        """ICMP(v6) port unreachable back to ``src`` quoting the offending packet."""
+        if not self._icmp_bucket.take(now):
+            self.counters.icmp_rate_limited += 1
+            return
+        quote = bytes(packet)
+        if len(src) == 4:
+            quote = quote[: _ICMP4_ERROR_MAX - 28]
+            msg = bytearray(_ICMP_HDR.pack(ICMP4_UNREACHABLE, ICMP4_CODE_PORT_UNREACHABLE, 0, 0, 0)) + quote
+            ck = checksum.checksum(msg)
+        else:
+            quote = quote[: _ICMP6_ERROR_MAX - 48]
+            msg = bytearray(_ICMP_HDR.pack(ICMP6_UNREACHABLE, ICMP6_CODE_PORT_UNREACHABLE, 0, 0, 0)) + quote
+            ck = checksum.checksum(msg, _pseudo(dst, src, PROTO_ICMPV6, len(msg)))
+        msg[2] = ck >> 8
+        msg[3] = ck & 0xFF
+        self._ip_ident = (self._ip_ident + 1) & 0xFFFF
+        self.outbox.append(_ip_header(dst, src, PROTO_ICMP if len(src) == 4 else PROTO_ICMPV6, len(msg),
+                                      self._ip_ident) + msg)
+        self.counters.icmp_errors_sent += 1
+        self.counters.packets_sent_direct += 1
+
+    def _echo_reply(self, src: bytes, dst: bytes, msg: memoryview, reply_type: int, now: float) -> None:
+        if (20 if len(src) == 4 else 40) + len(msg) > self.mtu:
+            self.counters.oversize_reply_dropped += 1
+            return
+        if not self._icmp_bucket.take(now):
+            self.counters.icmp_rate_limited += 1
+            return
+        reply = bytearray(msg)
+        reply[0] = reply_type
+        reply[2] = reply[3] = 0
+        if len(src) == 4:
+            ck = checksum.checksum(reply)
+            proto = PROTO_ICMP
+        else:
+            ck = checksum.checksum(reply, _pseudo(dst, src, PROTO_ICMPV6, len(reply)))
+            proto = PROTO_ICMPV6
+        reply[2] = ck >> 8
+        reply[3] = ck & 0xFF
+        self._ip_ident = (self._ip_ident + 1) & 0xFFFF
+        self.outbox.append(_ip_header(dst, src, proto, len(reply), self._ip_ident) + reply)
+        self.counters.icmp_echo_replies += 1
+        self.counters.packets_sent_direct += 1
+
+    def _receive_icmp4(self, src: bytes, dst: bytes, msg: memoryview, now: float,
+                       touched: dict[TCPConnection, None]) -> None:
+        if len(msg) < 8:
+            raise MalformedPacket("short ICMP message")
+        if not checksum.verify(msg):
+            self.counters.bad_checksum += 1
+            return
+        kind, code = msg[0], msg[1]
+        if kind == ICMP4_ECHO_REQUEST:
+            self._echo_reply(src, dst, msg, ICMP4_ECHO_REPLY, now)
+        elif kind in (ICMP4_UNREACHABLE, ICMP4_TIME_EXCEEDED, ICMP4_PARAM_PROBLEM):
+            self.counters.icmp_errors_received += 1
+            if kind == ICMP4_UNREACHABLE and code in (ICMP4_CODE_PROTO_UNREACHABLE, ICMP4_CODE_PORT_UNREACHABLE):
+                self._refused(msg[8:], now, touched)
+        else:
+            self.counters.icmp_ignored += 1
+
+    def _receive_icmp6(self, src: bytes, dst: bytes, msg: memoryview, now: float,
+                       touched: dict[TCPConnection, None]) -> None:
+        if len(msg) < 8:
+            raise MalformedPacket("short ICMPv6 message")
+        if not checksum.verify(msg, _pseudo(src, dst, PROTO_ICMPV6, len(msg))):
+            self.counters.bad_checksum += 1
+            return
+        kind, code = msg[0], msg[1]
+        if kind == ICMP6_ECHO_REQUEST:
+            self._echo_reply(src, dst, msg, ICMP6_ECHO_REPLY, now)
+        elif kind in (ICMP6_UNREACHABLE, ICMP6_PACKET_TOO_BIG, ICMP6_TIME_EXCEEDED, ICMP6_PARAM_PROBLEM):
+            self.counters.icmp_errors_received += 1
+            if kind == ICMP6_UNREACHABLE and code == ICMP6_CODE_PORT_UNREACHABLE:
+                self._refused(msg[8:], now, touched)
+        else:
+            self.counters.icmp_ignored += 1
+
+    def _refused(self, quoted: memoryview, now: float, touched: dict[TCPConnection, None]) -> None:
+        """A port/protocol unreachable quoting one of our packets: fail a connecting TCP
+        connection or report ECONNREFUSED on a connected UDP endpoint."""
+        inner = _parse_quoted(quoted)
+        if inner is None:
+            return
+        proto, our_ip, their_ip, sport, dport = inner
+        if our_ip not in self._addresses:
+            return
+        if proto == PROTO_TCP:
+            conn = self.connections.get((our_ip, sport, their_ip, dport))
+            if conn is not None and conn.state == TCPState.SYN_SENT:
+                self._safe_abort(conn, now)  # the driver reports CLOSED-without-error while connecting as refused
+                touched[conn] = None
+        elif proto == PROTO_UDP:
+            ep = self.udp_endpoints.get((our_ip, sport)) or self.udp_endpoints.get((None, sport))
+            if ep is not None and ep.remote == (their_ip, dport):
+                ep.error = ConnectionRefusedError(errno.ECONNREFUSED, "port unreachable")
+                ep._notify()
+
+
+def _parse_quoted(quoted: memoryview) -> tuple[int, bytes, bytes, int, int] | None:
+    """(proto, src, dst, sport, dport) of the packet an ICMP error quotes, or None if too short."""
+    if len(quoted) < 1:
+        return None
+    version = quoted[0] >> 4
+    if version == 4:
+        if len(quoted) < 20:
+            return None
+        ihl = (quoted[0] & 0x0F) * 4
+        if ihl < 20 or len(quoted) < ihl + 4:
+            return None
+        return quoted[9], bytes(quoted[12:16]), bytes(quoted[16:20]), *_TCP_PORTS.unpack_from(quoted, ihl)
+    if version == 6:
+        if len(quoted) < 44:
+            return None
+        return quoted[6], bytes(quoted[8:24]), bytes(quoted[24:40]), *_TCP_PORTS.unpack_from(quoted, 40)
+    return None
