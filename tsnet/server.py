@@ -526,11 +526,12 @@ class Server:
                         await self._start_data_plane(nursery, client, disco)
                         nursery.start_soon(self._control_loop, client)
                         nursery.start_soon(self._lite_updater, client)
-        except TsnetError as exc:
-            self._up_error = exc
         except Exception as exc:  # never crash the trio run from a system task
-            self.log.exception("tsnet node failed")
-            self._up_error = TsnetError(f"node failed: {exc!r}")
+            err = _find_tsnet_error(exc)
+            if err is None:
+                self.log.exception("tsnet node failed")
+                err = TsnetError(f"node failed: {exc!r}")
+            self._up_error = err
         finally:
             self._scope = None
             self._nursery = None
@@ -1143,6 +1144,18 @@ class _UDPFlow:
 
     async def aclose(self) -> None:
         await self.sock.aclose()
+
+
+def _find_tsnet_error(exc: BaseException) -> TsnetError | None:
+    """The first TsnetError in ``exc`` (looking inside exception groups)."""
+    if isinstance(exc, TsnetError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _find_tsnet_error(sub)
+            if found is not None:
+                return found
+    return None
 
 
 def _in_trio() -> bool:

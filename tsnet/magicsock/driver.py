@@ -133,6 +133,7 @@ class MagicSockDriver:
         derp_plain_http: bool = False,
         drop_direct_udp: bool = False,
         on_packet: Callable[[NodePublic, bytes], None] | None = None,
+        on_packets: Callable[[list[tuple[NodePublic, bytes]]], None] | None = None,
         on_event: Callable[[MagicSockEvent], None] | None = None,
         batch: int = DEFAULT_BATCH,
         relay_server_port: int | None = None,
@@ -146,6 +147,8 @@ class MagicSockDriver:
         self._local_addresses = list(local_addresses) if local_addresses is not None else None
         self.derp_plain_http = derp_plain_http
         self.on_packet = on_packet
+        #: batch alternative to ``on_packet``: every decrypted packet of one wake-up in one call
+        self.on_packets = on_packets
         self.on_event = on_event
         self.batch = batch
         #: run a peer relay server on this UDP port (0 = random; None = no relay server)
@@ -244,6 +247,17 @@ class MagicSockDriver:
         ok = self.core.send_ip_packet(packet, trio.current_time())
         self._pump()
         return ok
+
+    def send_ip_packets(self, packets: Iterable[bytes | bytearray | memoryview]) -> int:
+        """Route a batch of IP packets (one pump for all); returns how many had a route."""
+        now = trio.current_time()
+        core = self.core
+        sent = 0
+        for packet in packets:
+            if core.send_ip_packet(packet, now):
+                sent += 1
+        self._pump()
+        return sent
 
     def status(self) -> list[PathStatus]:
         return self.core.status(trio.current_time())
@@ -364,7 +378,12 @@ class MagicSockDriver:
                 except Exception:
                     log.exception("magicsock: event handler failed")
         packets = core.take_packets()
-        if packets and self.on_packet is not None:
+        if packets and self.on_packets is not None:
+            try:
+                self.on_packets(packets)
+            except Exception:
+                log.exception("magicsock: packet handler failed")
+        elif packets and self.on_packet is not None:
             for peer, pkt in packets:
                 try:
                     self.on_packet(peer, pkt)
