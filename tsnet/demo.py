@@ -205,111 +205,133 @@ async def run_demo(
     With ``keep`` it stays up until ``stop`` is set (or SIGINT/SIGTERM when ``stop`` is None) and reports
     ``(control_url, auth_key)`` through ``task_status`` once everything runs.
     """
-    from . import localapi
-    from .control.server import ControlServer, ServerConfig, default_derp_map
-    from .control.store import Store
-    from .derp.server import DerpServer
-
     out = out or sys.stdout
     steps = _Steps(7, out)
     result = DemoResult()
     tmp = Path(tempfile.mkdtemp(prefix="tsnet-demo-"))
     nodes: list[Any] = []
-    store = None
+    stores: list[Any] = []
     try:
-        async with trio.open_nursery() as nursery:
-            async with steps.step("Starting the coordination server with DERP and STUN on 127.0.0.1", 10):
-                store = Store.open(tmp / "control")
-                config = ServerConfig(base_domain="tailnet.test", interactive_login=False, ephemeral_timeout=60.0)
-                control = ControlServer(store, config)
-                port = await nursery.start(control.serve, "127.0.0.1", control_port)
-                derp = DerpServer()
-                control.attach_derp(derp)
-                stun_port = await nursery.start(derp.serve_stun, "127.0.0.1", 0)
-                config.derp_map = default_derp_map("127.0.0.1", port, stun_port=stun_port)
-                control_url = f"http://127.0.0.1:{port}"
-                auth_key = store.create_authkey(control.now(), reusable=True, ephemeral=False, tags=(),
-                                                expires=None).key
-                steps.say(f"      control + DERP at {control_url}, STUN at 127.0.0.1:{stun_port} (state in {tmp})")
-
-            async with steps.step(f"Bringing up two nodes, {_WEB_HOST} and {_CLIENT_HOST}", 30):
-                for host in (_WEB_HOST, _CLIENT_HOST):
-                    nodes.append(server_factory(hostname=host, state_dir=tmp / host, auth_key=auth_key,
-                                                control_url=control_url))
-                web, client = nodes
-                async with trio.open_nursery() as ups:
-                    for node in nodes:
-                        ups.start_soon(lambda n=node: n.up(timeout=25.0))
-                for host, node in zip((_WEB_HOST, _CLIENT_HOST), nodes, strict=True):
-                    steps.say(f"      {host}: {' '.join(str(ip) for ip in node.tailscale_ips())}")
-
-            async with steps.step(f"Serving HTTP on {_WEB_HOST}:80", 10):
-                listener = await web.listen("tcp", ":80")
-                nursery.start_soon(_serve_http, listener, _WEB_HOST)
-
-            suffix = _magic_suffix(client) or config.base_domain
-            web_name = f"{_WEB_HOST}.{suffix}"
-            async with steps.step(f"Fetching http://{web_name}/ from {_CLIENT_HOST} by its MagicDNS name", 20):
-                status, body = await _http_get(client, f"{web_name}:80", "/")
-                if status != 200:
-                    raise ConnectionError(f"HTTP {status}")
-                result.fetched = bytes(body).decode("utf-8", "replace").strip()  # type: ignore[arg-type]
-                steps.say(f"      HTTP {status}: {result.fetched}")
-
-            async with steps.step(f"Measuring the round-trip time ({_PINGS} pings {_CLIENT_HOST} -> {_WEB_HOST})", 20):
-                rtts = []
-                for _ in range(_PINGS):
-                    pong = await client.ping(_WEB_HOST, timeout=5.0)
-                    rtts.append(float(pong.latency))
-                    result.path = str(pong.path)
-                result.rtt = statistics.median(rtts)
-                steps.say(f"      path: {result.path}")
-                steps.say(f"      RTT: median {result.rtt * 1000:.2f} ms (min {min(rtts) * 1000:.2f}, "
-                          f"max {max(rtts) * 1000:.2f})")
-
-            async with steps.step(f"Transferring {size / _MiB:g} MiB over HTTP", 60):
-                tty = hasattr(out, "isatty") and out.isatty()
-                last = [0.0]
-
-                def progress(got: int, total: int) -> None:
-                    now = time.monotonic()
-                    if tty and now - last[0] > 0.2:
-                        last[0] = now
-                        print(f"\r      {got * 100 // total:3d}%", end="", file=out, flush=True)
-
-                started = time.monotonic()
-                status, got = await _http_get(client, f"{web_name}:80", f"/bytes/{size}", progress=progress)
-                elapsed = max(time.monotonic() - started, 1e-9)
-                if tty:
-                    print("\r", end="", file=out)
-                if status != 200 or got != size:
-                    raise ConnectionError(f"HTTP {status}, {got} of {size} bytes")
-                result.throughput = size / elapsed
-                steps.say(f"      {size / _MiB:g} MiB in {elapsed:.2f}s: {_fmt_rate(result.throughput)} "
-                          f"via {_path_now(client, _WEB_HOST, result.path)}")
-
-            async with steps.step("Summary", 5):
-                rtt_ms = f"{result.rtt * 1000:.2f} ms" if result.rtt is not None else "?"
-                steps.say(f"      path {result.path}; RTT {rtt_ms}; throughput "
-                          f"{_fmt_rate(result.throughput or 0.0)}")
-                if keep:
-                    for host, node in zip((_WEB_HOST, _CLIENT_HOST), nodes, strict=True):
-                        await nursery.start(localapi.serve, node, localapi.default_socket_path(tmp / host))
-
-            if keep:
-                _print_join_help(out, control_url, auth_key, tmp)
-                task_status.started((control_url, auth_key))
-                await _wait_for_stop(stop)
-            nursery.cancel_scope.cancel()
+        await _run_steps(steps, result, tmp, nodes, stores, keep=keep, size=size, control_port=control_port,
+                         server_factory=server_factory, stop=stop, task_status=task_status, out=out)
+    except BaseExceptionGroup as group:
+        failed = _first_demo_failure(group)
+        if failed is None:
+            raise
+        raise failed from None
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             async with trio.open_nursery() as closers:
                 for node in nodes:
                     closers.start_soon(_close_quietly, node)
-        if store is not None:
+        for store in stores:
             store.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def _first_demo_failure(group: BaseExceptionGroup) -> DemoFailed | None:
+    for exc in group.exceptions:
+        if isinstance(exc, DemoFailed):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (inner := _first_demo_failure(exc)) is not None:
+            return inner
+    return None
+
+
+async def _run_steps(steps: _Steps, result: DemoResult, tmp: Path, nodes: list[Any], stores: list[Any], *,
+                     keep: bool, size: int, control_port: int, server_factory: Callable[..., Any],
+                     stop: trio.Event | None, task_status: Any, out: TextIO) -> None:
+    from . import localapi
+    from .control.server import ControlServer, ServerConfig, default_derp_map
+    from .control.store import Store
+    from .derp.server import DerpServer
+
+    async with trio.open_nursery() as nursery:
+        async with steps.step("Starting the coordination server with DERP and STUN on 127.0.0.1", 10):
+            store = Store.open(tmp / "control")
+            stores.append(store)
+            config = ServerConfig(base_domain="tailnet.test", interactive_login=False, ephemeral_timeout=60.0)
+            control = ControlServer(store, config)
+            port = await nursery.start(control.serve, "127.0.0.1", control_port)
+            derp = DerpServer()
+            control.attach_derp(derp)
+            stun_port = await nursery.start(derp.serve_stun, "127.0.0.1", 0)
+            config.derp_map = default_derp_map("127.0.0.1", port, stun_port=stun_port)
+            control_url = f"http://127.0.0.1:{port}"
+            auth_key = store.create_authkey(control.now(), reusable=True, ephemeral=False, tags=(),
+                                            expires=None).key
+            steps.say(f"      control + DERP at {control_url}, STUN at 127.0.0.1:{stun_port} (state in {tmp})")
+
+        async with steps.step(f"Bringing up two nodes, {_WEB_HOST} and {_CLIENT_HOST}", 30):
+            for host in (_WEB_HOST, _CLIENT_HOST):
+                nodes.append(server_factory(hostname=host, state_dir=tmp / host, auth_key=auth_key,
+                                            control_url=control_url))
+            web, client = nodes
+            async with trio.open_nursery() as ups:
+                for node in nodes:
+                    ups.start_soon(lambda n=node: n.up(timeout=25.0))
+            for host, node in zip((_WEB_HOST, _CLIENT_HOST), nodes, strict=True):
+                steps.say(f"      {host}: {' '.join(str(ip) for ip in node.tailscale_ips())}")
+
+        async with steps.step(f"Serving HTTP on {_WEB_HOST}:80", 10):
+            listener = await web.listen("tcp", ":80")
+            nursery.start_soon(_serve_http, listener, _WEB_HOST)
+
+        suffix = _magic_suffix(client) or config.base_domain
+        web_name = f"{_WEB_HOST}.{suffix}"
+        async with steps.step(f"Fetching http://{web_name}/ from {_CLIENT_HOST} by its MagicDNS name", 20):
+            status, body = await _http_get(client, f"{web_name}:80", "/")
+            if status != 200:
+                raise ConnectionError(f"HTTP {status}")
+            result.fetched = bytes(body).decode("utf-8", "replace").strip()  # type: ignore[arg-type]
+            steps.say(f"      HTTP {status}: {result.fetched}")
+
+        async with steps.step(f"Measuring the round-trip time ({_PINGS} pings {_CLIENT_HOST} -> {_WEB_HOST})", 20):
+            rtts = []
+            for _ in range(_PINGS):
+                pong = await client.ping(_WEB_HOST, timeout=5.0)
+                rtts.append(float(pong.latency))
+                result.path = str(pong.path)
+            result.rtt = statistics.median(rtts)
+            steps.say(f"      path: {result.path}")
+            steps.say(f"      RTT: median {result.rtt * 1000:.2f} ms (min {min(rtts) * 1000:.2f}, "
+                      f"max {max(rtts) * 1000:.2f})")
+
+        async with steps.step(f"Transferring {size / _MiB:g} MiB over HTTP", 60):
+            tty = hasattr(out, "isatty") and out.isatty()
+            last = [0.0]
+
+            def progress(got: int, total: int) -> None:
+                now = time.monotonic()
+                if tty and now - last[0] > 0.2:
+                    last[0] = now
+                    print(f"\r      {got * 100 // total:3d}%", end="", file=out, flush=True)
+
+            started = time.monotonic()
+            status, got = await _http_get(client, f"{web_name}:80", f"/bytes/{size}", progress=progress)
+            elapsed = max(time.monotonic() - started, 1e-9)
+            if tty:
+                print("\r", end="", file=out)
+            if status != 200 or got != size:
+                raise ConnectionError(f"HTTP {status}, {got} of {size} bytes")
+            result.throughput = size / elapsed
+            steps.say(f"      {size / _MiB:g} MiB in {elapsed:.2f}s: {_fmt_rate(result.throughput)} "
+                      f"via {_path_now(client, _WEB_HOST, result.path)}")
+
+        async with steps.step("Summary", 5):
+            rtt_ms = f"{result.rtt * 1000:.2f} ms" if result.rtt is not None else "?"
+            steps.say(f"      path {result.path}; RTT {rtt_ms}; throughput "
+                      f"{_fmt_rate(result.throughput or 0.0)}")
+            if keep:
+                for host, node in zip((_WEB_HOST, _CLIENT_HOST), nodes, strict=True):
+                    await nursery.start(localapi.serve, node, localapi.default_socket_path(tmp / host))
+
+        if keep:
+            _print_join_help(out, control_url, auth_key, tmp)
+            task_status.started((control_url, auth_key))
+            await _wait_for_stop(stop)
+        nursery.cancel_scope.cancel()
 
 
 def _path_now(node: Any, host: str, fallback: str) -> str:
