@@ -264,7 +264,16 @@ class NetstackSetup:
 
     @asynccontextmanager
     async def our_stack(self, **kw: Any) -> AsyncIterator[Any]:
-        """Our NetStack over our WireGuard, peered with wireguard-go (``open_static_peer``)."""
+        """Our NetStack over our WireGuard, peered with wireguard-go (``open_static_peer``).
+
+        With ``TSNET_NETSTACK_STANDIN=kernel`` in the environment this yields a
+        :class:`KernelStandIn` instead (a second wireguard-go and the py namespace's kernel in
+        our place): a self-check of the tests and harness against kernel<->kernel.
+        """
+        if os.environ.get("TSNET_NETSTACK_STANDIN") == "kernel":
+            async with self.kernel_stand_in() as standin:
+                yield standin
+            return
         from tsnet.netstack.static import open_static_peer
 
         sock = self.wgs.our_socket(self.wgs.our_port)  # the endpoint wireguard-go was told, so it can initiate
@@ -277,6 +286,31 @@ class NetstackSetup:
             **kw,
         ) as net:
             yield net
+
+    @asynccontextmanager
+    async def kernel_stand_in(self) -> AsyncIterator[KernelStandIn]:
+        """wireguard-go with our key, port and addresses in the py namespace; the kernel there plays us."""
+        from tests.lab import PeerConfig, start_wireguard_go
+
+        wgs = self.wgs
+        wg = start_wireguard_go(
+            wgs.py_ns,
+            private_key=wgs.our_private.raw,
+            address=f"{self.our_v4}/24",
+            listen_port=wgs.our_port,
+            peers=[
+                PeerConfig(
+                    wgs.wg_public.raw,
+                    allowed_ips=[f"{self.kernel_v4}/32", f"{self.kernel_v6}/128"],
+                    endpoint=f"{wgs.wg_endpoint[0]}:{wgs.wg_endpoint[1]}",
+                )
+            ],
+        )
+        wgs.py_ns.add_address(wg.ifname, ipaddress.IPv6Interface(f"{self.our_v6}/64"))
+        try:
+            yield KernelStandIn(wgs.py_ns)
+        finally:
+            wg.process.stop()
 
     def add_loss(self, probability: float) -> None:
         """Random loss of the WireGuard UDP datagrams on the veth, in both directions.
@@ -310,6 +344,35 @@ def make_netstack_setup(lab: Lab) -> NetstackSetup:
         peers=[wgs.our_peer_config(allowed_ips=[f"{wgs.our_overlay}/32", f"{our_v6}/128"])], replace_peers=True
     )
     return NetstackSetup(wgs, wgs.wg_overlay, kernel_v6, wgs.our_overlay, our_v6)
+
+
+class KernelStandIn:
+    """The NetStack calls the tests use, served by a namespace's kernel (harness self-check only)."""
+
+    def __init__(self, ns: Namespace) -> None:
+        self.ns = ns
+
+    async def open_tcp_stream(self, host: str, port: int, *, timeout: float = 10.0) -> trio.SocketStream:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = trio.socket.from_stdlib_socket(self.ns.socket(family, socket.SOCK_STREAM))
+        try:
+            with trio.fail_after(timeout):
+                await sock.connect((host, port))
+        except trio.TooSlowError:
+            sock.close()
+            raise TimeoutError(f"connect to {host}:{port} timed out") from None
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)
+
+    async def open_tcp_listener(self, port: int, *, backlog: int = 1024) -> trio.SocketListener:
+        sock = trio.socket.from_stdlib_socket(self.ns.socket(socket.AF_INET6, socket.SOCK_STREAM))
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await sock.bind(("::", port))
+        sock.listen(backlog)
+        return trio.SocketListener(sock)
 
 
 # -- Python-side transfer helpers (work on any trio.abc.Stream) ------------------------------------------------
@@ -379,3 +442,11 @@ async def kernel_receive_all(sock: trio.socket.SocketType) -> bytes:
     while data := await sock.recv(65536):
         buf += data
     return bytes(buf)
+
+
+async def kernel_send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    """``sendall`` for a kernel trio socket (trio sockets only have ``send``)."""
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view)
+        view = view[sent:]
