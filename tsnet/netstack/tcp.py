@@ -25,11 +25,44 @@ CONTRACT (fixed interface; the stack in ``stack.py`` builds on exactly this):
 from __future__ import annotations
 
 import enum
+import errno
 from dataclasses import dataclass
 
-from .tcp_wire import Segment
+from . import checksum
+from .congestion import CongestionControl, make_controller
+from .ip import PROTO_TCP, IPv4HeaderTemplate, IPv6HeaderTemplate
+from .tcp_wire import ACK, FIN, HEADER, PSH, RST, SYN, Segment, sack_option, syn_options, ts_option
 
 __all__ = ["TCPConnection", "TCPOptions", "TCPState", "TCPStats"]
+
+# Internally every sequence number is an *unwrapped* Python int (it keeps growing past
+# 2**32); only the wire carries ``x & _M``. Incoming numbers are unwrapped against a
+# nearby reference, so no comparison anywhere needs modular arithmetic.
+_M = 0xFFFFFFFF
+_HALF = 1 << 31
+_WRAP = 1 << 32
+_pack_hdr = HEADER.pack
+_partial = checksum.partial
+_finish = checksum.finish
+
+_TS_HZ = 1000  # timestamp clock: 1 ms ticks (RFC 7323 recommends 1 ms)
+_PAWS_IDLE = 24 * 24 * 3600.0  # TS.Recent older than 24 days is not trusted (RFC 7323 §5.5)
+_CHALLENGE_ACK_LIMIT = 10  # challenge ACKs per connection per second (RFC 5961 §7)
+_DUPTHRESH = 3
+_INITIAL_WINDOW = 10
+_MAX_OOO_BLOCKS = 64  # bounds reassembly work even against pathological 1-byte holes
+_RTO_GRANULARITY = 0.001
+_PERSIST_MAX = 60.0
+_MAX_SACK_OPT_BLOCKS_TS = 3  # 40 option bytes: 12 for timestamps leave room for 3 blocks
+_MAX_SACK_OPT_BLOCKS = 4
+
+
+def _unwrap(wire: int, ref: int) -> int:
+    """The unwrapped sequence number closest to ``ref`` whose low 32 bits are ``wire``."""
+    d = (wire - ref) & _M
+    if d >= _HALF:
+        d -= _WRAP
+    return ref + d
 
 
 class TCPState(enum.IntEnum):
@@ -94,10 +127,148 @@ class TCPStats:
     ssthresh: int = 0
 
 
+
 class TCPConnection:
-    """One connection. See the module docstring for the contract with the stack."""
+    """One connection. See the module docstring for the contract with the stack.
+
+    Extra attributes beyond the contract (read-only for the stack): ``internal_errors``
+    counts exceptions caught at the entry points (always 0 unless there is a bug);
+    ``snd_wscale``/``rcv_wscale``, ``sack_ok``, ``ts_ok`` and ``send_mss`` describe
+    what the handshake negotiated; ``recv_buffer_size`` is the autotuned buffer.
+    """
+
+    __slots__ = (
+        "local_ip", "local_port", "remote_ip", "remote_port", "state", "options", "stats",
+        "app_changed", "error", "internal_errors", "outbox", "changed",
+        "_iphdr", "_pseudo", "_passive", "_was_established",
+        # send side
+        "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "max_snd_wnd",
+        "_sndbuf", "_buf_seq", "_fin_seq", "_shut_wr", "_app_closed",
+        "snd_wscale", "rcv_wscale", "_ws_ok", "sack_ok", "ts_ok", "_our_mss", "_peer_mss", "send_mss",
+        "_cc", "_dupacks", "_in_recovery", "_recover", "_high_rxt", "_sacked", "_sacked_bytes",
+        # receive side
+        "irs", "rcv_nxt", "rcv_adv", "_rcvbuf", "recv_buffer_size", "_ooo", "_ooo_stamp",
+        "_ooo_fin", "_fin_received", "_rcv_full", "_unacked_segs", "_ack_now", "_last_ack_sent",
+        "_rcv_space_time", "_rcv_space_copied", "_rcv_rtt", "_rcv_rtt_seq", "_rcv_rtt_time",
+        # timestamps
+        "_ts_offset", "_ts_recent", "_ts_recent_time",
+        # RTT / timers
+        "_srtt", "_rttvar", "_rto", "_rtt_seq", "_rtt_time", "_retries", "_progress_time",
+        "_rto_deadline", "_persist_deadline", "_persist_backoff", "_delack_deadline",
+        "_ka_deadline", "_ka_probes", "_state_deadline", "_last_rcv_time",
+        "_challenge_time", "_challenge_count",
+    )
 
     # --- construction -----------------------------------------------------------
+
+    def __init__(
+        self,
+        local_ip: bytes,
+        local_port: int,
+        remote_ip: bytes,
+        remote_port: int,
+        iss: int,
+        now: float,
+        outbox: list[bytes | bytearray],
+        changed: list[TCPConnection],
+        options: TCPOptions,
+        ts_offset: int,
+    ) -> None:
+        """Use :meth:`active` or :meth:`passive`."""
+        self.local_ip = bytes(local_ip)
+        self.local_port = local_port
+        self.remote_ip = bytes(remote_ip)
+        self.remote_port = remote_port
+        self.options = options
+        self.stats = TCPStats(rto=options.initial_rto)
+        self.state = TCPState.CLOSED
+        self.app_changed = False
+        self.error: OSError | None = None
+        self.internal_errors = 0
+        self.outbox = outbox
+        self.changed = changed
+        v4 = len(local_ip) == 4
+        if v4:
+            self._iphdr = IPv4HeaderTemplate(self.local_ip, self.remote_ip, PROTO_TCP)
+            self._pseudo = checksum.pseudo_header_v4(self.local_ip, self.remote_ip, PROTO_TCP)
+        else:
+            self._iphdr = IPv6HeaderTemplate(self.local_ip, self.remote_ip, PROTO_TCP)
+            self._pseudo = checksum.pseudo_header_v6(self.local_ip, self.remote_ip, PROTO_TCP)
+        self._passive = False
+        self._was_established = False
+        # Our MSS from the MTU; the peer's default when its SYN has no MSS option (RFC 9293 §3.7.1).
+        self._our_mss = max(options.mtu - (20 if v4 else 40) - 20, 64)
+        self._peer_mss = 536 if v4 else 1220
+        iss &= _M
+        self.iss = iss
+        self.snd_una = iss
+        self.snd_nxt = iss
+        self.snd_max = iss
+        self.snd_wnd = 0
+        self.snd_wl1 = 0
+        self.snd_wl2 = iss
+        self.max_snd_wnd = 0
+        self._sndbuf = bytearray()
+        self._buf_seq = iss + 1  # sequence number of _sndbuf[0]
+        self._fin_seq: int | None = None  # our FIN's sequence number once shutdown() queued it
+        self._shut_wr = False
+        self._app_closed = False
+        self.snd_wscale = 0
+        self.rcv_wscale = 0
+        self._ws_ok = False
+        if options.window_scaling:
+            shift = 0
+            while shift < 14 and (options.recv_buffer_max >> shift) > 0xFFFF:
+                shift += 1
+            self.rcv_wscale = shift
+        self.sack_ok = False
+        self.ts_ok = False
+        self.send_mss = self._our_mss
+        self._cc: CongestionControl = make_controller(options.congestion, self._our_mss, _INITIAL_WINDOW)
+        self._dupacks = 0
+        self._in_recovery = False
+        self._recover = iss
+        self._high_rxt = iss
+        self._sacked: list[list[int]] = []  # SACK scoreboard: sorted disjoint [start, end) above snd_una
+        self._sacked_bytes = 0
+        self.irs = 0
+        self.rcv_nxt = 0
+        self.rcv_adv = 0
+        self._rcvbuf = bytearray()
+        self.recv_buffer_size = options.recv_buffer
+        self._ooo: list[list] = []  # sorted disjoint [start, end, bytearray, stamp]
+        self._ooo_stamp = 0
+        self._ooo_fin: int | None = None
+        self._fin_received = False
+        self._rcv_full = self._our_mss  # largest segment seen: what counts as "full-sized"
+        self._unacked_segs = 0
+        self._ack_now = False
+        self._last_ack_sent = 0
+        self._rcv_space_time = now
+        self._rcv_space_copied = 0
+        self._rcv_rtt: float | None = None
+        self._rcv_rtt_seq: int | None = None
+        self._rcv_rtt_time = 0.0
+        self._ts_offset = ts_offset & _M
+        self._ts_recent = 0
+        self._ts_recent_time = now
+        self._srtt: float | None = None
+        self._rttvar = 0.0
+        self._rto = options.initial_rto
+        self._rtt_seq: int | None = None
+        self._rtt_time = 0.0
+        self._retries = 0
+        self._progress_time = now
+        self._rto_deadline: float | None = None
+        self._persist_deadline: float | None = None
+        self._persist_backoff = 0
+        self._delack_deadline: float | None = None
+        self._ka_deadline: float | None = None
+        self._ka_probes = 0
+        self._state_deadline: float | None = None
+        self._last_rcv_time = now
+        self._challenge_time = now
+        self._challenge_count = 0
 
     @classmethod
     def active(
@@ -115,7 +286,13 @@ class TCPConnection:
         ts_offset: int = 0,
     ) -> TCPConnection:
         """Active open: state SYN_SENT, the SYN is already in ``outbox``."""
-        raise NotImplementedError
+        c = cls(local_ip, local_port, remote_ip, remote_port, iss, now, outbox, changed, options, ts_offset)
+        c.state = TCPState.SYN_SENT
+        c.snd_nxt = c.snd_max = c.iss + 1
+        c._send_syn(now, with_ack=False)
+        c._rto_deadline = now + c._rto
+        c._rtt_seq, c._rtt_time = c.snd_nxt, now
+        return c
 
     @classmethod
     def passive(
@@ -134,7 +311,16 @@ class TCPConnection:
         ts_offset: int = 0,
     ) -> TCPConnection:
         """Passive open from a listener's SYN: state SYN_RECEIVED, the SYN-ACK is in ``outbox``."""
-        raise NotImplementedError
+        c = cls(local_ip, local_port, remote_ip, remote_port, iss, now, outbox, changed, options, ts_offset)
+        c._passive = True
+        c.state = TCPState.SYN_RECEIVED
+        c._take_syn(syn, now)
+        c.snd_nxt = c.snd_max = c.iss + 1
+        c._send_syn(now, with_ack=True)
+        c._rto_deadline = now + c._rto
+        if not c.ts_ok:
+            c._rtt_seq, c._rtt_time = c.snd_nxt, now
+        return c
 
     # --- what the stack reads -------------------------------------------------
 
@@ -155,37 +341,54 @@ class TCPConnection:
 
     def receive_segment(self, seg: Segment, now: float) -> None:
         """Process one segment for this 4-tuple (checksum already verified). Never raises."""
-        raise NotImplementedError
+        self.stats.segments_received += 1
+        try:
+            self._receive(seg, now)
+        except Exception:  # a bug must not take the node down; counted and visible in tests
+            self.internal_errors += 1
+            self.stats.dropped += 1
 
     def get_timer(self) -> float | None:
         """Earliest pending deadline, or None."""
-        raise NotImplementedError
+        best = self._rto_deadline
+        for d in (self._delack_deadline, self._persist_deadline, self._ka_deadline, self._state_deadline):
+            if d is not None and (best is None or d < best):
+                best = d
+        return best
 
     def handle_timer(self, now: float) -> None:
         """Fire every timer whose deadline is <= now."""
-        raise NotImplementedError
+        try:
+            self._handle_timer(now)
+        except Exception:
+            self.internal_errors += 1
 
     # --- the application side -------------------------------------------------
 
     @property
     def readable(self) -> int:
         """Bytes waiting in the receive buffer."""
-        raise NotImplementedError
+        return len(self._rcvbuf)
 
     @property
     def at_eof(self) -> bool:
         """The peer's FIN arrived and every byte before it has been read."""
-        raise NotImplementedError
+        return self._fin_received and not self._rcvbuf
 
     @property
     def send_space(self) -> int:
         """How many bytes :meth:`send` would accept now (0 while the buffer is full)."""
-        raise NotImplementedError
+        if self._shut_wr or self.state == TCPState.CLOSED:
+            return 0
+        return max(self.options.send_buffer - len(self._sndbuf), 0)
 
     @property
     def is_established(self) -> bool:
-        """The handshake completed (true from ESTABLISHED onwards, also while closing)."""
-        raise NotImplementedError
+        """The handshake completed (true from ESTABLISHED onwards, also while closing).
+
+        Stays true once set, even after the connection reached CLOSED.
+        """
+        return self._was_established
 
     def send(self, data: bytes | bytearray | memoryview, now: float) -> int:
         """Queue up to ``send_space`` bytes for sending; returns how many were taken.
@@ -193,24 +396,1098 @@ class TCPConnection:
         Raises BrokenPipeError after :meth:`shutdown`/:meth:`close`, and ``self.error``
         if the connection failed.
         """
-        raise NotImplementedError
+        if self.error is not None:
+            raise self.error
+        if self._shut_wr or self.state == TCPState.CLOSED:
+            raise BrokenPipeError(errno.EPIPE, "connection closed for sending")
+        n = min(len(data), self.options.send_buffer - len(self._sndbuf))
+        if n <= 0:
+            return 0
+        if n == len(data):
+            self._sndbuf += data
+        else:
+            self._sndbuf += memoryview(data)[:n]
+        if self._was_established:
+            self._output(now)
+        return n
 
     def receive(self, max_bytes: int, now: float) -> bytes:
         """Take up to ``max_bytes`` from the receive buffer (b"" if none yet; check ``at_eof``).
 
         Freeing buffer space may queue a window update.
         """
-        raise NotImplementedError
+        buf = self._rcvbuf
+        n = min(max_bytes, len(buf))
+        if n <= 0:
+            return b""
+        data = bytes(buf[:n]) if n < len(buf) else bytes(buf)
+        del buf[:n]  # bytearray drops a prefix without moving the rest (amortised O(1))
+        self._rcv_space_copied += n
+        self._autotune(now)
+        if self.state in (TCPState.ESTABLISHED, TCPState.FIN_WAIT_1, TCPState.FIN_WAIT_2):
+            # Window update when the window the peer sees would at least double
+            # (covers a closed window being drained) and grow by a full segment.
+            cur = self.rcv_adv - self.rcv_nxt
+            new = self._window_available()
+            if new >= 2 * cur and new - cur >= self._rcv_full:
+                self._send_ack(now)
+        return data
 
     def shutdown(self, now: float) -> None:
         """Half-close: send FIN after everything already queued. Idempotent."""
-        raise NotImplementedError
+        if self._shut_wr:
+            return
+        st = self.state
+        if st == TCPState.CLOSED:
+            self._shut_wr = True
+            return
+        if st == TCPState.SYN_SENT:
+            # Nothing was ever synchronised: just go away (RFC 9293 CLOSE in SYN-SENT).
+            self._shut_wr = True
+            self._enter_closed(None)
+            return
+        self._shut_wr = True
+        self._fin_seq = self._buf_seq + len(self._sndbuf)
+        if st in (TCPState.ESTABLISHED, TCPState.SYN_RECEIVED):
+            # SYN-RECEIVED: the FIN goes out once established (RFC 9293 §3.10.4).
+            self._set_state(TCPState.FIN_WAIT_1 if st == TCPState.ESTABLISHED else st)
+        elif st == TCPState.CLOSE_WAIT:
+            self._set_state(TCPState.LAST_ACK)
+        if self._was_established:
+            self._output(now)
 
     def close(self, now: float) -> None:
         """Full close: like :meth:`shutdown`, but unread received data (or data that
         arrives later) makes it reset the connection (RFC 9293 §3.6 / RFC 2525)."""
-        raise NotImplementedError
+        self._app_closed = True
+        if self.state == TCPState.CLOSED:
+            return
+        if self._rcvbuf or self._ooo:
+            self.abort(now)
+            return
+        self.shutdown(now)
+        if self.state == TCPState.FIN_WAIT_2 and self._state_deadline is None:
+            self._state_deadline = now + self.options.fin_wait_2_timeout
 
     def abort(self, now: float) -> None:
         """Send RST (if synchronized) and go to CLOSED at once."""
-        raise NotImplementedError
+        if self.state == TCPState.CLOSED:
+            return
+        if self.state not in (TCPState.SYN_SENT,):
+            self._send_rst(self.snd_nxt, now)
+        self._shut_wr = True
+        self._enter_closed(None)
+
+    # --- extras for the stack -------------------------------------------------
+
+    def time_wait_reopen_ok(self, seg: Segment) -> bool:
+        """In TIME-WAIT, may this new SYN start a new connection on the same 4-tuple?
+
+        True when its sequence number is beyond what we received (RFC 9293 §3.10.7.4
+        / RFC 6191 without timestamps); the stack then forgets this connection first.
+        """
+        if self.state != TCPState.TIME_WAIT or not (seg.flags & SYN) or (seg.flags & (ACK | RST)):
+            return False
+        if self.ts_ok and seg.has_ts:
+            return ((seg.tsval - self._ts_recent) & _M) < _HALF and seg.tsval != self._ts_recent
+        return _unwrap(seg.seq, self.rcv_nxt) > self.rcv_nxt
+
+    # === internals ==============================================================
+
+    # --- state helpers ---
+
+    def _notify(self) -> None:
+        if not self.app_changed:
+            self.app_changed = True
+            self.changed.append(self)
+
+    def _set_state(self, st: TCPState) -> None:
+        self.state = st
+
+    def _enter_closed(self, error: OSError | None) -> None:
+        if self.state == TCPState.CLOSED and self.error is not None:
+            return
+        if error is not None and self.error is None:
+            self.error = error
+        self.state = TCPState.CLOSED
+        self._rto_deadline = self._persist_deadline = self._delack_deadline = None
+        self._ka_deadline = self._state_deadline = None
+        self._notify()
+
+    def _enter_time_wait(self, now: float) -> None:
+        self.state = TCPState.TIME_WAIT
+        self._rto_deadline = self._persist_deadline = self._ka_deadline = None
+        self._state_deadline = now + self.options.time_wait
+        self._notify()
+
+    def _become_established(self, now: float) -> None:
+        self._was_established = True
+        if self.state in (TCPState.SYN_SENT, TCPState.SYN_RECEIVED):
+            self.state = TCPState.FIN_WAIT_1 if self._shut_wr else TCPState.ESTABLISHED
+        self._retries = 0
+        self._progress_time = now
+        self._rcv_space_time = now
+        if self.options.keepalive_idle is not None:
+            self._ka_deadline = now + self.options.keepalive_idle
+        self._notify()
+
+    def _take_syn(self, syn: Segment, now: float) -> None:
+        """Record the peer's SYN: IRS and the options both sides agreed on."""
+        opts = self.options
+        self.irs = syn.seq
+        self.rcv_nxt = syn.seq + 1
+        self._last_ack_sent = self.rcv_nxt
+        if syn.mss is not None and syn.mss > 0:
+            self._peer_mss = max(syn.mss, 64)
+        if opts.window_scaling and syn.wscale is not None:
+            self.snd_wscale = syn.wscale
+            self._ws_ok = True
+        else:
+            self.snd_wscale = 0
+            self.rcv_wscale = 0
+        self.sack_ok = opts.sack and syn.sack_permitted
+        if opts.timestamps and syn.has_ts:
+            self.ts_ok = True
+            self._ts_recent = syn.tsval
+            self._ts_recent_time = now
+        else:
+            self.ts_ok = False
+        base = min(self._peer_mss, self._our_mss)
+        self.send_mss = base - (12 if self.ts_ok else 0)
+        self._rcv_full = self.send_mss
+        # The congestion controller works in full data segments.
+        self._cc = make_controller(opts.congestion, self.send_mss, _INITIAL_WINDOW)
+        self.snd_wnd = syn.window  # never scaled in a SYN
+        self.max_snd_wnd = max(self.max_snd_wnd, self.snd_wnd)
+        self.snd_wl1 = syn.seq
+        self._update_stats()
+
+    # --- output ---
+
+    def _ts_now(self, now: float) -> int:
+        return (int(now * _TS_HZ) + self._ts_offset) & _M
+
+    def _window_available(self) -> int:
+        """Right edge we could offer now, as an amount above rcv_nxt (scale-aligned)."""
+        free = self.recv_buffer_size - len(self._rcvbuf)
+        if free <= 0:
+            return 0
+        ws = self.rcv_wscale
+        free = min(free, 0xFFFF << ws)
+        return (free >> ws) << ws
+
+    def _window_field(self) -> int:
+        """Update rcv_adv (receiver SWS avoidance: grow only by a worthwhile amount) and
+        return the 16-bit window field."""
+        avail = self._window_available()
+        edge = self.rcv_nxt + avail
+        adv = self.rcv_adv
+        if edge > adv:
+            if edge - adv >= min(self.recv_buffer_size >> 1, self._rcv_full) or adv <= self.rcv_nxt and avail:
+                self.rcv_adv = adv = edge
+        wnd = adv - self.rcv_nxt
+        if wnd <= 0:
+            return 0
+        return min(wnd >> self.rcv_wscale, 0xFFFF)
+
+    def _options(self, now: float) -> bytes:
+        """Options for a non-SYN segment: timestamps, then SACK blocks if holes exist."""
+        opts = ts_option(self._ts_now(now), self._ts_recent) if self.ts_ok else b""
+        if self._ooo and self.sack_ok:
+            limit = _MAX_SACK_OPT_BLOCKS_TS if self.ts_ok else _MAX_SACK_OPT_BLOCKS
+            blocks = sorted(self._ooo, key=lambda b: b[3], reverse=True)[:limit]
+            opts += sack_option([(b[0], b[1]) for b in blocks])
+        return opts
+
+    def _emit(self, seq: int, flags: int, opts: bytes, payload, window: int) -> None:
+        """Build one IP packet (header template + TCP header + payload) into the outbox."""
+        hlen = 20 + len(opts)
+        plen = len(payload) if payload is not None else 0
+        tcp_len = hlen + plen
+        pkt = self._iphdr.build(tcp_len)
+        ipl = len(pkt)
+        pkt += _pack_hdr(self.local_port, self.remote_port, seq & _M, self.rcv_nxt & _M if flags & ACK else 0,
+                         hlen << 2, flags, window, 0, 0)
+        if opts:
+            pkt += opts
+        if plen:
+            pkt += payload
+        ck = _finish(self._pseudo + tcp_len + _partial(memoryview(pkt)[ipl:]))
+        pkt[ipl + 16] = ck >> 8
+        pkt[ipl + 17] = ck & 0xFF
+        self.outbox.append(pkt)
+        st = self.stats
+        st.segments_sent += 1
+        if flags & ACK:
+            # Any ACK we send satisfies the delayed-ACK obligation.
+            self._last_ack_sent = self.rcv_nxt
+            self._unacked_segs = 0
+            self._ack_now = False
+            self._delack_deadline = None
+
+    def _send_syn(self, now: float, with_ack: bool) -> None:
+        opts = self.options
+        ts = (self._ts_now(now), self._ts_recent if with_ack else 0) if (
+            self.ts_ok if with_ack else opts.timestamps) else None
+        if with_ack:
+            ws = self.rcv_wscale if self._ws_ok else None
+            sack = self.sack_ok
+        else:
+            ws = self.rcv_wscale if opts.window_scaling else None
+            sack = opts.sack
+        o = syn_options(self._our_mss, ws, sack, ts)
+        wnd = min(self.recv_buffer_size - len(self._rcvbuf), 0xFFFF)
+        if with_ack:
+            self.rcv_adv = self.rcv_nxt + wnd
+        self._emit(self.iss, SYN | ACK if with_ack else SYN, o, None, wnd)
+
+    def _send_ack(self, now: float) -> None:
+        if self.state in (TCPState.CLOSED, TCPState.SYN_SENT):
+            return
+        if self.state == TCPState.SYN_RECEIVED:
+            self._send_syn(now, with_ack=True)
+            return
+        wnd = self._window_field()
+        self._emit(self.snd_nxt, ACK, self._options(now), None, wnd)
+
+    def _send_rst(self, seq: int, now: float) -> None:
+        """RST+ACK at ``seq`` for our own connection (abort, data after close)."""
+        self._emit(seq, RST | ACK, b"", None, 0)
+
+    def _send_rst_for(self, seg: Segment) -> None:
+        """RST answering an unacceptable segment (RFC 9293 §3.10.7 rules)."""
+        if seg.flags & RST:
+            return
+        if seg.flags & ACK:
+            self._emit_raw_rst(seg.ack, 0, RST)
+        else:
+            n = len(seg.payload) + (1 if seg.flags & SYN else 0) + (1 if seg.flags & FIN else 0)
+            self._emit_raw_rst(0, (seg.seq + n) & _M, RST | ACK)
+
+    def _emit_raw_rst(self, seq: int, ack: int, flags: int) -> None:
+        pkt = self._iphdr.build(20)
+        ipl = len(pkt)
+        pkt += _pack_hdr(self.local_port, self.remote_port, seq & _M, ack & _M, 5 << 4, flags, 0, 0, 0)
+        ck = _finish(self._pseudo + 20 + _partial(memoryview(pkt)[ipl:]))
+        pkt[ipl + 16] = ck >> 8
+        pkt[ipl + 17] = ck & 0xFF
+        self.outbox.append(pkt)
+        self.stats.segments_sent += 1
+
+    def _challenge_ack(self, now: float) -> None:
+        """RFC 5961 challenge ACK, rate limited per connection."""
+        if now - self._challenge_time >= 1.0:
+            self._challenge_time = now
+            self._challenge_count = 0
+        if self._challenge_count >= _CHALLENGE_ACK_LIMIT:
+            return
+        self._challenge_count += 1
+        self.stats.challenge_acks += 1
+        self._send_ack(now)
+
+    def _send_data(self, seq: int, max_len: int, now: float, opts: bytes, wnd: int) -> int:
+        """Send one segment of queued data (and/or our FIN) starting at ``seq``; returns its
+        sequence-space length."""
+        off = seq - self._buf_seq
+        avail = len(self._sndbuf) - off
+        n = max(min(max_len, avail), 0)
+        flags = ACK
+        fin_seq = self._fin_seq
+        if fin_seq is not None and seq + n == fin_seq:
+            flags |= FIN
+        if n:
+            if n == avail:
+                flags |= PSH
+            with memoryview(self._sndbuf) as mv:
+                self._emit(seq, flags, opts, mv[off:off + n], wnd)
+            self.stats.bytes_sent += n
+        else:
+            self._emit(seq, flags, opts, None, wnd)
+        return n + (1 if flags & FIN else 0)
+
+    def _output(self, now: float) -> None:
+        """Send whatever the windows allow, then any ACK still owed."""
+        st = self.state
+        if st in (TCPState.ESTABLISHED, TCPState.CLOSE_WAIT, TCPState.FIN_WAIT_1, TCPState.LAST_ACK,
+                  TCPState.CLOSING):
+            if self._in_recovery and self.sack_ok:
+                self._sack_output(now)
+            else:
+                self._send_new(now)
+        if self._ack_now:
+            self._send_ack(now)
+
+    def _send_new(self, now: float) -> None:
+        data_end = self._buf_seq + len(self._sndbuf)
+        fin_seq = self._fin_seq
+        end = data_end + 1 if fin_seq is not None else data_end
+        nxt = self.snd_nxt
+        if nxt >= end:
+            return
+        una = self.snd_una
+        was_idle = self.snd_max <= una
+        cc = self._cc
+        wnd_end = una + self.snd_wnd
+        opts = self._options(now)
+        seg_max = self.send_mss - (len(opts) - (12 if self.ts_ok else 0))
+        wnd = self._window_field()
+        sent = False
+        while nxt < end:
+            cwnd_left = cc.cwnd - (nxt - una)
+            if nxt < data_end:
+                remaining = data_end - nxt
+                n = min(seg_max, remaining, wnd_end - nxt, cwnd_left)
+                if n <= 0:
+                    break
+                if n < seg_max and n < remaining:
+                    # A partial segment: only if the receiver's window is what limits
+                    # us and it is large (sender SWS avoidance), never for cwnd.
+                    if n == cwnd_left or (wnd_end - nxt) < (self.max_snd_wnd >> 1):
+                        break
+                if self.options.nagle and n < seg_max and nxt > una:
+                    break
+            else:
+                # Only the FIN is left: it needs no window but must respect cwnd.
+                if cwnd_left <= 0 and nxt > una:
+                    break
+                n = 0
+            used = self._send_data(nxt, n, now, opts, wnd)
+            if self._rtt_seq is None and not self.ts_ok and nxt >= self.snd_max:
+                self._rtt_seq = nxt + used
+                self._rtt_time = now
+            if nxt < self.snd_max:
+                self.stats.retransmits += 1
+            nxt += used
+            sent = True
+        self.snd_nxt = nxt
+        if nxt > self.snd_max:
+            self.snd_max = nxt
+        if sent:
+            if was_idle:
+                self._progress_time = now
+            if self._rto_deadline is None:
+                self._rto_deadline = now + self._rto
+                ut = self.options.user_timeout
+                if ut is not None:
+                    self._rto_deadline = min(self._rto_deadline, self._progress_time + ut)
+            self._persist_deadline = None
+        elif nxt < end and nxt == una and self._rto_deadline is None and self._persist_deadline is None \
+                and wnd_end - nxt < min(self.send_mss, data_end - nxt):
+            # Zero (or useless) window and nothing in flight: probe it later.
+            self._persist_backoff = 0
+            self._persist_deadline = now + self._clamped_rto(self._rto)
+
+    def _clamped_rto(self, rto: float) -> float:
+        return min(max(rto, self.options.min_rto), self.options.max_rto)
+
+    # --- SACK recovery (RFC 6675) ---
+
+    def _sack_add(self, blocks: list[tuple[int, int]]) -> bool:
+        """Merge the peer's SACK blocks into the scoreboard; True if anything new."""
+        una = self.snd_una
+        mx = self.snd_max
+        changed = False
+        for l_wire, r_wire in blocks:
+            left = _unwrap(l_wire, una)
+            right = _unwrap(r_wire, una)
+            if right <= una or right > mx or left >= right:
+                continue  # D-SACK or bogus: ignore
+            if left < una:
+                left = una
+            sb = self._sacked
+            # Insert and merge (the list is short: one entry per hole at the receiver).
+            i = 0
+            while i < len(sb) and sb[i][1] < left:
+                i += 1
+            j = i
+            new_l, new_r = left, right
+            while j < len(sb) and sb[j][0] <= right:
+                new_l = min(new_l, sb[j][0])
+                new_r = max(new_r, sb[j][1])
+                j += 1
+            covered = sum(b[1] - b[0] for b in sb[i:j])
+            if new_r - new_l != covered:
+                changed = True
+                sb[i:j] = [[new_l, new_r]]
+                self._sacked_bytes += (new_r - new_l) - covered
+        return changed
+
+    def _sack_trim(self) -> None:
+        una = self.snd_una
+        sb = self._sacked
+        while sb and sb[0][0] < una:
+            if sb[0][1] <= una:
+                self._sacked_bytes -= sb[0][1] - sb[0][0]
+                del sb[0]
+            else:
+                self._sacked_bytes -= una - sb[0][0]
+                sb[0][0] = una
+                break
+
+    def _holes(self):
+        """Yield (start, end, sacked_bytes_above_start) for every unSACKed range below
+        the highest SACKed byte."""
+        prev = self.snd_una
+        above = self._sacked_bytes
+        for s, e in self._sacked:
+            if s > prev:
+                yield prev, s, above
+            above -= e - s
+            prev = e
+
+    def _pipe(self) -> int:
+        """RFC 6675 pipe: bytes believed in flight."""
+        lost_thresh = (_DUPTHRESH - 1) * self.send_mss
+        high_rxt = self._high_rxt
+        pipe = 0
+        top = self.snd_una
+        for s, e, above in self._holes():
+            if above <= lost_thresh:
+                pipe += e - s
+            if s < high_rxt:
+                pipe += min(e, high_rxt) - s
+        if self._sacked:
+            top = self._sacked[-1][1]
+        if self.snd_nxt > top:
+            pipe += self.snd_nxt - top
+        return pipe
+
+    def _next_seg(self) -> tuple[int, int] | None:
+        """RFC 6675 NextSeg(): (start, max_len) to (re)send, or None."""
+        lost_thresh = (_DUPTHRESH - 1) * self.send_mss
+        high_rxt = self._high_rxt
+        rescue = None
+        for s, e, above in self._holes():
+            if e <= high_rxt:
+                continue
+            s = max(s, high_rxt)
+            if above > lost_thresh:
+                return s, e - s
+            if rescue is None:
+                rescue = (s, e - s)
+        data_end = self._buf_seq + len(self._sndbuf)
+        end = data_end + (1 if self._fin_seq is not None else 0)
+        nxt = self.snd_nxt
+        if nxt < end and (nxt >= data_end or nxt < self.snd_una + self.snd_wnd):
+            return nxt, max(min(data_end, self.snd_una + self.snd_wnd) - nxt, 0)
+        return rescue
+
+    def _sack_output(self, now: float) -> None:
+        cwnd = self._cc.cwnd
+        pipe = self._pipe()
+        opts = self._options(now)
+        seg_max = self.send_mss - (len(opts) - (12 if self.ts_ok else 0))
+        wnd = self._window_field()
+        sent = False
+        while cwnd - pipe >= self.send_mss:
+            nxt_seg = self._next_seg()
+            if nxt_seg is None:
+                break
+            seq, room = nxt_seg
+            if seq < self.snd_nxt:
+                used = self._send_data(seq, min(seg_max, room), now, opts, wnd)
+                self.stats.retransmits += 1
+                self._high_rxt = seq + used
+                self._rtt_seq = None  # Karn
+            else:
+                if room <= 0 and seq < self._buf_seq + len(self._sndbuf):
+                    break
+                used = self._send_data(seq, min(seg_max, room), now, opts, wnd)
+                self.snd_nxt = seq + used
+                if self.snd_nxt > self.snd_max:
+                    self.snd_max = self.snd_nxt
+            if used <= 0:
+                break
+            pipe += used
+            sent = True
+        if sent and self._rto_deadline is None:
+            self._rto_deadline = now + self._rto
+
+    def _enter_recovery(self, now: float) -> None:
+        flight = self.snd_max - self.snd_una
+        cc = self._cc
+        cc.on_congestion(flight, now)
+        self._in_recovery = True
+        self._recover = self.snd_max
+        self._high_rxt = self.snd_una
+        self.stats.fast_retransmits += 1
+        self._rtt_seq = None
+        if self.sack_ok:
+            cc.cwnd = cc.ssthresh
+            # Fast retransmit of the first hole, then whatever pipe allows.
+            used = self._send_data(self.snd_una, self.send_mss, now, self._options(now), self._window_field())
+            self.stats.retransmits += 1
+            self._high_rxt = self.snd_una + used
+            self._sack_output(now)
+        else:
+            cc.cwnd = cc.ssthresh + 3 * self.send_mss
+            self._send_data(self.snd_una, self.send_mss, now, self._options(now), self._window_field())
+            self.stats.retransmits += 1
+        self._rto_deadline = now + self._rto
+        self._update_stats()
+
+    # --- RTT / RTO ---
+
+    def _rtt_sample(self, r: float) -> None:
+        if r < 0:
+            return
+        if self._srtt is None:
+            self._srtt = r
+            self._rttvar = r / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - r)
+            self._srtt = 0.875 * self._srtt + 0.125 * r
+        self._rto = self._clamped_rto(self._srtt + max(_RTO_GRANULARITY, 4 * self._rttvar))
+
+    def _update_stats(self) -> None:
+        st = self.stats
+        st.srtt = self._srtt
+        st.rto = self._rto
+        st.cwnd = self._cc.cwnd
+        st.ssthresh = self._cc.ssthresh
+
+    # --- input ---
+
+    def _receive(self, seg: Segment, now: float) -> None:
+        st = self.state
+        flags = seg.flags
+        if st == TCPState.CLOSED:
+            self.stats.dropped += 1
+            return
+        if st == TCPState.SYN_SENT:
+            self._receive_syn_sent(seg, now)
+            return
+        self._last_rcv_time = now
+        payload = seg.payload
+        plen = len(payload)
+        seq = _unwrap(seg.seq, self.rcv_nxt)
+
+        if st == TCPState.SYN_RECEIVED and flags & SYN and seg.seq == self.irs:
+            if flags & ACK and not flags & RST and _unwrap(seg.ack, self.snd_una) == self.snd_nxt:
+                # Simultaneous open: the peer's SYN-ACK completes our side too.
+                self._take_syn_ack_window(seg)
+                self.snd_una = self.snd_nxt
+                self._rto_deadline = None
+                self._become_established(now)
+                self._send_ack(now)
+                self._output(now)
+            elif not flags & (ACK | RST):
+                self._send_syn(now, with_ack=True)  # retransmitted SYN: repeat the SYN-ACK
+            else:
+                self.stats.dropped += 1
+            return
+
+        # PAWS (RFC 7323 §5): drop segments with an older timestamp than TS.Recent.
+        if self.ts_ok and seg.has_ts and not flags & RST:
+            if ((seg.tsval - self._ts_recent) & _M) >= _HALF and now - self._ts_recent_time < _PAWS_IDLE:
+                self.stats.dropped += 1
+                self._send_ack(now)
+                return
+
+        # Acceptability test (RFC 9293 §3.10.7.4).
+        seg_len = plen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+        rnxt = self.rcv_nxt
+        wnd = self.rcv_adv - rnxt
+        if wnd < 0:
+            wnd = 0
+        if seg_len == 0:
+            ok = seq == rnxt if wnd == 0 else rnxt <= seq < rnxt + wnd
+        elif wnd == 0:
+            ok = seq == rnxt  # processed for its ACK/RST/FIN-less control info only; data trimmed
+        else:
+            ok = (rnxt <= seq < rnxt + wnd) or (rnxt <= seq + seg_len - 1 < rnxt + wnd)
+        if not ok:
+            # Also accept the "ACK at rcv_nxt with data just left of it" keepalive shape silently.
+            self.stats.dropped += 1
+            if not flags & RST:
+                if st == TCPState.TIME_WAIT and flags & FIN:
+                    self._state_deadline = now + self.options.time_wait  # re-ACK, restart 2MSL
+                self._send_ack(now)
+            return
+
+        # RST (RFC 5961 §3).
+        if flags & RST:
+            if seq != rnxt:
+                self._challenge_ack(now)
+                return
+            if st == TCPState.TIME_WAIT:
+                return  # RFC 1337: ignore
+            if st == TCPState.SYN_RECEIVED:
+                err = (ConnectionResetError(errno.ECONNRESET, "connection reset by peer") if self._passive
+                       else ConnectionRefusedError(errno.ECONNREFUSED, "connection refused"))
+            elif st in (TCPState.CLOSING, TCPState.LAST_ACK):
+                err = None
+            else:
+                err = ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
+            self._enter_closed(err)
+            return
+
+        # SYN in a synchronized state (RFC 5961 §4): challenge ACK, never reset.
+        if flags & SYN:
+            self._challenge_ack(now)
+            return
+
+        if not flags & ACK:
+            self.stats.dropped += 1
+            return
+
+        # Timestamps: remember TS.Recent (RFC 7323 §4.3).
+        if self.ts_ok and seg.has_ts and seq <= self._last_ack_sent:
+            if ((seg.tsval - self._ts_recent) & _M) < _HALF:
+                self._ts_recent = seg.tsval
+                self._ts_recent_time = now
+
+        ack = _unwrap(seg.ack, self.snd_una)
+        if st == TCPState.SYN_RECEIVED:
+            if not (self.snd_una < ack <= self.snd_max):
+                self._send_rst_for(seg)
+                return
+            self._become_established(now)
+            self.snd_wl1 = seq - 1  # so this ACK's window is taken
+        if not self._process_ack(seg, seq, ack, now):
+            return
+        st = self.state
+        if st == TCPState.CLOSED:
+            return
+
+        # Data and FIN.
+        if plen or flags & FIN:
+            if st in (TCPState.ESTABLISHED, TCPState.FIN_WAIT_1, TCPState.FIN_WAIT_2):
+                if self._app_closed and plen and seq + plen > rnxt:
+                    # Nobody will ever read this (RFC 9293 §3.6 / RFC 2525).
+                    self._send_rst(self.snd_nxt, now)
+                    self._enter_closed(None)
+                    return
+                self._process_data(seg, seq, payload, now)
+            elif st == TCPState.TIME_WAIT and flags & FIN:
+                self._state_deadline = now + self.options.time_wait
+                self._ack_now = True
+        self._output(now)
+        if self._unacked_segs and not self._ack_now and self._delack_deadline is None:
+            self._delack_deadline = now + self.options.delayed_ack
+
+    def _take_syn_ack_window(self, seg: Segment) -> None:
+        self.snd_wnd = seg.window
+        self.max_snd_wnd = max(self.max_snd_wnd, self.snd_wnd)
+
+    def _receive_syn_sent(self, seg: Segment, now: float) -> None:
+        flags = seg.flags
+        ack = None
+        if flags & ACK:
+            ack = _unwrap(seg.ack, self.snd_una)
+            if ack <= self.iss or ack > self.snd_max:
+                self.stats.dropped += 1
+                self._send_rst_for(seg)
+                return
+        if flags & RST:
+            if ack is not None:
+                self._enter_closed(ConnectionRefusedError(errno.ECONNREFUSED, "connection refused"))
+            else:
+                self.stats.dropped += 1
+            return
+        if not flags & SYN:
+            self.stats.dropped += 1
+            return
+        self._last_rcv_time = now
+        self._take_syn(seg, now)
+        if ack is not None:
+            self.snd_una = ack
+            self.snd_wl1 = seg.seq
+            self.snd_wl2 = ack
+            if self.ts_ok and seg.tsecr:
+                self._rtt_sample(((self._ts_now(now) - seg.tsecr) & _M) / _TS_HZ)
+            elif self._rtt_seq is not None:
+                self._rtt_sample(now - self._rtt_time)
+            self._rtt_seq = None
+            self._rto_deadline = None
+            self._retries = 0
+            self._become_established(now)
+            self._update_stats()
+            self._ack_now = True
+            self._output(now)
+        else:
+            # Simultaneous open (RFC 9293 §3.5, figure 8).
+            self.state = TCPState.SYN_RECEIVED
+            self._send_syn(now, with_ack=True)
+
+    def _process_ack(self, seg: Segment, seq: int, ack: int, now: float) -> bool:
+        """ACK field processing; False if the segment must be dropped."""
+        una = self.snd_una
+        if ack > self.snd_max:
+            # Acks data we never sent (RFC 5961 §5): ACK and drop.
+            self.stats.dropped += 1
+            self._send_ack(now)
+            return False
+        if ack < una - max(self.max_snd_wnd, 65535):
+            self.stats.dropped += 1
+            self._send_ack(now)
+            return False
+        wnd = seg.window << self.snd_wscale
+        # Window update (RFC 9293 SND.WL1/WL2 rule).
+        window_changed = False
+        if self.snd_wl1 < seq or (self.snd_wl1 == seq and self.snd_wl2 <= ack):
+            if wnd != self.snd_wnd:
+                window_changed = True
+                self.snd_wnd = wnd
+                if wnd > self.max_snd_wnd:
+                    self.max_snd_wnd = wnd
+            self.snd_wl1 = seq
+            self.snd_wl2 = ack
+        sack_new = False
+        if seg.sack_blocks and self.sack_ok:
+            sack_new = self._sack_add(seg.sack_blocks)
+        cc = self._cc
+        if ack > una:
+            acked = ack - una
+            self.snd_una = ack
+            if self.snd_nxt < ack:
+                self.snd_nxt = ack
+            # Free acknowledged bytes from the send buffer.
+            buf_seq = self._buf_seq
+            free_to = min(ack, buf_seq + len(self._sndbuf))
+            if free_to > buf_seq:
+                del self._sndbuf[:free_to - buf_seq]
+                self._buf_seq = free_to
+                self._notify()  # send space grew
+            self._retries = 0
+            self._progress_time = now
+            self._persist_backoff = 0
+            # RTT sample: timestamps (RFC 7323 RTTM) or the one timed segment (Karn's rule).
+            if self.ts_ok and seg.has_ts and seg.tsecr:
+                self._rtt_sample(((self._ts_now(now) - seg.tsecr) & _M) / _TS_HZ)
+            elif self._rtt_seq is not None and ack >= self._rtt_seq:
+                self._rtt_sample(now - self._rtt_time)
+                self._rtt_seq = None
+            if self._sacked:
+                self._sack_trim()
+            if self._in_recovery:
+                if ack >= self._recover:
+                    self._in_recovery = False
+                    self._dupacks = 0
+                    if self.sack_ok:
+                        cc.cwnd = cc.ssthresh
+                    else:
+                        cc.cwnd = min(cc.ssthresh, max(self.snd_max - ack, self.send_mss) + self.send_mss)
+                elif not self.sack_ok:
+                    # NewReno partial ACK (RFC 6582): retransmit the next hole, deflate.
+                    self._send_data(ack, self.send_mss, now, self._options(now), self._window_field())
+                    self.stats.retransmits += 1
+                    cw = cc.cwnd - acked
+                    if acked >= self.send_mss:
+                        cw += self.send_mss
+                    cc.cwnd = max(cw, self.send_mss)
+            else:
+                self._dupacks = 0
+                cc.on_ack(acked, now, self._srtt)
+            # Restart the retransmission timer (RFC 6298 5.3) or stop it.
+            if self.snd_max > ack:
+                self._rto_deadline = now + self._rto
+            else:
+                self._rto_deadline = None
+            self._update_stats()
+            # Our FIN acknowledged?
+            fin_seq = self._fin_seq
+            if fin_seq is not None and ack > fin_seq:
+                st = self.state
+                if st == TCPState.FIN_WAIT_1:
+                    self.state = TCPState.FIN_WAIT_2
+                    if self._app_closed:
+                        self._state_deadline = now + self.options.fin_wait_2_timeout
+                    self._notify()
+                elif st == TCPState.CLOSING:
+                    self._enter_time_wait(now)
+                elif st == TCPState.LAST_ACK:
+                    self._enter_closed(None)
+                    return False
+        elif ack == una and self.snd_max > una and not len(seg.payload) and not seg.flags & (FIN | SYN) \
+                and (not window_changed or sack_new):
+            # Duplicate ACK.
+            self._dupacks += 1
+            if self._in_recovery:
+                if not self.sack_ok:
+                    cc.cwnd += self.send_mss  # NewReno window inflation
+            elif una >= self._recover and self._persist_deadline is None:
+                lost = self.sack_ok and self._sacked_bytes > (_DUPTHRESH - 1) * self.send_mss
+                if self._dupacks >= _DUPTHRESH or lost:
+                    self._enter_recovery(now)
+        if self._persist_deadline is not None:
+            self._retries = 0  # the peer answers our probes: never give up on it
+            if self.snd_wnd >= min(self.send_mss, max(self._buf_seq + len(self._sndbuf) - self.snd_una, 1)):
+                # The window reopened: leave persist mode and resend from SND.UNA.
+                self._persist_deadline = None
+                self._persist_backoff = 0
+                self.snd_nxt = self.snd_una
+        return True
+
+    def _process_data(self, seg: Segment, seq: int, payload: memoryview, now: float) -> None:
+        rnxt = self.rcv_nxt
+        plen = len(payload)
+        fin = bool(seg.flags & FIN)
+        # Trim to what we already have on the left and to the advertised window on the right.
+        if seq < rnxt:
+            cut = rnxt - seq
+            if cut > plen:
+                # Only a FIN we already have (or nothing) is left: just re-ACK.
+                self._ack_now = True
+                return
+            payload = payload[cut:]
+            plen -= cut
+            seq = rnxt
+        right = max(self.rcv_adv, rnxt)
+        if seq + plen > right:
+            payload = payload[:max(right - seq, 0)]
+            plen = len(payload)
+            fin = False
+            self._ack_now = True
+        if seq == rnxt:
+            filled_hole = bool(self._ooo)
+            if plen:
+                self._rcvbuf += payload
+                rnxt += plen
+                self.stats.bytes_received += plen
+                if self._ooo:
+                    rnxt = self._drain_ooo(rnxt)
+                self.rcv_nxt = rnxt
+                self._notify()
+                if plen > self._rcv_full and plen <= self._our_mss:
+                    self._rcv_full = plen
+                if filled_hole:
+                    self._ack_now = True
+                else:
+                    if plen >= self._rcv_full:
+                        self._unacked_segs += 2
+                    else:
+                        self._unacked_segs += 1  # small segment: ACK after the delay
+                    if self._unacked_segs >= 4:
+                        self._ack_now = True
+                self._rcv_rtt_update(seg, rnxt, now)
+            if fin or (self._ooo_fin is not None and self._ooo_fin == self.rcv_nxt):
+                self._take_fin(now)
+        else:
+            # Out of order: keep it (bounded by the window) and ACK at once with SACK.
+            if plen:
+                self._ooo_insert(seq, payload)
+            if fin:
+                self._ooo_fin = seq + plen
+            self._ack_now = True
+
+    def _rcv_rtt_update(self, seg: Segment, rnxt: int, now: float) -> None:
+        """Receiver-side RTT estimate for autotuning: from the echoed timestamp, or the
+        time it takes a window's worth of data to arrive."""
+        if self.ts_ok:
+            if not (seg.has_ts and seg.tsecr):
+                return
+            r = ((self._ts_now(now) - seg.tsecr) & _M) / _TS_HZ
+        else:
+            mark = self._rcv_rtt_seq
+            if mark is None:
+                self._rcv_rtt_seq = rnxt + max(self.rcv_adv - rnxt, self._rcv_full)
+                self._rcv_rtt_time = now
+                return
+            if rnxt < mark:
+                return
+            r = now - self._rcv_rtt_time
+            self._rcv_rtt_seq = None
+        old = self._rcv_rtt
+        self._rcv_rtt = r if old is None else (r if r < old else 0.875 * old + 0.125 * r)
+
+    def _ooo_insert(self, seq: int, payload: memoryview) -> None:
+        """Keep out-of-order data as sorted, disjoint, non-touching blocks."""
+        end = seq + len(payload)
+        ooo = self._ooo
+        self._ooo_stamp += 1
+        i = 0
+        n = len(ooo)
+        while i < n and ooo[i][1] < seq:
+            i += 1
+        if i < n and ooo[i][0] <= seq:
+            b = ooo[i]
+            if end > b[1]:
+                b[2] += payload[b[1] - seq:]  # the common case: extends a block to the right
+                b[1] = end
+        elif i < n and ooo[i][0] <= end:
+            b = [seq, end, bytearray(payload), 0]
+            ooo.insert(i, b)
+        else:
+            if n >= _MAX_OOO_BLOCKS:
+                return  # too fragmented: drop, the sender retransmits
+            ooo.insert(i, [seq, end, bytearray(payload), self._ooo_stamp])
+            return
+        b[3] = self._ooo_stamp
+        # Absorb following blocks that now overlap or touch this one.
+        while i + 1 < len(ooo) and ooo[i + 1][0] <= b[1]:
+            nb = ooo.pop(i + 1)
+            if nb[1] > b[1]:
+                b[2] += memoryview(nb[2])[b[1] - nb[0]:]
+                b[1] = nb[1]
+
+    def _drain_ooo(self, rnxt: int) -> int:
+        ooo = self._ooo
+        while ooo and ooo[0][0] <= rnxt:
+            s, e, data, _ = ooo.pop(0)
+            if e > rnxt:
+                self._rcvbuf += memoryview(data)[rnxt - s:]
+                self.stats.bytes_received += e - rnxt
+                rnxt = e
+        return rnxt
+
+    def _take_fin(self, now: float) -> None:
+        self.rcv_nxt += 1
+        self._fin_received = True
+        self._ooo_fin = None
+        self._ack_now = True
+        st = self.state
+        if st == TCPState.ESTABLISHED:
+            self.state = TCPState.CLOSE_WAIT
+        elif st == TCPState.FIN_WAIT_1:
+            if self._fin_seq is not None and self.snd_una > self._fin_seq:
+                self._enter_time_wait(now)
+            else:
+                self.state = TCPState.CLOSING
+        elif st == TCPState.FIN_WAIT_2:
+            self._enter_time_wait(now)
+        self._notify()
+
+    def _autotune(self, now: float) -> None:
+        """Receive buffer autotuning: once per RTT, size the buffer after what the
+        application consumed (about 2x that plus 16 segments), never shrinking."""
+        rtt = self._rcv_rtt or self._srtt
+        if rtt is None:
+            rtt = 0.1
+        if now - self._rcv_space_time < rtt:
+            return
+        copied = self._rcv_space_copied
+        self._rcv_space_copied = 0
+        self._rcv_space_time = now
+        target = 2 * copied + 16 * self._rcv_full
+        if target > self.recv_buffer_size:
+            self.recv_buffer_size = min(target, self.options.recv_buffer_max)
+
+    # --- timers ---
+
+    def _handle_timer(self, now: float) -> None:
+        d = self._state_deadline
+        if d is not None and now >= d:
+            self._state_deadline = None
+            if self.state in (TCPState.TIME_WAIT, TCPState.FIN_WAIT_2):
+                self._enter_closed(None)
+                return
+        if self.state == TCPState.CLOSED:
+            return
+        d = self._rto_deadline
+        if d is not None and now >= d:
+            self._on_rto(now)
+            if self.state == TCPState.CLOSED:
+                return
+        d = self._persist_deadline
+        if d is not None and now >= d:
+            self._on_persist(now)
+            if self.state == TCPState.CLOSED:
+                return
+        d = self._delack_deadline
+        if d is not None and now >= d:
+            self._delack_deadline = None
+            if self._unacked_segs or self._ack_now:
+                self._send_ack(now)
+        d = self._ka_deadline
+        if d is not None and now >= d:
+            self._on_keepalive(now)
+
+    def _give_up(self) -> None:
+        self._enter_closed(TimeoutError(errno.ETIMEDOUT, "connection timed out"))
+        self._shut_wr = True
+
+    def _timed_out(self, now: float, limit: int) -> bool:
+        ut = self.options.user_timeout
+        if ut is not None and now - self._progress_time >= ut:
+            return True
+        return self._retries > limit
+
+    def _on_rto(self, now: float) -> None:
+        self._rto_deadline = None
+        st = self.state
+        if self.snd_max <= self.snd_una:
+            return
+        self._retries += 1
+        self.stats.timeouts += 1
+        handshake = st in (TCPState.SYN_SENT, TCPState.SYN_RECEIVED)
+        if self._timed_out(now, self.options.syn_retries if handshake else self.options.data_retries):
+            self._give_up()
+            return
+        self._rto = min(self._rto * 2, self.options.max_rto)
+        self._rtt_seq = None  # Karn: nothing sent before now may be timed
+        if handshake:
+            self._send_syn(now, with_ack=st == TCPState.SYN_RECEIVED)
+            self.stats.retransmits += 1
+        else:
+            flight = self.snd_max - self.snd_una
+            if self._retries == 1:
+                self._cc.on_timeout(flight, now)
+            else:
+                self._cc.cwnd = self.send_mss
+            # Go back N from SND.UNA; SACK state is discarded (the peer may renege).
+            self._in_recovery = False
+            self._dupacks = 0
+            self._recover = self.snd_max
+            self._sacked.clear()
+            self._sacked_bytes = 0
+            self.snd_nxt = self.snd_una
+            self._send_new(now)
+            self._rto_deadline = None
+            if self.snd_nxt > self.snd_una:
+                self._rto_deadline = now + self._rto
+            self._update_stats()
+            return
+        self._rto_deadline = now + self._rto
+        ut = self.options.user_timeout
+        if ut is not None:
+            self._rto_deadline = min(self._rto_deadline, self._progress_time + ut)
+        self._update_stats()
+
+    def _on_persist(self, now: float) -> None:
+        self._persist_deadline = None
+        data_end = self._buf_seq + len(self._sndbuf)
+        una = self.snd_una
+        if una >= data_end:
+            return
+        if self.snd_wnd >= min(self.send_mss, data_end - una):
+            self.snd_nxt = una
+            self._output(now)
+            return
+        self._persist_backoff += 1
+        self._retries += 1
+        if self._timed_out(now, self.options.data_retries):
+            self._give_up()
+            return
+        # Probe with the byte at SND.UNA, beyond the window; the ACK carries the current window.
+        self._send_data(una, 1, now, self._options(now), self._window_field())
+        if una + 1 > self.snd_max:
+            self.snd_max = una + 1
+        if self.snd_nxt < una + 1:
+            self.snd_nxt = una + 1
+        self._rto_deadline = None
+        delay = self._clamped_rto(self._rto) * (1 << min(self._persist_backoff, 10))
+        self._persist_deadline = now + min(delay, _PERSIST_MAX)
+
+    def _on_keepalive(self, now: float) -> None:
+        opts = self.options
+        idle = opts.keepalive_idle
+        if idle is None or self.state not in (TCPState.ESTABLISHED, TCPState.CLOSE_WAIT,
+                                                TCPState.FIN_WAIT_2):
+            self._ka_deadline = None
+            return
+        if self.snd_max > self.snd_una or self._persist_deadline is not None:
+            self._ka_deadline = now + idle  # data in flight: the RTO watches the peer
+            return
+        since = now - self._last_rcv_time
+        if since < idle:
+            self._ka_probes = 0
+            self._ka_deadline = self._last_rcv_time + idle
+            return
+        if self._ka_probes >= opts.keepalive_count:
+            self._give_up()
+            return
+        self._ka_probes += 1
+        # Probe: an ACK one byte to the left of SND.NXT, which the peer must answer.
+        self._emit(self.snd_nxt - 1, ACK, self._options(now), None, self._window_field())
+        self._ka_deadline = now + opts.keepalive_interval
