@@ -557,13 +557,10 @@ def _format_latency(seconds: Any) -> str:
 
 
 def _cmd_ping(args: argparse.Namespace) -> int:
-    import signal as _signal
-
     from .localapi import LocalAPIError
 
     client = _client(args)
     ok = 0
-    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
     try:
         for i in range(args.count):
             try:
