@@ -79,6 +79,7 @@ async def python_sends_to_kernel(s: NetstackSetup, net: Any, version: int, size:
     lsock.close()
     k = box["k"]
     assert (k.nbytes, k.sha256) == (size, sent.sha256), f"kernel received {k.nbytes} bytes, digest mismatch"
+    print(f"Python->kernel IPv{version}: {size / MiB:.0f} MiB at {size * 8 / k.data['seconds'] / 1e6:.0f} Mbit/s")
 
 
 async def kernel_sends_to_python(s: NetstackSetup, net: Any, version: int, size: int, port: int = 5201) -> None:
@@ -99,6 +100,7 @@ async def kernel_sends_to_python(s: NetstackSetup, net: Any, version: int, size:
     k = box["k"]
     assert k.nbytes == size and k.data["peer_sent"] == 0
     assert (got.nbytes, got.sha256) == (size, k.sha256), f"we received {got.nbytes} bytes, digest mismatch"
+    print(f"kernel->Python IPv{version}: {size / MiB:.0f} MiB at {got.mbit_per_s:.0f} Mbit/s")
 
 
 # -- 1. ICMP echo from the kernel -----------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ async def test_500_concurrent_kernel_connections_are_served(ns_setup: NetstackSe
     n = 500
     served = 0
     async with s.our_stack() as net:
-        listener = await net.open_tcp_listener(7)
+        listener = await net.open_tcp_listener(7, backlog=n)
 
         async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             task_status.started()
