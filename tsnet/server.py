@@ -61,6 +61,8 @@ DEFAULT_CONTROL_URL = "https://controlplane.tailscale.com"
 CLOSE_TIMEOUT = 5.0
 #: An ephemeral node's logout on close() is bounded by this many seconds.
 LOGOUT_TIMEOUT = 2.0
+#: up() waits at most this long for the home DERP connection before reporting Running anyway.
+DERP_READY_TIMEOUT = 5.0
 
 QUAD100_V4 = ipaddress.IPv4Address("100.100.100.100")
 QUAD100_V6 = ipaddress.IPv6Address("fd7a:115c:a1e0::53")
@@ -108,6 +110,8 @@ class NodeStatus:
     id: int = 0
     tags: tuple[str, ...] = ()
     user: str = ""
+    #: The node's home DERP region (0: not known yet).
+    home_derp: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -351,12 +355,15 @@ class Server:
         self._resolver: Any = None
         self._health: list[str] = []
         self._update_wanted: trio.Event | None = None
+        self._have_addresses: trio.Event | None = None
+        self._first_update: trio.Event | None = None
         self._pings: dict[tuple[int, int], trio.Event] = {}
         self._ping_ident = secrets.randbelow(0xFFFF) + 1
         self._ping_seq = 0
         self._loopback: Any = None
         self._loopback_lock: trio.Lock | None = None
         self._self_ips: frozenset[IPAddress] = frozenset()
+        self._local_ips: frozenset[IPAddress] = frozenset()
         self.counters: dict[str, int] = {
             "packets_in": 0, "packets_out": 0, "bytes_in": 0, "bytes_out": 0,
             "filter_dropped": 0, "no_route": 0, "netmaps": 0, "lite_updates": 0,
@@ -439,6 +446,8 @@ class Server:
         self._up_event = trio.Event()
         self._stopped = trio.Event()
         self._update_wanted = trio.Event()
+        self._have_addresses = trio.Event()
+        self._first_update = trio.Event()
         self._loopback_lock = trio.Lock()
         self._task_running = True
         trio.lowlevel.spawn_system_task(self._run, name=f"tsnet.Server({self.hostname})")
@@ -469,13 +478,32 @@ class Server:
                     await client.logout()
                 except Exception as exc:  # best effort: the server's GC removes it later anyway
                     self.log.info("ephemeral logout failed: %s", exc)
+        self._shutdown_netstack()
         if self._scope is not None:
             self._scope.cancel()
-        else:
-            # The system task has not entered its scope yet; it checks _closed first thing.
-            pass
+        # (If the system task has not entered its scope yet, it sees _closed and returns.)
         await self._wait_stopped()
         self._state = "Stopped"
+
+    def _shutdown_netstack(self) -> None:
+        """Reset every connection (peers get RSTs), unbind every socket, wake every waiting task."""
+        net = self._net
+        if net is None:
+            return
+        stack = net.stack
+        now = trio.current_time()
+        try:
+            for conn in list(stack.connections.values()):
+                stack.tcp_abort(conn, now)
+            for listener in list(stack.listeners.values()):
+                stack.close_listener(listener, now)
+            for ep in list(stack.udp_endpoints.values()):
+                stack.udp_close(ep)
+            net._flush()
+        except Exception:
+            self.log.exception("netstack shutdown")
+        for lot in list(net._lots.values()):
+            lot.unpark_all()
 
     async def _run(self) -> None:
         """The node: runs as a system task until close() (or a fatal error during up())."""
@@ -525,6 +553,7 @@ class Server:
                         self._nursery = nursery
                         await self._start_data_plane(nursery, client, disco)
                         nursery.start_soon(self._control_loop, client)
+                        nursery.start_soon(self._become_running)
                         nursery.start_soon(self._lite_updater, client)
         except Exception as exc:  # never crash the trio run from a system task
             err = _find_tsnet_error(exc)
@@ -535,11 +564,7 @@ class Server:
         finally:
             self._scope = None
             self._nursery = None
-            if self._net is not None and hasattr(self._net, "close"):
-                try:
-                    self._net.close()
-                except Exception:
-                    pass
+            self._shutdown_netstack()
             self._client = None
             self._driver = None
             self._net = None
@@ -551,6 +576,32 @@ class Server:
                 ev.set()
             self._stopped.set()
             self._signal()
+
+    async def _become_running(self) -> None:
+        """Running = we have addresses and our home DERP connection is up (bounded wait).
+
+        Waiting for DERP matters: a peer's first WireGuard handshake reaches us over DERP, and
+        one sent before we are connected is lost until WireGuard retries (5 s later).
+        """
+        assert self._have_addresses is not None
+        await self._have_addresses.wait()
+        driver = self._driver
+        with trio.move_on_after(DERP_READY_TIMEOUT) as scope:
+            while driver is not None and driver.core.derp_map is not None:
+                client = driver.regions.clients.get(driver.core.home_derp)
+                if client is not None:
+                    await client.wait_connected()
+                    break
+                await trio.sleep(0.01)  # home region not chosen yet
+        if scope.cancelled_caught:
+            self._health.append("home DERP region not connected")
+        # Peers can only reach us once control has told them our home DERP region.
+        assert self._first_update is not None
+        with trio.move_on_after(DERP_READY_TIMEOUT):
+            await self._first_update.wait()
+        self._state = "Running"
+        self._auth_url = None
+        self._signal()
 
     async def _control_loop(self, client: Any) -> None:
         from .control.client import LoginError
@@ -587,10 +638,7 @@ class Server:
             local_addresses=local, derp_plain_http=self.derp_plain_http, on_event=self._on_magicsock_event,
             relay_server_port=self.relay_server_port,
         )
-        if hasattr(driver, "on_packets"):
-            driver.on_packets = self._on_packets
-        else:
-            driver.on_packet = lambda peer, pkt: self._on_packets([(peer, pkt)])
+        driver.on_packets = self._on_packets
         self._driver = driver
         await nursery.start(driver.run)
         self._magic = MagicDNS(DNSConfig())
@@ -607,32 +655,22 @@ class Server:
         driver.set_netmap(nm)
         addresses = [a.ip for a in nm.addresses]
         self._self_ips = frozenset(addresses)
+        self._local_ips = frozenset(addresses) | {QUAD100_V4, QUAD100_V6}
         if addresses:
             self._ensure_netstack(addresses)
         self._update_filter(nm)
         self._update_dns(nm)
-        if addresses and self._state != "Running" and (self._net is not None or self._netstack_missing):
-            self._state = "Running"
-            self._auth_url = None
-            self._signal()
-
-    _netstack_missing = False
+        if addresses and self._net is not None and self._have_addresses is not None:
+            self._have_addresses.set()
 
     def _ensure_netstack(self, addresses: list[IPAddress]) -> None:
+        from .netstack.sockets import NetStack
+        from .netstack.stack import Stack
+
+        # The stack also owns the MagicDNS service addresses, so 100.100.100.100:53 is a real socket.
         stack_addresses = list(addresses) + [QUAD100_V4, QUAD100_V6]
         if self._net is not None:
-            stack = getattr(self._net, "stack", None)
-            if stack is not None and hasattr(stack, "set_addresses"):
-                stack.set_addresses(stack_addresses)
-            return
-        try:
-            from .netstack.sockets import NetStack
-            from .netstack.stack import Stack
-        except ImportError as exc:
-            if not self._netstack_missing:
-                self._netstack_missing = True
-                self._health.append(f"netstack unavailable: {exc}")
-                self.log.warning("tsnet: netstack unavailable (%s); dial/listen will not work", exc)
+            self._net.stack.set_addresses(stack_addresses)
             return
         net = NetStack(Stack(stack_addresses, now=trio.current_time()), self._send_packets)
         self._net = net
@@ -641,17 +679,19 @@ class Server:
         self._nursery.start_soon(self._serve_dns, net)
 
     def _update_filter(self, nm: Any) -> None:
+        """Swap in the netmap's packet filter; the flow table (replies to our flows) survives."""
+        from .netstack.filter import FilterState, PacketFilter
+
         try:
-            from .netstack import filter as filter_mod
-        except ImportError:
-            return
-        try:
-            self._filter = filter_mod.PacketFilter.from_netmap(nm) if hasattr(
-                filter_mod.PacketFilter, "from_netmap") else filter_mod.PacketFilter(
-                    nm.packet_filter, [a.ip for a in nm.addresses])
-        except Exception as exc:  # a filter we cannot parse: keep the old one, report it
+            new = PacketFilter.from_netmap(nm)
+        except Exception as exc:  # a filter we cannot build: keep the old one, report it
             self.log.error("packet filter not applied: %s", exc)
             self._health.append(f"packet filter not applied: {exc}")
+            return
+        if self._filter is None:
+            self._filter = FilterState(new)
+        else:
+            self._filter.set_filter(new)
 
     def _update_dns(self, nm: Any) -> None:
         from .control import tailcfg
@@ -673,55 +713,53 @@ class Server:
 
     def _on_packets(self, packets: list[tuple[Any, bytes]]) -> None:
         """Decrypted packets from magicsock: ping replies, then the filter, then the netstack (one batch)."""
+        counters = self.counters
         batch = []
-        filt = self._filter
-        for peer, pkt in packets:
-            self.counters["packets_in"] += 1
-            self.counters["bytes_in"] += len(pkt)
-            if self._pings:
+        pings = self._pings
+        for _peer, pkt in packets:
+            if pings:
                 echo = _parse_icmp4_echo_reply(pkt)
-                if echo is not None and echo in self._pings:
-                    self._pings.pop(echo).set()
-                    continue
-            if filt is not None:
-                verdict = filt.check_inbound(pkt, trio.current_time()) if _takes_now(filt) else filt.check_inbound(pkt)
-                if not _accepted(verdict, self, pkt):
-                    self.counters["filter_dropped"] += 1
+                if echo is not None and echo in pings:
+                    pings.pop(echo).set()
                     continue
             batch.append(pkt)
-        if batch and self._net is not None:
-            self._net.deliver(batch)
+        counters["packets_in"] += len(packets)
+        filt = self._filter
+        if filt is None:  # no netmap yet: nothing is allowed in
+            counters["filter_dropped"] += len(batch)
+            return
+        accepted, rejects = filt.filter_inbound(batch)
+        counters["filter_dropped"] += len(batch) - len(accepted)
+        if rejects and self._driver is not None:
+            # A denied TCP SYN gets a TSMP reject, so the peer fails fast instead of retrying.
+            self._driver.send_ip_packets(rejects)
+        if accepted and self._net is not None:
+            self._net.deliver(accepted)
 
     def _send_packets(self, packets: Sequence[bytes | bytearray | memoryview]) -> None:
         """Netstack output: loop back packets for our own addresses, note flows, encrypt the rest."""
         driver = self._driver
         if driver is None:
             return
+        own = self._local_ips
         loop: list[Any] = []
         out: list[Any] = []
-        filt = self._filter
         for pkt in packets:
             dst = _packet_dst(pkt)
-            if dst is not None and (dst in self._self_ips or dst == QUAD100_V4 or dst == QUAD100_V6):
+            if dst in own:
                 loop.append(bytes(pkt))
-                continue
-            if filt is not None and hasattr(filt, "note_outbound"):
-                filt.note_outbound(pkt, trio.current_time()) if _takes_now(filt, "note_outbound") else filt.note_outbound(pkt)
-            out.append(pkt)
-        if out:
-            self.counters["packets_out"] += len(out)
-            self.counters["bytes_out"] += sum(len(p) for p in out)
-            if hasattr(driver, "send_ip_packets"):
-                sent = driver.send_ip_packets(out)
-                self.counters["no_route"] += len(out) - sent
             else:
-                for pkt in out:
-                    if not driver.send_ip_packet(pkt):
-                        self.counters["no_route"] += 1
+                out.append(pkt)
+        if out:
+            filt = self._filter
+            if filt is not None:
+                out = filt.note_outbound_batch(out)  # remembers UDP flows so their replies get in
+            self.counters["packets_out"] += len(out)
+            sent = driver.send_ip_packets(out)
+            self.counters["no_route"] += len(out) - sent
         if loop and self._net is not None:
             # Deliver on the next scheduler tick, not from inside the stack's own output call.
-            net = self._net
-            trio.lowlevel.current_trio_token().run_sync_soon(net.deliver, loop)
+            trio.lowlevel.current_trio_token().run_sync_soon(self._net.deliver, loop)
 
     async def _serve_dns(self, net: Any) -> None:
         """MagicDNS at 100.100.100.100:53 and [fd7a:115c:a1e0::53]:53, UDP and TCP, on the netstack."""
@@ -798,6 +836,8 @@ class Server:
             try:
                 await client.send_update(endpoints=endpoints, preferred_derp=driver.core.home_derp or None)
                 self.counters["lite_updates"] += 1
+                if driver.core.home_derp and self._first_update is not None:
+                    self._first_update.set()
             except ControlError as exc:
                 self.log.info("lite map update failed: %s", exc)
 
@@ -863,6 +903,8 @@ class Server:
             last_handshake=hs, last_path_change=change, rx_bytes=rx, tx_bytes=tx,
             key=str(node.key) if node.key is not None else "", id=node.id or 0,
             tags=tuple(node.tags or ()), user=user,
+            home_derp=(node.home_derp or 0) if peer is not None else (
+                driver.core.home_derp if driver is not None else 0),
         )
 
     def status(self) -> Status:
@@ -1164,25 +1206,3 @@ def _in_trio() -> bool:
     except RuntimeError:
         return False
     return True
-
-
-def _takes_now(obj: Any, method: str = "check_inbound") -> bool:
-    import inspect
-
-    try:
-        return "now" in inspect.signature(getattr(obj, method)).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _accepted(verdict: Any, server: Server, pkt: bytes) -> bool:
-    """Interpret the filter's verdict (a bool, or an object with ``accept`` and an optional reply)."""
-    if isinstance(verdict, bool):
-        return verdict
-    accept = getattr(verdict, "accept", None)
-    if accept is None:
-        accept = getattr(verdict, "accepted", bool(verdict))
-    reply = getattr(verdict, "reply", None) or getattr(verdict, "tsmp_reject", None)
-    if reply and server._driver is not None:
-        server._driver.send_ip_packet(reply)
-    return bool(accept)
