@@ -72,3 +72,18 @@ async def test_demo_keep_prints_how_to_join_and_stops_on_request():
         assert Path(sock).exists()
         stop.set()
     assert not Path(sock).exists()
+
+
+def test_tsnet_demo_end_to_end():
+    """The real command: embedded control+DERP+STUN, two real nodes, HTTP by MagicDNS name, path, RTT, rate."""
+    proc = subprocess.run([sys.executable, "-m", "tsnet", "demo", "--size", "8"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "HTTP 200: hello from demo-web" in out
+    assert re.search(r"path: (direct \S+|relay via \S+|derp region \d+)", out), out
+    assert re.search(r"RTT: median [\d.]+ ms", out), out
+    assert re.search(r"8 MiB in [\d.]+s: [\d.]+ MiB/s", out), out
+    assert "all steps passed" in out
+    tmp = re.search(r"state in (\S+)\)", out).group(1)
+    assert not Path(tmp).exists()

@@ -273,6 +273,10 @@ async def _run_steps(steps: _Steps, result: DemoResult, tmp: Path, nodes: list[A
                     ups.start_soon(lambda n=node: n.up(timeout=25.0))
             for host, node in zip((_WEB_HOST, _CLIENT_HOST), nodes, strict=True):
                 steps.say(f"      {host}: {' '.join(str(ip) for ip in node.tailscale_ips())}")
+            # Both came up at once: each may have got its first network map before the other existed.
+            # Wait until they list each other, or the first handshake goes to a peer that drops it.
+            await _wait_for_peers(web, _CLIENT_HOST)
+            await _wait_for_peers(client, _WEB_HOST)
 
         async with steps.step(f"Serving HTTP on {_WEB_HOST}:80", 10):
             listener = await web.listen("tcp", ":80")
@@ -332,6 +336,12 @@ async def _run_steps(steps: _Steps, result: DemoResult, tmp: Path, nodes: list[A
             task_status.started((control_url, auth_key))
             await _wait_for_stop(stop)
         nursery.cancel_scope.cancel()
+
+
+async def _wait_for_peers(node: Any, peer: str) -> None:
+    """Return once ``node``'s status lists ``peer`` (the caller's step timeout bounds this)."""
+    while not any(str(p.name).split(".")[0] == peer for p in node.status().peers):
+        await trio.sleep(0.05)  # Server has no netmap-changed event to wait on; poll its status
 
 
 def _path_now(node: Any, host: str, fallback: str) -> str:
