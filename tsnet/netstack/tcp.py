@@ -1459,12 +1459,14 @@ class TCPConnection:
         if self._timed_out(now, self.options.data_retries):
             self._give_up()
             return
-        # Probe with the byte at SND.UNA, beyond the window; the ACK carries the current window.
-        self._send_data(una, 1, now, self._options(now), self._window_field())
-        if una + 1 > self.snd_max:
-            self.snd_max = una + 1
-        if self.snd_nxt < una + 1:
-            self.snd_nxt = una + 1
+        # Probe from SND.UNA: with a small open window, fill it (the sender SWS override);
+        # with a closed one, one byte beyond it. The ACK carries the current window.
+        n = max(1, min(self.snd_wnd, self.send_mss))
+        used = self._send_data(una, n, now, self._options(now), self._window_field())
+        if una + used > self.snd_max:
+            self.snd_max = una + used
+        if self.snd_nxt < una + used:
+            self.snd_nxt = una + used
         self._rto_deadline = None
         delay = self._clamped_rto(self._rto) * (1 << min(self._persist_backoff, 10))
         self._persist_deadline = now + min(delay, _PERSIST_MAX)
