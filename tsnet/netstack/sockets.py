@@ -22,6 +22,7 @@ import errno
 import ipaddress
 import logging
 import math
+import operator
 import socket
 from collections.abc import Callable, Generator
 from typing import Any, Union
@@ -335,7 +336,9 @@ class TCPStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is None:
             max_bytes = DEFAULT_RECEIVE_SIZE
-        elif max_bytes < 1:
+        else:
+            max_bytes = operator.index(max_bytes)  # TypeError for floats, as trio requires
+        if max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this stream")

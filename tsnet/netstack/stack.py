@@ -429,6 +429,14 @@ class Stack:
             self.counters.tcp_connections_closed += 1
         self._deadline_of.pop(conn, None)
 
+    def _safe_abort_quietly(self, conn: TCPConnection) -> None:
+        """Drop ``conn`` from every table without sending anything (its 4-tuple is being reused)."""
+        key = (conn.local_ip, conn.local_port, conn.remote_ip, conn.remote_port)
+        if self.connections.get(key) is conn:
+            del self.connections[key]
+            self.counters.tcp_connections_closed += 1
+        self._deadline_of.pop(conn, None)
+
     _last_now = 0.0
 
     # -- packets in --------------------------------------------------------------------------------------------------
@@ -501,9 +509,12 @@ class Stack:
         seg = tcp_wire.parse(seg_bytes)
         conn = self.connections.get((dst, seg.dport, src, seg.sport))
         if conn is not None:
-            conn.receive_segment(seg, now)
-            touched[conn] = None
-            return
+            if not (conn.state == TCPState.TIME_WAIT and seg.flags & SYN and conn.time_wait_reopen_ok(seg)):
+                conn.receive_segment(seg, now)
+                touched[conn] = None
+                return
+            # A new incarnation of the 4-tuple (RFC 9293 §3.10.7.4): forget the old one, then LISTEN rules.
+            self._safe_abort_quietly(conn)
         flags = seg.flags
         if flags & RST:
             return  # never answer a RST
