@@ -774,7 +774,10 @@ class Server:
                     nursery.start_soon(server.serve_udp, udp)
                     listeners.append(await net.open_tcp_listener(53, host=str(ip)))
                 nursery.start_soon(server.serve_tcp, listeners)
-        except Exception as exc:
+        except* (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the node is closing: its sockets were closed under the server
+        except* Exception as group:
+            exc = group.exceptions[0]
             self.log.warning("MagicDNS server on the netstack failed: %r", exc)
             self._health.append(f"MagicDNS server not running: {exc}")
 
@@ -1065,13 +1068,16 @@ class Server:
         if not ips:
             raise HostNotFoundError(host, f"no IPv{family} address")
         proto = network.rstrip("46")
+        # ``timeout`` bounds the whole dial, across every address the name has.
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
         error: BaseException | None = None
         for ip in ips:
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                break
             try:
                 if proto == "tcp":
-                    if timeout is None:
-                        return await net.open_tcp_stream(str(ip), port)
-                    return await net.open_tcp_stream(str(ip), port, timeout=timeout)
+                    return await net.open_tcp_stream(str(ip), port, timeout=None if timeout is None else remaining)
                 sock = await net.open_udp_socket()
                 try:
                     await sock.connect((str(ip), port))
@@ -1081,7 +1087,8 @@ class Server:
                 return sock
             except OSError as exc:
                 error = exc
-        assert error is not None
+        if error is None:
+            raise TimeoutError(f"dial {address}: timed out after {timeout}s")
         raise error
 
     @staticmethod
