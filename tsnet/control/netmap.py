@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,22 @@ def parse_endpoint(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Add
     else:
         host, _, port = text.rpartition(":")
     return ipaddress.ip_address(host), int(port)
+
+
+# A peer's addresses rarely change, yet every full map, reconnect and patched peer repeats them,
+# and ipaddress parsing costs microseconds per string: parse each distinct string once. The
+# results are immutable, so sharing them is safe; errors (ValueError) are not cached.
+_endpoint = functools.lru_cache(maxsize=1 << 16)(parse_endpoint)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _interface(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    return ipaddress.ip_interface(text)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text, strict=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,19 +85,19 @@ class Peer:
         addrs = []
         for a in node.addresses or ():
             try:
-                addrs.append(ipaddress.ip_interface(a))
+                addrs.append(_interface(a))
             except ValueError:
                 continue  # an unparsable entry is skipped, like Go does
         allowed = []
         for a in node.allowed_ips if node.allowed_ips is not None else node.addresses or ():
             try:
-                allowed.append(ipaddress.ip_network(a, strict=True))
+                allowed.append(_network(a))
             except ValueError:
                 continue
         endpoints = []
         for e in node.endpoints or ():
             try:
-                endpoints.append(parse_endpoint(e))
+                endpoints.append(_endpoint(e))
             except ValueError:
                 continue
         home = node.home_derp or 0
