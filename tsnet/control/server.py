@@ -164,6 +164,7 @@ class _View:
     users: dict[int, Any]
     logins: dict[int, str]
     peer_nodes: dict[int, dict]
+    user_ids: frozenset[int]
     dns: dict
     derp: dict | None
     control_time: str
@@ -758,6 +759,7 @@ class ControlServer:
             users=users,
             logins={uid: u.login_name for uid, u in users.items()},
             peer_nodes={n.id: self._encoded_peer(n, now) for n in live},
+            user_ids=frozenset(n.user_id for n in live),
             dns=tailcfg.encode(self.dns_config()),
             derp=tailcfg.encode(self.config.derp_map) if self.config.derp_map is not None else None,
             control_time=tailcfg.encode(tailcfg.MapResponse(control_time=now))["ControlTime"],
@@ -773,18 +775,26 @@ class ControlServer:
             return None
         live, logins, users = view.live, view.logins, view.users
         can_see = self.config.can_see
-        peers = [n for n in live if n.id != me.id and (can_see is None or can_see(me, n, live, logins))]
+        if can_see is None:
+            # Everyone sees everyone: copy the shared encodings (one C-level dict copy per session,
+            # which matters when one change fans out to a thousand sessions).
+            peer_nodes = dict(view.peer_nodes)
+            del peer_nodes[me.id]
+            peer_users: Any = view.user_ids
+        else:
+            peers = [n for n in live if n.id != me.id and can_see(me, n, live, logins)]
+            peer_nodes = {n.id: view.peer_nodes[n.id] for n in peers}
+            peer_users = {n.user_id for n in peers}
         self_node = tailcfg.encode(self._tailcfg_node(me, view.now, is_self=True))
         if self.config.attrs_for is not None:
             extra_attrs = self.config.attrs_for(me, live, logins)
             if extra_attrs:
                 self_node["CapMap"] = {**self_node.get("CapMap", {}), **extra_attrs}
-        peer_nodes = {n.id: view.peer_nodes[n.id] for n in peers}
         rules = self.config.filter_for(me, live, logins) if self.config.filter_for is not None else _ALLOW_ALL
         packet_filter = [tailcfg.encode(r) for r in rules]
         dns = view.dns
         derp = view.derp
-        profile_ids = {me.user_id} | {n.user_id for n in peers}
+        profile_ids = {me.user_id} | peer_users
         profiles = {
             uid: tailcfg.encode(
                 tailcfg.UserProfile(id=uid, login_name=users[uid].login_name, display_name=users[uid].display_name)
@@ -803,7 +813,7 @@ class ControlServer:
             changed, patches = [], []
             for i in sorted(peer_nodes):
                 before, now_node = session.sent_peers.get(i), peer_nodes[i]
-                if before == now_node:
+                if before is now_node or before == now_node:  # identity: unchanged peers share one encoding
                     continue
                 patch = _peer_patch(i, before, now_node) if before is not None else None
                 if patch is not None:
