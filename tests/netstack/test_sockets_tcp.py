@@ -197,3 +197,19 @@ async def test_500_concurrent_short_connections() -> None:
                         nursery.start_soon(client, i)
             server_nursery.cancel_scope.cancel()
         assert done == 500
+
+
+async def test_keepalive_detects_dead_peer(autojump_clock: trio.testing.MockClock) -> None:
+    async with netstack_pair() as (a, b, link):
+        client, server = await _connected_pair(a, b, 6000)
+        client.set_nagle(True)
+        assert client.connection.options.nagle
+        client.set_keepalive(10.0, interval=1.0, count=3)
+        start = trio.current_time()
+        link.drop_filter = lambda packet: True  # the peer vanishes silently
+        with pytest.raises(trio.BrokenResourceError) as exc:
+            await client.receive_some()
+        assert isinstance(exc.value.__cause__, TimeoutError)
+        assert 12.0 <= trio.current_time() - start <= 20.0
+        await client.aclose()
+        await server.aclose()

@@ -245,13 +245,16 @@ class TCPStream(trio.abc.HalfCloseableStream):
     def set_nagle(self, enabled: bool) -> None:
         """Turn Nagle's algorithm on or off (off by default)."""
         conn = self.connection
-        conn.options = dataclasses.replace(conn.options, nagle=enabled)
+        self._stack.tcp_set_options(conn, dataclasses.replace(conn.options, nagle=enabled), trio.current_time())
+        self._net._flush()
 
     def set_keepalive(self, idle: float | None, interval: float = 75.0, count: int = 9) -> None:
         """Keepalive probes after ``idle`` seconds without traffic (None: off)."""
         conn = self.connection
-        conn.options = dataclasses.replace(conn.options, keepalive_idle=idle, keepalive_interval=interval,
-                                           keepalive_count=count)
+        opts = dataclasses.replace(conn.options, keepalive_idle=idle, keepalive_interval=interval,
+                                   keepalive_count=count)
+        self._stack.tcp_set_options(conn, opts, trio.current_time())
+        self._net._flush()
 
     def _broken(self) -> trio.BrokenResourceError:
         err = self.connection.error

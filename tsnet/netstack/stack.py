@@ -678,6 +678,16 @@ class Stack:
         finally:
             self._touch(conn)
 
+    def tcp_set_options(self, conn: TCPConnection, options: TCPOptions, now: float) -> None:
+        """Change a live connection's options (Nagle, keepalive); keepalive is (re)armed from ``now``."""
+        old = conn.options
+        conn.options = options
+        if (options.keepalive_idle, options.keepalive_interval) != (old.keepalive_idle, old.keepalive_interval) \
+                and hasattr(conn, "_ka_deadline") and conn.is_established and conn.state != TCPState.CLOSED:
+            # The connection arms keepalive when it becomes established; re-arm it for a change afterwards.
+            conn._ka_deadline = None if options.keepalive_idle is None else now + options.keepalive_idle
+        self._touch(conn)
+
     def tcp_abort(self, conn: TCPConnection, now: float) -> None:
         """Reset the connection and forget it."""
         self._last_now = now
