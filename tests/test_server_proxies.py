@@ -1,0 +1,139 @@
+"""Server.loopback(): SOCKS5 + HTTP proxy on 127.0.0.1 reaching a peer's server by MagicDNS name, with real
+clients (curl, requests, httpx), and Server.http_client() / serve_forward()."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import requests
+import trio
+
+from tests.server_helpers import start_tailnet, wait_for
+
+
+async def _http_server(listener, nursery, body: bytes = b"hello from bravo") -> None:
+    """A tiny HTTP/1.1 server on a tailnet listener: answers every request with ``body`` and the path."""
+
+    async def handle(stream):
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                data += chunk
+            path = data.split(b" ", 2)[1]
+            payload = body + b" " + path
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                                  b"Connection: close\r\n\r\n%s" % (len(payload), payload))
+
+    async def serve():
+        try:
+            await trio.serve_listeners(handle, [listener])
+        except* trio.ClosedResourceError:
+            pass
+
+    nursery.start_soon(serve)
+
+
+@pytest.fixture
+async def pair(nursery, tmp_path):
+    tailnet = await start_tailnet(nursery, tmp_path)
+    a, b = tailnet.node("alpha"), tailnet.node("bravo")
+    await a.up(timeout=10)
+    await b.up(timeout=10)
+
+    def knows(n, name):
+        p = n.status().peer(name)
+        return p is not None and p.home_derp != 0
+
+    await wait_for(lambda: knows(a, "bravo") and knows(b, "alpha"))
+    await _http_server(await b.listen("tcp", ":80"), nursery)
+    yield a, b
+    with trio.fail_after(10):
+        await a.close()
+        await b.close()
+
+
+async def _curl(*args: str) -> str:
+    result = await trio.run_process(["curl", "-sS", "--max-time", "10", *args], capture_stdout=True,
+                                    capture_stderr=True, check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+async def test_curl_through_socks5_and_http_proxy(pair):
+    a, b = pair
+    proxy = await a.loopback()
+    assert proxy.host == "127.0.0.1" and proxy.credentials is not None
+    assert await a.loopback() is proxy  # started once
+    creds = f"{proxy.credentials.username}:{proxy.credentials.password}"
+    out = await _curl("--socks5-hostname", proxy.address, "--proxy-user", creds, "http://bravo/s5")
+    assert out == "hello from bravo /s5"
+    out = await _curl("-x", f"http://{proxy.address}", "--proxy-user", creds, "http://bravo.tailnet.test/h")
+    assert out == "hello from bravo /h"  # absolute-form rewritten to origin-form
+    # Without credentials the proxy refuses.
+    result = await trio.run_process(["curl", "-sS", "--max-time", "5", "-x", f"http://{proxy.address}",
+                                     "-o", "/dev/null", "-w", "%{http_code}", "http://bravo/"],
+                                    capture_stdout=True, capture_stderr=True, check=False)
+    assert result.stdout == b"407"
+
+
+async def test_requests_through_both_proxies(pair):
+    a, b = pair
+    proxy = await a.loopback()
+
+    def fetch(url_proxy: str, url: str) -> str:
+        with requests.Session() as s:
+            s.trust_env = False
+            r = s.get(url, proxies={"http": url_proxy}, timeout=10)
+            r.raise_for_status()
+            return r.text
+
+    assert (await trio.to_thread.run_sync(fetch, proxy.socks5_url, "http://bravo/r1")).endswith("/r1")
+    assert (await trio.to_thread.run_sync(fetch, proxy.http_url, "http://bravo/r2")).endswith("/r2")
+
+
+async def test_httpx_through_both_proxies_and_http_client(pair):
+    a, b = pair
+    proxy = await a.loopback()
+    socks_url = proxy.socks5_url.replace("socks5h://", "socks5://")  # httpx resolves remotely anyway
+    for url in (proxy.http_url, socks_url):
+        async with httpx.AsyncClient(proxy=url, trust_env=False) as client:
+            r = await client.get("http://bravo/x", timeout=10)
+            assert r.status_code == 200 and r.text.endswith("/x")
+    async with a.http_client() as client:
+        r = await client.get("http://bravo.tailnet.test/direct", timeout=10)
+        assert r.text == "hello from bravo /direct"
+        with pytest.raises(httpx.ConnectError):
+            await client.get("http://nosuchnode/", timeout=5)
+
+
+async def test_http_proxy_502_for_closed_port(pair):
+    a, b = pair
+    proxy = await a.loopback()
+    result = await trio.run_process(
+        ["curl", "-sS", "--max-time", "10", "-x", proxy.http_url, "-D", "-", "-o", "/dev/null", "http://bravo:81/"],
+        capture_stdout=True, capture_stderr=True, check=False)
+    headers = result.stdout.decode().lower()
+    assert headers.startswith("http/1.1 502"), headers
+
+
+async def test_serve_forward_to_local_server(pair, nursery):
+    a, b = pair
+    # A plain OS-socket server on 127.0.0.1 that the tailnet reaches through serve_forward on alpha.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def handle(stream):
+        async with stream:
+            await stream.send_all(b"local:" + await stream.receive_some(100))
+
+    nursery.start_soon(trio.serve_listeners, handle, listeners)
+    nursery.start_soon(a.serve_forward, 8080, f"127.0.0.1:{port}")
+    await wait_for(lambda: any(k[1] == 8080 for k in a._net.stack.listeners))
+    stream = await b.dial("tcp", "alpha:8080", timeout=10)
+    await stream.send_all(b"ping")
+    with trio.fail_after(5):
+        assert await stream.receive_some(100) == b"local:ping"
+    await stream.aclose()
