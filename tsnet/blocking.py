@@ -269,11 +269,15 @@ class Server:
     def hostname(self) -> str:
         return self._server.hostname
 
+    def _loop_alive(self) -> bool:
+        return self._token is not None and self._thread is not None and self._thread.is_alive() and not self._closed
+
     def tailscale_ips(self) -> list[Any]:
-        return self._sync(self._server.tailscale_ips) if self._token else []
+        return self._sync(self._server.tailscale_ips) if self._loop_alive() else []
 
     def status(self) -> _server.Status:
-        return self._sync(self._server.status) if self._token else self._server.status()
+        # Once the loop is gone the snapshot is static (Stopped), so it can be read from here.
+        return self._sync(self._server.status) if self._loop_alive() else self._server.status()
 
     def whois(self, address: str) -> _server.WhoIs | None:
         return self._sync(self._server.whois, address)

@@ -1,0 +1,113 @@
+"""tsnet.blocking: the node in a background thread, real sockets for dial/accept, http.server on a tailnet
+listener, requests through http_client(), asyncio over a dialled socket."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+import time
+
+import trio
+
+import tsnet
+from tests.server_helpers import start_tailnet
+from tsnet import blocking
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        who = self.server.tailnet.whois(self.client_address[0])
+        body = f"hello {self.path} from {who.node.name if who else '?'}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def _wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.01)  # a blocking program polls; bounded by the deadline
+
+
+def _scenario(url: str, key: str) -> None:
+    common = dict(control_url=url, auth_key=key, ephemeral=True, udp_bind="127.0.0.1")
+    with blocking.Server(hostname="web", **common) as srv, blocking.Server(hostname="cli", **common) as cli:
+        assert srv.status().backend_state == "Running" and srv.tailscale_ips()
+
+        def knows(n, name):
+            p = n.status().peer(name)
+            return p is not None and p.home_derp != 0
+
+        _wait_until(lambda: knows(cli, "web") and knows(srv, "cli"))
+
+        # http.server, unchanged, serving on a tailnet listener.
+        ln = srv.listen("tcp", ":80")
+        httpd = http.server.HTTPServer(("127.0.0.1", 0), _Hello, bind_and_activate=False)
+        httpd.socket.close()
+        httpd.socket = ln
+        httpd.tailnet = srv
+        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        try:
+            # requests through the node's HTTP client (loopback proxy), by MagicDNS name.
+            session = cli.http_client()
+            r = session.get("http://web/page", timeout=10)
+            assert r.status_code == 200 and r.text == "hello /page from cli"
+
+            # dial() gives a real socket.
+            sock = cli.dial("tcp", "web.tailnet.test:80", timeout=10)
+            sock.settimeout(10)
+            sock.sendall(b"GET /raw HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+            sock.close()
+            assert data.startswith(b"HTTP/1.0 200") and data.endswith(b"hello /raw from cli")
+
+            # asyncio over a dialled socket.
+            async def via_asyncio() -> bytes:
+                reader, writer = await asyncio.open_connection(sock=cli.dial("tcp", "web:80", timeout=10))
+                writer.write(b"GET /aio HTTP/1.0\r\n\r\n")
+                body = await reader.read()
+                writer.close()
+                return body
+
+            assert asyncio.run(via_asyncio()).endswith(b"hello /aio from cli")
+
+            # UDP as a PacketConn.
+            pc = srv.listen_packet("udp", ":7")
+            cc = cli.dial("udp", "web:7")
+            cc.send(b"dgram")
+            payload, addr = pc.recvfrom(100)
+            assert payload == b"dgram" and addr[0] == str(cli.tailscale_ips()[0])
+            pc.sendto(b"back", addr)
+            assert cc.recv() == b"back"
+            pc.close()
+            cc.close()
+
+            try:
+                cli.dial("tcp", "nosuch:80")
+            except tsnet.HostNotFoundError:
+                pass
+            else:
+                raise AssertionError("unknown host dialled")
+        finally:
+            httpd.shutdown()
+            ln.close()
+            thread.join(5)
+    assert srv.status().backend_state == "Stopped"
+
+
+async def test_blocking_facade(nursery, tmp_path):
+    tailnet = await start_tailnet(nursery, tmp_path)
+    key = tailnet.authkey(ephemeral=True, reusable=True)
+    with trio.fail_after(60):
+        await trio.to_thread.run_sync(_scenario, tailnet.url, key)
+    assert not [n for n in tailnet.node_names() if n in ("web", "cli")]  # ephemeral: gone after close
