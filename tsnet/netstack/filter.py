@@ -37,6 +37,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import logging
+import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -90,6 +91,18 @@ _V6_ALL = (0, (1 << 128) - 1)
 _ICMP4_ERRORS = frozenset({3, 11, 12})  # unreachable, time exceeded, parameter problem
 _ICMP6_ERRORS = frozenset({1, 2, 3, 4})  # unreachable, packet too big, time exceeded, parameter problem
 _from_bytes = int.from_bytes
+# IPv4: version/IHL, total length, flags+fragment offset, protocol, source, destination.
+_V4_FIELDS = struct.Struct("!BxHxxHxB2x4s4s").unpack_from
+# IPv6: payload length, next header, source, destination.
+_V6_FIELDS = struct.Struct("!4xHBx16s16s").unpack_from
+# Flow keys: source address, destination address, source port, destination port.
+_ADDRS_PORTS4 = struct.Struct("!4s4sHH").unpack_from
+_PACK_ADDRS_PORTS4 = struct.Struct("!4s4sHH").pack
+_ADDRS_PORTS6 = struct.Struct("!16s16sHH").unpack_from
+_PACK_ADDRS_PORTS6 = struct.Struct("!16s16sHH").pack
+_ADDRS4 = struct.Struct("!4s4s").unpack_from
+_PORTS = struct.Struct("!HH").unpack_from
+_METADATA4 = bytes((169, 254, 169, 254))  # link-local, yet allowed (cloud metadata)
 
 IPLike = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
 PrefixLike = Union[
@@ -209,7 +222,7 @@ _MIN_TRANSPORT = {_PROTO_TCP: 20, _PROTO_UDP: 8, _PROTO_ICMP: 4, _PROTO_ICMPV6: 
 
 # One rule for one address family: (protocols, source ranges, source capabilities,
 # destinations as (low, high, first port, last port)).
-_Rule = tuple[frozenset[int], tuple[tuple[int, int], ...], tuple[str, ...], tuple[tuple[int, int, int, int], ...]]
+_Rule = tuple[frozenset[int], tuple[tuple[int, int], ...], frozenset[str], tuple[tuple[int, int, int, int], ...]]
 
 
 def _range_of(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int]:
@@ -282,23 +295,18 @@ def _local_entry(value: PrefixLike) -> tuple[int, int, int, bool]:
     raise ValueError(f"not an address or prefix: {value!r}")
 
 
-def _src_ok(srcs: tuple[tuple[int, int], ...], caps: tuple[str, ...], src: int, src_caps: frozenset[str] | None) -> bool:
-    for low, high in srcs:
-        if low <= src <= high:
-            return True
-    if caps and src_caps:
-        for cap in caps:
-            if cap in src_caps:
-                return True
-    return False
-
-
 def _match_port(rules: tuple[_Rule, ...], proto: int, src: int, dst: int, port: int,
                 src_caps: frozenset[str] | None) -> bool:
     """Some rule lists ``proto``, admits the source, and has ``dst`` with ``port`` in range."""
     for protos, srcs, caps, dsts in rules:
-        if proto not in protos or not _src_ok(srcs, caps, src, src_caps):
+        if proto not in protos:
             continue
+        for low, high in srcs:
+            if low <= src <= high:
+                break
+        else:
+            if not caps or not src_caps or caps.isdisjoint(src_caps):
+                continue
         for low, high, first, last in dsts:
             if low <= dst <= high and first <= port <= last:
                 return True
@@ -308,8 +316,12 @@ def _match_port(rules: tuple[_Rule, ...], proto: int, src: int, dst: int, port: 
 def _match_ip_only(rules: tuple[_Rule, ...], src: int, dst: int, src_caps: frozenset[str] | None) -> bool:
     """Some rule (any protocol, any port) admits the source to ``dst``: ICMP requests."""
     for _protos, srcs, caps, dsts in rules:
-        if not _src_ok(srcs, caps, src, src_caps):
-            continue
+        for low, high in srcs:
+            if low <= src <= high:
+                break
+        else:
+            if not caps or not src_caps or caps.isdisjoint(src_caps):
+                continue
         for low, high, _first, _last in dsts:
             if low <= dst <= high:
                 return True
@@ -426,7 +438,7 @@ class PacketFilter:
                  "_caps4", "_caps6", "_peerapi_port", "_reject_reason", "warnings", "rule_count")
 
     def __init__(self) -> None:  # use the classmethods
-        self._mode = _Mode.DENY_ALL
+        self._mode = _Mode.RULES
         self._rules4: tuple[_Rule, ...] = ()
         self._rules6: tuple[_Rule, ...] = ()
         # Our own addresses as packed bytes (one set lookup on the hot path), other local
@@ -455,14 +467,12 @@ class PacketFilter:
     @classmethod
     def deny_all(cls) -> PacketFilter:
         """Drops everything, sends no rejects: the filter before the first netmap."""
-        return cls()
+        return _DenyAll()
 
     @classmethod
     def allow_all(cls) -> PacketFilter:
         """Accepts every packet unexamined (static mode, tests)."""
-        f = cls()
-        f._mode = _Mode.ALLOW_ALL
-        return f
+        return _AllowAll()
 
     @classmethod
     def shields_up(cls, local_addresses: Iterable[PrefixLike]) -> PacketFilter:
@@ -489,7 +499,6 @@ class PacketFilter:
         local addresses or peer addresses always raise ValueError (they come from us).
         """
         f = cls()
-        f._mode = _Mode.RULES
         f._reject_reason = RejectReason.ACL
         f._peerapi_port = peerapi_port
         warnings: list[str] = []
@@ -549,7 +558,7 @@ class PacketFilter:
                 # A family without destinations can never match; sources of the other
                 # family are irrelevant (a packet's addresses share one family).
                 if dsts[version] and (srcs[version] or caps):
-                    out.append((protos, tuple(srcs[version]), tuple(caps), tuple(dsts[version])))
+                    out.append((protos, tuple(srcs[version]), frozenset(caps), tuple(dsts[version])))
                     compiled = True
             f.rule_count += compiled
         f._rules4, f._rules6 = tuple(rules4), tuple(rules6)
@@ -616,53 +625,52 @@ class PacketFilter:
         """Decide about one packet from a peer.  ``flows`` is the outbound flow table
         (a hit is refreshed); None means no flows.  Never raises.  Fastest with ``bytes``.
         """
-        if self._mode is not _Mode.RULES:
-            return _A_ALLOW_ALL if self._mode is _Mode.ALLOW_ALL else _D_NO_FILTER
         p = packet if type(packet) is bytes else bytes(packet)
         try:
             n = len(p)
             if n < 20:
                 return _D_TOO_SHORT if n else _A_KEEPALIVE
-            b0 = p[0]
-            if b0 >> 4 == 4:
-                total = p[2] << 8 | p[3]
+            version = p[0] >> 4
+            if version == 4:
+                # One C call for the header fields we need (cheaper than indexing each).
+                b0, total, frag, proto, src4, dst = _V4_FIELDS(p)
                 ihl = (b0 & 0x0F) << 2
                 if total > n or ihl < 20 or ihl > total:
                     return _D_MALFORMED
-                frag = (p[6] & 0x1F) << 8 | p[7]  # offset in 8-byte blocks
-                d0 = p[16]
-                if frag:
+                d0 = dst[0]
+                if frag & 0x1FFF:
                     # Later fragments carry no transport header; the stack reassembles them
                     # and the first fragment was filtered on its own.
-                    if frag < _MIN_FRAG_BLOCKS:
+                    if frag & 0x1FFF < _MIN_FRAG_BLOCKS:
                         return _D_BAD_FRAGMENT
                     if d0 & 0xF0 == 0xE0:
                         return _D_MULTICAST
-                    if d0 == 169 and p[17] == 254 and (p[18] != 169 or p[19] != 254):
+                    if d0 == 169 and dst[1] == 254 and dst != _METADATA4:
                         return _D_LINK_LOCAL
                     return _A_FRAGMENT
-                proto = p[9]
                 avail = total - ihl
                 if proto == _PROTO_TCP:
                     if avail < 20:
                         return _D_MALFORMED
+                elif proto == _PROTO_UDP:
+                    if avail < 8:
+                        return _D_MALFORMED
                 elif proto == 0 or proto == 0xFF:
                     return _D_UNKNOWN
-                elif proto == _PROTO_TSMP and p[6] & 0x20:
+                elif proto == _PROTO_TSMP and frag & 0x2000:
                     return _D_BAD_FRAGMENT  # TSMP is never fragmented
                 elif avail < _MIN_TRANSPORT.get(proto, 0):
                     return _D_MALFORMED
                 if d0 & 0xF0 == 0xE0:
                     return _D_MULTICAST
-                if d0 == 169 and p[17] == 254 and (p[18] != 169 or p[19] != 254):
+                if d0 == 169 and dst[1] == 254 and dst != _METADATA4:
                     return _D_LINK_LOCAL
-                dst = p[16:20]
                 if dst not in self._local4_hosts and not self._in_local(self._local4_nets, dst):
                     return _D_NOT_LOCAL
                 if proto == _PROTO_TCP:
                     if p[ihl + 13] & 0x12 != 0x02:  # not SYN-without-ACK
                         return _A_TCP_NON_SYN
-                    src = _from_bytes(p[12:16], "big")
+                    src = _from_bytes(src4, "big")
                     port = p[ihl + 2] << 8 | p[ihl + 3]
                     if _match_port(self._rules4, proto, src, _from_bytes(dst, "big"), port, self._caps4.get(src)):
                         return _A_TCP_RULE
@@ -671,13 +679,14 @@ class PacketFilter:
                     return _D_NO_RULE
                 if proto == _PROTO_UDP or proto == _PROTO_SCTP:
                     if flows:
-                        key = p[12:20] + p[ihl:ihl + 4]
+                        # Addresses then ports: contiguous without IP options.
+                        key = p[12:24] if ihl == 20 else p[12:20] + p[ihl:ihl + 4]
                         if proto == _PROTO_SCTP:
                             key += b"S"
                         if key in flows:
                             flows.move_to_end(key)
                             return _A_FLOW
-                    src = _from_bytes(p[12:16], "big")
+                    src = _from_bytes(src4, "big")
                     if _match_port(self._rules4, proto, src, _from_bytes(dst, "big"), p[ihl + 2] << 8 | p[ihl + 3],
                                    self._caps4.get(src)):
                         return _A_UDP_RULE
@@ -686,40 +695,38 @@ class PacketFilter:
                     icmp_type = p[ihl]
                     if avail >= 8 and ((icmp_type == 0 and p[ihl + 1] == 0) or icmp_type in _ICMP4_ERRORS):
                         return _A_ICMP_RESPONSE
-                    src = _from_bytes(p[12:16], "big")
+                    src = _from_bytes(src4, "big")
                     if _match_ip_only(self._rules4, src, _from_bytes(dst, "big"), self._caps4.get(src)):
                         return _A_ICMP_RULE
                     return _D_NO_RULE
                 if proto == _PROTO_TSMP:
                     return _A_TSMP
-                if _match_all_ports(self._rules4, proto, _from_bytes(p[12:16], "big"), _from_bytes(dst, "big")):
+                if _match_all_ports(self._rules4, proto, _from_bytes(src4, "big"), _from_bytes(dst, "big")):
                     return _A_OTHER_RULE
                 return _D_OTHER_PROTOCOL
-            if b0 >> 4 == 6:
+            if version == 6:
                 if n < 40:
                     return _D_MALFORMED
-                total = 40 + (p[4] << 8 | p[5])
-                if total > n:
+                plen, proto, src6, dst = _V6_FIELDS(p)
+                if plen + 40 > n:
                     return _D_MALFORMED
                 # Like tailscaled we walk no extension headers: hop-by-hop (0) is unknown and a
                 # Fragment header (44) is just another protocol, allowed only by a rule.
-                proto = p[6]
                 if proto == 0 or proto == 0xFF:
                     return _D_UNKNOWN
-                if total - 40 < _MIN_TRANSPORT.get(proto, 0):
+                if plen < _MIN_TRANSPORT.get(proto, 0):
                     return _D_MALFORMED
-                d0 = p[24]
+                d0 = dst[0]
                 if d0 == 0xFF:
                     return _D_MULTICAST
-                if d0 == 0xFE and p[25] & 0xC0 == 0x80:
+                if d0 == 0xFE and dst[1] & 0xC0 == 0x80:
                     return _D_LINK_LOCAL
-                dst = p[24:40]
                 if dst not in self._local6_hosts and not self._in_local(self._local6_nets, dst):
                     return _D_NOT_LOCAL
                 if proto == _PROTO_TCP:
                     if p[53] & 0x12 != 0x02:
                         return _A_TCP_NON_SYN
-                    src = _from_bytes(p[8:24], "big")
+                    src = _from_bytes(src6, "big")
                     port = p[42] << 8 | p[43]
                     if _match_port(self._rules6, proto, src, _from_bytes(dst, "big"), port, self._caps6.get(src)):
                         return _A_TCP_RULE
@@ -734,22 +741,22 @@ class PacketFilter:
                         if key in flows:
                             flows.move_to_end(key)
                             return _A_FLOW
-                    src = _from_bytes(p[8:24], "big")
+                    src = _from_bytes(src6, "big")
                     if _match_port(self._rules6, proto, src, _from_bytes(dst, "big"), p[42] << 8 | p[43],
                                    self._caps6.get(src)):
                         return _A_UDP_RULE
                     return _D_NO_RULE
                 if proto == _PROTO_ICMPV6:
                     icmp_type = p[40]
-                    if total >= 48 and ((icmp_type == 129 and p[41] == 0) or icmp_type in _ICMP6_ERRORS):
+                    if plen >= 8 and ((icmp_type == 129 and p[41] == 0) or icmp_type in _ICMP6_ERRORS):
                         return _A_ICMP_RESPONSE
-                    src = _from_bytes(p[8:24], "big")
+                    src = _from_bytes(src6, "big")
                     if _match_ip_only(self._rules6, src, _from_bytes(dst, "big"), self._caps6.get(src)):
                         return _A_ICMP_RULE
                     return _D_NO_RULE
                 if proto == _PROTO_TSMP:
                     return _A_TSMP
-                if _match_all_ports(self._rules6, proto, _from_bytes(p[8:24], "big"), _from_bytes(dst, "big")):
+                if _match_all_ports(self._rules6, proto, _from_bytes(src6, "big"), _from_bytes(dst, "big")):
                     return _A_OTHER_RULE
                 return _D_OTHER_PROTOCOL
             return _D_MALFORMED
@@ -766,6 +773,30 @@ class PacketFilter:
             if low <= value <= high:
                 return True
         return False
+
+
+class _DenyAll(PacketFilter):
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._mode = _Mode.DENY_ALL
+
+    def check_inbound(self, packet: bytes | bytearray | memoryview,
+                      flows: OrderedDict[bytes, None] | None = None) -> FilterResult:
+        return _D_NO_FILTER
+
+
+class _AllowAll(PacketFilter):
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._mode = _Mode.ALLOW_ALL
+
+    def check_inbound(self, packet: bytes | bytearray | memoryview,
+                      flows: OrderedDict[bytes, None] | None = None) -> FilterResult:
+        return _A_ALLOW_ALL
 
 
 def _outbound(packet: bytes, flows: OrderedDict[bytes, None], capacity: int) -> FilterResult:
@@ -797,7 +828,12 @@ def _outbound(packet: bytes, flows: OrderedDict[bytes, None], capacity: int) -> 
         if total - ihl < _MIN_TRANSPORT.get(proto, 0):
             return _D_MALFORMED
         if proto == _PROTO_UDP or proto == _PROTO_SCTP:
-            key = p[16:20] + p[12:16] + p[ihl + 2:ihl + 4] + p[ihl:ihl + 2]
+            if ihl == 20:
+                src, dst, sport, dport = _ADDRS_PORTS4(p, 12)
+            else:
+                src, dst = _ADDRS4(p, 12)
+                sport, dport = _PORTS(p, ihl)
+            key = _PACK_ADDRS_PORTS4(dst, src, dport, sport)  # as the reply will carry them
             if proto == _PROTO_SCTP:
                 key += b"S"
             _remember(flows, key, capacity)
@@ -819,7 +855,8 @@ def _outbound(packet: bytes, flows: OrderedDict[bytes, None], capacity: int) -> 
         if d0 == 0xFE and p[25] & 0xC0 == 0x80:
             return _D_LINK_LOCAL
         if proto == _PROTO_UDP or proto == _PROTO_SCTP:
-            key = p[24:40] + p[8:24] + p[42:44] + p[40:42]
+            src, dst, sport, dport = _ADDRS_PORTS6(p, 8)
+            key = _PACK_ADDRS_PORTS6(dst, src, dport, sport)
             if proto == _PROTO_SCTP:
                 key += b"S"
             _remember(flows, key, capacity)
