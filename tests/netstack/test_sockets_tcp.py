@@ -213,3 +213,27 @@ async def test_keepalive_detects_dead_peer(autojump_clock: trio.testing.MockCloc
         assert 12.0 <= trio.current_time() - start <= 20.0
         await client.aclose()
         await server.aclose()
+
+
+async def test_loopback_to_our_own_address() -> None:
+    """Connections and datagrams to our own addresses are answered inside the stack."""
+    async with netstack_pair() as (a, _b, link):
+        listener = await a.open_tcp_listener(8080)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, echo_handler, [listener])
+            with trio.fail_after(10):
+                for host in (A4, A6):
+                    s = await a.open_tcp_stream(host, 8080)
+                    await s.send_all(b"self " * 1000)
+                    got = b""
+                    while len(got) < 5000:
+                        got += await s.receive_some()
+                    assert got == b"self " * 1000
+                    await s.aclose()
+                u1 = await a.open_udp_socket(port=99)
+                u2 = await a.open_udp_socket()
+                await u2.sendto(b"to myself", (A4, 99))
+                assert await u1.recvfrom() == (b"to myself", (A4, u2.getsockname()[1]))
+            nursery.cancel_scope.cancel()
+        assert link.packets == 0  # nothing left the node
+        assert a.stack.counters.loopback_packets > 0

@@ -117,6 +117,7 @@ class StackCounters:
     udp_queue_full: int = 0
     udp_no_port: int = 0
     udp_wrong_peer: int = 0  # datagram from another address to a connected endpoint
+    loopback_packets: int = 0  # packets to our own addresses, received without leaving
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -219,6 +220,11 @@ def _packed(addr: IPAddressLike | bytes) -> bytes:
     return addr.packed
 
 
+def _dst_of(packet: bytes | bytearray) -> bytes:
+    """Destination address of one of our own (well-formed) outgoing packets."""
+    return bytes(packet[16:20]) if packet[0] >> 4 == 4 else bytes(packet[24:40])
+
+
 def _ip_header(src: bytes, dst: bytes, proto: int, payload_len: int, ident: int = 0) -> bytes:
     if len(src) == 4:
         return ipmod.ipv4_header(src, dst, proto, payload_len, ident=ident, df=True)
@@ -317,10 +323,29 @@ class Stack:
     # -- output, changes, timers -------------------------------------------------------------------------------------
 
     def packets_to_send(self) -> list[bytes | bytearray]:
-        """Take every IP packet produced so far."""
-        out = self.outbox[:]
-        self.outbox.clear()
-        return out
+        """Take every IP packet produced so far.
+
+        Packets addressed to one of our own addresses never leave: they are
+        received here (loopback), at the time of the latest stack interaction,
+        until no more local packets are produced.
+        """
+        outbox = self.outbox
+        out = outbox[:]
+        outbox.clear()
+        addrs = self._addresses
+        local = [p for p in out if _dst_of(p) in addrs]
+        if not local:
+            return out
+        remote = [p for p in out if _dst_of(p) not in addrs]
+        while local:
+            self.counters.loopback_packets += len(local)
+            self.receive_packets(local, self._last_now)
+            produced = outbox[:]
+            outbox.clear()
+            local = []
+            for p in produced:
+                (local if _dst_of(p) in addrs else remote).append(p)
+        return remote
 
     def take_changed(self) -> list:
         """Take the connections, listeners and UDP endpoints whose app-visible state changed.
