@@ -169,24 +169,36 @@ def test_bad_entries_raise_in_strict_mode(entry: str) -> None:
         PacketFilter.from_rules([rule((entry,), (("*", 22, 22),))], LOCAL, strict=True)
 
 
-def test_legacy_bits_and_cap_destinations_are_rejected() -> None:
+def test_cap_destination_is_ignored() -> None:
+    f = PacketFilter.from_rules([rule(("*",), (("cap:foo", 0, 65535), (ME4, 22, 22)))], LOCAL)
+    assert len(f.warnings) == 1 and "capability" in f.warnings[0]
+    state = FilterState(f)
+    assert reason(state, tcp(PEER4, ME4, 1, 22)) is Reason.TCP_RULE
+    assert reason(state, tcp(PEER4, ME4, 1, 23)) is Reason.NO_RULE
+    with pytest.raises(FilterRuleError):
+        PacketFilter.from_rules([rule(("*",), (("cap:foo", 0, 65535),))], LOCAL, strict=True)
+
+
+def test_legacy_bits_discard_every_rule() -> None:
+    good = rule(("*",), (("*", 0, 65535),))
     old_src = tailcfg.FilterRule(src_ips=("*",), src_bits=(32,),
                                  dst_ports=(tailcfg.NetPortRange(ip="*", ports=tailcfg.PortRange(0, 65535)),))
     old_dst = tailcfg.FilterRule(src_ips=("*",), dst_ports=(
         tailcfg.NetPortRange(ip=ME4, bits=32, ports=tailcfg.PortRange(0, 65535)),))
-    cap_dst = rule(("*",), (("cap:foo", 0, 65535),))
-    f = PacketFilter.from_rules([old_src, old_dst, cap_dst], LOCAL)
-    assert len(f.warnings) == 3
-    assert f.rule_count == 0
-    assert reason(FilterState(f), tcp(PEER4, ME4, 1, 22)) is Reason.NO_RULE
-    for bad in (old_src, old_dst, cap_dst):
+    for bad in (old_src, old_dst):
+        f = PacketFilter.from_rules([good, bad], LOCAL)
+        assert len(f.warnings) == 1 and f.rule_count == 0
+        state = FilterState(f)
+        assert reason(state, tcp(PEER4, ME4, 1, 22)) is Reason.NO_RULE
+        assert reason(state, tcp(PEER4, ME4, 1, 22, ACK)) is Reason.TCP_NON_SYN  # replies still pass
         with pytest.raises(FilterRuleError):
-            PacketFilter.from_rules([bad], LOCAL, strict=True)
+            PacketFilter.from_rules([good, bad], LOCAL, strict=True)
 
 
 def test_dst_forms_and_port_ranges() -> None:
     state = state_for(
-        rule(("*",), ((ME4, 1000, 2000), ("100.64.0.0/30", 443, 443), ("fd7a:115c:a1e0::0-fd7a:115c:a1e0::ff", 22, 23))),
+        rule(("*",), ((ME4, 1000, 2000), ("100.64.0.0/30", 443, 443),
+                      ("fd7a:115c:a1e0::0-fd7a:115c:a1e0::ff", 22, 23))),
     )
     assert reason(state, tcp(PEER4, ME4, 1, 1000)) is Reason.TCP_RULE
     assert reason(state, tcp(PEER4, ME4, 1, 2000)) is Reason.TCP_RULE
@@ -438,7 +450,8 @@ def test_cap_sources() -> None:
     assert reason(state, icmp(PEER4, ME4, 8)) is Reason.ICMP_RULE
     assert reason(state, icmp(OTHER4, ME4, 8)) is Reason.NO_RULE
     # Without capability information nobody matches.
-    assert reason(state_for(rule(("cap:example.com/cap/ssh",), (("*", 22, 22),))), tcp(PEER4, ME4, 1, 22)) is Reason.NO_RULE
+    no_caps = state_for(rule(("cap:example.com/cap/ssh",), (("*", 22, 22),)))
+    assert reason(no_caps, tcp(PEER4, ME4, 1, 22)) is Reason.NO_RULE
 
 
 def test_cap_sources_do_not_open_portless_protocols() -> None:
@@ -473,6 +486,14 @@ def test_from_netmap() -> None:
     assert reason(state, tcp(OTHER4, ME4, 1, 34567)) is Reason.PEERAPI
     assert reason(state, tcp(OTHER6, ME6, 1, 34567)) is Reason.PEERAPI
     assert state.reject_for(tcp(OTHER4, ME4, 1, 34567)) is None
+    # An unparsable self address is skipped, not fatal; extra_local adds routes.
+    odd = NetworkMap(self_node=_node(1, ("bogus", f"{ME4}/32")), peers=(), derp_map=None, dns_config=None,
+                     packet_filter=(rule(("*",), (("*", 80, 80),)),), cap_map={}, user_profiles={}, domain="",
+                     collect_services=False, control_time=None)
+    state = FilterState(PacketFilter.from_netmap(odd, extra_local=["10.9.0.0/16"]))
+    assert reason(state, tcp(PEER4, ME4, 1, 80)) is Reason.TCP_RULE
+    assert reason(state, tcp(PEER4, "10.9.1.1", 1, 80)) is Reason.TCP_RULE
+    assert reason(state, tcp(PEER4, ME4, 1, 34567)) is Reason.NO_RULE  # no PeerAPI port given
 
 
 # -- special filters, replacement, counters ------------------------------------------------

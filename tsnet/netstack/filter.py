@@ -25,11 +25,16 @@ so matching never builds ``ipaddress`` objects.  :class:`PacketFilter` is immuta
 mutable parts (flow cache, counters, the current filter) live in :class:`FilterState`, so
 a netmap update swaps the filter and keeps the flows.
 
+Like tailscaled, a TCP SYN to our PeerAPI port (if one is given) passes regardless of
+rules, IPv6 extension headers are not walked (hop-by-hop is dropped as unknown, a Fragment
+header is protocol 44 and needs a rule), and ``CapGrant`` plays no part in packet decisions.
+
 Nothing here raises on packet bytes: anything malformed is dropped with a reason.
 Deliberate differences from tailscaled (all stricter): transport headers must fit in the
-IPv4 total length (not merely the buffer), an IHL below 5 is malformed, a ``cap:`` source
-only allows ICMP echo to the destinations its rule names, and a TSMP reject is only built
-for SYNs to one of our local nets that no rule admits (not for multicast/link-local ones).
+IP total length (not merely the buffer), an IHL below 5 is malformed, a ``cap:`` source
+only allows ICMP echo to the destinations its rule names, and a TSMP reject is only built for
+SYNs to one of our local nets that no rule admits (not for multicast, link-local or
+foreign destinations, where we would be speaking for an address that is not ours).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_FLOW_CAPACITY",
     "DEFAULT_PROTOCOLS",
+    "DROP_REASONS",
     "FilterResult",
     "FilterRuleError",
     "FilterState",
@@ -493,10 +499,12 @@ class PacketFilter:
         ``CapMap`` keys), for ``cap:<name>`` sources.  ``peerapi_port``: TCP SYNs to this
         port on one of our own addresses pass regardless of rules.
 
-        Unusable rule entries (bad addresses, ``cap:`` in a destination, ``SrcBits``/``Bits``
-        from old servers) are skipped with a logged warning, also kept in :attr:`warnings`;
-        with ``strict=True`` the first one raises :class:`FilterRuleError` instead.  Bad
-        local addresses or peer addresses always raise ValueError (they come from us).
+        Unusable rule entries (bad addresses, ``cap:`` in a destination) are skipped with a
+        logged warning, also kept in :attr:`warnings`.  ``SrcBits`` or ``DstPorts[].Bits``
+        (from servers older than the protocol we speak) discard *all* rules, as tailscaled
+        does, leaving only replies and TSMP.  With ``strict=True`` the first problem raises
+        :class:`FilterRuleError` instead.  Bad local or peer addresses always raise
+        ValueError (they come from us, not from the control server).
         """
         f = cls()
         f._reject_reason = RejectReason.ACL
@@ -511,11 +519,12 @@ class PacketFilter:
 
         rules4: list[_Rule] = []
         rules6: list[_Rule] = []
+        legacy = [i for i, r in enumerate(rules) if r.src_bits or any(d.bits is not None for d in r.dst_ports or ())]
+        if legacy:
+            bad(f"every rule: rule {legacy[0]} has SrcBits/Bits from an old control server")
+            rules = ()
         for index, rule in enumerate(rules):
             where = f"rule {index}"
-            if rule.src_bits:
-                bad(f"{where}: SrcBits from an old control server")
-                continue
             if rule.ip_proto:
                 protos = frozenset(p for p in rule.ip_proto if isinstance(p, int) and 0 <= p <= 0xFF)
             else:
@@ -533,12 +542,7 @@ class PacketFilter:
                 if cap is not None:
                     caps.append(cap)
             dsts: dict[int, list[tuple[int, int, int, int]]] = {4: [], 6: []}
-            rule_ok = True
             for npr in rule.dst_ports or ():
-                if npr.bits is not None:
-                    bad(f"{where}: DstPorts Bits from an old control server")
-                    rule_ok = False
-                    break
                 try:
                     ranges, cap = _parse_ip_set(npr.ip)  # type: ignore[arg-type]
                 except ValueError as exc:
@@ -551,8 +555,6 @@ class PacketFilter:
                 last = npr.ports.last if npr.ports is not None and npr.ports.last is not None else 0
                 for version, low, high in ranges:
                     dsts[version].append((low, high, first, last))
-            if not rule_ok:
-                continue
             compiled = False
             for version, out in ((4, rules4), (6, rules6)):
                 # A family without destinations can never match; sources of the other
@@ -589,17 +591,23 @@ class PacketFilter:
         e.g. routes we advertise) as local nets, and each node's ``CapMap`` keys as the
         capabilities of its single-IP addresses (``cap:`` sources).
         """
-        local: list[PrefixLike] = list(netmap.addresses)
+        own: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
+        for text in netmap.self_node.addresses or ():
+            try:
+                own.append(ipaddress.ip_interface(text))
+            except ValueError:
+                log.warning("packet filter: ignoring unparsable self address %r", text)
+        local: list[PrefixLike] = list(own)
         local.extend(extra_local)
         peer_caps: dict[Any, frozenset[str]] = {}
 
         def add_caps(addresses: Iterable[Any], cap_map: Mapping[str, Any] | None) -> None:
             names = frozenset(cap_map or ())
             for iface in addresses:
-                if iface.network.num_addresses == 1:
+                if iface.network.num_addresses == 1:  # like tailscaled: single-IP addresses only
                     peer_caps[iface.ip] = names
 
-        add_caps(netmap.addresses, netmap.self_node.cap_map)
+        add_caps(own, netmap.self_node.cap_map)
         for peer in netmap.peers:
             add_caps(peer.addresses, peer.cap_map)
         return cls.from_rules(netmap.packet_filter, local, peer_caps=peer_caps, peerapi_port=peerapi_port,
@@ -943,7 +951,8 @@ class FilterState:
             self.outbound_drops[result.reason] += 1
         return result
 
-    def note_outbound_batch(self, packets: Iterable[bytes | bytearray | memoryview]) -> list[bytes | bytearray | memoryview]:
+    def note_outbound_batch(self, packets: Iterable[bytes | bytearray | memoryview]
+                            ) -> list[bytes | bytearray | memoryview]:
         """:meth:`note_outbound` for a batch; returns the packets that may be sent, in order."""
         out = []
         deny = self._filter.is_deny_all
