@@ -144,3 +144,33 @@ def test_segment_to_unknown_tuple_on_listening_port() -> None:
     assert r.flags == RST and r.seq == 4242
     s.receive_packet(tcp(B4, A4, 7, 80, 1, 0, RST), 0.0)  # stray RST: ignored
     assert s.packets_to_send() == [] and not s.connections
+
+
+def test_frag_needed_lowers_mss_for_segments_in_flight() -> None:
+    import struct
+
+    from tests.netstack.netutil import csum, ipv4
+
+    s = Stack([A4], now=0.0)
+    conn = s.tcp_connect(B4, 80, 0.0)
+    [syn_pkt] = s.packets_to_send()
+    our_syn = parse_tcp(parse(syn_pkt))
+    s.receive_packet(tcp(B4, A4, 80, conn.local_port, 5000, our_syn.seq + 1, SYN | ACK, options=MSS), 0.0)
+    s.packets_to_send()
+    assert conn.state == TCPState.ESTABLISHED and conn.send_mss == 1240
+    s.tcp_send(conn, b"d" * 3000, 0.0)
+    data_pkts = [p for p in s.packets_to_send() if parse_tcp(parse(p)).data]
+    assert data_pkts
+
+    def frag_needed(quoted: bytes, mtu: int) -> bytes:
+        body = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + quoted[:28]
+        return ipv4(B4, A4, 1, body[:2] + struct.pack("!H", csum(body)) + body[4:])
+
+    stale = bytearray(data_pkts[0][:28])
+    stale[24:28] = (our_syn.seq - 5000 & 0xFFFFFFFF).to_bytes(4, "big")  # a sequence number never sent
+    s.receive_packet(frag_needed(bytes(stale), 1000), 0.0)
+    assert conn.send_mss == 1240
+    s.receive_packet(frag_needed(bytes(data_pkts[0]), 1000), 0.0)
+    assert conn.send_mss == 960 and s.counters.mss_lowered == 1
+    s.receive_packet(frag_needed(bytes(data_pkts[0]), 100), 0.0)  # clamped to the 576-byte minimum
+    assert conn.send_mss == 536

@@ -68,6 +68,7 @@ ICMP4_TIME_EXCEEDED = 11
 ICMP4_PARAM_PROBLEM = 12
 ICMP4_CODE_PROTO_UNREACHABLE = 2
 ICMP4_CODE_PORT_UNREACHABLE = 3
+ICMP4_CODE_FRAG_NEEDED = 4
 ICMP6_UNREACHABLE = 1
 ICMP6_PACKET_TOO_BIG = 2
 ICMP6_TIME_EXCEEDED = 3
@@ -117,6 +118,7 @@ class StackCounters:
     udp_queue_full: int = 0
     udp_no_port: int = 0
     udp_wrong_peer: int = 0  # datagram from another address to a connected endpoint
+    mss_lowered: int = 0  # frag-needed / packet-too-big lowered a connection's MSS
     loopback_packets: int = 0  # packets to our own addresses, received without leaving
 
     def as_dict(self) -> dict[str, int]:
@@ -820,6 +822,8 @@ class Stack:
 
     def _send_port_unreachable(self, src: bytes, dst: bytes, packet, now: float) -> None:
         """ICMP(v6) port unreachable back to ``src`` quoting the offending packet."""
+        if not any(src) or (src[0] >= 224 if len(src) == 4 else src[0] == 0xFF):
+            return  # never to multicast/broadcast/unspecified sources (RFC 1812 §4.3.2.7, RFC 4443 §2.4)
         if not self._icmp_bucket.take(now):
             self.counters.icmp_rate_limited += 1
             return
@@ -877,6 +881,8 @@ class Stack:
             self.counters.icmp_errors_received += 1
             if kind == ICMP4_UNREACHABLE and code in (ICMP4_CODE_PROTO_UNREACHABLE, ICMP4_CODE_PORT_UNREACHABLE):
                 self._refused(msg[8:], now, touched)
+            elif kind == ICMP4_UNREACHABLE and code == ICMP4_CODE_FRAG_NEEDED:
+                self._path_mtu(msg[8:], (msg[6] << 8) | msg[7], touched)
         else:
             self.counters.icmp_ignored += 1
 
@@ -894,8 +900,38 @@ class Stack:
             self.counters.icmp_errors_received += 1
             if kind == ICMP6_UNREACHABLE and code == ICMP6_CODE_PORT_UNREACHABLE:
                 self._refused(msg[8:], now, touched)
+            elif kind == ICMP6_PACKET_TOO_BIG:
+                self._path_mtu(msg[8:], int.from_bytes(msg[4:8], "big"), touched)
         else:
             self.counters.icmp_ignored += 1
+
+    def _path_mtu(self, quoted: memoryview, mtu: int, touched: dict[TCPConnection, None]) -> None:
+        """Frag-needed / packet-too-big for one of our TCP segments: lower that connection's MSS.
+
+        Only for a quoted sequence number we sent and the peer has not acknowledged
+        (RFC 5927 §4.1), and never below the IPv4 (576) / IPv6 (1280) minimum MTU.
+        """
+        inner = _parse_quoted(quoted)
+        if inner is None or inner[0] != PROTO_TCP:
+            return
+        _proto, our_ip, their_ip, sport, dport = inner
+        conn = self.connections.get((our_ip, sport, their_ip, dport))
+        if conn is None or not hasattr(conn, "send_mss"):
+            return
+        v4 = len(our_ip) == 4
+        hdr = 20 if v4 else 40
+        if len(quoted) < hdr + 8:
+            return
+        seq = int.from_bytes(quoted[hdr + 4:hdr + 8], "big")  # we send no IP options / extension headers
+        una, nxt = conn.snd_una & 0xFFFFFFFF, conn.snd_nxt & 0xFFFFFFFF
+        if (seq - una) & 0xFFFFFFFF >= (nxt - una) & 0xFFFFFFFF:
+            return  # not in flight: forged or stale
+        mtu = max(mtu, 576 if v4 else 1280)
+        mss = mtu - hdr - 20 - (12 if getattr(conn, "ts_ok", False) else 0)
+        if mss < conn.send_mss:
+            conn.send_mss = mss
+            self.counters.mss_lowered += 1
+            touched[conn] = None
 
     def _refused(self, quoted: memoryview, now: float, touched: dict[TCPConnection, None]) -> None:
         """A port/protocol unreachable quoting one of our packets: fail a connecting TCP
