@@ -124,6 +124,8 @@ async def test_ping_and_metrics(pair):
     result = await a.ping("bravo", timeout=10)
     assert result.ip == b.tailscale_ips()[0] and 0 < result.latency < 5
     assert result.path.startswith(("direct", "derp"))
+    report = await a.netcheck()
+    assert report["udp"] is True and report["home_derp"] == 900 and report["global_v4"].startswith("127.0.0.1:")
     m = a.metrics()
     assert m["tsnet_running"] == 1.0 and m["tsnet_packets_in"] > 0 and m["tsnet_control_logged_in"] == 1.0
 

@@ -130,8 +130,7 @@ async def test_serve_forward_to_local_server(pair, nursery):
             await stream.send_all(b"local:" + await stream.receive_some(100))
 
     nursery.start_soon(trio.serve_listeners, handle, listeners)
-    nursery.start_soon(a.serve_forward, 8080, f"127.0.0.1:{port}")
-    await wait_for(lambda: any(k[1] == 8080 for k in a._net.stack.listeners))
+    await nursery.start(a.serve_forward, 8080, f"127.0.0.1:{port}")
     stream = await b.dial("tcp", "alpha:8080", timeout=10)
     await stream.send_all(b"ping")
     with trio.fail_after(5):

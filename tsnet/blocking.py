@@ -291,6 +291,9 @@ class Server:
     def netcheck(self) -> dict[str, Any]:
         return self._call(self._server.netcheck)
 
+    def wait_for_peer(self, name: str, *, timeout: float = 30.0) -> _server.NodeStatus:
+        return self._call(self._server.wait_for_peer, name, timeout=timeout)
+
     def resolve(self, host: str) -> list[Any]:
         return self._call(self._server.resolve, host)
 
@@ -337,7 +340,7 @@ class Server:
 
         async def start() -> None:
             assert self._nursery is not None
-            self._nursery.start_soon(self._server.serve_forward, port, target)
+            await self._nursery.start(self._server.serve_forward, port, target)
 
         self._call(start)
 

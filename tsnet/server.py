@@ -357,6 +357,7 @@ class Server:
         self._update_wanted: trio.Event | None = None
         self._have_addresses: trio.Event | None = None
         self._first_update: trio.Event | None = None
+        self._netmap_changed = trio.Event()
         self._pings: dict[tuple[int, int], trio.Event] = {}
         self._ping_ident = secrets.randbelow(0xFFFF) + 1
         self._ping_seq = 0
@@ -597,8 +598,9 @@ class Server:
             self._health.append("home DERP region not connected")
         # Peers can only reach us once control has told them our home DERP region.
         assert self._first_update is not None
-        with trio.move_on_after(DERP_READY_TIMEOUT):
-            await self._first_update.wait()
+        if driver is not None and driver.core.home_derp:
+            with trio.move_on_after(DERP_READY_TIMEOUT):
+                await self._first_update.wait()
         self._state = "Running"
         self._auth_url = None
         self._signal()
@@ -649,6 +651,8 @@ class Server:
     def _on_netmap(self, nm: Any) -> None:
         self.counters["netmaps"] += 1
         self._netmap = nm
+        self._netmap_changed.set()
+        self._netmap_changed = trio.Event()
         driver = self._driver
         if driver is None:
             return
@@ -952,6 +956,21 @@ class Server:
                     return WhoIs(self._node_status(node, peer), user)
         return None
 
+    async def wait_for_peer(self, name: str, *, timeout: float = 30.0) -> NodeStatus:
+        """Wait until peer ``name`` (short name or FQDN) is in our netmap and reachable.
+
+        "Reachable" means control told us its home DERP region, so the first packet has a path.
+        Useful right after two nodes started together. Raises ``TimeoutError``.
+        """
+        self._require_running()
+        with trio.move_on_after(timeout):
+            while True:
+                peer = self.status().peer(name)
+                if peer is not None and peer.home_derp:
+                    return peer
+                await self._netmap_changed.wait()
+        raise TimeoutError(f"peer {name!r} did not appear in the netmap within {timeout:g}s")
+
     async def resolve(self, host: str) -> list[IPAddress]:
         """Addresses for ``host``: an IP literal, a MagicDNS short name or FQDN, or an upstream name.
 
@@ -1146,10 +1165,12 @@ class Server:
         await sock.connect((host, port))
         return _UDPFlow(sock)
 
-    async def serve_forward(self, port: int, target: str) -> None:
+    async def serve_forward(self, port: int, target: str, *,
+                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Forward tailnet connections on ``:port`` to ``target`` (``host:port`` on this host's network).
 
-        Runs until cancelled; each connection is spliced both ways with half-close.
+        Runs until cancelled; each connection is spliced both ways with half-close. With
+        ``await nursery.start(srv.serve_forward, port, target)`` it returns once listening.
         """
         from .proxy.splice import splice
 
@@ -1166,7 +1187,10 @@ class Server:
             await splice(stream, upstream)
 
         async with listener:
-            await trio.serve_listeners(handle, [listener])
+            try:
+                await trio.serve_listeners(handle, [listener], task_status=task_status)
+            except* trio.ClosedResourceError:
+                pass  # the node was closed
 
     def http_client(self, **kwargs: Any) -> Any:
         """An ``httpx.AsyncClient`` whose connections go over the tailnet (names via MagicDNS).
