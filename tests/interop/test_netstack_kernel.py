@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -30,7 +31,6 @@ from tests.interop.netstack_helpers import (
     kernel_send_all,
     make_netstack_setup,
     receive_all,
-    receive_exactly,
     run_kernel_peer,
     send_random,
 )
@@ -63,6 +63,17 @@ def report_connection(stream: Any, what: str) -> None:
     print(f"{what}: retransmits={st.retransmits} fast={st.fast_retransmits} timeouts={st.timeouts} "
           f"dropped={st.dropped} srtt={st.srtt} rto={st.rto:.3f} cwnd={st.cwnd} ssthresh={st.ssthresh}")
     assert getattr(conn, "internal_errors", 0) == 0, "the TCP core caught an internal error"
+
+
+@asynccontextmanager
+async def our_stack(s: NetstackSetup) -> AsyncIterator[Any]:
+    """Our NetStack for one test; on a clean exit, nothing the kernel sent may have looked broken to it."""
+    async with s.our_stack() as net:
+        yield net
+        stack = getattr(net, "stack", None)
+        if stack is not None:  # not the kernel stand-in
+            c = stack.counters
+            assert (c.malformed, c.bad_checksum, c.internal_errors) == (0, 0, 0), c.as_dict()
 
 
 # -- bulk transfer building blocks ----------------------------------------------------------------------------------
@@ -121,14 +132,25 @@ async def kernel_sends_to_python(s: NetstackSetup, net: Any, version: int, size:
 
 async def test_kernel_ping_v4_and_v6_get_replies(ns_setup: NetstackSetup) -> None:
     s = ns_setup
-    async with s.our_stack() as net:
+    async with our_stack(s) as net:
         assert net is not None
         for version in (4, 6):
             args = ["ping", "-6"] if version == 6 else ["ping", "-4"]
             args += ["-c", "3", "-W", "2", "-i", "0.2", s.our_addr(version)]
             # ping blocks: run it in a thread while our stack keeps answering in this trio loop.
             out = await trio.to_thread.run_sync(lambda: s.kernel_ns.run(args, check=False, timeout=30))
-            assert "3 received" in out, out
+            assert "3 received" in out and "DUP" not in out and "wrong data" not in out, out
+        # Full-MTU echoes: 1252 + 28 (v4) and 1232 + 48 (v6) bytes fill the 1280-byte tunnel exactly.
+        for version, size in ((4, 1252), (6, 1232)):
+            args = ["ping", f"-{version}", "-c", "2", "-W", "2", "-i", "0.2", "-s", str(size), s.our_addr(version)]
+            out = await trio.to_thread.run_sync(lambda: s.kernel_ns.run(args, check=False, timeout=30))
+            assert "2 received" in out and "wrong data" not in out, out
+        # A 3000-byte echo arrives as three kernel-made IPv4 fragments: we reassemble it, and (by design,
+        # we never fragment) drop the oversize reply and count it instead of answering.
+        if (stack := getattr(net, "stack", None)) is not None:
+            args = ["ping", "-4", "-c", "1", "-W", "1", "-s", "3000", s.our_addr(4)]
+            await trio.to_thread.run_sync(lambda: s.kernel_ns.run(args, check=False, timeout=30))
+            assert stack.counters.reassembled == 1 and stack.counters.oversize_reply_dropped == 1, stack.counters
 
 
 # -- 2. 64 MiB both ways, IPv4 and IPv6 -----------------------------------------------------------------------------
@@ -136,13 +158,13 @@ async def test_kernel_ping_v4_and_v6_get_replies(ns_setup: NetstackSetup) -> Non
 
 @pytest.mark.parametrize("version", [4, 6])
 async def test_bulk_python_to_kernel(ns_setup: NetstackSetup, version: int) -> None:
-    async with ns_setup.our_stack() as net:
+    async with our_stack(ns_setup) as net:
         await python_sends_to_kernel(ns_setup, net, version, BULK)
 
 
 @pytest.mark.parametrize("version", [4, 6])
 async def test_bulk_kernel_to_python(ns_setup: NetstackSetup, version: int) -> None:
-    async with ns_setup.our_stack() as net:
+    async with our_stack(ns_setup) as net:
         await kernel_sends_to_python(ns_setup, net, version, BULK)
 
 
@@ -152,7 +174,7 @@ async def test_bulk_kernel_to_python(ns_setup: NetstackSetup, version: int) -> N
 @pytest.mark.parametrize("version", [4, 6])
 async def test_bulk_both_ways_under_3_percent_loss(ns_setup: NetstackSetup, version: int) -> None:
     s = ns_setup
-    async with s.our_stack() as net:
+    async with our_stack(s) as net:
         # Loss starts once the connection is up, so the WireGuard handshake (5 s retry) is not at stake.
         await python_sends_to_kernel(s, net, version, LOSSY_BULK, before_data=lambda: s.add_loss(0.03))
         dropped = s.dropped_by_loss()
@@ -168,7 +190,7 @@ async def test_500_concurrent_kernel_connections_are_served(ns_setup: NetstackSe
     s = ns_setup
     n = 500
     served = 0
-    async with s.our_stack() as net:
+    async with our_stack(s) as net:
         listener = await net.open_tcp_listener(7, backlog=n)
 
         async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -217,7 +239,7 @@ async def test_half_close_python_client(ns_setup: NetstackSetup) -> None:
     """We send a request and EOF; the kernel reads to EOF, then answers; we still receive everything."""
     s = ns_setup
     reply = bytes(range(256)) * 400  # 100 KiB after our FIN
-    async with s.our_stack() as net:
+    async with our_stack(s) as net:
         server = s.kernel_socket(4)
         await server.bind((s.kernel_addr(4), 0))
         server.listen(1)
@@ -246,7 +268,7 @@ async def test_half_close_kernel_client(ns_setup: NetstackSetup) -> None:
     """The kernel sends and shuts down writing; we read to EOF, then answer on the half-open connection."""
     s = ns_setup
     reply = bytes(range(256)) * 400
-    async with s.our_stack() as net:
+    async with our_stack(s) as net:
         listener = await net.open_tcp_listener(8080)
         client = s.kernel_socket(6)
         with trio.fail_after(STEP_TIMEOUT):
@@ -283,7 +305,7 @@ def _linger_zero(sock: trio.socket.SocketType) -> None:
 
 async def test_kernel_rst_while_python_sends(ns_setup: NetstackSetup) -> None:
     s = ns_setup
-    async with s.our_stack() as net:
+    async with our_stack(s) as net:
         server = s.kernel_socket(4)
         await server.bind((s.kernel_addr(4), 0))
         server.listen(1)
@@ -308,7 +330,7 @@ async def test_kernel_rst_while_python_sends(ns_setup: NetstackSetup) -> None:
 
 async def test_kernel_rst_while_python_receives(ns_setup: NetstackSetup) -> None:
     s = ns_setup
-    async with s.our_stack() as net:
+    async with our_stack(s) as net:
         server = s.kernel_socket(6)
         await server.bind((s.kernel_addr(6), 0))
         server.listen(1)
@@ -343,7 +365,7 @@ async def test_connect_to_closed_kernel_port_is_refused_at_once(ns_setup: Netsta
     await probe.bind((s.kernel_addr(version), 0))
     closed_port = probe.getsockname()[1]
     probe.close()  # bound, never listened: the port is closed, the kernel answers SYNs with RST
-    async with s.our_stack() as net:
+    async with our_stack(s) as net:
         start = trio.current_time()
         with pytest.raises(ConnectionRefusedError):
             await net.open_tcp_stream(s.kernel_addr(version), closed_port, timeout=STEP_TIMEOUT)
@@ -366,7 +388,7 @@ async def test_connect_to_silent_port_times_out_as_configured(ns_setup: Netstack
     # Routed to wireguard-go and delivered to the kernel, which drops the SYNs without a word.
     s.kernel_ns.run([tool, "-w", "-A", "INPUT", "-i", s.tun, "-p", "tcp", "--dport", "9", "-j", "DROP"])
     timeout = 1.5
-    async with s.our_stack() as net:
+    async with our_stack(s) as net:
         # Bring the WireGuard session up first, so the timeout covers TCP alone.
         out = await trio.to_thread.run_sync(
             lambda: s.kernel_ns.run(["ping", f"-{version}", "-c", "1", "-W", "5", s.our_addr(version)], check=False)
