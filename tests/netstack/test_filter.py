@@ -216,6 +216,58 @@ def test_rule_for_another_destination_does_not_admit() -> None:
     assert reason(state, tcp(PEER4, OTHER4, 1, 22)) is Reason.TCP_RULE
 
 
+def test_reference_table() -> None:
+    """The decision table tailscaled's own filter tests use (rules and packets restated here)."""
+    allowed_proto, denied_proto, all_ports = 116, 127, (0, 65535)
+    rules = [
+        rule(("8.1.1.1", "8.2.2.2"), (("1.2.3.4", 22, 22), ("5.6.7.8", 23, 24))),
+        rule(("9.1.1.1", "9.2.2.2"), (("1.2.3.4", 22, 22), ("5.6.7.8", 23, 24)), protos=(132,)),
+        rule(("8.1.1.1", "8.2.2.2"), (("5.6.7.8", 27, 28),)),
+        rule(("2.2.2.2",), (("8.1.1.1", 22, 22),)),
+        rule(("0.0.0.0/0",), (("100.122.98.50", *all_ports),)),
+        rule(("0.0.0.0/0",), (("0.0.0.0/0", 443, 443),)),
+        rule(("153.1.1.1", "153.1.1.2", "153.3.3.3"), (("1.2.3.4", 999, 999),)),
+        rule(("::1", "::2"), (("2001::1", 22, 22), ("2001::2", 22, 22))),
+        rule(("::/0",), (("::/0", 443, 443),)),
+        rule(("0.0.0.0/0",), (("0.0.0.0/0", *all_ports),), protos=(allowed_proto,)),
+        rule(("::/0",), (("::/0", *all_ports),), protos=(allowed_proto,)),
+        rule(("cap:cap-hit-1234-ssh",), (("1.2.3.4", 22, 22),)),
+    ]
+    local = ["100.122.98.50", "1.2.3.4", "5.6.7.8", "102.102.102.102", "119.119.119.119", "8.1.0.0/16", "2001::/16"]
+    state = FilterState(PacketFilter.from_rules(rules, local, peer_caps={"10.0.0.1": {"cap-hit-1234-ssh"}}))
+    table = [
+        (True, 6, "8.1.1.1", "1.2.3.4", 999, 22), (True, 1, "8.1.1.1", "1.2.3.4", 0, 0),
+        (False, 6, "8.1.1.1", "1.2.3.4", 0, 0), (True, 6, "8.1.1.1", "1.2.3.4", 0, 22),
+        (False, 6, "8.1.1.1", "1.2.3.4", 0, 21), (True, 6, "8.2.2.2", "1.2.3.4", 0, 22),
+        (False, 6, "8.2.2.2", "1.2.3.4", 0, 23), (False, 6, "8.3.3.3", "1.2.3.4", 0, 22),
+        (True, 6, "8.1.1.1", "5.6.7.8", 0, 23), (True, 6, "8.1.1.1", "5.6.7.8", 0, 24),
+        (False, 6, "8.1.1.3", "5.6.7.8", 0, 24), (False, 6, "8.1.1.1", "5.6.7.8", 0, 22),
+        (True, 6, "17.34.51.68", "8.1.34.51", 0, 443), (False, 6, "17.34.51.68", "8.1.34.51", 0, 444),
+        (True, 6, "17.34.51.68", "100.122.98.50", 0, 999), (True, 6, "17.34.51.68", "100.122.98.50", 0, 0),
+        (True, 6, "::1", "2001::1", 0, 22), (True, 58, "::1", "2001::1", 0, 0),
+        (True, 6, "::2", "2001::1", 0, 22), (True, 6, "::2", "2001::2", 0, 22),
+        (False, 6, "::1", "2001::1", 0, 23), (False, 6, "::1", "2001::3", 0, 22),
+        (False, 6, "::3", "2001::1", 0, 22), (True, 6, "::1", "2001::1", 0, 443),
+        (False, 6, "::1", "2001::1", 0, 444),
+        (False, 6, "8.1.1.1", "16.32.48.64", 0, 443), (False, 6, "1::", "2602::1", 0, 443),  # not local
+        (False, 132, "8.1.1.1", "1.2.3.4", 999, 22), (True, 132, "9.1.1.1", "1.2.3.4", 999, 22),
+        (True, allowed_proto, "1.2.3.4", "5.6.7.8", 0, 0), (True, allowed_proto, "2001::1", "2001::2", 0, 0),
+        (False, denied_proto, "1.2.3.4", "5.6.7.8", 0, 0), (False, denied_proto, "2001::1", "2001::2", 0, 0),
+        (True, 6, "10.0.0.1", "1.2.3.4", 30000, 22), (False, 6, "10.0.0.2", "1.2.3.4", 30000, 22),
+    ]
+    for want, proto, src, dst, sport, dport in table:
+        if proto == 6:
+            packets = [tcp(src, dst, sport, dport, SYN), udp(src, dst, sport, dport)]  # TCP and UDP alike
+        elif proto == 132:
+            packets = [sctp(src, dst, sport, dport)]
+        elif proto in (1, 58):
+            packets = [icmp(src, dst, 8 if proto == 1 else 128)]
+        else:
+            packets = [ip_packet(src, dst, proto, bytes(8))]
+        for pkt in packets:
+            assert state.check_inbound(pkt).accepted is want, (want, proto, src, dst, sport, dport)
+
+
 # -- protocols ------------------------------------------------------------------------------
 
 
