@@ -40,8 +40,10 @@ async def serve_hello(srv: tsnet.Server, task_status: trio.TaskStatus[None] = tr
             await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
                                   % (len(body), body))
 
-    task_status.started()
-    await trio.serve_listeners(handle, [listener])
+    try:
+        await trio.serve_listeners(handle, [listener], task_status=task_status)
+    except* trio.ClosedResourceError:
+        pass  # the node was closed
 
 
 async def main() -> None:
