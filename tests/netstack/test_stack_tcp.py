@@ -174,3 +174,22 @@ def test_frag_needed_lowers_mss_for_segments_in_flight() -> None:
     assert conn.send_mss == 960 and s.counters.mss_lowered == 1
     s.receive_packet(frag_needed(bytes(data_pkts[0]), 100), 0.0)  # clamped to the 576-byte minimum
     assert conn.send_mss == 536
+
+
+def test_tsmp_ping_and_reject() -> None:
+    import struct
+
+    from tests.netstack.netutil import ipv4, ipv6
+
+    s = Stack([A4, A6], now=0.0)
+    s.peerapi_port = 4242
+    s.receive_packet(ipv4(B4, A4, 99, b"p" + b"12345678", ident=0x1234), 0.0)
+    s.receive_packet(ipv6(B6, A6, 99, b"p" + b"abcdefgh"), 0.0)
+    r4, r6 = (parse(p) for p in s.packets_to_send())
+    assert (r4.src, r4.dst, r4.proto, r4.payload) == (A4, B4, 99, b"o12345678" + struct.pack("!H", 4242))
+    assert (r6.src, r6.dst, r6.payload) == (A6, B6, b"oabcdefgh" + struct.pack("!H", 4242))
+    # A reject of our SYN (sent by the target) fails the connect at once.
+    conn = s.tcp_connect(B4, 22, 0.0)
+    s.packets_to_send()
+    s.receive_packet(ipv4(B4, A4, 99, b"!" + bytes((6,)) + b"A" + struct.pack("!HH", conn.local_port, 22)), 0.0)
+    assert conn.state == TCPState.CLOSED and not s.connections

@@ -76,6 +76,10 @@ ICMP6_PARAM_PROBLEM = 4
 ICMP6_ECHO_REQUEST = 128
 ICMP6_ECHO_REPLY = 129
 ICMP6_CODE_PORT_UNREACHABLE = 4
+# TSMP (IP protocol 99) message types (wireguard-netstack.md B.1).
+TSMP_REJECT = 0x21
+TSMP_PING = 0x70
+TSMP_PONG = 0x6F
 
 # How much of the offending packet an ICMP error quotes: RFC 1812 §4.3.2.3 (576 total)
 # for v4, RFC 4443 §2.4 (the minimum MTU, 1280 total) for v6.
@@ -119,6 +123,8 @@ class StackCounters:
     udp_no_port: int = 0
     udp_wrong_peer: int = 0  # datagram from another address to a connected endpoint
     mss_lowered: int = 0  # frag-needed / packet-too-big lowered a connection's MSS
+    tsmp_pongs: int = 0
+    tsmp_rejects: int = 0
     loopback_packets: int = 0  # packets to our own addresses, received without leaving
 
     def as_dict(self) -> dict[str, int]:
@@ -270,6 +276,8 @@ class Stack:
         reassembly_memory: int = 4 << 20,
     ) -> None:
         self.tcp_options = tcp_options
+        #: PeerAPI port put in TSMP pongs (0: none)
+        self.peerapi_port = 0
         self.mtu = mtu
         self.max_half_open = max_half_open
         self.udp_queue_limit = udp_queue_limit
@@ -521,6 +529,8 @@ class Stack:
             self._receive_icmp4(ip.src, ip.dst, payload, now, touched)
         elif proto == PROTO_ICMPV6 and ip.version == 6:
             self._receive_icmp6(ip.src, ip.dst, payload, now, touched)
+        elif proto == ipmod.PROTO_TSMP and whole:
+            self._receive_tsmp(ip, payload, now, touched)
         else:
             self.counters.unknown_protocol += 1
 
@@ -817,6 +827,42 @@ class Stack:
             del self.udp_endpoints[(ep.local_ip, ep.port)]
         ep.queue.clear()
         ep._notify()
+
+    # -- TSMP ----------------------------------------------------------------------------------------------------------
+
+    def _receive_tsmp(self, ip: ipmod.ParsedIP, msg: memoryview, now: float,
+                      touched: dict[TCPConnection, None]) -> None:
+        """Tailscale Message Protocol: answer pings; a reject of our SYN fails that connect."""
+        if len(msg) < 1:
+            raise MalformedPacket("empty TSMP message")
+        kind = msg[0]
+        if kind == TSMP_PING and len(msg) >= 9:
+            if not self._icmp_bucket.take(now):
+                self.counters.icmp_rate_limited += 1
+                return
+            pong = bytes((TSMP_PONG,)) + bytes(msg[1:9]) + struct.pack("!H", self.peerapi_port)
+            if ip.version == 4:
+                # As tailscaled does: the reply's IP ID is the request's with every bit flipped.
+                hdr = ipmod.ipv4_header(ip.dst, ip.src, ipmod.PROTO_TSMP, len(pong), ident=~ip.frag_id & 0xFFFF,
+                                        df=False)
+            else:
+                hdr = ipmod.ipv6_header(ip.dst, ip.src, ipmod.PROTO_TSMP, len(pong))
+            self.outbox.append(hdr + pong)
+            self.counters.tsmp_pongs += 1
+            self.counters.packets_sent_direct += 1
+        elif kind == TSMP_REJECT and len(msg) >= 7:
+            self.counters.tsmp_rejects += 1
+            proto, _reason = msg[1], msg[2]
+            our_port, their_port = _TCP_PORTS.unpack_from(msg, 3)
+            maybe_broken = len(msg) >= 8 and msg[7] & 1
+            if proto != PROTO_TCP or maybe_broken:
+                return  # "maybe broken" is informational: the flow may still work
+            conn = self.connections.get((ip.dst, our_port, ip.src, their_port))
+            if conn is not None and conn.state == TCPState.SYN_SENT:
+                self._safe_abort(conn, now)  # the driver reports it as refused (by the peer's ACLs)
+                touched[conn] = None
+        else:
+            self.counters.icmp_ignored += 1
 
     # -- ICMP --------------------------------------------------------------------------------------------------------
 
