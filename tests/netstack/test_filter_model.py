@@ -48,8 +48,9 @@ class Pkt:
         else:
             body = b"p" + bytes(10)
         s, d = ipaddress.ip_address(self.src).packed, ipaddress.ip_address(self.dst).packed
-        hdr = ipv4_header(s, d, self.proto, len(body)) if self.version == 4 else ipv6_header(s, d, self.proto, len(body))
-        return hdr + body
+        if self.version == 4:
+            return ipv4_header(s, d, self.proto, len(body)) + body
+        return ipv6_header(s, d, self.proto, len(body)) + body
 
 
 def _ranges(text: str, version: int) -> list[tuple[ipaddress._BaseAddress, ipaddress._BaseAddress]]:
