@@ -151,7 +151,7 @@ class TCPConnection:
         "_ooo_fin", "_fin_received", "_rcv_full", "_unacked_segs", "_ack_now", "_last_ack_sent",
         "_rcv_space_time", "_rcv_space_copied", "_rcv_rtt", "_rcv_rtt_seq", "_rcv_rtt_time",
         # timestamps
-        "_ts_offset", "_ts_recent", "_ts_recent_time",
+        "_ts_offset", "_ts_recent", "_ts_recent_time", "_ts_floor",
         # RTT / timers
         "_srtt", "_rttvar", "_rto", "_rtt_seq", "_rtt_time", "_retries", "_progress_time",
         "_rto_deadline", "_persist_deadline", "_persist_backoff", "_delack_deadline",
@@ -252,6 +252,7 @@ class TCPConnection:
         self._ts_offset = ts_offset & _M
         self._ts_recent = 0
         self._ts_recent_time = now
+        self._ts_floor: int | None = None  # echoes older than our last RTO are ambiguous
         self._srtt: float | None = None
         self._rttvar = 0.0
         self._rto = options.initial_rto
@@ -474,7 +475,7 @@ class TCPConnection:
         if self.state == TCPState.CLOSED:
             return
         if self.state not in (TCPState.SYN_SENT,):
-            self._send_rst(self.snd_nxt, now)
+            self._send_rst(self.snd_max, now)
         self._shut_wr = True
         self._enter_closed(None)
 
@@ -648,7 +649,18 @@ class TCPConnection:
             self._send_syn(now, with_ack=True)
             return
         wnd = self._window_field()
-        self._emit(self.snd_nxt, ACK, self._options(now), None, wnd)
+        self._emit(self._ack_seq(), ACK, self._options(now), None, wnd)
+
+    def _ack_seq(self) -> int:
+        """Sequence number for segments without data: the highest we ever sent (after a
+        go-back-N retransmission SND.NXT is behind what the peer already has, and a
+        segment below its RCV.NXT would be dropped with the ACK in it), kept inside the
+        peer's window."""
+        seq = self.snd_max
+        wnd_end = self.snd_una + self.snd_wnd
+        if seq > wnd_end and self._was_established:
+            seq = max(wnd_end, self.snd_una)
+        return seq
 
     def _send_rst(self, seq: int, now: float) -> None:
         """RST+ACK at ``seq`` for our own connection (abort, data after close)."""
@@ -1055,7 +1067,7 @@ class TCPConnection:
             if st in (TCPState.ESTABLISHED, TCPState.FIN_WAIT_1, TCPState.FIN_WAIT_2):
                 if self._app_closed and plen and seq + plen > rnxt:
                     # Nobody will ever read this (RFC 9293 §3.6 / RFC 2525).
-                    self._send_rst(self.snd_nxt, now)
+                    self._send_rst(self.snd_max, now)
                     self._enter_closed(None)
                     return
                 self._process_data(seg, seq, payload, now)
@@ -1154,7 +1166,9 @@ class TCPConnection:
             self._persist_backoff = 0
             # RTT sample: timestamps (RFC 7323 RTTM) or the one timed segment (Karn's rule).
             if self.ts_ok and seg.has_ts and seg.tsecr:
-                self._rtt_sample(((self._ts_now(now) - seg.tsecr) & _M) / _TS_HZ)
+                floor = self._ts_floor
+                if floor is None or ((seg.tsecr - floor) & _M) < _HALF:
+                    self._rtt_sample(((self._ts_now(now) - seg.tsecr) & _M) / _TS_HZ)
             elif self._rtt_seq is not None and ack >= self._rtt_seq:
                 self._rtt_sample(now - self._rtt_time)
                 self._rtt_seq = None
@@ -1416,6 +1430,9 @@ class TCPConnection:
             return
         self._rto = min(self._rto * 2, self.options.max_rto)
         self._rtt_seq = None  # Karn: nothing sent before now may be timed
+        # With timestamps, an ACK may echo a segment sent before this timeout although
+        # it acknowledges the retransmission (its ACK was lost): not a valid sample.
+        self._ts_floor = self._ts_now(now)
         if handshake:
             self._send_syn(now, with_ack=st == TCPState.SYN_RECEIVED)
             self.stats.retransmits += 1
@@ -1490,6 +1507,6 @@ class TCPConnection:
             self._give_up()
             return
         self._ka_probes += 1
-        # Probe: an ACK one byte to the left of SND.NXT, which the peer must answer.
-        self._emit(self.snd_nxt - 1, ACK, self._options(now), None, self._window_field())
+        # Probe: an ACK one byte to the left of SND.UNA (already acknowledged), which the peer must answer.
+        self._emit(self.snd_una - 1, ACK, self._options(now), None, self._window_field())
         self._ka_deadline = now + opts.keepalive_interval
