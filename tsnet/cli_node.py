@@ -374,7 +374,8 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
             for fwd in s.forwards:
                 await server.serve_forward(fwd.port, fwd.target)
                 out(f"forwarding tailnet port {fwd.port} to {fwd.target}", step="forward")
-            same = s.metrics_listen is not None and s.metrics_listen == s.health_listen
+            # One listener serves both when both flags name the same fixed address (port 0 means "any": two).
+            same = s.metrics_listen is not None and s.metrics_listen == s.health_listen and s.metrics_listen[1] != 0
             if s.metrics_listen:
                 host, port = s.metrics_listen
                 bound["metrics"] = (host, await nursery.start(
@@ -388,6 +389,7 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
                 out(f"health on http://{_addr_text(bound['health'])}/healthz", step="health")
             elif same:
                 bound["health"] = bound["metrics"]
+                out(f"health on http://{_addr_text(bound['health'])}/healthz", step="health")
             out("running; SIGTERM or Ctrl-C stops", step="running")
             if ready is not None:
                 ready(bound)

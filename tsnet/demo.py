@@ -100,7 +100,7 @@ async def _read_head(stream: Any, limit: int = 16384) -> tuple[bytes, bytes]:
         if not data:
             raise ConnectionError("connection closed before the HTTP head ended")
         buf += data
-        if len(buf) > limit:
+        if len(buf) > limit and b"\r\n\r\n" not in buf:  # body bytes may follow the head in one read
             raise ConnectionError("HTTP head too large")
     head, _, rest = bytes(buf).partition(b"\r\n\r\n")
     return head, rest
@@ -135,9 +135,13 @@ async def _handle_http(stream: Any, web_name: str) -> None:
 
 
 async def _serve_http(listener: Any, web_name: str) -> None:
+    """Accept connections until the listener (or its node) is closed."""
     async with trio.open_nursery() as nursery:
         while True:
-            stream = await listener.accept()
+            try:
+                stream = await listener.accept()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return
             nursery.start_soon(_handle_http, stream, web_name)
 
 

@@ -142,7 +142,7 @@ def make_app(server: Any) -> Any:
                     addr = _parse_whois_addr(text)
                 except ValueError:
                     return _error(400, f"whois needs ?addr=IP[:PORT], not {text!r}")
-                who = server.whois(addr)
+                who = server.whois(str(addr))
                 if who is None:
                     return _error(404, f"no node owns {addr}")
                 return _json_reply(200, who)

@@ -217,6 +217,8 @@ class ControlClient:
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: object | None = None
         self.counters = {"dials": 0, "polls": 0, "map_messages": 0, "keepalives": 0, "key_changes": 0}
+        #: True while a map long-poll is open and streaming (health checks read it).
+        self.map_connected = False
 
     async def __aenter__(self) -> ControlClient:
         self._nursery_cm = trio.open_nursery()
@@ -444,6 +446,7 @@ class ControlClient:
                     raise ControlError(f"map: http {resp.status}: {text}")
                 decoder = MapFrameDecoder()
                 session = MapSession()
+                self.map_connected = True
                 try:
                     async for chunk in resp.iter_chunks():
                         for msg in decoder.feed(chunk):
@@ -460,6 +463,7 @@ class ControlClient:
                             if self.self_expired():
                                 return  # run() renews the key and polls again
                 finally:
+                    self.map_connected = False
                     with trio.CancelScope(shield=True):
                         await resp.aclose()
             if watchdog.cancelled_caught:
