@@ -193,3 +193,20 @@ def test_tsmp_ping_and_reject() -> None:
     s.packets_to_send()
     s.receive_packet(ipv4(B4, A4, 99, b"!" + bytes((6,)) + b"A" + struct.pack("!HH", conn.local_port, 22)), 0.0)
     assert conn.state == TCPState.CLOSED and not s.connections
+
+
+def test_handshake_completing_into_a_full_accept_queue_is_reset() -> None:
+    s = Stack([A4], now=0.0)
+    listener = s.tcp_listen(80, backlog=2)
+    s.receive_packets([syn(1), syn(2)], 0.0)
+    iss = synacks(s)
+    s.receive_packet(tcp(B4, A4, 1, 80, 1001, iss[1] + 1, ACK), 0.0)
+    s.receive_packet(syn(3), 0.0)  # one slot in each queue: accepted
+    iss.update(synacks(s))
+    s.receive_packet(tcp(B4, A4, 2, 80, 1001, iss[2] + 1, ACK), 0.0)
+    s.packets_to_send()
+    s.receive_packet(tcp(B4, A4, 3, 80, 1001, iss[3] + 1, ACK), 0.0)
+    [rst] = [parse_tcp(parse(p)) for p in s.packets_to_send()]
+    assert rst.flags & RST and rst.dport == 3
+    assert [c.remote_port for c in listener.accept_queue] == [1, 2]
+    assert s.counters.tcp_accept_overflow == 1 and len(s.connections) == 2 and s._half_open == 0

@@ -412,6 +412,9 @@ class Stack:
         listener = self._listener_of.get(conn)
         if listener is not None and conn.is_established:
             self._promote(conn, listener)
+            if conn.state == TCPState.CLOSED:  # the accept queue was full: reset
+                self._forget(conn)
+                return
         t = conn.get_timer()
         old = self._deadline_of.get(conn)
         if t == old:
