@@ -210,3 +210,18 @@ def test_handshake_completing_into_a_full_accept_queue_is_reset() -> None:
     assert rst.flags & RST and rst.dport == 3
     assert [c.remote_port for c in listener.accept_queue] == [1, 2]
     assert s.counters.tcp_accept_overflow == 1 and len(s.connections) == 2 and s._half_open == 0
+
+
+def test_icmp_unreachable_fails_a_pending_connect() -> None:
+    import struct
+
+    from tests.netstack.netutil import csum, ipv6, pseudo
+
+    s = Stack([A6], now=0.0)
+    conn = s.tcp_connect(B6, 80, 0.0)
+    [syn_pkt] = s.packets_to_send()
+    body = struct.pack("!BBHI", 1, 4, 0, 0) + bytes(syn_pkt)
+    body = body[:2] + struct.pack("!H", csum(pseudo(B6, A6, 58, len(body)) + body)) + body[4:]
+    s.receive_packet(ipv6(B6, A6, 58, body), 0.0)
+    assert conn.state == TCPState.CLOSED and not s.connections
+    assert s.counters.icmp_errors_received == 1
