@@ -68,7 +68,7 @@ def percentile(values: list[float], q: float) -> float:
 # -- kernel<->kernel reference ------------------------------------------------------------------------------------
 
 
-def kernel_reference(size: int, rtt_count: int) -> dict[str, float]:
+def kernel_reference(size: int, rtt_count: int, repeat: int = 1) -> dict[str, float]:
     """Two wireguard-go namespaces over a veth; kernel TCP through both tunnels."""
     results: dict[str, float] = {}
     with Lab() as lab:
@@ -94,7 +94,7 @@ def kernel_reference(size: int, rtt_count: int) -> dict[str, float]:
             return sock, sock.getsockname()[1]
 
         async def main() -> None:
-            for label, src, dst, dst_addr in (("a->b", a, b, overlay[2]), ("b->a", b, a, overlay[1])):
+            for label, src, dst, dst_addr in (("a->b", a, b, overlay[2]), ("b->a", b, a, overlay[1])) * repeat:
                 lsock, port = listener(dst, dst_addr)
                 async with trio.open_nursery() as nursery:
                     box: dict[str, Any] = {}
@@ -107,7 +107,8 @@ def kernel_reference(size: int, rtt_count: int) -> dict[str, float]:
                 lsock.close()
                 r = box["r"]
                 assert r.nbytes == size, r.data
-                results[f"mbit {label}"] = mbit(r.nbytes, r.data["seconds"])
+                rate = mbit(r.nbytes, r.data["seconds"])
+                results[f"mbit {label}"] = max(rate, results.get(f"mbit {label}", 0.0))  # best of repeat
             lsock, port = listener(b, overlay[2])
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lambda: run_kernel_peer(b, "echo", lsock.fileno(), pass_fds=[lsock.fileno()]))
@@ -207,18 +208,24 @@ async def python_rtt(s: NetstackSetup, net: Any, count: int) -> list[float]:
     return times[min(100, count // 10):]
 
 
-def python_vs_kernel(size: int, rtt_count: int, profile: cProfile.Profile | None) -> dict[str, float]:
+def python_vs_kernel(size: int, rtt_count: int, profile: cProfile.Profile | None, repeat: int = 1) -> dict[str, float]:
     results: dict[str, float] = {}
     with Lab() as lab:
         s = make_netstack_setup(lab)
 
         async def main() -> None:
             async with s.our_stack() as net:
-                results["mbit py->k"] = await python_to_kernel(s, net, size, profile)
-                results["mbit k->py"] = await kernel_to_python(s, net, size)
+                for _ in range(repeat):  # best of repeat, like the reference
+                    rate = await python_to_kernel(s, net, size, None)
+                    results["mbit py->k"] = max(rate, results.get("mbit py->k", 0.0))
+                    rate = await kernel_to_python(s, net, size)
+                    results["mbit k->py"] = max(rate, results.get("mbit k->py", 0.0))
                 rtts = await python_rtt(s, net, rtt_count)
                 results["rtt median"] = statistics.median(rtts)
                 results["rtt p99"] = percentile(rtts, 0.99)
+                if profile is not None:
+                    # A separate run: the profiler's own overhead must not distort the timed transfers.
+                    await python_to_kernel(s, net, size, profile)
 
         trio.run(main)
     return results
@@ -305,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256, help="MiB per throughput run (default 256)")
     p.add_argument("--rtt-count", type=int, default=2000, help="1-byte round trips (default 2000)")
     p.add_argument("--conns", type=int, default=1000, help="idle connections for the memory row (default 1000)")
-    p.add_argument("--profile", action="store_true", help="cProfile the Python->kernel transfer, print top by tottime")
+    p.add_argument("--repeat", type=int, default=1, help="throughput runs per row; the best counts (default 1)")
+    p.add_argument("--profile", action="store_true",
+                   help="cProfile one extra Python->kernel transfer (not the timed one), print top by tottime")
     p.add_argument("--only", choices=["kernel", "python", "memory"], action="append", help="run only these parts")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -318,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     mem: float | None = None
     profile = cProfile.Profile() if args.profile else None
     if "kernel" in parts:
-        ref = kernel_reference(size, args.rtt_count)
+        ref = kernel_reference(size, args.rtt_count, args.repeat)
     if "python" in parts:
-        py = python_vs_kernel(size, args.rtt_count, profile)
+        py = python_vs_kernel(size, args.rtt_count, profile, args.repeat)
     if "memory" in parts:
         mem = idle_memory(args.conns)
 
@@ -346,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     if mem is not None:
         rows.append((f"memory per idle connection ({args.conns} pairs, both ends)", f"{mem / 1024:.1f} KiB",
                      "", f"<= {TARGET_IDLE_BYTES // 1024} KiB {'ok' if mem <= TARGET_IDLE_BYTES else 'OVER'}"))
-    print(f"\nnetstack_bench: {args.size} MiB per transfer, {args.rtt_count} round trips, MTU 1280, "
-          f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    print(f"\nnetstack_bench: {args.size} MiB per transfer (best of {args.repeat}), {args.rtt_count} round trips, "
+          f"MTU 1280, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, Python {sys.version.split()[0]}")
     widths = [max(len(r[i]) for r in rows + [("what", "value", "ratio", "target")]) for i in range(4)]
     header = ("what", "value", "ratio", "target")
     for r in [header, tuple("-" * w for w in widths), *rows]:
