@@ -108,6 +108,11 @@ _ADDRS_PORTS6 = struct.Struct("!16s16sHH").unpack_from
 _PACK_ADDRS_PORTS6 = struct.Struct("!16s16sHH").pack
 _ADDRS4 = struct.Struct("!4s4s").unpack_from
 _PORTS = struct.Struct("!HH").unpack_from
+# Fast path: IPv4 version/IHL, total length, flags+offset, protocol, destination, and the
+# TCP flags byte if the header has no options; IPv6 payload length, next header,
+# destination, TCP flags without extension headers.  Both need 54 bytes.
+_V4_FAST = struct.Struct("!BxHxxHxB6x4s13xB").unpack_from
+_V6_FAST = struct.Struct("!4xHB17x16s13xB").unpack_from
 _METADATA4 = bytes((169, 254, 169, 254))  # link-local, yet allowed (cloud metadata)
 
 IPLike = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -441,7 +446,8 @@ class PacketFilter:
     """
 
     __slots__ = ("_mode", "_rules4", "_rules6", "_local4_hosts", "_local6_hosts", "_local4_nets", "_local6_nets",
-                 "_caps4", "_caps6", "_peerapi_port", "_reject_reason", "warnings", "rule_count")
+                 "_fast4_hosts", "_fast6_hosts", "_caps4", "_caps6", "_peerapi_port", "_reject_reason", "warnings",
+                 "rule_count")
 
     def __init__(self) -> None:  # use the classmethods
         self._mode = _Mode.RULES
@@ -453,6 +459,9 @@ class PacketFilter:
         self._local6_hosts: frozenset[bytes] = frozenset()
         self._local4_nets: tuple[tuple[int, int], ...] = ()
         self._local6_nets: tuple[tuple[int, int], ...] = ()
+        # Our addresses that may skip the multicast/link-local checks (all sane ones).
+        self._fast4_hosts: frozenset[bytes] = frozenset()
+        self._fast6_hosts: frozenset[bytes] = frozenset()
         self._caps4: dict[int, frozenset[str]] = {}
         self._caps6: dict[int, frozenset[str]] = {}
         self._peerapi_port: int | None = None
@@ -574,6 +583,8 @@ class PacketFilter:
             else:
                 nets[version].append((low, high))
         f._local4_hosts, f._local6_hosts = frozenset(hosts[4]), frozenset(hosts[6])
+        f._fast4_hosts = frozenset(h for h in hosts[4] if h[0] & 0xF0 != 0xE0 and h[:2] != b"\xa9\xfe")
+        f._fast6_hosts = frozenset(h for h in hosts[6] if h[0] != 0xFF and not (h[0] == 0xFE and h[1] & 0xC0 == 0x80))
         f._local4_nets, f._local6_nets = tuple(nets[4]), tuple(nets[6])
 
         caps_by: dict[int, dict[int, frozenset[str]]] = {4: {}, 6: {}}
@@ -636,6 +647,33 @@ class PacketFilter:
         p = packet if type(packet) is bytes else bytes(packet)
         try:
             n = len(p)
+            # Fast path for the bulk of traffic: an unfragmented IPv4/IPv6 packet without
+            # options or extension headers, to one of our own (unicast) addresses, that is
+            # a TCP segment of an existing connection or a reply to one of our UDP flows.
+            # Anything else falls through to the full checks below.
+            if n >= 54:
+                b0, total, frag, proto, dst, tcp_flags = _V4_FAST(p)
+                if b0 == 0x45:
+                    if not frag & 0x3FFF and total <= n and dst in self._fast4_hosts:
+                        if proto == _PROTO_TCP:
+                            if total >= 40 and tcp_flags & 0x12 != 0x02:
+                                return _A_TCP_NON_SYN
+                        elif proto == _PROTO_UDP and total >= 28 and flows:
+                            key = p[12:24]
+                            if key in flows:
+                                flows.move_to_end(key)
+                                return _A_FLOW
+                elif b0 >> 4 == 6:
+                    plen, proto, dst, tcp_flags = _V6_FAST(p)
+                    if plen + 40 <= n and dst in self._fast6_hosts:
+                        if proto == _PROTO_TCP:
+                            if plen >= 20 and tcp_flags & 0x12 != 0x02:
+                                return _A_TCP_NON_SYN
+                        elif proto == _PROTO_UDP and plen >= 8 and flows:
+                            key = p[8:44]
+                            if key in flows:
+                                flows.move_to_end(key)
+                                return _A_FLOW
             if n < 20:
                 return _D_TOO_SHORT if n else _A_KEEPALIVE
             version = p[0] >> 4
