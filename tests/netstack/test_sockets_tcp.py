@@ -237,3 +237,17 @@ async def test_loopback_to_our_own_address() -> None:
             nursery.cancel_scope.cancel()
         assert link.packets == 0  # nothing left the node
         assert a.stack.counters.loopback_packets > 0
+
+
+async def test_aclose_linger_is_bounded(autojump_clock: trio.testing.MockClock) -> None:
+    small = TCPOptions(recv_buffer=8192, recv_buffer_max=8192)
+    async with netstack_pair(small) as (a, b, _link):
+        client, server = await _connected_pair(a, b, 7000)
+        with trio.move_on_after(1):
+            await client.send_all(b"z" * 100_000)  # the server never reads: the window closes
+        start = trio.current_time()
+        await client.aclose()
+        assert trio.current_time() - start == pytest.approx(a.close_linger, abs=0.01)
+        with pytest.raises(trio.ClosedResourceError):
+            await client.send_all(b"more")
+        await server.aclose()

@@ -57,3 +57,31 @@ async def test_two_static_peers_exchange_tcp_and_udp() -> None:
     # Everything is closed on exit, including the sockets handed over.
     assert a_sock.fileno() == -1 and b_sock.fileno() == -1
     assert isinstance(a_sock, socket.socket)
+
+
+async def test_data_survives_the_sender_stopping_right_after_aclose() -> None:
+    """aclose lingers until our data and FIN are acknowledged, so leaving the context loses nothing."""
+    a_key, b_key = NodePrivate.generate(), NodePrivate.generate()
+    a_sock = open_udp_socket("127.0.0.1", 0)
+    b_sock = open_udp_socket("127.0.0.1", 0)
+    payload = os.urandom(600 * 1024)
+    received = bytearray()
+    async with open_static_peer(b_key, a_key.public, addresses=["10.9.0.2"], sock=b_sock) as b:
+        b.close_linger = 0.0  # A is gone by the time B closes: nobody will acknowledge B's FIN
+        listener = await b.open_tcp_listener(9)
+        async with trio.open_nursery() as nursery:
+            async def reader() -> None:
+                stream = await listener.accept()
+                while data := await stream.receive_some():
+                    received.extend(data)
+                await stream.aclose()
+
+            nursery.start_soon(reader)
+            with trio.fail_after(30):
+                async with open_static_peer(a_key, b_key.public, addresses=["10.9.0.1"], sock=a_sock,
+                                            peer_endpoint=b_sock.getsockname()) as a:
+                    stream = await a.open_tcp_stream("10.9.0.2", 9, timeout=10)
+                    await stream.send_all(payload)
+                    await stream.aclose()
+                # A's stack, WireGuard and socket are gone now.
+    assert bytes(received) == payload

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 SendPackets = Callable[[list[Union[bytes, bytearray]]], None]
 
+#: States in which the peer has acknowledged our FIN (or the connection is gone).
+_FIN_ACKED = frozenset({TCPState.FIN_WAIT_2, TCPState.TIME_WAIT, TCPState.CLOSED})
+
 #: ``receive_some()`` without ``max_bytes`` returns at most this much.
 DEFAULT_RECEIVE_SIZE = 65536
 
@@ -87,6 +90,8 @@ class NetStack:
         self._timer_scope: trio.CancelScope | None = None
         self._timer_deadline = math.inf
         self.send_errors = 0
+        #: longest :meth:`TCPStream.aclose` waits for the peer to acknowledge our data and FIN
+        self.close_linger = 5.0
 
     # -- packets in / out ----------------------------------------------------------------------------------------------
 
@@ -372,18 +377,34 @@ class TCPStream(trio.abc.HalfCloseableStream):
             self._receiving = False
 
     async def aclose(self) -> None:
-        """Close both directions: FIN after queued data (RST if unread data remains). Does not wait."""
-        if not self._closed:
-            self._closed = True
-            conn = self.connection
-            if conn.state != TCPState.CLOSED:
-                try:
-                    self._stack.tcp_close(conn, trio.current_time())
-                except OSError:
-                    pass
-            self._net._flush()
-            self._net._unregister(conn)
-        await trio.lowlevel.checkpoint()
+        """Close both directions: FIN after the queued data (RST instead if unread data remains).
+
+        The stream is closed at once (other tasks using it get ClosedResourceError, and
+        cancelling aclose does not undo that). Then it lingers, at most
+        ``NetStack.close_linger`` seconds, until the peer has acknowledged everything
+        including our FIN, so data is not lost if the whole stack stops right after.
+        The connection itself finishes in the stack either way.
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        conn = self.connection
+        net = self._net
+        if conn.state != TCPState.CLOSED:
+            try:
+                self._stack.tcp_close(conn, trio.current_time())
+            except OSError:
+                pass
+        net._flush()
+        self._lot.unpark_all()  # tasks blocked in send/receive see the stream closed
+        try:
+            with trio.move_on_after(net.close_linger):
+                while conn.state not in _FIN_ACKED and conn.error is None:
+                    await self._lot.park()
+            await trio.lowlevel.checkpoint()
+        finally:
+            net._unregister(conn)
 
     def __repr__(self) -> str:
         c = self.connection
