@@ -139,7 +139,7 @@ def test_status_table():
 
 def test_netcheck_format():
     text = cli_node.format_netcheck({"udp": True, "region_latency": {"900": 0.0123}, "ipv6": None, "hairpin": []})
-    assert "* udp: True" in text and "* region latency:" in text and "900: 0.0123" in text
+    assert "* udp: True" in text and "* region latency:" in text and "* 900: 12ms" in text
     assert "* ipv6: -" in text
 
 

@@ -591,17 +591,17 @@ def format_netcheck(report: dict[str, Any]) -> str:
     """``tsnet netcheck`` output: one ``key: value`` line per field, nested values indented."""
     lines = ["Report:"]
 
-    def walk(obj: Any, indent: int) -> None:
+    def walk(obj: Any, indent: int, latencies: bool = False) -> None:
         pad = "  " * indent
         for key, value in obj.items():
             label = str(key).replace("_", " ")
             if isinstance(value, dict) and value:
                 lines.append(f"{pad}* {label}:")
-                walk(value, indent + 1)
+                walk(value, indent + 1, "latency" in str(key).lower())
             elif isinstance(value, list):
                 lines.append(f"{pad}* {label}: {', '.join(str(v) for v in value) or '-'}")
             else:
-                if isinstance(value, float) and "latency" in str(key).lower():
+                if isinstance(value, float) and (latencies or "latency" in str(key).lower()):
                     value = _format_latency(value)
                 lines.append(f"{pad}* {label}: {value if value not in (None, '') else '-'}")
 
@@ -633,16 +633,17 @@ def _cmd_whois(args: argparse.Namespace) -> int:
     node = who.get("node") if isinstance(who.get("node"), dict) else who
     user = who.get("user_profile") or who.get("user") or {}
     print("Machine:")
-    for key in ("name", "dns_name", "id", "addresses", "tags", "os"):
+    for key, label in (("name", "Name"), ("dns_name", "DNS name"), ("id", "ID"), ("addresses", "Addresses"),
+                       ("tags", "Tags"), ("os", "OS")):
         if node.get(key) not in (None, "", [], ()):
             val = node[key]
-            print(f"  {key.replace('_', ' ').title()}: {', '.join(map(str, val)) if isinstance(val, list) else val}")
+            print(f"  {label}: {', '.join(map(str, val)) if isinstance(val, list) else val}")
     if user:
         print("User:")
         if isinstance(user, dict):
-            for key in ("login_name", "display_name", "id"):
+            for key, label in (("login_name", "Login name"), ("display_name", "Display name"), ("id", "ID")):
                 if user.get(key) not in (None, ""):
-                    print(f"  {key.replace('_', ' ').title()}: {user[key]}")
+                    print(f"  {label}: {user[key]}")
         else:
             print(f"  {user}")
     return 0

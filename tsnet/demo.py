@@ -379,7 +379,7 @@ def _print_join_help(out: TextIO, control_url: str, auth_key: str, tmp: Path) ->
 The tailnet keeps running (Ctrl-C stops it and removes {tmp}).
 
 Join it from another shell:
-    tsnet up --control-url {control_url} --authkey {auth_key} --hostname my-node --state mem: --socks5 127.0.0.1:1080
+    tsnet up --control-url {control_url} --authkey {auth_key} --hostname my-node --state mem: --ephemeral --socks5 127.0.0.1:1080
 
 Or from a real tailscaled:
     tailscale up --login-server={control_url} --authkey={auth_key}
