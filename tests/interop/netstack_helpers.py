@@ -347,7 +347,7 @@ def make_netstack_setup(lab: Lab) -> NetstackSetup:
 
 
 class KernelStandIn:
-    """The NetStack calls the tests use, served by a namespace's kernel (harness self-check only)."""
+    """The TCP calls the tests use (not UDP), served by a namespace's kernel (harness self-check only)."""
 
     def __init__(self, ns: Namespace) -> None:
         self.ns = ns

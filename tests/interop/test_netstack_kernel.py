@@ -13,7 +13,10 @@ cases use kernel sockets created in the namespace and driven from this trio loop
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import ipaddress
+import re
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
@@ -399,3 +402,84 @@ async def test_connect_to_silent_port_times_out_as_configured(ns_setup: Netstack
             await net.open_tcp_stream(s.kernel_addr(version), 9, timeout=timeout)
         elapsed = trio.current_time() - start
         assert timeout - 0.05 <= elapsed < timeout + 1.0, elapsed
+
+
+# -- beyond the list: what the kernel negotiated with us, and UDP ------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [4, 6])
+@pytest.mark.parametrize("opener", ["python", "kernel"])
+async def test_tcp_options_negotiated_with_the_kernel(ns_setup: NetstackSetup, version: int, opener: str) -> None:
+    """SACK, timestamps and window scaling agreed on both ends, whichever side sent the SYN.
+
+    The kernel's view comes from ``ss -ti`` in its namespace: its ``wscale:snd,rcv`` must be the
+    mirror image of ours, and its sending MSS is our advertised MSS (1280 - IP header - 20) minus the
+    12 bytes of the timestamp option, which it only subtracts when timestamps were agreed.
+    """
+    s = ns_setup
+    async with our_stack(s) as net:
+        with trio.fail_after(STEP_TIMEOUT):
+            if opener == "python":
+                server = s.kernel_socket(version)
+                await server.bind((s.kernel_addr(version), 0))
+                server.listen(1)
+                kport = server.getsockname()[1]
+                stream = await net.open_tcp_stream(s.kernel_addr(version), kport, timeout=STEP_TIMEOUT)
+                kconn, _ = await server.accept()
+                server.close()
+            else:
+                listener = await net.open_tcp_listener(6000)
+                kconn = s.kernel_socket(version)
+                await kconn.connect((s.our_addr(version), 6000))
+                stream = await listener.accept()
+                await listener.aclose()
+                kport = kconn.getsockname()[1]
+            await stream.send_all(b"x" * 5000)  # some data, so the kernel has measured and sized everything
+            await kernel_receive_exactly(kconn, 5000)
+        info = await trio.to_thread.run_sync(
+            lambda: s.kernel_ns.run(["ss", "-tinH", "state", "established", f"( sport = :{kport} )"])
+        )
+        ours = getattr(stream, "connection", None)
+        await stream.aclose()
+        kconn.close()
+    m = re.search(r"wscale:(\d+),(\d+)", info)
+    assert m is not None, f"the kernel did not agree to window scaling: {info}"
+    our_mss = 1280 - (20 if version == 4 else 40) - 20
+    assert f" mss:{our_mss - 12} " in f" {info} ", f"timestamps not agreed or wrong MSS: {info}"
+    if ours is not None:  # not the kernel stand-in
+        assert ours.sack_ok and ours.ts_ok, "we did not agree to SACK/timestamps the kernel offered"
+        assert (ours.rcv_wscale, ours.snd_wscale) == (int(m.group(1)), int(m.group(2))), info
+
+
+@pytest.mark.parametrize("version", [4, 6])
+async def test_udp_with_the_kernel(ns_setup: NetstackSetup, version: int) -> None:
+    """Datagrams both ways up to the largest unfragmented size; EMSGSIZE above it; ICMP port unreachable
+    from the kernel surfaces as ConnectionRefusedError on a connected socket."""
+    s = ns_setup
+    limit = 1252 if version == 4 else 1232
+    async with our_stack(s) as net:
+        udp = await net.open_udp_socket(port=5353)
+        k = s.kernel_socket(version, socket.SOCK_DGRAM)
+        await k.bind((s.kernel_addr(version), 0))
+        kport = k.getsockname()[1]
+        with trio.fail_after(STEP_TIMEOUT):
+            for payload in (b"q", bytes(range(256)) * 2, bytes(limit)):
+                await k.sendto(payload, (s.our_addr(version), 5353))
+                data, (src_ip, src_port) = await udp.recvfrom(65535)
+                assert data == payload
+                assert (ipaddress.ip_address(src_ip), src_port) == (ipaddress.ip_address(s.kernel_addr(version)), kport)
+                await udp.sendto(data[::-1], (src_ip, src_port))
+                got, src = await k.recvfrom(4096)
+                assert got == payload[::-1]
+                assert (ipaddress.ip_address(src[0]), src[1]) == (ipaddress.ip_address(s.our_addr(version)), 5353)
+            with pytest.raises(OSError) as too_big:
+                await udp.sendto(bytes(limit + 1), (s.kernel_addr(version), kport))
+            assert too_big.value.errno == errno.EMSGSIZE
+            k.close()  # now the kernel's port is closed: it answers with ICMP port unreachable
+            connected = await net.open_udp_socket()
+            await connected.connect((s.kernel_addr(version), kport))
+            await connected.send(b"anyone?")
+            with pytest.raises(ConnectionRefusedError):
+                await connected.recv()
+            connected.close()
+        udp.close()
