@@ -85,3 +85,26 @@ async def test_data_survives_the_sender_stopping_right_after_aclose() -> None:
                     await stream.aclose()
                 # A's stack, WireGuard and socket are gone now.
     assert bytes(received) == payload
+
+
+async def test_leaving_the_context_resets_open_connections() -> None:
+    a_key, b_key = NodePrivate.generate(), NodePrivate.generate()
+    a_sock = open_udp_socket("127.0.0.1", 0)
+    b_sock = open_udp_socket("127.0.0.1", 0)
+    async with open_static_peer(b_key, a_key.public, addresses=["10.9.0.2"], sock=b_sock) as b:
+        listener = await b.open_tcp_listener(9)
+        with trio.fail_after(10):
+            async with open_static_peer(a_key, b_key.public, addresses=["10.9.0.1"], sock=a_sock,
+                                        peer_endpoint=b_sock.getsockname()) as a:
+                client = await a.open_tcp_stream("10.9.0.2", 9, timeout=5)
+                server = await listener.accept()
+                await client.send_all(b"hi")
+                assert await server.receive_some() == b"hi"
+            # A left without closing: B's side is reset, not left hanging.
+            try:
+                await server.receive_some()
+            except trio.BrokenResourceError as exc:
+                assert isinstance(exc.__cause__, ConnectionResetError)
+            else:
+                raise AssertionError("expected a reset")
+        await server.aclose()

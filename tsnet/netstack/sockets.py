@@ -153,6 +153,22 @@ class NetStack:
         finally:
             self._timer_scope = None
 
+    def abort_all(self) -> None:
+        """Reset every TCP connection (the peers get RSTs), close every listener and UDP
+        endpoint, and wake every waiting task (they see their socket broken or closed).
+        For shutting the node down."""
+        stack = self.stack
+        now = trio.current_time()
+        for conn in list(stack.connections.values()):
+            stack.tcp_abort(conn, now)
+        for listener in list(stack.listeners.values()):
+            stack.close_listener(listener, now)
+        for ep in list(stack.udp_endpoints.values()):
+            stack.udp_close(ep)
+        self._flush()
+        for lot in list(self._lots.values()):
+            lot.unpark_all()
+
     # -- waiting ---------------------------------------------------------------------------------------------------
 
     def _register(self, obj: object) -> trio.lowlevel.ParkingLot:

@@ -49,7 +49,8 @@ async def open_static_peer(
         persistent_keepalive: WireGuard keepalive interval in seconds (None: off).
         tcp_options: defaults for TCP connections of this stack.
 
-    Everything (driver task, timers, socket) is stopped and closed when the block exits.
+    When the block exits, open connections are reset (the peer gets RSTs), then everything
+    (driver task, timers, socket) is stopped and closed.
     """
     now = trio.current_time()
     device = WireGuard(private_key, now=now, packet_events=False)
@@ -73,4 +74,7 @@ async def open_static_peer(
         try:
             yield net
         finally:
-            nursery.cancel_scope.cancel()
+            try:
+                net.abort_all()  # peers get RSTs rather than silence
+            finally:
+                nursery.cancel_scope.cancel()
