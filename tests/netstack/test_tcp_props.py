@@ -4,6 +4,7 @@ random loss/reorder/duplication still delivers exactly the bytes sent."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,8 @@ from tsnet.netstack.tcp_wire import Segment
 S = TCPState
 STREAM = bytes((k * 7 + 3) & 0xFF for k in range(70_000))  # the peer's byte stream, by offset
 
+# More examples for a soak run: TSNET_TCP_EXAMPLES=2000 pytest tests/netstack/test_tcp_props.py
+_SCALE = int(os.environ.get("TSNET_TCP_EXAMPLES", "0"))
 SMALL = TCPOptions(recv_buffer=20_000, recv_buffer_max=40_000, send_buffer=30_000)
 
 
@@ -58,7 +61,7 @@ def _setup(kind: str) -> tuple[Pair, TCPConnection]:
     return p, p.b
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_SCALE or 150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(["syn_sent", "syn_received", "established", "fin_wait", "close_wait", "time_wait"]),
        st.data())
 def test_random_segments_never_crash_or_misdeliver(kind: str, data: st.DataObject) -> None:
@@ -134,7 +137,7 @@ def _fault_from(pattern: list[int]):
     return fault
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_SCALE or 40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from([0, 0, 0, 0, 0, 0, 1, 2, 3]), min_size=5, max_size=60),
        st.sampled_from([TCPOptions(), TCPOptions(sack=False), TCPOptions(timestamps=False, congestion="reno")]),
        st.integers(1, 200_000) | st.integers(50_000, 200_000))

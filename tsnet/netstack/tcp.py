@@ -52,6 +52,7 @@ _DUPTHRESH = 3
 _INITIAL_WINDOW = 10
 _MAX_OOO_BLOCKS = 64  # bounds reassembly work even against pathological 1-byte holes
 _RTO_GRANULARITY = 0.001
+_FAST_FLAGS_MASK = FIN | SYN | RST | ACK | 0x20  # everything but PSH (0x20 = URG)
 _PERSIST_MAX = 60.0
 _MAX_SACK_OPT_BLOCKS_TS = 3  # 40 option bytes: 12 for timestamps leave room for 3 blocks
 _MAX_SACK_OPT_BLOCKS = 4
@@ -730,64 +731,93 @@ class TCPConnection:
             self._send_ack(now)
 
     def _send_new(self, now: float) -> None:
-        data_end = self._buf_seq + len(self._sndbuf)
+        """Send from SND.NXT as far as the peer's window, cwnd, Nagle and sender SWS
+        avoidance allow: many segments per call, one memoryview over the send buffer."""
+        sndbuf = self._sndbuf
+        buf_seq = self._buf_seq
+        data_end = buf_seq + len(sndbuf)
         fin_seq = self._fin_seq
         end = data_end + 1 if fin_seq is not None else data_end
         nxt = self.snd_nxt
         if nxt >= end:
             return
         una = self.snd_una
-        was_idle = self.snd_max <= una
-        cc = self._cc
+        snd_max = self.snd_max
+        was_idle = snd_max <= una
+        cwnd_end = una + self._cc.cwnd
         wnd_end = una + self.snd_wnd
         opts = self._options(now)
         seg_max = self.send_mss - (len(opts) - (12 if self.ts_ok else 0))
         wnd = self._window_field()
-        sent = False
-        while nxt < end:
-            cwnd_left = cc.cwnd - (nxt - una)
-            if nxt < data_end:
-                remaining = data_end - nxt
-                n = min(seg_max, remaining, wnd_end - nxt, cwnd_left)
-                if n <= 0:
-                    break
-                if n < seg_max and n < remaining:
-                    # A partial segment: only if the receiver's window is what limits
-                    # us and it is large (sender SWS avoidance), never for cwnd.
-                    if n == cwnd_left or (wnd_end - nxt) < (self.max_snd_wnd >> 1):
+        nagle = self.options.nagle
+        half_max_wnd = self.max_snd_wnd >> 1
+        emit = self._emit
+        start = nxt
+        retransmitted = 0
+        with memoryview(sndbuf) as mv:
+            while nxt < end:
+                if nxt < data_end:
+                    remaining = data_end - nxt
+                    n = seg_max
+                    if remaining < n:
+                        n = remaining
+                    room = wnd_end - nxt
+                    if room < n:
+                        n = room
+                    cwnd_left = cwnd_end - nxt
+                    if cwnd_left < n:
+                        n = cwnd_left
+                    if n <= 0:
                         break
-                if self.options.nagle and n < seg_max and nxt > una:
-                    break
-            else:
-                # Only the FIN is left: it needs no window but must respect cwnd.
-                if cwnd_left <= 0 and nxt > una:
-                    break
-                n = 0
-            used = self._send_data(nxt, n, now, opts, wnd)
-            if self._rtt_seq is None and not self.ts_ok and nxt >= self.snd_max:
-                self._rtt_seq = nxt + used
-                self._rtt_time = now
-            if nxt < self.snd_max:
-                self.stats.retransmits += 1
-            nxt += used
-            sent = True
+                    if n < seg_max and n < remaining:
+                        # A partial segment: only if the receiver's window is what limits
+                        # us and it is large (sender SWS avoidance), never for cwnd.
+                        if n == cwnd_left or room < half_max_wnd:
+                            break
+                    if nagle and n < seg_max and nxt > una:
+                        break
+                    off = nxt - buf_seq
+                    if n == remaining:
+                        flags = ACK | PSH | FIN if fin_seq is not None else ACK | PSH
+                    else:
+                        flags = ACK
+                    emit(nxt, flags, opts, mv[off:off + n], wnd)
+                    if flags & FIN:
+                        n += 1
+                else:
+                    # Only the FIN is left: it needs no window but must respect cwnd.
+                    if cwnd_end <= nxt and nxt > una:
+                        break
+                    emit(nxt, ACK | FIN, opts, None, wnd)
+                    n = 1
+                if nxt < snd_max:
+                    retransmitted += 1
+                nxt += n
+        if nxt == start:
+            if nxt < end and nxt == una and self._rto_deadline is None and self._persist_deadline is None \
+                    and wnd_end - nxt < min(self.send_mss, data_end - nxt):
+                # Zero (or useless) window and nothing in flight: probe it later.
+                self._persist_backoff = 0
+                self._persist_deadline = now + self._clamped_rto(self._rto)
+            return
+        st = self.stats
+        st.bytes_sent += min(nxt, data_end) - start
+        if retransmitted:
+            st.retransmits += retransmitted
+        if self._rtt_seq is None and not self.ts_ok and nxt > snd_max:
+            self._rtt_seq = nxt  # time this flight (Karn: only new data)
+            self._rtt_time = now
         self.snd_nxt = nxt
-        if nxt > self.snd_max:
+        if nxt > snd_max:
             self.snd_max = nxt
-        if sent:
-            if was_idle:
-                self._progress_time = now
-            if self._rto_deadline is None:
-                self._rto_deadline = now + self._rto
-                ut = self.options.user_timeout
-                if ut is not None:
-                    self._rto_deadline = min(self._rto_deadline, self._progress_time + ut)
-            self._persist_deadline = None
-        elif nxt < end and nxt == una and self._rto_deadline is None and self._persist_deadline is None \
-                and wnd_end - nxt < min(self.send_mss, data_end - nxt):
-            # Zero (or useless) window and nothing in flight: probe it later.
-            self._persist_backoff = 0
-            self._persist_deadline = now + self._clamped_rto(self._rto)
+        if was_idle:
+            self._progress_time = now
+        if self._rto_deadline is None:
+            self._rto_deadline = now + self._rto
+            ut = self.options.user_timeout
+            if ut is not None:
+                self._rto_deadline = min(self._rto_deadline, self._progress_time + ut)
+        self._persist_deadline = None
 
     def _clamped_rto(self, rto: float) -> float:
         return min(max(rto, self.options.min_rto), self.options.max_rto)
@@ -969,6 +999,11 @@ class TCPConnection:
         if st == TCPState.SYN_SENT:
             self._receive_syn_sent(seg, now)
             return
+        # Fast path: in-order data or a plain ACK in ESTABLISHED, nothing unusual going on.
+        if st == TCPState.ESTABLISHED and (flags & _FAST_FLAGS_MASK) == ACK and seg.sack_blocks is None \
+                and not self._ooo and not self._in_recovery and seg.seq == (self.rcv_nxt & _M) \
+                and self._fast_path(seg, now):
+            return
         self._last_rcv_time = now
         payload = seg.payload
         plen = len(payload)
@@ -1078,6 +1113,54 @@ class TCPConnection:
         if self._unacked_segs and not self._ack_now and self._delack_deadline is None:
             self._delack_deadline = now + self.options.delayed_ack
 
+    def _fast_path(self, seg: Segment, now: float) -> bool:
+        """Process a segment at exactly RCV.NXT whose flags are ACK (and maybe PSH); False
+        (with nothing changed) if it needs the full rules after all."""
+        rnxt = self.rcv_nxt
+        ts_ok = self.ts_ok
+        if ts_ok and (not seg.has_ts or ((seg.tsval - self._ts_recent) & _M) >= _HALF):
+            return False
+        payload = seg.payload
+        plen = len(payload)
+        if plen > self.rcv_adv - rnxt or self._persist_deadline is not None or self.snd_wl1 > rnxt:
+            return False
+        una = self.snd_una
+        snd_max = self.snd_max
+        ack = _unwrap(seg.ack, una)
+        if ack < una or ack > snd_max or (ack == una and not plen and snd_max > una):
+            return False  # old, impossible, or possibly a duplicate ACK
+        self._last_rcv_time = now
+        if ts_ok and rnxt <= self._last_ack_sent:
+            self._ts_recent = seg.tsval
+            self._ts_recent_time = now
+        wnd = seg.window << self.snd_wscale
+        self.snd_wnd = wnd
+        if wnd > self.max_snd_wnd:
+            self.max_snd_wnd = wnd
+        self.snd_wl1 = rnxt
+        self.snd_wl2 = ack
+        if ack > una:
+            self._ack_new(seg, ack, now)
+        if plen:
+            self._rcvbuf += payload
+            self.rcv_nxt = rnxt + plen
+            self.stats.bytes_received += plen
+            self._notify()
+            full = self._rcv_full
+            if plen >= full:
+                if plen > full and plen <= self._our_mss:
+                    self._rcv_full = plen
+                self._unacked_segs += 2
+            else:
+                self._unacked_segs += 1
+            if self._unacked_segs >= 4:
+                self._ack_now = True
+            self._rcv_rtt_update(seg, rnxt + plen, now)
+        self._output(now)
+        if self._unacked_segs and not self._ack_now and self._delack_deadline is None:
+            self._delack_deadline = now + self.options.delayed_ack
+        return True
+
     def _take_syn_ack_window(self, seg: Segment) -> None:
         self.snd_wnd = seg.window
         self.max_snd_wnd = max(self.max_snd_wnd, self.snd_wnd)
@@ -1150,55 +1233,7 @@ class TCPConnection:
             sack_new = self._sack_add(seg.sack_blocks)
         cc = self._cc
         if ack > una:
-            acked = ack - una
-            self.snd_una = ack
-            if self.snd_nxt < ack:
-                self.snd_nxt = ack
-            # Free acknowledged bytes from the send buffer.
-            buf_seq = self._buf_seq
-            free_to = min(ack, buf_seq + len(self._sndbuf))
-            if free_to > buf_seq:
-                del self._sndbuf[:free_to - buf_seq]
-                self._buf_seq = free_to
-                self._notify()  # send space grew
-            self._retries = 0
-            self._progress_time = now
-            self._persist_backoff = 0
-            # RTT sample: timestamps (RFC 7323 RTTM) or the one timed segment (Karn's rule).
-            if self.ts_ok and seg.has_ts and seg.tsecr:
-                floor = self._ts_floor
-                if floor is None or ((seg.tsecr - floor) & _M) < _HALF:
-                    self._rtt_sample(((self._ts_now(now) - seg.tsecr) & _M) / _TS_HZ)
-            elif self._rtt_seq is not None and ack >= self._rtt_seq:
-                self._rtt_sample(now - self._rtt_time)
-                self._rtt_seq = None
-            if self._sacked:
-                self._sack_trim()
-            if self._in_recovery:
-                if ack >= self._recover:
-                    self._in_recovery = False
-                    self._dupacks = 0
-                    if self.sack_ok:
-                        cc.cwnd = cc.ssthresh
-                    else:
-                        cc.cwnd = min(cc.ssthresh, max(self.snd_max - ack, self.send_mss) + self.send_mss)
-                elif not self.sack_ok:
-                    # NewReno partial ACK (RFC 6582): retransmit the next hole, deflate.
-                    self._send_data(ack, self.send_mss, now, self._options(now), self._window_field())
-                    self.stats.retransmits += 1
-                    cw = cc.cwnd - acked
-                    if acked >= self.send_mss:
-                        cw += self.send_mss
-                    cc.cwnd = max(cw, self.send_mss)
-            else:
-                self._dupacks = 0
-                cc.on_ack(acked, now, self._srtt)
-            # Restart the retransmission timer (RFC 6298 5.3) or stop it.
-            if self.snd_max > ack:
-                self._rto_deadline = now + self._rto
-            else:
-                self._rto_deadline = None
-            self._update_stats()
+            self._ack_new(seg, ack, now)
             # Our FIN acknowledged?
             fin_seq = self._fin_seq
             if fin_seq is not None and ack > fin_seq:
@@ -1232,6 +1267,61 @@ class TCPConnection:
                 self._persist_backoff = 0
                 self.snd_nxt = self.snd_una
         return True
+
+    def _ack_new(self, seg: Segment, ack: int, now: float) -> None:
+        """SND.UNA advances to ``ack``: free the buffer, sample RTT, grow cwnd or
+        continue recovery, restart the retransmission timer."""
+        una = self.snd_una
+        cc = self._cc
+        acked = ack - una
+        self.snd_una = ack
+        if self.snd_nxt < ack:
+            self.snd_nxt = ack
+        # Free acknowledged bytes from the send buffer.
+        buf_seq = self._buf_seq
+        free_to = min(ack, buf_seq + len(self._sndbuf))
+        if free_to > buf_seq:
+            del self._sndbuf[:free_to - buf_seq]
+            self._buf_seq = free_to
+            self._notify()  # send space grew
+        self._retries = 0
+        self._progress_time = now
+        self._persist_backoff = 0
+        # RTT sample: timestamps (RFC 7323 RTTM) or the one timed segment (Karn's rule).
+        if self.ts_ok and seg.has_ts and seg.tsecr:
+            floor = self._ts_floor
+            if floor is None or ((seg.tsecr - floor) & _M) < _HALF:
+                self._rtt_sample(((self._ts_now(now) - seg.tsecr) & _M) / _TS_HZ)
+        elif self._rtt_seq is not None and ack >= self._rtt_seq:
+            self._rtt_sample(now - self._rtt_time)
+            self._rtt_seq = None
+        if self._sacked:
+            self._sack_trim()
+        if self._in_recovery:
+            if ack >= self._recover:
+                self._in_recovery = False
+                self._dupacks = 0
+                if self.sack_ok:
+                    cc.cwnd = cc.ssthresh
+                else:
+                    cc.cwnd = min(cc.ssthresh, max(self.snd_max - ack, self.send_mss) + self.send_mss)
+            elif not self.sack_ok:
+                # NewReno partial ACK (RFC 6582): retransmit the next hole, deflate.
+                self._send_data(ack, self.send_mss, now, self._options(now), self._window_field())
+                self.stats.retransmits += 1
+                cw = cc.cwnd - acked
+                if acked >= self.send_mss:
+                    cw += self.send_mss
+                cc.cwnd = max(cw, self.send_mss)
+        else:
+            self._dupacks = 0
+            cc.on_ack(acked, now, self._srtt)
+        # Restart the retransmission timer (RFC 6298 5.3) or stop it.
+        if self.snd_max > ack:
+            self._rto_deadline = now + self._rto
+        else:
+            self._rto_deadline = None
+        self._update_stats()
 
     def _process_data(self, seg: Segment, seq: int, payload: memoryview, now: float) -> None:
         rnxt = self.rcv_nxt
