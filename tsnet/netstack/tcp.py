@@ -494,6 +494,16 @@ class TCPConnection:
             return ((seg.tsval - self._ts_recent) & _M) < _HALF and seg.tsval != self._ts_recent
         return _unwrap(seg.seq, self.rcv_nxt) > self.rcv_nxt
 
+    def set_path_mtu(self, mtu: int, now: float) -> None:
+        """ICMP fragmentation-needed / packet-too-big: send smaller segments from now on
+        (never below 536 - options for IPv4 / 1220 for IPv6 minimum MTUs)."""
+        ip_hdr = 20 if len(self.local_ip) == 4 else 40
+        floor = 576 if ip_hdr == 20 else 1280
+        mss = max(mtu, floor) - ip_hdr - 20
+        new = min(self._peer_mss, self._our_mss, mss) - (12 if self.ts_ok else 0)
+        if new < self.send_mss:
+            self.send_mss = new
+
     # === internals ==============================================================
 
     # --- state helpers ---
@@ -1044,7 +1054,6 @@ class TCPConnection:
         else:
             ok = (rnxt <= seq < rnxt + wnd) or (rnxt <= seq + seg_len - 1 < rnxt + wnd)
         if not ok:
-            # Also accept the "ACK at rcv_nxt with data just left of it" keepalive shape silently.
             self.stats.dropped += 1
             if not flags & RST:
                 if st == TCPState.TIME_WAIT and flags & FIN:
