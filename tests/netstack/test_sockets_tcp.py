@@ -251,3 +251,51 @@ async def test_aclose_linger_is_bounded(autojump_clock: trio.testing.MockClock) 
         with pytest.raises(trio.ClosedResourceError):
             await client.send_all(b"more")
         await server.aclose()
+
+
+async def test_transfer_over_a_lossy_link(autojump_clock: trio.testing.MockClock) -> None:
+    """5% of packets (handshakes, data, ACKs, FINs) dropped at random: both directions still arrive intact."""
+    import random
+
+    rng = random.Random(1234)
+    async with netstack_pair() as (a, b, link):
+        dropped = 0
+
+        def lossy(packet: bytes) -> bool:
+            nonlocal dropped
+            drop = rng.random() < 0.05
+            dropped += drop
+            return drop
+
+        link.drop_filter = lossy
+        listener = await b.open_tcp_listener(8443)
+        up = os.urandom(300_000)
+        down = os.urandom(200_000)
+        got_up = bytearray()
+
+        async def server() -> None:
+            s = await listener.accept()
+            async with trio.open_nursery() as n:
+                n.start_soon(s.send_all, down)
+                while data := await s.receive_some():
+                    got_up.extend(data)
+            await s.send_eof()
+            await s.aclose()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            with trio.fail_after(600):
+                s = await a.open_tcp_stream(B4, 8443, timeout=60)
+                got_down = bytearray()
+
+                async def reader() -> None:
+                    while data := await s.receive_some():
+                        got_down.extend(data)
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(reader)
+                    await s.send_all(up)
+                    await s.send_eof()
+                await s.aclose()
+        assert bytes(got_up) == up and bytes(got_down) == down
+        assert dropped > 20
