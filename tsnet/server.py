@@ -358,6 +358,9 @@ class Server:
         self._have_addresses: trio.Event | None = None
         self._first_update: trio.Event | None = None
         self._netmap_changed = trio.Event()
+        self._started_at = 0.0
+        #: seconds from up() to each startup phase: login, netmap, derp, running
+        self._startup: dict[str, float] = {}
         self._pings: dict[tuple[int, int], trio.Event] = {}
         self._ping_ident = secrets.randbelow(0xFFFF) + 1
         self._ping_seq = 0
@@ -444,6 +447,8 @@ class Server:
 
     def _start(self) -> None:
         self._state = "Starting"
+        self._started_at = trio.current_time()
+        self._startup.clear()
         self._up_event = trio.Event()
         self._stopped = trio.Event()
         self._update_wanted = trio.Event()
@@ -548,6 +553,7 @@ class Server:
                             f"cannot reach the control server {self.control_url}: {exc}. Check the URL "
                             f"(TS_CONTROL_URL) and that the server is up and reachable from here"
                         ) from None
+                    self._mark("login")
                     self.store.write("machine-key", machine_key.raw)
                     self.store.write("node-key", client.config.node_key.raw)
                     async with trio.open_nursery() as nursery:
@@ -594,6 +600,7 @@ class Server:
                     await client.wait_connected()
                     break
                 await trio.sleep(0.01)  # home region not chosen yet
+        self._mark("derp")
         if scope.cancelled_caught:
             self._health.append("home DERP region not connected")
         # Peers can only reach us once control has told them our home DERP region.
@@ -601,9 +608,14 @@ class Server:
         if driver is not None and driver.core.home_derp:
             with trio.move_on_after(DERP_READY_TIMEOUT):
                 await self._first_update.wait()
+        self._mark("running")
         self._state = "Running"
         self._auth_url = None
         self._signal()
+
+    def _mark(self, phase: str) -> None:
+        """Note how long after start a startup phase completed (reported by metrics())."""
+        self._startup[phase] = trio.current_time() - self._started_at
 
     async def _control_loop(self, client: Any) -> None:
         from .control.client import LoginError
@@ -665,6 +677,8 @@ class Server:
         self._update_filter(nm)
         self._update_dns(nm)
         if addresses and self._net is not None and self._have_addresses is not None:
+            if not self._have_addresses.is_set():
+                self._mark("netmap")
             self._have_addresses.set()
 
     def _ensure_netstack(self, addresses: list[IPAddress]) -> None:
@@ -1038,6 +1052,8 @@ class Server:
         """Counters and gauges: packets/bytes by path, handshakes, DERP and control state, relay gauge."""
         out: dict[str, float] = {f"tsnet_{k}": float(v) for k, v in self.counters.items()}
         out["tsnet_running"] = 1.0 if self._state == "Running" else 0.0
+        for phase, seconds in self._startup.items():
+            out[f"tsnet_startup_{phase}_seconds"] = seconds
         driver, client = self._driver, self._client
         if client is not None:
             out["tsnet_control_logged_in"] = 1.0 if client.logged_in else 0.0
