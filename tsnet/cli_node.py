@@ -248,8 +248,11 @@ class _Out:
     def __init__(self, json_logs: bool, stream: TextIO | None = None) -> None:
         self.json_logs = json_logs
         self.stream = stream or sys.stderr
+        #: Recent messages (so a login URL the node already printed is not printed twice).
+        self.recent: list[str] = []
 
     def __call__(self, message: str, **fields: Any) -> None:
+        self.recent = [*self.recent[-19:], message]
         if self.json_logs:
             record = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
                       "level": fields.pop("level", "info"), "msg": message, **fields}
@@ -345,7 +348,8 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
                 if not login_url:
                     raise
                 if login_url != shown_url:
-                    out(f"to authenticate, visit: {login_url}", step="login", login_url=login_url)
+                    if not any(login_url in m for m in out.recent):  # the node may have printed it already
+                        out(f"to authenticate, visit: {login_url}", step="login", login_url=login_url)
                     shown_url = login_url
                 await trio.sleep(1.0)  # retry pacing while a human approves; not synchronisation
         ips = " ".join(str(ip) for ip in server.tailscale_ips())
