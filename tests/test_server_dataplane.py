@@ -128,6 +128,8 @@ async def test_ping_and_metrics(pair):
     assert report["udp"] is True and report["home_derp"] == 900 and report["global_v4"].startswith("127.0.0.1:")
     m = a.metrics()
     assert m["tsnet_running"] == 1.0 and m["tsnet_packets_in"] > 0 and m["tsnet_control_logged_in"] == 1.0
+    assert m["tsnet_wireguard_tx_bytes"] > 0 and m["tsnet_peers_path_direct"] + m["tsnet_peers_path_derp"] == 1
+    assert m["tsnet_startup_running_seconds"] >= m["tsnet_startup_login_seconds"] > 0
 
 
 async def test_magicdns_over_the_netstack_udp_and_tcp(pair):
@@ -160,6 +162,8 @@ async def test_unknown_host_and_closed_port(pair):
         await a.dial("tcp", "nosuchnode.tailnet.test:80")
     with pytest.raises(ConnectionRefusedError):
         await a.dial("tcp", "bravo:1", timeout=10)
+    with pytest.raises(OSError, match="not on the tailnet"):
+        await a.dial("tcp", "192.0.2.1:80", timeout=10)  # nothing is sent: no peer owns it
     with pytest.raises(tsnet.ConfigError):
         await a.dial("sctp", "bravo:1")
     with pytest.raises(tsnet.ConfigError):

@@ -24,6 +24,7 @@ one process share nothing.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import ipaddress
 import json
 import logging
@@ -258,16 +259,16 @@ def _parse_icmp4_echo_reply(pkt: bytes | memoryview) -> tuple[int, int] | None:
     return ident, seq
 
 
-def _packet_dst(pkt: bytes | bytearray | memoryview) -> IPAddress | None:
-    try:
-        version = pkt[0] >> 4
-        if version == 4:
-            return ipaddress.IPv4Address(bytes(pkt[16:20]))
-        if version == 6:
-            return ipaddress.IPv6Address(bytes(pkt[24:40]))
-    except (IndexError, ValueError):
-        return None
-    return None
+def _packet_dst_raw(pkt: bytes | bytearray | memoryview) -> bytes:
+    """The destination address bytes of an IP packet (4 or 16 bytes; empty if not IPv4/IPv6)."""
+    if not pkt:
+        return b""
+    version = pkt[0] >> 4
+    if version == 4:
+        return bytes(pkt[16:20])
+    if version == 6:
+        return bytes(pkt[24:40])
+    return b""
 
 
 # --- the server ------------------------------------------------------------------------------------
@@ -367,9 +368,10 @@ class Server:
         self._loopback: Any = None
         self._loopback_lock: trio.Lock | None = None
         self._self_ips: frozenset[IPAddress] = frozenset()
-        self._local_ips: frozenset[IPAddress] = frozenset()
+        #: packed addresses the netstack owns (ours + MagicDNS): packets to them loop back locally
+        self._local_packed: frozenset[bytes] = frozenset()
         self.counters: dict[str, int] = {
-            "packets_in": 0, "packets_out": 0, "bytes_in": 0, "bytes_out": 0,
+            "packets_in": 0, "packets_out": 0,
             "filter_dropped": 0, "no_route": 0, "netmaps": 0, "lite_updates": 0,
         }
 
@@ -671,7 +673,7 @@ class Server:
         driver.set_netmap(nm)
         addresses = [a.ip for a in nm.addresses]
         self._self_ips = frozenset(addresses)
-        self._local_ips = frozenset(addresses) | {QUAD100_V4, QUAD100_V6}
+        self._local_packed = frozenset(ip.packed for ip in addresses) | {QUAD100_V4.packed, QUAD100_V6.packed}
         if addresses:
             self._ensure_netstack(addresses)
         self._update_filter(nm)
@@ -759,12 +761,11 @@ class Server:
         driver = self._driver
         if driver is None:
             return
-        own = self._local_ips
+        own = self._local_packed
         loop: list[Any] = []
         out: list[Any] = []
         for pkt in packets:
-            dst = _packet_dst(pkt)
-            if dst in own:
+            if _packet_dst_raw(pkt) in own:
                 loop.append(bytes(pkt))
             else:
                 out.append(pkt)
@@ -1064,6 +1065,17 @@ class Server:
                 out[f"tsnet_magicsock_{k}"] = float(v)
             for k, v in driver.core.counters.items():
                 out[f"tsnet_magicsock_core_{k}"] = float(v)
+            rx = tx = 0
+            now = trio.current_time()
+            for key in list(driver.core.peers):
+                try:
+                    wg = driver.core.wg.peer_status(key, now)
+                except KeyError:
+                    continue
+                rx += wg.rx_bytes
+                tx += wg.tx_bytes
+            out["tsnet_wireguard_rx_bytes"] = float(rx)
+            out["tsnet_wireguard_tx_bytes"] = float(tx)
             out["tsnet_derp_home_region"] = float(driver.core.home_derp)
             out["tsnet_derp_connections"] = float(len(getattr(driver.regions, "clients", {}) or {}))
             kinds = {"direct": 0, "peer-relay": 0, "derp": 0, "none": 0}
@@ -1110,6 +1122,10 @@ class Server:
             remaining = deadline - trio.current_time()
             if remaining <= 0:
                 break
+            if not self._is_tailnet(ip):
+                # Only tailnet addresses are reachable through the node: fail now, not after a timeout.
+                error = OSError(errno.EHOSTUNREACH, f"{ip} is not on the tailnet (no peer has it in AllowedIPs)")
+                continue
             try:
                 if proto == "tcp":
                     return await net.open_tcp_stream(str(ip), port, timeout=None if timeout is None else remaining)
