@@ -433,6 +433,40 @@ def test_multicast_and_link_local_dropped() -> None:
     assert state.flow_count == 0
 
 
+def test_big_packets_get_the_same_decisions() -> None:
+    # Packets of 54+ bytes take a fast path; it must never decide differently.
+    state = FilterState(PacketFilter.from_rules(
+        [rule((PEER4, PEER6), (("*", 22, 22),))], LOCAL + ["224.0.0.1", "169.254.7.7", "ff02::1", "fe80::1"]))
+    state.note_outbound(udp(ME4, PEER4, 5000, 53))
+    state.note_outbound(udp(ME6, PEER6, 5000, 53))
+    small_and_big = [
+        (tcp(OTHER4, ME4, 80, 40000, ACK), tcp(OTHER4, ME4, 80, 40000, ACK, bytes(1000))),
+        (tcp(OTHER4, ME4, 4000, 22, SYN), tcp(OTHER4, ME4, 4000, 22, SYN, bytes(1000))),
+        (tcp(PEER4, ME4, 4000, 22, SYN), tcp(PEER4, ME4, 4000, 22, SYN, bytes(1000))),
+        (tcp(OTHER6, ME6, 80, 40000, ACK), tcp(OTHER6, ME6, 80, 40000, ACK, bytes(1000))),
+        (tcp(OTHER6, ME6, 4000, 22, SYN), tcp(OTHER6, ME6, 4000, 22, SYN, bytes(1000))),
+        (udp(PEER4, ME4, 53, 5000, b""), udp(PEER4, ME4, 53, 5000, bytes(1000))),
+        (udp(PEER4, ME4, 53, 5001, b""), udp(PEER4, ME4, 53, 5001, bytes(1000))),
+        (udp(PEER6, ME6, 53, 5000, b""), udp(PEER6, ME6, 53, 5000, bytes(1000))),
+        (udp(OTHER6, ME6, 53, 5000, b""), udp(OTHER6, ME6, 53, 5000, bytes(1000))),
+        (tcp(OTHER4, "224.0.0.1", 80, 40000, ACK), tcp(OTHER4, "224.0.0.1", 80, 40000, ACK, bytes(1000))),
+        (tcp(OTHER4, "169.254.7.7", 80, 40000, ACK), tcp(OTHER4, "169.254.7.7", 80, 40000, ACK, bytes(1000))),
+        (udp(PEER6, "ff02::1", 53, 5000, b""), udp(PEER6, "ff02::1", 53, 5000, bytes(1000))),
+        (tcp(OTHER6, "fe80::1", 80, 40000, ACK), tcp(OTHER6, "fe80::1", 80, 40000, ACK, bytes(1000))),
+        (tcp(OTHER4, OTHER4, 80, 40000, ACK), tcp(OTHER4, OTHER4, 80, 40000, ACK, bytes(1000))),
+    ]
+    for small, big in small_and_big:
+        assert len(big) >= 54 and (len(small) < 54 or small[0] >> 4 == 6)  # (IPv6 TCP is never small)
+        assert state.check_inbound(small) is state.check_inbound(big), small.hex()
+    # Fragments and options never take it either.
+    head = struct.pack("!HHIIBBHHH", 4000, 22, 1, 0, 0x50, SYN, 65535, 0, 0) + bytes(1000)
+    assert reason(state, v4_fragment(OTHER4, ME4, 6, head, 0, more=True)) is Reason.NO_RULE
+    assert reason(state, v4_fragment(OTHER4, ME4, 6, head, 1, more=True)) is Reason.BAD_FRAGMENT
+    # A truncated big packet is malformed, not fast-accepted.
+    assert reason(state, tcp(OTHER4, ME4, 80, 40000, ACK, bytes(1000))[:900]) is Reason.MALFORMED
+    assert reason(state, tcp(OTHER6, ME6, 80, 40000, ACK, bytes(1000))[:900]) is Reason.MALFORMED
+
+
 def test_ipv4_fragments() -> None:
     state = state_for(rule((PEER4,), (("*", 22, 22),)))
     head = struct.pack("!HHIIBBHHH", 4000, 22, 1, 0, 0x50, SYN, 65535, 0, 0) + bytes(60)
