@@ -122,7 +122,7 @@ class _Session:
     """One open map long-poll."""
 
     __slots__ = ("node_id", "wake", "scope", "sent_self", "sent_peers", "sent_filter", "sent_dns", "sent_derp",
-                 "sent_profiles", "sent_domain", "outbox")
+                 "sent_profiles", "sent_domain", "outbox", "synced_generation")
 
     def __init__(self, node_id: int) -> None:
         self.node_id = node_id
@@ -136,6 +136,8 @@ class _Session:
         self.sent_profiles: dict[int, dict] = {}
         self.sent_domain: str | None = None
         self.outbox: list[dict] = []  # one-off messages (PingRequest) to send next
+        #: The view generation whose peers ``sent_peers`` matches (allow-all sessions only, else None).
+        self.synced_generation: int | None = None
 
 
 # Node fields a PeerChange can carry, by JSON name: Node name -> PeerChange name.
@@ -165,6 +167,10 @@ class _View:
     logins: dict[int, str]
     peer_nodes: dict[int, dict]
     user_ids: frozenset[int]
+    #: The previously built view's generation, and the peers whose encoding differs from it
+    #: (added, changed or removed); None for the first view.
+    prev_generation: int | None
+    changed_ids: frozenset[int] | None
     dns: dict
     derp: dict | None
     control_time: str
@@ -751,6 +757,14 @@ class ControlServer:
         now = self.now()
         live = [n for n in self.store.nodes() if not n.logged_out]
         users = {u.id: u for u in self.store.users()}
+        peer_nodes = {n.id: self._encoded_peer(n, now) for n in live}
+        changed_ids = None
+        if cached is not None:
+            # Unchanged peers keep their encoding object, so identity finds what changed, once per
+            # generation; sessions synced to the previous view then only look at these.
+            old = cached.peer_nodes
+            changed_ids = frozenset([i for i, enc in peer_nodes.items() if old.get(i) is not enc]
+                                    + [i for i in old if i not in peer_nodes])
         view = _View(
             generation=self.generation,
             now=now,
@@ -758,8 +772,10 @@ class ControlServer:
             by_id={n.id: n for n in live},
             users=users,
             logins={uid: u.login_name for uid, u in users.items()},
-            peer_nodes={n.id: self._encoded_peer(n, now) for n in live},
+            peer_nodes=peer_nodes,
             user_ids=frozenset(n.user_id for n in live),
+            prev_generation=cached.generation if cached is not None else None,
+            changed_ids=changed_ids,
             dns=tailcfg.encode(self.dns_config()),
             derp=tailcfg.encode(self.config.derp_map) if self.config.derp_map is not None else None,
             control_time=tailcfg.encode(tailcfg.MapResponse(control_time=now))["ControlTime"],
@@ -810,9 +826,18 @@ class ControlServer:
             if peer_nodes:
                 out["Peers"] = [peer_nodes[i] for i in sorted(peer_nodes)]
         else:
-            changed, patches = [], []
-            for i in sorted(peer_nodes):
-                before, now_node = session.sent_peers.get(i), peer_nodes[i]
+            changed, patches, removed = [], [], []
+            sent = session.sent_peers
+            if can_see is None and view.changed_ids is not None and session.synced_generation == view.prev_generation:
+                candidates = sorted(view.changed_ids)  # the session has the previous view's peers
+            else:
+                candidates = sorted(peer_nodes.keys() | sent.keys())
+            for i in candidates:
+                before, now_node = sent.get(i), peer_nodes.get(i)
+                if now_node is None:
+                    if before is not None:
+                        removed.append(i)
+                    continue
                 if before is now_node or before == now_node:  # identity: unchanged peers share one encoding
                     continue
                 patch = _peer_patch(i, before, now_node) if before is not None else None
@@ -820,7 +845,6 @@ class ControlServer:
                     patches.append(patch)
                 else:
                     changed.append(now_node)
-            removed = sorted(set(session.sent_peers) - set(peer_nodes))
             if changed:
                 out["PeersChanged"] = changed
             if patches:
@@ -839,6 +863,8 @@ class ControlServer:
         if first or session.sent_domain != self.config.base_domain:
             out["Domain"] = self.config.base_domain
             out["CollectServices"] = False
+        # Whether or not anything is sent, the session now holds this view's peers.
+        session.synced_generation = view.generation if can_see is None else None
         if not out:
             return None
         out["ControlTime"] = view.control_time
