@@ -247,6 +247,13 @@ class MapSession:
     control_time: _dt.datetime | None = None
     messages: int = 0
     _peer_cache: dict[int, tuple[tailcfg.Node, Peer]] = field(default_factory=dict)
+    # The last snapshot's peers (usable ones, by id) and where each sits, so a delta touching a few
+    # peers costs O(changed) plus one tuple copy instead of re-walking every peer. ``_dirty`` holds
+    # ids changed since; ``_rebuild`` is set when the set of peers changed.
+    _peer_list: list[Peer] = field(default_factory=list)
+    _index: dict[int, int] = field(default_factory=dict)
+    _dirty: set[int] = field(default_factory=set)
+    _rebuild: bool = True
 
     def apply(self, msg: tailcfg.MapResponse, now: _dt.datetime) -> NetworkMap | None:
         """Apply one message; return the new snapshot, or None for a keep-alive."""
@@ -266,21 +273,30 @@ class MapSession:
                 self.derp_map = msg.derp_map
         if msg.peers:
             self.peers = {p.id: p for p in msg.peers if p.id is not None}
+            self._rebuild = True
         else:
+            dirty = self._dirty
             for node_id in msg.peers_removed or ():
-                self.peers.pop(node_id, None)
+                if self.peers.pop(node_id, None) is not None:
+                    self._rebuild = True
             for p in msg.peers_changed or ():
                 if p.id is not None:
+                    if p.id not in self.peers:
+                        self._rebuild = True
                     self.peers[p.id] = p
+                    dirty.add(p.id)
             for node_id, seen in (msg.peer_seen_change or {}).items():
                 if node_id in self.peers:
                     self.peers[node_id] = replace(self.peers[node_id], last_seen=now if seen else None)
+                    dirty.add(node_id)
             for node_id, online in (msg.online_change or {}).items():
                 if node_id in self.peers:
                     self.peers[node_id] = replace(self.peers[node_id], online=online)
+                    dirty.add(node_id)
             for change in msg.peers_changed_patch or ():
                 if change.node_id in self.peers:
                     self.peers[change.node_id] = _patch_node(self.peers[change.node_id], change)
+                    dirty.add(change.node_id)
         if msg.dns_config is not None:
             self.dns_config = msg.dns_config
         if msg.domain:
@@ -310,8 +326,23 @@ class MapSession:
         self._peer_cache[node.id] = (node, peer)  # type: ignore[index]
         return peer
 
-    def snapshot(self) -> NetworkMap:
-        assert self.self_node is not None
+    def _update_peer_list(self) -> None:
+        """Bring ``_peer_list`` up to date: patch the dirty entries in place, or rebuild it."""
+        if not self._rebuild:
+            for node_id in self._dirty:
+                pos = self._index.get(node_id)
+                try:
+                    peer = self._peer(self.peers[node_id])
+                except MapSessionError:
+                    peer = None
+                if pos is not None and peer is not None:
+                    self._peer_list[pos] = peer
+                elif pos is not None or peer is not None:
+                    self._rebuild = True  # a peer became (un)usable: the list changes shape
+                    break
+        self._dirty.clear()
+        if not self._rebuild:
+            return
         peers = []
         for node_id in sorted(self.peers):
             try:
@@ -320,6 +351,14 @@ class MapSession:
                 continue  # a peer without key is unusable; skip it, keep the rest
         for stale in set(self._peer_cache) - set(self.peers):
             del self._peer_cache[stale]
+        self._peer_list = peers
+        self._index = {p.id: i for i, p in enumerate(peers)}
+        self._rebuild = False
+
+    def snapshot(self) -> NetworkMap:
+        assert self.self_node is not None
+        self._update_peer_list()
+        peers = self._peer_list
         rules: list[tailcfg.FilterRule] = []
         for name in sorted(self.packet_filters):
             rules.extend(self.packet_filters[name])
