@@ -45,12 +45,16 @@ def test_syn_flood_is_bounded_and_drains() -> None:
     assert len(s._heap) == 0 or all(e[2] not in s._deadline_of for e in s._heap)
 
 
-def test_global_half_open_bound() -> None:
-    s = Stack([A4], now=0.0, max_half_open=50)
+def test_global_and_per_source_half_open_bounds() -> None:
+    s = Stack([A4], now=0.0, max_half_open=60)
     s.tcp_listen(80, backlog=100)
     s.tcp_listen(81, backlog=100)
     s.receive_packets([syn(10000 + i, 80) for i in range(100)] + [syn(10000 + i, 81) for i in range(100)], 0.0)
-    assert len(s.connections) == 50
+    assert len(s.connections) == 40  # one flooding source gets two thirds
+    s.receive_packets([syn(10000 + i, 80, src="100.64.0.3") for i in range(100)], 0.0)
+    assert len(s.connections) == 60  # another source still gets the rest
+    run_timers_until_idle(s, 0.0)
+    assert not s.connections and s._half_open == 0 and not s._half_open_by_src
 
 
 def test_syn_retransmission_is_deduplicated() -> None:

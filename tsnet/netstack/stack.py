@@ -254,7 +254,8 @@ class Stack:
         tcp_options: defaults for every new TCP connection.
         rng: ``rng(n) -> n random bytes`` (ISN secret, ephemeral ports); os.urandom by default.
         mtu: the tunnel MTU; bounds UDP payloads and echo replies (we never fragment).
-        max_half_open: global bound on SYN-RECEIVED connections (a SYN flood cannot grow memory).
+        max_half_open: global bound on SYN-RECEIVED connections (a SYN flood cannot grow memory);
+            one source address may use at most two thirds of it.
         udp_queue_limit: datagrams queued per UDP endpoint before new ones are dropped.
         icmp_rate, icmp_burst: token bucket for ICMP we generate (echo replies and errors).
         reassembly_timeout, reassembly_memory: bounds of the fragment reassembler.
@@ -298,6 +299,9 @@ class Stack:
         self.udp_endpoints: dict[tuple[bytes | None, int], UDPEndpoint] = {}
         self._listener_of: dict[TCPConnection, Listener] = {}  # SYN-RECEIVED conns -> their listener
         self._half_open = 0
+        self._half_open_by_src: dict[bytes, int] = {}
+        #: one source may hold at most this many SYN-RECEIVED slots, so a flooding peer leaves room for others
+        self.max_half_open_per_source = max(1, max_half_open * 2 // 3)
         self._reassembler = ipmod.Reassembler(
             timeout=reassembly_timeout, high_water=reassembly_memory, low_water=reassembly_memory * 3 // 4
         )
@@ -442,12 +446,21 @@ class Stack:
         listener = self._listener_of.pop(conn, None)
         if listener is not None:
             listener.half_open.discard(conn)
-            self._half_open -= 1
+            self._half_open_done(conn)
+
+    def _half_open_done(self, conn: TCPConnection) -> None:
+        self._half_open -= 1
+        src = conn.remote_ip
+        n = self._half_open_by_src.get(src, 0) - 1
+        if n > 0:
+            self._half_open_by_src[src] = n
+        else:
+            self._half_open_by_src.pop(src, None)
 
     def _promote(self, conn: TCPConnection, listener: Listener) -> None:
         del self._listener_of[conn]
         listener.half_open.discard(conn)
-        self._half_open -= 1
+        self._half_open_done(conn)
         if listener.closed or len(listener.accept_queue) >= listener.backlog:
             self.counters.tcp_accept_overflow += 1
             self._safe_abort(conn, None)
@@ -567,7 +580,8 @@ class Stack:
                 return  # LISTEN: anything else is dropped
             if (len(listener.half_open) >= listener.backlog
                     or len(listener.accept_queue) >= listener.backlog
-                    or self._half_open >= self.max_half_open):
+                    or self._half_open >= self.max_half_open
+                    or self._half_open_by_src.get(src, 0) >= self.max_half_open_per_source):
                 counters.tcp_syn_dropped += 1  # the peer retransmits; a flood cannot grow our tables
                 return
             iss, ts_offset = self._isn(dst, seg.dport, src, seg.sport, now)
@@ -580,6 +594,7 @@ class Stack:
             listener.half_open.add(conn)
             self._listener_of[conn] = listener
             self._half_open += 1
+            self._half_open_by_src[src] = self._half_open_by_src.get(src, 0) + 1
             touched[conn] = None
             return
         self._send_rst(dst, src, seg)
@@ -680,7 +695,7 @@ class Stack:
         for conn in list(listener.accept_queue) + list(listener.half_open):
             self._listener_of.pop(conn, None)
             if conn in listener.half_open:
-                self._half_open -= 1
+                self._half_open_done(conn)
             self._safe_abort(conn, now)
         listener.accept_queue.clear()
         listener.half_open.clear()
