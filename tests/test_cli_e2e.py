@@ -155,6 +155,9 @@ async def test_tsnet_up_process_end_to_end(nursery, tmp_path):
         assert code == 0 and len(lines) == 3, (out, err)
         assert all(re.match(r"pong from peer \(100\.\S+\) via \S.* in [\d.]+ms$", line) for line in lines), lines
 
+        code, out, err = await run_cli("netcheck", "--socket", str(sock))
+        assert code == 0 and "* udp: True" in out and "* preferred derp: 900" in out, (out, err)
+
         code, out, err = await run_cli("whois", str(peer.tailscale_ips()[0]), "--socket", str(sock))
         assert code == 0 and "Name: peer" in out, err
 
