@@ -136,3 +136,46 @@ async def test_serve_forward_to_local_server(pair, nursery):
     with trio.fail_after(5):
         assert await stream.receive_some(100) == b"local:ping"
     await stream.aclose()
+
+
+async def _exactly(stream, n):
+    out = b""
+    with trio.fail_after(5):
+        while len(out) < n:
+            chunk = await stream.receive_some(n - len(out))
+            assert chunk
+            out += chunk
+    return out
+
+
+async def test_socks5_udp_associate_dns_query_to_magicdns(pair):
+    """UDP ASSOCIATE through the node's proxy: a DNS query to 100.100.100.100 over the tailnet netstack."""
+    import socket
+
+    from dnslib import DNSRecord
+
+    from tsnet.proxy.socks5 import build_udp_datagram, encode_address, parse_udp_datagram
+
+    a, b = pair
+    proxy = await a.loopback()
+    user, pw = proxy.credentials.username.encode(), proxy.credentials.password.encode()
+    control = await trio.open_tcp_stream(proxy.host, proxy.port)
+    async with control:
+        await control.send_all(b"\x05\x01\x02")
+        assert await _exactly(control, 2) == b"\x05\x02"
+        await control.send_all(b"\x01" + bytes([len(user)]) + user + bytes([len(pw)]) + pw)
+        assert await _exactly(control, 2) == b"\x01\x00"
+        await control.send_all(b"\x05\x03\x00" + encode_address("0.0.0.0", 0))
+        head = await _exactly(control, 4)
+        assert head[:2] == b"\x05\x00" and head[3] == 1
+        addr = await _exactly(control, 6)
+        relay = (socket.inet_ntoa(addr[:4]), int.from_bytes(addr[4:], "big"))
+        with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            await udp.bind(("127.0.0.1", 0))
+            query = DNSRecord.question("bravo.tailnet.test", "A")
+            await udp.sendto(build_udp_datagram("100.100.100.100", 53, query.pack()), relay)
+            with trio.fail_after(5):
+                data, _ = await udp.recvfrom(65535)
+            reply = DNSRecord.parse(parse_udp_datagram(data).payload)
+            assert reply.header.id == query.header.id
+            assert [str(rr.rdata) for rr in reply.rr] == [str(b.tailscale_ips()[0])]
