@@ -424,7 +424,8 @@ class TCPStream(trio.abc.HalfCloseableStream):
 
     def __repr__(self) -> str:
         c = self.connection
-        return f"<TCPStream {_ip_str(c.local_ip)}:{c.local_port} -> {_ip_str(c.remote_ip)}:{c.remote_port} {c.state.name}>"
+        local, remote = _ip_str(c.local_ip), _ip_str(c.remote_ip)
+        return f"<TCPStream {local}:{c.local_port} -> {remote}:{c.remote_port} {c.state.name}>"
 
 
 class TCPListener(trio.abc.Listener[TCPStream]):
