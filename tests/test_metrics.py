@@ -45,7 +45,12 @@ async def test_node_metrics_parse_and_cover_paths_process_and_relay():
         def endpoint_gauge(self):
             return {"connecting": 1, "open": 2}
 
-    a._driver = type("D", (), {"relay_server": Relay()})()
+    from tsnet.wg.stats import Counters
+
+    wg = Counters()
+    wg.handshakes_completed = 3
+    core = type("Core", (), {"wg": type("WG", (), {"counters": wg})()})()
+    a._driver = type("D", (), {"relay_server": Relay(), "core": core})()
     fams = _families(metrics.render(metrics.node_metrics(a)))
     by_path = {s.labels["path"]: s.value for s in fams["tsnet_peer_rx_bytes"].samples}
     assert by_path["direct"] == 100 and by_path["derp"] == 0
@@ -57,6 +62,8 @@ async def test_node_metrics_parse_and_cover_paths_process_and_relay():
     fwd = [s for s in fams["tailscaled_peer_relay_forwarded_packets"].samples
            if s.labels == {"transport_in": "udp4", "transport_out": "udp4"}]
     assert fwd[0].value == 7
+    assert fams["tsnet_wireguard_handshakes_completed"].samples[0].value == 3
+    assert fams["tsnet_wireguard_drop_replayed"].type == "counter"
     assert fams["process_cpu_seconds"].type == "counter"
     assert fams["process_resident_memory_bytes"].samples[0].value > 0
     assert fams["process_start_time_seconds"].samples[0].value > 1e9

@@ -13,6 +13,7 @@ The node is duck-typed: anything with ``metrics() -> dict[str, float]`` and ``st
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import os
@@ -222,6 +223,18 @@ def _relay_server_of(server: Any) -> Any:
     return getattr(getattr(server, "_driver", None), "relay_server", None)
 
 
+def wireguard_metrics(counters: Any) -> dict[str, float]:
+    """WireGuard device counters (handshakes sent/completed/failed, data, every drop reason) as ``_total``s."""
+    fields = dataclasses.asdict(counters) if dataclasses.is_dataclass(counters) else dict(counters)
+    return {f"tsnet_wireguard_{name}_total": float(v) for name, v in fields.items() if isinstance(v, int | float)}
+
+
+def _wireguard_counters_of(server: Any) -> Any:
+    # Server.metrics() does not carry the WireGuard device counters yet; its magicsock core owns the device.
+    core = getattr(getattr(server, "_driver", None), "core", None)
+    return getattr(getattr(core, "wg", None), "counters", None)
+
+
 def node_metrics(server: Any) -> dict[str, float]:
     """Everything we export for ``server``: its own counters, status-derived gauges and process metrics.
 
@@ -247,6 +260,9 @@ def node_metrics(server: Any) -> dict[str, float]:
         relay_server = _relay_server_of(server)
         if relay_server is not None:
             relay = relay_metrics(relay_server)
+        wg_counters = _wireguard_counters_of(server)
+        if wg_counters is not None:
+            relay.update(wireguard_metrics(wg_counters))
     except Exception:  # noqa: BLE001
         errors += 1
     return {**derived, **node, **relay, **process_metrics(), "tsnet_metrics_errors": float(errors)}
