@@ -200,7 +200,10 @@ async def test_500_concurrent_kernel_connections_are_served(ns_setup: NetstackSe
             task_status.started()
             async with trio.open_nursery() as handlers:
                 while True:
-                    stream = await listener.accept()
+                    try:
+                        stream = await listener.accept()
+                    except trio.ClosedResourceError:
+                        break  # the handlers still finish: every connection is closed cleanly
                     handlers.start_soon(echo_stream, stream)
 
         async def echo_stream(stream: Any) -> None:
@@ -228,8 +231,7 @@ async def test_500_concurrent_kernel_connections_are_served(ns_setup: NetstackSe
                 async with trio.open_nursery() as clients:
                     for i, sock in enumerate(socks):
                         clients.start_soon(client, i, sock)
-                nursery.cancel_scope.cancel()
-        await listener.aclose()
+                await listener.aclose()
     assert len(answers) == n
     assert all(answers[i] == struct.pack(">Q", i) for i in range(n))
     assert served == n
