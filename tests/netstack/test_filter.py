@@ -434,7 +434,7 @@ def test_multicast_and_link_local_dropped() -> None:
 
 
 def test_big_packets_get_the_same_decisions() -> None:
-    # Packets of 54+ bytes take a fast path; it must never decide differently.
+    # IPv4 packets of 34+ bytes and IPv6 of 54+ take a fast path; it must never decide differently.
     state = FilterState(PacketFilter.from_rules(
         [rule((PEER4, PEER6), (("*", 22, 22),))], LOCAL + ["224.0.0.1", "169.254.7.7", "ff02::1", "fe80::1"]))
     state.note_outbound(udp(ME4, PEER4, 5000, 53))
@@ -446,6 +446,7 @@ def test_big_packets_get_the_same_decisions() -> None:
         (tcp(OTHER6, ME6, 80, 40000, ACK), tcp(OTHER6, ME6, 80, 40000, ACK, bytes(1000))),
         (tcp(OTHER6, ME6, 4000, 22, SYN), tcp(OTHER6, ME6, 4000, 22, SYN, bytes(1000))),
         (udp(PEER4, ME4, 53, 5000, b""), udp(PEER4, ME4, 53, 5000, bytes(1000))),
+        (udp(PEER4, ME4, 53, 5000, b""), udp(PEER4, ME4, 53, 5000, bytes(6))),  # 34 bytes: the v4 minimum
         (udp(PEER4, ME4, 53, 5001, b""), udp(PEER4, ME4, 53, 5001, bytes(1000))),
         (udp(PEER6, ME6, 53, 5000, b""), udp(PEER6, ME6, 53, 5000, bytes(1000))),
         (udp(OTHER6, ME6, 53, 5000, b""), udp(OTHER6, ME6, 53, 5000, bytes(1000))),
@@ -456,9 +457,18 @@ def test_big_packets_get_the_same_decisions() -> None:
         (tcp(OTHER4, OTHER4, 80, 40000, ACK), tcp(OTHER4, OTHER4, 80, 40000, ACK, bytes(1000))),
     ]
     for small, big in small_and_big:
-        assert len(big) >= 54 and (len(small) < 54 or small[0] >> 4 == 6)  # (IPv6 TCP is never small)
         assert state.check_inbound(small) is state.check_inbound(big), small.hex()
-    # Fragments and options never take it either.
+    # IP options, fragments never take it.
+    for flags, want in ((ACK, Reason.TCP_NON_SYN), (SYN, Reason.NO_RULE)):
+        seg = struct.pack("!HHIIBBHHH", 80, 40000, 1, 2, 0x50, flags, 65535, 0, 0) + bytes(100)
+        hdr = bytearray(ipv4_header(packed(OTHER4), packed(ME4), 6, len(seg) + 4))
+        hdr[0] = 0x46  # one word of options (a NOP-padded end-of-list)
+        with_options = bytes(hdr) + b"\x01\x01\x01\x00" + seg
+        assert reason(state, with_options) is want
+        state.note_outbound(udp(ME4, OTHER4, 7000, 53))
+    udp_hdr = bytearray(ipv4_header(packed(OTHER4), packed(ME4), 17, 4 + 8 + 100))
+    udp_hdr[0] = 0x46
+    assert reason(state, bytes(udp_hdr) + bytes(4) + struct.pack("!HHHH", 53, 7000, 108, 0) + bytes(100)) is Reason.FLOW
     head = struct.pack("!HHIIBBHHH", 4000, 22, 1, 0, 0x50, SYN, 65535, 0, 0) + bytes(1000)
     assert reason(state, v4_fragment(OTHER4, ME4, 6, head, 0, more=True)) is Reason.NO_RULE
     assert reason(state, v4_fragment(OTHER4, ME4, 6, head, 1, more=True)) is Reason.BAD_FRAGMENT

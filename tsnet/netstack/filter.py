@@ -108,10 +108,10 @@ _ADDRS_PORTS6 = struct.Struct("!16s16sHH").unpack_from
 _PACK_ADDRS_PORTS6 = struct.Struct("!16s16sHH").pack
 _ADDRS4 = struct.Struct("!4s4s").unpack_from
 _PORTS = struct.Struct("!HH").unpack_from
-# Fast path: IPv4 version/IHL, total length, flags+offset, protocol, destination, and the
-# TCP flags byte if the header has no options; IPv6 payload length, next header,
-# destination, TCP flags without extension headers.  Both need 54 bytes.
-_V4_FAST = struct.Struct("!BxHxxHxB6x4s13xB").unpack_from
+# Fast path: IPv4 total length, flags+offset, protocol, destination and the TCP flags byte
+# of a header without options (34 bytes); IPv6 payload length, next header, destination,
+# TCP flags without extension headers (54 bytes).
+_V4_FAST = struct.Struct("!2xHxxHxB6x4s13xB").unpack_from
 _V6_FAST = struct.Struct("!4xHB17x16s13xB").unpack_from
 _METADATA4 = bytes((169, 254, 169, 254))  # link-local, yet allowed (cloud metadata)
 
@@ -651,9 +651,10 @@ class PacketFilter:
             # options or extension headers, to one of our own (unicast) addresses, that is
             # a TCP segment of an existing connection or a reply to one of our UDP flows.
             # Anything else falls through to the full checks below.
-            if n >= 54:
-                b0, total, frag, proto, dst, tcp_flags = _V4_FAST(p)
+            if n >= 34:
+                b0 = p[0]
                 if b0 == 0x45:
+                    total, frag, proto, dst, tcp_flags = _V4_FAST(p)
                     if not frag & 0x3FFF and total <= n and dst in self._fast4_hosts:
                         if proto == _PROTO_TCP:
                             if total >= 40 and tcp_flags & 0x12 != 0x02:
@@ -663,7 +664,7 @@ class PacketFilter:
                             if key in flows:
                                 flows.move_to_end(key)
                                 return _A_FLOW
-                elif b0 >> 4 == 6:
+                elif b0 >> 4 == 6 and n >= 54:
                     plen, proto, dst, tcp_flags = _V6_FAST(p)
                     if plen + 40 <= n and dst in self._fast6_hosts:
                         if proto == _PROTO_TCP:
