@@ -307,3 +307,28 @@ def test_settings_namespace_defaults_are_unset():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         assert value in (None, [], False), flag
     assert isinstance(args, argparse.Namespace)
+
+
+async def test_up_with_memory_state_keeps_its_socket_in_a_private_temp_dir(nursery):
+    node = FakeServer(Tailnet(), hostname="a")
+    settings = parse_up(["--state", "mem:", "--ephemeral"])
+    ready = trio.Event()
+    bound = {}
+    scope = trio.CancelScope()
+
+    def on_ready(b):
+        bound.update(b)
+        ready.set()
+
+    async def run():
+        with scope:
+            await cli_node.run_up(settings, cli_node._Out(False), node, ready=on_ready)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(run)
+        with trio.fail_after(5):
+            await ready.wait()
+        sock = Path(bound["socket"])
+        assert sock.name == "tsnet.sock" and oct(sock.parent.stat().st_mode & 0o777) == "0o700"
+        scope.cancel()
+    assert node.closed and not sock.parent.exists()

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -429,8 +430,7 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
             else:
                 out(f"stopped in {time.monotonic() - started:.2f}s", step="stopped")
         if private_dir is not None:
-            Path(socket_path).unlink(missing_ok=True)
-            os.rmdir(private_dir) if os.path.isdir(private_dir) and not os.listdir(private_dir) else None
+            shutil.rmtree(private_dir, ignore_errors=True)
     return int(outcome["code"])
 
 
