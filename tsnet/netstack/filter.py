@@ -528,6 +528,7 @@ class PacketFilter:
 
         rules4: list[_Rule] = []
         rules6: list[_Rule] = []
+        rules = tuple(rules)
         legacy = [i for i, r in enumerate(rules) if r.src_bits or any(d.bits is not None for d in r.dst_ports or ())]
         if legacy:
             bad(f"every rule: rule {legacy[0]} has SrcBits/Bits from an old control server")
