@@ -161,3 +161,25 @@ async def test_not_running_errors(tailnet):
     await srv.close()
     with pytest.raises(tsnet.NotRunningError, match="closed"):
         await srv.up()
+
+
+async def test_node_key_renewed_after_expiry_keeps_working(tailnet):
+    """Control expires our key: the client registers a new one (auth key) and magicsock restarts with it."""
+    a, b = tailnet.node("renew"), tailnet.node("other")
+    await a.up(timeout=10)
+    await b.up(timeout=10)
+    await a.wait_for_peer("other")
+    old_key = a.status().self_node.key
+    node_id = next(n.id for n in tailnet.server.store.nodes() if n.name == "renew")
+    tailnet.server.expire_node(node_id)
+    with trio.fail_after(20):
+        while a.status().self_node.key == old_key or a._driver.node_key != a._client.config.node_key.public:
+            await a._netmap_changed.wait()
+    new_key = a.status().self_node.key
+    with trio.fail_after(20):
+        while (p := b.status().peer("renew")) is None or p.key != new_key:
+            await b._netmap_changed.wait()
+    result = await a.ping("other", timeout=15)
+    assert result.latency > 0
+    await a.close()
+    await b.close()

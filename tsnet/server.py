@@ -359,6 +359,9 @@ class Server:
         self._have_addresses: trio.Event | None = None
         self._first_update: trio.Event | None = None
         self._netmap_changed = trio.Event()
+        self._driver_scopes: dict[Any, tuple[trio.CancelScope, trio.Event]] = {}
+        self._rekeying = False
+        self._disco: Any = None
         self._started_at = 0.0
         #: seconds from up() to each startup phase: login, netmap, derp, running
         self._startup: dict[str, float] = {}
@@ -639,6 +642,14 @@ class Server:
 
     async def _start_data_plane(self, nursery: trio.Nursery, client: Any, disco: Any) -> None:
         from .dns import DNSConfig, MagicDNS, MagicDNSUpstream, NameResolver
+
+        self._disco = disco
+        self._driver = await self._new_driver(nursery, client.config.node_key, disco)
+        self._magic = MagicDNS(DNSConfig())
+        self._resolver = NameResolver(self._magic, MagicDNSUpstream(self._magic, self._forward_dns))
+
+    async def _new_driver(self, nursery: trio.Nursery, node_key: Any, disco: Any) -> Any:
+        """Start a magicsock driver for ``node_key`` in its own cancel scope (so a key change can replace it)."""
         from .magicsock.driver import MagicSockDriver
 
         local = None
@@ -650,15 +661,43 @@ class Server:
         if bind_ip.is_loopback:
             local, bind_v6 = [bind_ip], None
         driver = MagicSockDriver(
-            client.config.node_key, disco, port=self.port, bind_v4=self.udp_bind, bind_v6=bind_v6,
+            node_key, disco, port=self.port, bind_v4=self.udp_bind, bind_v6=bind_v6,
             local_addresses=local, derp_plain_http=self.derp_plain_http, on_event=self._on_magicsock_event,
-            relay_server_port=self.relay_server_port,
+            on_packets=self._on_packets, relay_server_port=self.relay_server_port,
         )
-        driver.on_packets = self._on_packets
-        self._driver = driver
-        await nursery.start(driver.run)
-        self._magic = MagicDNS(DNSConfig())
-        self._resolver = NameResolver(self._magic, MagicDNSUpstream(self._magic, self._forward_dns))
+
+        done = trio.Event()
+
+        async def run(task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with trio.CancelScope() as scope:
+                    await driver.run(task_status=_Forward(task_status, scope))
+            finally:
+                done.set()
+
+        scope = await nursery.start(run)
+        self._driver_scopes[driver] = (scope, done)
+        return driver
+
+    async def _replace_driver(self, nm: Any) -> None:
+        """Control renewed our node key (expiry): WireGuard needs a driver with the new key."""
+        old = self._driver
+        client = self._client
+        if old is None or client is None or self._nursery is None:
+            return
+        self.log.info("node key changed to %s: restarting magicsock", client.config.node_key.public.short())
+        # Stop the old driver first: a fixed UDP port must be free before the new one binds it.
+        scope, done = self._driver_scopes.pop(old)
+        scope.cancel()
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await done.wait()
+        new = await self._new_driver(self._nursery, client.config.node_key, self._disco)
+        self._driver = new
+        new.set_netmap(self._netmap if self._netmap is not None else nm)
+        self.store.write("node-key", client.config.node_key.raw)
+        if self._update_wanted is not None:
+            self._update_wanted.set()
+        self._rekeying = False
 
     # --- netmap ------------------------------------------------------------------------------------
 
@@ -670,7 +709,12 @@ class Server:
         driver = self._driver
         if driver is None:
             return
-        driver.set_netmap(nm)
+        if nm.node_key is not None and nm.node_key != driver.node_key:
+            if not self._rekeying and self._nursery is not None:
+                self._rekeying = True
+                self._nursery.start_soon(self._replace_driver, nm)
+        else:
+            driver.set_netmap(nm)
         addresses = [a.ip for a in nm.addresses]
         self._self_ips = frozenset(addresses)
         self._local_packed = frozenset(ip.packed for ip in addresses) | {QUAD100_V4.packed, QUAD100_V6.packed}
@@ -1053,6 +1097,8 @@ class Server:
         """Counters and gauges: packets/bytes by path, handshakes, DERP and control state, relay gauge."""
         out: dict[str, float] = {f"tsnet_{k}": float(v) for k, v in self.counters.items()}
         out["tsnet_running"] = 1.0 if self._state == "Running" else 0.0
+        if self._client is not None:
+            out["tsnet_control_map_connected"] = 1.0 if getattr(self._client, "map_connected", False) else 0.0
         for phase, seconds in self._startup.items():
             out[f"tsnet_startup_{phase}_seconds"] = seconds
         driver, client = self._driver, self._client
@@ -1233,6 +1279,16 @@ class Server:
         from ._httpx import tailnet_async_client
 
         return tailnet_async_client(self, **kwargs)
+
+
+class _Forward:
+    """A task_status that reports ``value`` instead of what the wrapped task passes to ``started``."""
+
+    def __init__(self, status: Any, value: Any) -> None:
+        self.status, self.value = status, value
+
+    def started(self, _value: Any = None) -> None:
+        self.status.started(self.value)
 
 
 class _UDPFlow:
