@@ -135,6 +135,9 @@ def test_status_table():
     assert lines[2].split() == ["web", "100.64.0.2", "linux", "direct", "127.0.0.1:41641", "10s", "ago"]
     assert lines[3].split() == ["db", "(offline)", "100.64.0.3", "-", "derp", "region", "900", "-"]
     assert lines[4] == "# health: DERP region 900: reconnecting"
+    st.update(backend_state="NeedsLogin", auth_url="http://127.0.0.1:9/register/x", peers=[], health=[])
+    lines = cli_node.format_status(st, now=now).splitlines()
+    assert lines[:2] == ["# backend state: NeedsLogin", "# to log in, visit: http://127.0.0.1:9/register/x"]
 
 
 def test_netcheck_format():

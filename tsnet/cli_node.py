@@ -535,6 +535,8 @@ def format_status(st: dict[str, Any], *, now: _dt.datetime | None = None) -> str
     state = st.get("backend_state")
     if state and state != "Running":
         lines.insert(0, f"# backend state: {state}")
+        if st.get("auth_url"):
+            lines.insert(1, f"# to log in, visit: {st['auth_url']}")
     for h in st.get("health") or ():
         lines.append(f"# health: {h}")
     return "\n".join(lines)
