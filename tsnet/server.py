@@ -59,7 +59,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DEFAULT_CONTROL_URL = "https://controlplane.tailscale.com"
 #: close() gives up waiting for the node's tasks after this many seconds (they are cancelled anyway).
-CLOSE_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 3.0
 #: An ephemeral node's logout on close() is bounded by this many seconds.
 LOGOUT_TIMEOUT = 2.0
 #: up() waits at most this long for the home DERP connection before reporting Running anyway.
@@ -354,7 +354,8 @@ class Server:
         self._netmap: Any = None
         self._magic: Any = None
         self._resolver: Any = None
-        self._health: list[str] = []
+        #: current warnings by topic (a newer warning on a topic replaces the older one)
+        self._health: dict[str, str] = {}
         self._update_wanted: trio.Event | None = None
         self._have_addresses: trio.Event | None = None
         self._first_update: trio.Event | None = None
@@ -447,7 +448,7 @@ class Server:
             raise UpTimeoutError(
                 f"node {self.hostname!r} not running after {timeout:g}s (state {self._state}; "
                 f"control {self.control_url}); check that the control server and DERP are reachable"
-                + (f"; health: {'; '.join(self._health)}" if self._health else ""))
+                + (f"; health: {'; '.join(self._health.values())}" if self._health else ""))
         return self.status()
 
     def _start(self) -> None:
@@ -473,7 +474,7 @@ class Server:
                 await self._stopped.wait()
 
     async def close(self) -> None:
-        """Stop the node; idempotent and bounded (about 5 s at most).
+        """Stop the node; idempotent and bounded (5 s at most: 2 s logout + 3 s for the tasks).
 
         An ephemeral node logs out first, so the control server deletes it at once. Streams and
         listeners of this node stop working.
@@ -607,7 +608,9 @@ class Server:
                 await trio.sleep(0.01)  # home region not chosen yet
         self._mark("derp")
         if scope.cancelled_caught:
-            self._health.append("home DERP region not connected")
+            self._health["derp"] = "home DERP region not connected"
+        else:
+            self._health.pop("derp", None)
         # Peers can only reach us once control has told them our home DERP region.
         assert self._first_update is not None
         if driver is not None and driver.core.home_derp:
@@ -628,7 +631,7 @@ class Server:
         try:
             await client.run(self._on_netmap)
         except LoginError as exc:
-            self._health.append(f"login refused: {exc}")
+            self._health["login"] = f"login refused: {exc}"
             self._up_error = AuthKeyError(f"control server refused the login: {exc}")
             self._signal()
             assert self._scope is not None
@@ -750,8 +753,9 @@ class Server:
             new = PacketFilter.from_netmap(nm)
         except Exception as exc:  # a filter we cannot build: keep the old one, report it
             self.log.error("packet filter not applied: %s", exc)
-            self._health.append(f"packet filter not applied: {exc}")
+            self._health["filter"] = f"packet filter not applied: {exc}"
             return
+        self._health.pop("filter", None)
         if self._filter is None:
             self._filter = FilterState(new)
         else:
@@ -778,15 +782,17 @@ class Server:
     def _on_packets(self, packets: list[tuple[Any, bytes]]) -> None:
         """Decrypted packets from magicsock: ping replies, then the filter, then the netstack (one batch)."""
         counters = self.counters
-        batch = []
         pings = self._pings
-        for _peer, pkt in packets:
-            if pings:
+        if pings:  # a ping() is waiting: take its echo replies out of the batch
+            batch = []
+            for _peer, pkt in packets:
                 echo = _parse_icmp4_echo_reply(pkt)
                 if echo is not None and echo in pings:
                     pings.pop(echo).set()
                     continue
-            batch.append(pkt)
+                batch.append(pkt)
+        else:
+            batch = [pkt for _peer, pkt in packets]
         counters["packets_in"] += len(packets)
         filt = self._filter
         if filt is None:  # no netmap yet: nothing is allowed in
@@ -842,7 +848,7 @@ class Server:
         except* Exception as group:
             exc = group.exceptions[0]
             self.log.warning("MagicDNS server on the netstack failed: %r", exc)
-            self._health.append(f"MagicDNS server not running: {exc}")
+            self._health["dns"] = f"MagicDNS server not running: {exc}"
 
     async def _forward_dns(self, forward: Any) -> bytes:
         """Forward a query MagicDNS does not answer: tailnet nameservers over the netstack, others via the OS."""
@@ -978,7 +984,7 @@ class Server:
         nm = self._netmap
         state = self._state if self._state != "NoState" else "Stopped"
         if nm is None or state == "Stopped":
-            return Status(state, None, (), "", tuple(self._health), self._auth_url)
+            return Status(state, None, (), "", tuple(self._health.values()), self._auth_url)
         self_status = self._node_status(nm.self_node, None)
         peers = tuple(self._node_status(p.node, p) for p in nm.peers)
         suffix = ""
@@ -986,7 +992,7 @@ class Server:
             suffix = self._magic.config.base_domain
         elif nm.domain:
             suffix = nm.domain
-        return Status(state, self_status, peers, suffix, tuple(self._health), self._auth_url)
+        return Status(state, self_status, peers, suffix, tuple(self._health.values()), self._auth_url)
 
     def whois(self, address: str) -> WhoIs | None:
         """The node and user behind a tailnet address (``"ip"`` or ``"ip:port"``), or None if unknown."""
