@@ -104,7 +104,8 @@ def render(outcomes: list[Outcome], info: dict[str, str], quick: bool) -> str:
     for o in outcomes:
         lines.append(f"| `{o.name}` | {o.status} | {o.seconds:.1f} s | {o.headline or 'see table below'} |")
     lines += ["", "Comparisons with tailscaled and kernel WireGuard are not part of this run yet; the per-benchmark",
-              "tables below are this project's own figures.", ""]
+              "tables below are this project's own figures. Benchmarks run one at a time, but anything else on",
+              f"the machine (load average {os.getloadavg()[0]:.1f} at the end) competes with them.", ""]
     for o in outcomes:
         lines += [f"## {o.name}", "", "```", o.output or "(no output)", "```", ""]
     return "\n".join(lines)
