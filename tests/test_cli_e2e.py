@@ -127,6 +127,8 @@ async def test_tsnet_up_process_end_to_end(nursery, tmp_path):
     try:
         await wait_event(events, changed, lambda e: e.get("step") == "running", timeout=30)
         assert any(e.get("step") == "join" for e in events)
+        joined = next(e for e in events if e.get("step") == "joined")  # progress: control, netmap, DERP
+        assert "control login" in joined["msg"] and "DERP" in joined["msg"]
         up = next(e for e in events if e.get("step") == "up")
         assert up["addresses"] and up["peers"] == 1
         addr = {e["msg"].split()[0]: e["msg"].rsplit(" ", 1)[1] for e in events if e.get("step") == "proxy"}

@@ -353,6 +353,7 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
                         out(f"to authenticate, visit: {login_url}", step="login", login_url=login_url)
                     shown_url = login_url
                 await trio.sleep(1.0)  # retry pacing while a human approves; not synchronisation
+        _report_startup(server, out)
         ips = " ".join(str(ip) for ip in server.tailscale_ips())
         self_node = getattr(status, "self_node", None)
         name = getattr(self_node, "dns_name", None) or getattr(self_node, "name", None) or s.hostname or ""
@@ -432,6 +433,24 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
         if private_dir is not None:
             shutil.rmtree(private_dir, ignore_errors=True)
     return int(outcome["code"])
+
+
+def _report_startup(server: Any, out: _Out) -> None:
+    """One line with how long login, the first netmap and DERP took (from the node's startup metrics)."""
+    try:
+        values = server.metrics()
+    except Exception:  # noqa: BLE001 - progress is nice to have, never fatal
+        return
+    parts = []
+    for key, label in (("tsnet_startup_login_seconds", "control login"), ("tsnet_startup_netmap_seconds", "netmap"),
+                       ("tsnet_startup_derp_seconds", "DERP"), ("tsnet_startup_running_seconds", "running")):
+        if isinstance(values.get(key), int | float):
+            parts.append(f"{label} {values[key]:.2f}s")
+    home = values.get("tsnet_derp_home_region")
+    if home:
+        parts.append(f"home DERP region {int(home)}")
+    if parts:
+        out("joined: " + ", ".join(parts), step="joined")
 
 
 async def _serve_proxy(server: Any, addr: tuple[str, int], socks5: bool, http: bool, *, task_status: Any) -> None:
