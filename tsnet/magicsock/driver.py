@@ -249,13 +249,34 @@ class MagicSockDriver:
         return ok
 
     def send_ip_packets(self, packets: Iterable[bytes | bytearray | memoryview]) -> int:
-        """Route a batch of IP packets (one pump for all); returns how many had a route."""
+        """Route a batch of IP packets: consecutive packets to one peer are encrypted as one run
+        (``MagicSock.send_packets``), and the driver pumps once. Returns how many had a route."""
         now = trio.current_time()
         core = self.core
         sent = 0
+        run_key: NodePublic | None = None
+        run: list[bytes | bytearray | memoryview] = []
+        last_dst = b""
         for packet in packets:
-            if core.send_ip_packet(packet, now):
-                sent += 1
+            ver = packet[0] >> 4 if packet else 0
+            dst = bytes(packet[16:20]) if ver == 4 else bytes(packet[24:40]) if ver == 6 else b""
+            if dst != last_dst:
+                last_dst = dst
+                try:
+                    key = core.peer_for_ip(ipaddress.ip_address(dst)) if dst else None
+                except ValueError:
+                    key = None
+            if key is None:
+                core.counters["send_no_route"] = core.counters.get("send_no_route", 0) + 1
+                continue
+            if key is not run_key and key != run_key:
+                if run:
+                    core.send_packets(run_key, run, now)  # type: ignore[arg-type]
+                run_key, run = key, []
+            run.append(packet)
+            sent += 1
+        if run:
+            core.send_packets(run_key, run, now)  # type: ignore[arg-type]
         self._pump()
         return sent
 
