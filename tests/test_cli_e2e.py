@@ -184,7 +184,7 @@ async def test_tsnet_up_process_end_to_end(nursery, tmp_path):
         with trio.fail_after(5):
             code = await proc.wait()
         assert code == 0 and trio.current_time() - started < 5
-        assert not any(n.name == "sidecar" and not n.logged_out for n in control.store.nodes())
+        assert not any(n.name == "sidecar" for n in control.store.nodes())
         assert not sock.exists()
     finally:
         if proc.returncode is None:
