@@ -89,6 +89,12 @@ def _scenario(url: str, key: str) -> None:
             assert payload == b"dgram" and addr[0] == str(cli.tailscale_ips()[0])
             pc.sendto(b"back", addr)
             assert cc.recv() == b"back"
+            try:
+                cc.recv(timeout=0.05)
+            except TimeoutError:
+                pass
+            else:
+                raise AssertionError("nothing was sent")
             pc.close()
             cc.close()
 

@@ -183,3 +183,29 @@ async def test_node_key_renewed_after_expiry_keeps_working(tailnet):
     assert result.latency > 0
     await a.close()
     await b.close()
+
+
+async def test_servers_in_one_process_share_nothing(tailnet, tmp_path):
+    nodes = [tailnet.node(name, ephemeral=False, state_dir=tmp_path / name) for name in ("n1", "n2", "n3")]
+    for n in nodes:
+        await n.up(timeout=10)
+    keys = {n.status().self_node.key for n in nodes}
+    ports = {n._driver.local_port() for n in nodes}
+    assert len(keys) == 3 and len(ports) == 3
+    n1, n2, n3 = nodes
+    await n3.wait_for_peer("n2")
+    listener = await n2.listen("tcp", ":80")
+    await n1.close()  # closing one node leaves the others untouched
+    assert n2.status().backend_state == n3.status().backend_state == "Running"
+    async with trio.open_nursery() as nursery:
+        async def accept_one():
+            stream = await listener.accept()
+            await stream.send_all(b"still here")
+            await stream.aclose()
+
+        nursery.start_soon(accept_one)
+        stream = await n3.dial("tcp", "n2:80", timeout=10)
+        with trio.fail_after(5):
+            assert await stream.receive_some(100) == b"still here"
+    await n2.close()
+    await n3.close()

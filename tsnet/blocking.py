@@ -136,6 +136,16 @@ async def _bridge(stream: Any, sock: socket.socket) -> None:
     await splice(stream, trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
 
 
+async def _with_timeout(afn: Callable[..., Any], timeout: float | None, *args: Any) -> Any:
+    if timeout is None:
+        return await afn(*args)
+    try:
+        with trio.fail_after(timeout):
+            return await afn(*args)
+    except trio.TooSlowError:
+        raise TimeoutError(f"no datagram within {timeout:g}s") from None
+
+
 class PacketConn:
     """A tailnet UDP socket with blocking ``sendto``/``recvfrom``/``close`` (and ``send``/``recv`` when connected)."""
 
@@ -146,14 +156,15 @@ class PacketConn:
     def sendto(self, data: bytes, address: tuple[str, int]) -> int:
         return self._owner._call(self._sock.sendto, bytes(data), address)
 
-    def recvfrom(self, bufsize: int = 65535) -> tuple[bytes, tuple[str, int]]:
-        return self._owner._call(self._sock.recvfrom, bufsize)
+    def recvfrom(self, bufsize: int = 65535, timeout: float | None = None) -> tuple[bytes, tuple[str, int]]:
+        """Wait for a datagram (raises ``TimeoutError`` after ``timeout`` seconds, if given)."""
+        return self._owner._call(_with_timeout, self._sock.recvfrom, timeout, bufsize)
 
     def send(self, data: bytes) -> int:
         return self._owner._call(self._sock.send, bytes(data))
 
-    def recv(self, bufsize: int = 65535) -> bytes:
-        return self._owner._call(self._sock.recv, bufsize)
+    def recv(self, bufsize: int = 65535, timeout: float | None = None) -> bytes:
+        return self._owner._call(_with_timeout, self._sock.recv, timeout, bufsize)
 
     def getsockname(self) -> Any:
         return self._sock.getsockname()
