@@ -67,12 +67,15 @@ class Listener:
         self.timeout: float | None = None
 
     def fileno(self) -> int:
+        """Readable while a connection waits (for selectors)."""
         return self._bell_r.fileno()
 
     def getsockname(self) -> tuple[str, int]:
+        """The address given to ``listen``."""
         return self._address
 
     def settimeout(self, timeout: float | None) -> None:
+        """Timeout for :meth:`accept` (None: wait forever)."""
         self.timeout = timeout
 
     def accept(self) -> tuple[socket.socket, tuple[str, int]]:
@@ -88,6 +91,7 @@ class Listener:
         return self._pending.get_nowait()
 
     def close(self) -> None:
+        """Stop listening; connections not yet accepted are closed."""
         if self._closed:
             return
         self._closed = True
@@ -154,6 +158,7 @@ class PacketConn:
         self._sock = sock
 
     def sendto(self, data: bytes, address: tuple[str, int]) -> int:
+        """Send one datagram to ``(ip, port)``."""
         return self._owner._call(self._sock.sendto, bytes(data), address)
 
     def recvfrom(self, bufsize: int = 65535, timeout: float | None = None) -> tuple[bytes, tuple[str, int]]:
@@ -161,6 +166,7 @@ class PacketConn:
         return self._owner._call(_with_timeout, self._sock.recvfrom, timeout, bufsize)
 
     def send(self, data: bytes) -> int:
+        """Send one datagram to the connected address (after ``dial``)."""
         return self._owner._call(self._sock.send, bytes(data))
 
     def recv(self, bufsize: int = 65535, timeout: float | None = None) -> bytes:
@@ -170,6 +176,7 @@ class PacketConn:
         return self._sock.getsockname()
 
     def close(self) -> None:
+        """Close the socket."""
         try:
             self._owner._call(self._sock.aclose)
         except (NotRunningError, RuntimeError):
@@ -284,28 +291,36 @@ class Server:
         return self._token is not None and self._thread is not None and self._thread.is_alive() and not self._closed
 
     def tailscale_ips(self) -> list[Any]:
+        """Our tailnet addresses (IPv4 first); empty unless running."""
         return self._sync(self._server.tailscale_ips) if self._loop_alive() else []
 
     def status(self) -> _server.Status:
+        """See :meth:`tsnet.Server.status`."""
         # Once the loop is gone the snapshot is static (Stopped), so it can be read from here.
         return self._sync(self._server.status) if self._loop_alive() else self._server.status()
 
     def whois(self, address: str) -> _server.WhoIs | None:
+        """See :meth:`tsnet.Server.whois`."""
         return self._sync(self._server.whois, address)
 
     def metrics(self) -> dict[str, float]:
+        """See :meth:`tsnet.Server.metrics`."""
         return self._sync(self._server.metrics)
 
     def ping(self, peer: str, *, timeout: float = 5.0) -> _server.PingResult:
+        """See :meth:`tsnet.Server.ping`."""
         return self._call(self._server.ping, peer, timeout=timeout)
 
     def netcheck(self) -> dict[str, Any]:
+        """See :meth:`tsnet.Server.netcheck`."""
         return self._call(self._server.netcheck)
 
     def wait_for_peer(self, name: str, *, timeout: float = 30.0) -> _server.NodeStatus:
+        """See :meth:`tsnet.Server.wait_for_peer`."""
         return self._call(self._server.wait_for_peer, name, timeout=timeout)
 
     def resolve(self, host: str) -> list[Any]:
+        """See :meth:`tsnet.Server.resolve`."""
         return self._call(self._server.resolve, host)
 
     # --- connections --------------------------------------------------------------------------------
@@ -340,6 +355,7 @@ class Server:
         return listener
 
     def listen_packet(self, network: str, address: str) -> PacketConn:
+        """A tailnet UDP socket as a :class:`PacketConn`."""
         return PacketConn(self, self._call(self._server.listen_packet, network, address))
 
     def loopback(self) -> Any:
