@@ -41,7 +41,8 @@ import os, sys, time
 t0 = time.monotonic()
 import trio, tsnet
 # The node's layers are imported on first use; import them here so up() measures the join alone.
-import tsnet.control.client, tsnet.magicsock.driver, tsnet.netstack.sockets, tsnet.netstack.stack, tsnet.dns, tsnet.proxy
+import tsnet.control.client, tsnet.magicsock.driver, tsnet.netstack.sockets, tsnet.netstack.stack
+import tsnet.dns, tsnet.proxy
 t_import = time.monotonic()
 
 async def main():

@@ -28,8 +28,9 @@ import tsnet  # noqa: E402
 from _local_tailnet import local_tailnet  # noqa: E402
 from tsnet import blocking  # noqa: E402
 
-ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]],
-                   Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 
 async def hello_app(scope: dict[str, Any], receive: Any, send: Any) -> None:

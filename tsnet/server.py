@@ -31,11 +31,10 @@ import logging
 import math
 import os
 import secrets
-import socket
 import struct
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -1323,11 +1322,3 @@ def _find_tsnet_error(exc: BaseException) -> TsnetError | None:
             if found is not None:
                 return found
     return None
-
-
-def _in_trio() -> bool:
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        return False
-    return True
