@@ -254,6 +254,17 @@ def test_fragment_timeout_and_timer() -> None:
     assert not ep.queue
 
 
+def test_fragment_timeout_v6_is_60s() -> None:
+    s = make()
+    ep = s.udp_bind(port=7)
+    frags = fragments_v6(B6, A6, 17, udp_segment(B6, A6, 1, 7, b"t" * 2000), 1000)
+    s.receive_packet(frags[0], 10.0)
+    assert s.get_timer() == 70.0
+    s.receive_packets(frags[1:], 69.0)  # still in time
+    assert [d for d, _ in ep.queue] == [b"t" * 2000]
+    assert s.get_timer() is None
+
+
 def test_fragment_memory_bounded() -> None:
     s = make(reassembly_memory=64 * 1024)
     for ident in range(500):  # 500 incomplete datagrams of 1000 bytes each
