@@ -8,7 +8,7 @@ import pytest
 import trio
 
 import tsnet
-from tests.server_helpers import start_tailnet
+from tests.server_helpers import start_tailnet, wait_for
 
 
 @pytest.fixture
@@ -209,3 +209,34 @@ async def test_servers_in_one_process_share_nothing(tailnet, tmp_path):
             assert await stream.receive_some(100) == b"still here"
     await n2.close()
     await n3.close()
+
+
+async def test_close_while_up_is_waiting(nursery):
+    # A "control server" that accepts connections and never answers: login hangs until close().
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    held = []
+
+    async def hold(stream):
+        held.append(stream)
+        await trio.sleep_forever()
+
+    nursery.start_soon(trio.serve_listeners, hold, listeners)
+    srv = tsnet.Server(hostname="stuck", control_url=f"http://127.0.0.1:{port}", auth_key="tskey-auth-x",
+                       ephemeral=True, udp_bind="127.0.0.1")
+    errors = []
+
+    async def bring_up():
+        try:
+            await srv.up(timeout=30)
+        except tsnet.TsnetError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(bring_up)
+        await wait_for(lambda: held)
+        assert srv.status().backend_state == "Starting"
+        with trio.fail_after(6):
+            await srv.close()
+    assert len(errors) == 1 and isinstance(errors[0], tsnet.NotRunningError), errors
+    assert _no_system_tasks_left()

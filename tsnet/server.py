@@ -434,6 +434,8 @@ class Server:
                 await self._up_event.wait()
                 if self._up_error is not None or self._state == "Running":
                     break
+                if self._closed or not self._task_running:
+                    raise NotRunningError("the Server was closed while starting")
                 if self._state == "NeedsLogin" and self._auth_url:
                     raise NeedsLoginError(
                         f"this node needs to be logged in: visit {self._auth_url} (or pass an auth key, "
