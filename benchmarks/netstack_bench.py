@@ -68,7 +68,7 @@ def percentile(values: list[float], q: float) -> float:
 # -- kernel<->kernel reference ------------------------------------------------------------------------------------
 
 
-def kernel_reference(size: int, rtt_count: int, repeat: int = 1) -> dict[str, float]:
+def kernel_reference(size: int, rtt_count: int, repeat: int = 1, loss: float = 0.0) -> dict[str, float]:
     """Two wireguard-go namespaces over a veth; kernel TCP through both tunnels."""
     results: dict[str, float] = {}
     with Lab() as lab:
@@ -85,6 +85,10 @@ def kernel_reference(size: int, rtt_count: int, repeat: int = 1) -> dict[str, fl
             peers=[PeerConfig(ka.public.raw, allowed_ips=[f"{overlay[1]}/32"], endpoint=f"{link.a_addr}:51820")],
         )
         del wga, wgb
+        if loss:
+            # Both directions of the tunnel's UDP on the veth, as NetstackSetup.add_loss does for the Python rows.
+            a.random_loss(loss, chain="INPUT", iface=link.a_if, proto="udp")
+            a.random_loss(loss, chain="OUTPUT", iface=link.a_if, proto="udp")
 
         def listener(ns: Any, addr: ipaddress.IPv4Address) -> tuple[socket.socket, int]:
             sock = ns.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -208,10 +212,14 @@ async def python_rtt(s: NetstackSetup, net: Any, count: int) -> list[float]:
     return times[min(100, count // 10):]
 
 
-def python_vs_kernel(size: int, rtt_count: int, profile: cProfile.Profile | None, repeat: int = 1) -> dict[str, float]:
+def python_vs_kernel(
+    size: int, rtt_count: int, profile: cProfile.Profile | None, repeat: int = 1, loss: float = 0.0
+) -> dict[str, float]:
     results: dict[str, float] = {}
     with Lab() as lab:
         s = make_netstack_setup(lab)
+        if loss:
+            s.add_loss(loss)
 
         async def main() -> None:
             async with s.our_stack() as net:
@@ -313,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtt-count", type=int, default=2000, help="1-byte round trips (default 2000)")
     p.add_argument("--conns", type=int, default=1000, help="idle connections for the memory row (default 1000)")
     p.add_argument("--repeat", type=int, default=1, help="throughput runs per row; the best counts (default 1)")
+    p.add_argument("--loss", type=float, default=0.0,
+                   help="random loss of the tunnel's UDP on the veth, each direction, for every row (e.g. 0.03)")
     p.add_argument("--profile", action="store_true",
                    help="cProfile one extra Python->kernel transfer (not the timed one), print top by tottime")
     p.add_argument("--only", choices=["kernel", "python", "memory"], action="append", help="run only these parts")
@@ -327,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     mem: float | None = None
     profile = cProfile.Profile() if args.profile else None
     if "kernel" in parts:
-        ref = kernel_reference(size, args.rtt_count, args.repeat)
+        ref = kernel_reference(size, args.rtt_count, args.repeat, args.loss)
     if "python" in parts:
-        py = python_vs_kernel(size, args.rtt_count, profile, args.repeat)
+        py = python_vs_kernel(size, args.rtt_count, profile, args.repeat, args.loss)
     if "memory" in parts:
         mem = idle_memory(args.conns)
 
@@ -355,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     if mem is not None:
         rows.append((f"memory per idle connection ({args.conns} pairs, both ends)", f"{mem / 1024:.1f} KiB",
                      "", f"<= {TARGET_IDLE_BYTES // 1024} KiB {'ok' if mem <= TARGET_IDLE_BYTES else 'OVER'}"))
-    print(f"\nnetstack_bench: {args.size} MiB per transfer (best of {args.repeat}), {args.rtt_count} round trips, "
+    loss_note = f", {args.loss:.1%} loss each way" if args.loss else ""
+    print(f"\nnetstack_bench: {args.size} MiB per transfer (best of {args.repeat}){loss_note}, {args.rtt_count} round trips, "
           f"MTU 1280, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, Python {sys.version.split()[0]}")
     widths = [max(len(r[i]) for r in rows + [("what", "value", "ratio", "target")]) for i in range(4)]
     header = ("what", "value", "ratio", "target")
