@@ -206,3 +206,14 @@ async def test_close_while_transfers_run(nursery, tmp_path):
         # Every task blocked on the closed nodes' sockets finishes on its own: no cancel needed.
         transfers.cancel_scope.deadline = trio.current_time() + 5
     assert not transfers.cancel_scope.cancelled_caught
+
+
+async def test_relay_server_gauge_in_metrics(nursery, tmp_path):
+    tailnet = await start_tailnet(nursery, tmp_path)
+    relay = tailnet.node("relay", relay_server_port=0)
+    await relay.up(timeout=10)
+    m = relay.metrics()
+    assert m["tsnet_relay_server_running"] == 1.0
+    assert m["tsnet_relay_server_forwarded_packets"] == 0.0
+    assert any(k.startswith("tsnet_relay_server_endpoints_") for k in m)
+    await relay.close()

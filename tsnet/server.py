@@ -1136,12 +1136,13 @@ class Server:
                 kinds[ps.kind] = kinds.get(ps.kind, 0) + 1
             for k, v in kinds.items():
                 out[f"tsnet_peers_path_{k.replace('-', '_')}"] = float(v)
-            if driver.relay_server is not None:
-                stats = getattr(driver.relay_server, "counters", None) or {}
+            relay = driver.relay_server
+            if relay is not None:
                 out["tsnet_relay_server_running"] = 1.0
-                for k, v in stats.items():
-                    if isinstance(v, (int, float)):
-                        out[f"tsnet_relay_server_{k}"] = float(v)
+                for state, count in relay.endpoint_gauge().items():
+                    out[f"tsnet_relay_server_endpoints_{state}"] = float(count)
+                out["tsnet_relay_server_forwarded_packets"] = float(sum(relay.forwarded_packets.values()))
+                out["tsnet_relay_server_forwarded_bytes"] = float(sum(relay.forwarded_bytes.values()))
         if self._filter is not None:
             for k, v in (getattr(self._filter, "counters", None) or {}).items():
                 out[f"tsnet_filter_{k}"] = float(v)
