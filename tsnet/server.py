@@ -964,7 +964,7 @@ class Server:
                 elif ps.kind == "direct" and ps.addr:
                     path = f"direct {ps.addr}"
                 elif ps.kind == "peer-relay" and ps.addr:
-                    path = f"relay via {ps.addr}"
+                    path = f"relay via {self._relay_name(ps.addr)}"
                 elif ps.derp_region:
                     path = f"derp region {ps.derp_region}"
         elif peer is None:
@@ -979,6 +979,20 @@ class Server:
             home_derp=(node.home_derp or 0) if peer is not None else (
                 driver.core.home_derp if driver is not None else 0),
         )
+
+    def _relay_name(self, addr: str) -> str:
+        """The name of the peer relay behind a relay path (``ip:port:vni:N``), else the address."""
+        host = addr.rsplit(":vni:", 1)[0]
+        host = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+        nm = self._netmap
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return addr
+        for p in nm.peers if nm is not None else ():
+            if any(ep_ip == ip for ep_ip, _port in p.endpoints) or any(a.ip == ip for a in p.addresses):
+                return p.name.split(".")[0]
+        return addr
 
     def status(self) -> Status:
         """A snapshot: backend state, self, peers (with paths), MagicDNS suffix and health warnings."""
