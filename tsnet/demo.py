@@ -381,7 +381,8 @@ The tailnet keeps running (Ctrl-C stops it and removes {tmp}).
 Join it from another shell:
     tsnet up --control-url {control_url} --authkey {auth_key} --hostname my-node --state mem: --ephemeral --socks5 127.0.0.1:1080
 
-Or from a real tailscaled:
+Or from a real tailscaled on this machine (the demo's DERP is plain HTTP, so start tailscaled with
+TS_DEBUG_USE_DERP_HTTP=1 in its environment):
     tailscale up --login-server={control_url} --authkey={auth_key}
 
 Look at the demo nodes:
