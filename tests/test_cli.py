@@ -79,6 +79,7 @@ def test_mem_state():
     (["--state", "mem:", "--ephemeral", "--state-dir", "/tmp/x"], {}, "--state"),
     (["--timeout", "-1"], {}, "--timeout"),
     (["--udp-bind", "nope"], {}, "--udp-bind"),
+    ([], {"TS_AUTHKEY": "file:/nonexistent/key"}, "--authkey (from $TS_AUTHKEY)"),
 ])
 def test_bad_values_name_the_flag(argv, env, named):
     with pytest.raises(cli_node.UsageError) as info:

@@ -146,6 +146,18 @@ def _parse_url(text: str) -> str:
     return text.strip().rstrip("/")
 
 
+def _parse_authkey(text: str) -> str | None:
+    """A key, or ``file:/path`` (checked readable and non-empty here so the error names the flag)."""
+    text = text.strip()
+    if text.startswith("file:"):
+        try:
+            if not Path(text[5:]).read_text().strip():
+                raise ValueError(f"{text[5:]} is empty")
+        except OSError as exc:
+            raise ValueError(f"cannot read {text[5:]}: {exc.strerror or exc}") from None
+    return text or None
+
+
 def _parse_hostname(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", text.strip()):
         raise ValueError(f"{text!r} is not a valid host name (letters, digits and '-', up to 63)")
@@ -205,7 +217,7 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
 
     s = UpSettings()
     s.control_url = parse("--control-url", _parse_url)
-    s.authkey = parse("--authkey", lambda t: t.strip() or None)
+    s.authkey = parse("--authkey", _parse_authkey)
     s.hostname = parse("--hostname", _parse_hostname)
     state_dir = parse("--state-dir", lambda t: Path(t).expanduser())
     state = parse("--state", str)
