@@ -179,3 +179,42 @@ async def test_socks5_udp_associate_dns_query_to_magicdns(pair):
             reply = DNSRecord.parse(parse_udp_datagram(data).payload)
             assert reply.header.id == query.header.id
             assert [str(rr.rdata) for rr in reply.rr] == [str(b.tailscale_ips()[0])]
+
+
+async def test_http_client_https_over_the_tailnet(pair, nursery, tmp_path):
+    """http_client() does TLS over a tailnet stream (trio SSLStream under httpcore)."""
+    import ssl
+
+    from tests.control.control_helpers import self_signed_cert
+
+    a, b = pair
+    b_ip = str(b.tailscale_ips()[0])
+    cert, key = self_signed_cert(tmp_path, b_ip)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    listener = await b.listen("tcp", ":443")
+
+    async def handle(stream):
+        tls = trio.SSLStream(stream, server_ctx, server_side=True)
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await tls.receive_some(4096)
+            await tls.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nsecure")
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    async def serve():
+        try:
+            await trio.serve_listeners(handle, [listener])
+        except* trio.ClosedResourceError:
+            pass
+
+    nursery.start_soon(serve)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    async with a.http_client(verify=client_ctx) as client:
+        r = await client.get(f"https://{b_ip}/", timeout=10)
+        assert r.status_code == 200 and r.text == "secure"
+    async with a.http_client() as client:  # system roots do not trust the test certificate
+        with pytest.raises(httpx.ConnectError, match="TLS|certificate|verify"):
+            await client.get(f"https://{b_ip}/", timeout=10)
