@@ -20,6 +20,14 @@ opened it and before the netstack sees it.  The decisions follow tailscaled 1.96
 7. A dropped IPv4 TCP SYN is answered with a TSMP "rejected connection" packet
    (:meth:`FilterState.reject_for`); nothing else is signalled.
 
+Use from a driver (one :class:`FilterState` per node, for its lifetime)::
+
+    state = FilterState()                                   # deny-all until the first netmap
+    state.set_filter(PacketFilter.from_netmap(netmap))      # on every netmap (flows survive)
+    sendable = state.note_outbound_batch(packets_from_stack)   # before WireGuard encrypts
+    accepted, rejects = state.filter_inbound(decrypted_packets)  # before the stack
+    # hand `accepted` to the stack; send `rejects` (TSMP) back through WireGuard
+
 Rules (``tailcfg.FilterRule``) compile once into integer ``(low, high)`` address ranges,
 so matching never builds ``ipaddress`` objects.  :class:`PacketFilter` is immutable; the
 mutable parts (flow cache, counters, the current filter) live in :class:`FilterState`, so
@@ -851,6 +859,23 @@ def _outbound(packet: bytes, flows: OrderedDict[bytes, None], capacity: int) -> 
     """Sanity checks for a packet we send; records UDP/SCTP flows (reversed, as replies look)."""
     p = packet
     n = len(p)
+    # Fast path: what our own stack sends, unfragmented TCP/UDP to a unicast address.
+    if n >= 34 and p[0] == 0x45:
+        total, frag, proto, dst, _flags = _V4_FAST(p)
+        d0 = dst[0]
+        if not frag & 0x3FFF and total <= n and d0 & 0xF0 != 0xE0 and d0 != 169:
+            if proto == _PROTO_TCP and total >= 40:
+                return _A_OUTBOUND
+            if proto == _PROTO_UDP and total >= 28:
+                src, dst, sport, dport = _ADDRS_PORTS4(p, 12)
+                key = _PACK_ADDRS_PORTS4(dst, src, dport, sport)
+                if key in flows:
+                    flows.move_to_end(key)
+                else:
+                    flows[key] = None
+                    if len(flows) > capacity:
+                        flows.popitem(last=False)
+                return _A_OUTBOUND
     if n < 20:
         return _D_TOO_SHORT if n else _A_KEEPALIVE
     b0 = p[0]
@@ -929,12 +954,13 @@ class FilterState:
     changes apply to the next packet without breaking replies to flows already open.
     """
 
-    __slots__ = ("_filter", "_flows", "capacity", "drops", "accepted", "rejects", "outbound_drops")
+    __slots__ = ("_filter", "_deny", "_flows", "capacity", "drops", "accepted", "rejects", "outbound_drops")
 
     def __init__(self, packet_filter: PacketFilter | None = None, *, capacity: int = DEFAULT_FLOW_CAPACITY) -> None:
         if capacity < 1:
             raise ValueError("flow capacity must be positive")
         self._filter = packet_filter if packet_filter is not None else PacketFilter.deny_all()
+        self._deny = self._filter.is_deny_all
         self._flows: OrderedDict[bytes, None] = OrderedDict()
         self.capacity = capacity
         #: Inbound packets dropped, by reason (every drop reason is a key).
@@ -954,6 +980,7 @@ class FilterState:
     def set_filter(self, packet_filter: PacketFilter) -> None:
         """Swap in a new filter (e.g. after a netmap update); flows and counters stay."""
         self._filter = packet_filter
+        self._deny = packet_filter.is_deny_all
 
     @property
     def flow_count(self) -> int:
@@ -979,7 +1006,7 @@ class FilterState:
         Returns DROP for packets that should not leave (malformed, multicast, link-local,
         or no filter yet); the caller should not send those.  Never raises.
         """
-        if self._filter.is_deny_all:
+        if self._deny:
             self.outbound_drops[Reason.NO_FILTER] += 1
             return _D_NO_FILTER
         try:
@@ -995,7 +1022,7 @@ class FilterState:
                             ) -> list[bytes | bytearray | memoryview]:
         """:meth:`note_outbound` for a batch; returns the packets that may be sent, in order."""
         out = []
-        deny = self._filter.is_deny_all
+        deny = self._deny
         flows, capacity, drops = self._flows, self.capacity, self.outbound_drops
         for packet in packets:
             if deny:
