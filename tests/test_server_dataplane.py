@@ -162,6 +162,9 @@ async def test_unknown_host_and_closed_port(pair):
         await a.dial("tcp", "nosuchnode.tailnet.test:80")
     with pytest.raises(ConnectionRefusedError):
         await a.dial("tcp", "bravo:1", timeout=10)
+    assert not a._net.stack.connections  # the failed dial left nothing behind
+    with pytest.raises(TimeoutError):
+        await a.dial("tcp", "bravo:1", timeout=0)
     with pytest.raises(OSError, match="not on the tailnet"):
         await a.dial("tcp", "192.0.2.1:80", timeout=10)  # nothing is sent: no peer owns it
     with pytest.raises(tsnet.ConfigError):

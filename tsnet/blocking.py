@@ -192,7 +192,9 @@ class PacketConn:
 class Server:
     """Same settings and methods as :class:`tsnet.Server`, blocking, for non-trio programs.
 
-    Differences: ``dial`` returns a ``socket.socket`` (TCP) or :class:`PacketConn` (UDP); ``listen``
+    Differences: ``dial`` returns a ``socket.socket`` (TCP; an AF_UNIX socketpair end, so use the
+    ``(ip, port)`` from ``Listener.accept`` or ``Server.whois`` rather than ``getpeername()`` for the
+    tailnet address) or :class:`PacketConn` (UDP); ``listen``
     returns a :class:`Listener` (TCP) or :class:`PacketConn` (UDP); ``serve_forward`` runs in the
     background until :meth:`close`; ``http_client`` returns a ``requests.Session`` that goes through
     the loopback proxy.
