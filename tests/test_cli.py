@@ -336,3 +336,15 @@ async def test_up_with_memory_state_keeps_its_socket_in_a_private_temp_dir(nurse
         assert sock.name == "tsnet.sock" and oct(sock.parent.stat().st_mode & 0o777) == "0o700"
         scope.cancel()
     assert node.closed and not sock.parent.exists()
+
+
+async def test_up_names_the_flag_whose_listener_fails(tmp_path, capsys):
+    busy = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = busy.socket.getsockname()[1]
+    node = FakeServer(Tailnet(), hostname="a")
+    settings = parse_up(["--state-dir", str(tmp_path), "--socks5", f"127.0.0.1:{port}"])
+    with trio.fail_after(5):
+        code = await cli_node.run_up(settings, cli_node._Out(False), node)
+    await busy.aclose()
+    assert code == 1 and node.closed
+    assert f"failed: --socks5 127.0.0.1:{port}: OSError" in capsys.readouterr().err

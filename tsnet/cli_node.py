@@ -374,9 +374,11 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
             addresses=ips.split(), peers=len(peers))
 
     async def run_node(nursery: trio.Nursery) -> None:
+        step = "joining the tailnet"
         try:
             await join()
             bound: dict[str, Any] = {}
+            step = f"local API on {socket_path}"
             bound["socket"] = str(await nursery.start(localapi.serve, server, socket_path))
             out(f"local API on {socket_path}", step="localapi")
             proxies: dict[tuple[str, int], set[str]] = {}
@@ -385,22 +387,27 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
             if s.http_proxy:
                 proxies.setdefault(s.http_proxy, set()).add("http")
             for addr, kinds in proxies.items():
+                step = " and ".join(f"--{'socks5' if k == 'socks5' else 'http-proxy'} {_addr_text(addr)}"
+                                    for k in sorted(kinds, reverse=True))
                 info = await nursery.start(_serve_proxy, server, addr, "socks5" in kinds, "http" in kinds)
                 for kind in sorted(kinds):
                     bound[kind] = info.address
                     out(f"{'SOCKS5' if kind == 'socks5' else 'HTTP'} proxy on {info.address}", step="proxy")
             for fwd in s.forwards:
+                step = f"--forward {fwd.port}={fwd.target}"
                 await server.serve_forward(fwd.port, fwd.target)
                 out(f"forwarding tailnet port {fwd.port} to {fwd.target}", step="forward")
             # One listener serves both when both flags name the same fixed address (port 0 means "any": two).
             same = s.metrics_listen is not None and s.metrics_listen == s.health_listen and s.metrics_listen[1] != 0
             if s.metrics_listen:
                 host, port = s.metrics_listen
+                step = f"--metrics-listen {_addr_text(s.metrics_listen)}"
                 bound["metrics"] = (host, await nursery.start(
                     lambda task_status: node_metrics.serve(server, host, port, health=same, task_status=task_status)))
                 out(f"metrics on http://{_addr_text(bound['metrics'])}/metrics", step="metrics")
             if s.health_listen and not same:
                 host, port = s.health_listen
+                step = f"--health-listen {_addr_text(s.health_listen)}"
                 bound["health"] = (host, await nursery.start(
                     lambda task_status: node_metrics.serve(server, host, port, metrics=False,
                                                            task_status=task_status)))
@@ -412,7 +419,7 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
             if ready is not None:
                 ready(bound)
         except Exception as exc:  # report the failing step and stop
-            out(f"failed: {_describe_error(exc)}", level="error", step="failed")
+            out(f"failed: {step}: {_describe_error(exc)}", level="error", step="failed")
             outcome["code"] = 1
             nursery.cancel_scope.cancel()
 
