@@ -620,6 +620,7 @@ class Server:
         self._mark("running")
         self._state = "Running"
         self._auth_url = None
+        self.log.info("tsnet: %s running as %s", self.hostname, " ".join(str(ip) for ip in self.tailscale_ips()))
         self._signal()
 
     def _mark(self, phase: str) -> None:
@@ -994,12 +995,19 @@ class Server:
                 return p.name.split(".")[0]
         return addr
 
+    def _health_now(self) -> tuple[str, ...]:
+        warnings = list(self._health.values())
+        client = self._client
+        if self._state == "Running" and client is not None and not getattr(client, "map_connected", True):
+            warnings.append("not connected to the control server (map poll down; retrying)")
+        return tuple(warnings)
+
     def status(self) -> Status:
         """A snapshot: backend state, self, peers (with paths), MagicDNS suffix and health warnings."""
         nm = self._netmap
         state = self._state if self._state != "NoState" else "Stopped"
         if nm is None or state == "Stopped":
-            return Status(state, None, (), "", tuple(self._health.values()), self._auth_url)
+            return Status(state, None, (), "", self._health_now(), self._auth_url)
         self_status = self._node_status(nm.self_node, None)
         peers = tuple(self._node_status(p.node, p) for p in nm.peers)
         suffix = ""
@@ -1007,7 +1015,7 @@ class Server:
             suffix = self._magic.config.base_domain
         elif nm.domain:
             suffix = nm.domain
-        return Status(state, self_status, peers, suffix, tuple(self._health.values()), self._auth_url)
+        return Status(state, self_status, peers, suffix, self._health_now(), self._auth_url)
 
     def whois(self, address: str) -> WhoIs | None:
         """The node and user behind a tailnet address (``"ip"`` or ``"ip:port"``), or None if unknown."""
