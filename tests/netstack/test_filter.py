@@ -644,6 +644,8 @@ def test_filter_inbound_batch() -> None:
     assert state.accepted == 2 and state.rejects == 1
     assert state.drops[Reason.NO_RULE] == 3 and state.drops[Reason.TOO_SHORT] == 1
     assert state.outbound_drops[Reason.MULTICAST] == 1
+    assert state.stats() == {"accepted": 2, "rejects": 1, "flows": 1, "dropped": 4, "dropped_no_rule": 3,
+                             "dropped_too_short": 1, "outbound_dropped_multicast": 1}
 
 
 # -- TSMP rejects ---------------------------------------------------------------------------

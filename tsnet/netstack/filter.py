@@ -987,6 +987,20 @@ class FilterState:
         """Outbound flows remembered."""
         return len(self._flows)
 
+    def stats(self) -> dict[str, int]:
+        """Counters as flat names for metrics: ``accepted``, ``rejects``, ``flows``,
+        ``dropped`` (total), ``dropped_<reason>`` and ``outbound_dropped_<reason>`` (nonzero only).
+        """
+        out = {"accepted": self.accepted, "rejects": self.rejects, "flows": len(self._flows),
+               "dropped": sum(self.drops.values())}
+        for reason, count in self.drops.items():
+            if count:
+                out[f"dropped_{reason.value.replace('-', '_')}"] = count
+        for reason, count in self.outbound_drops.items():
+            if count:
+                out[f"outbound_dropped_{reason.value.replace('-', '_')}"] = count
+        return out
+
     def clear_flows(self) -> None:
         """Forget every outbound flow."""
         self._flows.clear()
