@@ -74,20 +74,22 @@ def test_random_segments_never_crash_or_misdeliver(kind: str, data: st.DataObjec
         flags = data.draw(st.integers(0, 0x3F))
         near = data.draw(st.booleans())
         if near:
-            off = data.draw(st.integers(-3000, 45_000))
-            seq = base + off
+            seq = base + data.draw(st.integers(-3000, 45_000))
             ack = conn.snd_una + data.draw(st.integers(-70_000, 70_000))
         else:
-            off = None
             seq = data.draw(st.integers(0, 0xFFFFFFFF))
             ack = data.draw(st.integers(0, 0xFFFFFFFF))
         plen = data.draw(st.integers(0, 3000))
-        if off is not None and 0 <= off:
+        # Payload bytes always agree with the peer's stream at that offset (any byte the
+        # connection accepts must be the right one). Bytes before the stream start are
+        # junk the connection must trim away (they lie left of RCV.NXT).
+        off = ((seq - base + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+        if off >= 0:
             payload = STREAM[off:off + plen]
+        elif off > -plen:
+            payload = b"\xEE" * -off + STREAM[:plen + off]
         else:
-            payload = b"\xEE" * plen if not (flags & tcp_wire.SYN) or not near else b""
-            if off is not None or conn.state in (S.SYN_SENT,):
-                payload = b""  # garbage bytes only where they can never be in window
+            payload = b"\xEE" * min(plen, 100)
         window = data.draw(st.integers(0, 0xFFFF))
         try:
             seg = segment(peer_port, port, seq, ack, flags, window, payload, _opts(data))
