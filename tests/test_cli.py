@@ -8,6 +8,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -287,7 +288,7 @@ async def test_up_prints_the_login_url_and_keeps_waiting(tmp_path, capsys):
 
     node = Interactive(Tailnet(), hostname="a")
     ready = trio.Event()
-    settings = parse_up(["--state-dir", str(tmp_path)])
+    settings = parse_up(["--state-dir", str(tmp_path), "--health-listen", "127.0.0.1:0"])
     clock_scope = trio.CancelScope()
 
     async def run():
@@ -348,3 +349,60 @@ async def test_up_names_the_flag_whose_listener_fails(tmp_path, capsys):
     await busy.aclose()
     assert code == 1 and node.closed
     assert f"failed: --socks5 127.0.0.1:{port}: OSError" in capsys.readouterr().err
+
+
+class LineSink:
+    """A text stream that lets a test wait for a line (no polling)."""
+
+    def __init__(self):
+        self.text = ""
+        self.changed = trio.Event()
+
+    def write(self, s):
+        self.text += s
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def flush(self):
+        pass
+
+    async def wait_for(self, pattern, timeout=5):
+        with trio.fail_after(timeout):
+            while (m := re.search(pattern, self.text)) is None:
+                await self.changed.wait()
+        return m
+
+
+async def test_health_and_local_api_answer_while_joining(tmp_path):
+    class SlowJoin(FakeServer):
+        release = trio.Event()
+
+        async def up(self, *, timeout=60.0):
+            self.state = "Starting"
+            await self.release.wait()
+            return await super().up()
+
+    node = SlowJoin(Tailnet(), hostname="a")
+    settings = parse_up(["--state-dir", str(tmp_path), "--health-listen", "127.0.0.1:0"])
+    sink = LineSink()
+    ready = trio.Event()
+    scope = trio.CancelScope()
+
+    async def run():
+        with scope:
+            await cli_node.run_up(settings, cli_node._Out(False, sink), node, ready=lambda b: ready.set())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(run)
+        url = (await sink.wait_for(r"health on (http://\S+)")).group(1)
+        async with httpx.AsyncClient(trust_env=False) as http:
+            r = await http.get(url)
+            assert r.status_code == 503 and "backend state is Starting" in r.text
+            st = await trio.to_thread.run_sync(lambda: cli_node._client(
+                argparse.Namespace(socket=None, state_dir=str(tmp_path))).status())
+            assert st["backend_state"] == "Starting"
+            node.release.set()
+            with trio.fail_after(5):
+                await ready.wait()
+            assert (await http.get(url)).status_code == 200
+        scope.cancel()

@@ -374,29 +374,13 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
             addresses=ips.split(), peers=len(peers))
 
     async def run_node(nursery: trio.Nursery) -> None:
-        step = "joining the tailnet"
+        # The local API and the metrics/health listeners start before joining, so a container's health
+        # check sees 503 "backend state is Starting" and ``tsnet status`` shows a pending login URL.
+        step = f"local API on {socket_path}"
         try:
-            await join()
             bound: dict[str, Any] = {}
-            step = f"local API on {socket_path}"
             bound["socket"] = str(await nursery.start(localapi.serve, server, socket_path))
             out(f"local API on {socket_path}", step="localapi")
-            proxies: dict[tuple[str, int], set[str]] = {}
-            if s.socks5:
-                proxies.setdefault(s.socks5, set()).add("socks5")
-            if s.http_proxy:
-                proxies.setdefault(s.http_proxy, set()).add("http")
-            for addr, kinds in proxies.items():
-                step = " and ".join(f"--{'socks5' if k == 'socks5' else 'http-proxy'} {_addr_text(addr)}"
-                                    for k in sorted(kinds, reverse=True))
-                info = await nursery.start(_serve_proxy, server, addr, "socks5" in kinds, "http" in kinds)
-                for kind in sorted(kinds):
-                    bound[kind] = info.address
-                    out(f"{'SOCKS5' if kind == 'socks5' else 'HTTP'} proxy on {info.address}", step="proxy")
-            for fwd in s.forwards:
-                step = f"--forward {fwd.port}={fwd.target}"
-                await server.serve_forward(fwd.port, fwd.target)
-                out(f"forwarding tailnet port {fwd.port} to {fwd.target}", step="forward")
             # One listener serves both when both flags name the same fixed address (port 0 means "any": two).
             same = s.metrics_listen is not None and s.metrics_listen == s.health_listen and s.metrics_listen[1] != 0
             if s.metrics_listen:
@@ -415,6 +399,24 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
             elif same:
                 bound["health"] = bound["metrics"]
                 out(f"health on http://{_addr_text(bound['health'])}/healthz", step="health")
+            step = "joining the tailnet"
+            await join()
+            proxies: dict[tuple[str, int], set[str]] = {}
+            if s.socks5:
+                proxies.setdefault(s.socks5, set()).add("socks5")
+            if s.http_proxy:
+                proxies.setdefault(s.http_proxy, set()).add("http")
+            for addr, kinds in proxies.items():
+                step = " and ".join(f"--{'socks5' if k == 'socks5' else 'http-proxy'} {_addr_text(addr)}"
+                                    for k in sorted(kinds, reverse=True))
+                info = await nursery.start(_serve_proxy, server, addr, "socks5" in kinds, "http" in kinds)
+                for kind in sorted(kinds):
+                    bound[kind] = info.address
+                    out(f"{'SOCKS5' if kind == 'socks5' else 'HTTP'} proxy on {info.address}", step="proxy")
+            for fwd in s.forwards:
+                step = f"--forward {fwd.port}={fwd.target}"
+                await server.serve_forward(fwd.port, fwd.target)
+                out(f"forwarding tailnet port {fwd.port} to {fwd.target}", step="forward")
             out("running; SIGTERM or Ctrl-C stops", step="running")
             if ready is not None:
                 ready(bound)
