@@ -134,6 +134,8 @@ def test_status_table():
     lines = cli_node.format_status(st, now=now).splitlines()
     assert lines[0].split() == ["PEER", "ADDRESS", "OS", "PATH", "LAST", "HANDSHAKE"]
     assert lines[1].split()[:4] == ["me", "(this", "node)", "100.64.0.1"]
+    assert lines[2].split()[0] == "db"  # peers sorted by name
+    lines[2], lines[3] = lines[3], lines[2]
     assert lines[2].split() == ["web", "100.64.0.2", "linux", "direct", "127.0.0.1:41641", "10s", "ago"]
     assert lines[3].split() == ["db", "(offline)", "100.64.0.3", "-", "derp", "region", "900", "-"]
     assert lines[4] == "# health: DERP region 900: reconnecting"

@@ -46,6 +46,8 @@ async def test_status_ping_netcheck_whois_metrics(tailnet_pair):
     st = await call(client.status)
     assert st["backend_state"] == "Running"
     assert [p["name"] for p in st["peers"]] == ["beta"] and st["peers"][0]["path"].startswith("direct")
+    (peer,) = await call(client.peers)
+    assert peer["name"] == "beta" and peer["path"] == "direct 127.0.0.1:41641"
     pong = await call(client.ping, "beta")
     assert pong == {"peer": "beta", "ip": str(b.ip), "latency": 0.0015, "path": "direct 127.0.0.1:41641"}
     assert (await call(client.netcheck))["udp"] is True

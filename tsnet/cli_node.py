@@ -564,7 +564,7 @@ def format_status(st: dict[str, Any], *, now: _dt.datetime | None = None) -> str
     rows = [("PEER", "ADDRESS", "OS", "PATH", "LAST HANDSHAKE")]
     rows.append((f"{me.get('name') or me.get('dns_name') or '-'} (this node)", _first_v4(me.get("addresses", ())),
                  me.get("os") or "-", "-", "-"))
-    for p in st.get("peers") or ():
+    for p in sorted(st.get("peers") or (), key=lambda p: str(p.get("name") or p.get("dns_name") or "")):
         name = p.get("name") or p.get("dns_name") or "?"
         if p.get("online") is False:
             name += " (offline)"

@@ -5,6 +5,7 @@ these requests on ``<state dir>/tsnet.sock`` (mode 0600, so only the node's user
 
 ==============================================  =====================================================
 ``GET /localapi/v0/status``                      ``Status.as_dict()``: self, peers with paths, health
+``GET /localapi/v0/peers``                       just the peers (name, addresses, path, handshake, bytes)
 ``GET|POST /localapi/v0/ping?peer=NAME``         one ping: ``{"latency": s, "path": ..., "endpoint": ...}``
 ``GET /localapi/v0/netcheck``                    the netcheck report
 ``GET /localapi/v0/whois?addr=IP[:PORT]``        who owns a tailnet address (404 if nobody)
@@ -119,6 +120,8 @@ def make_app(server: Any) -> Any:
         try:
             if name == "status" and req.method == "GET":
                 return _json_reply(200, server.status())
+            if name == "peers" and req.method == "GET":
+                return _json_reply(200, list(server.status().peers))
             if name == "ping" and req.method in ("GET", "POST"):
                 peer = query.get("peer", "").strip()
                 if not peer:
@@ -155,7 +158,7 @@ def make_app(server: Any) -> Any:
         except Exception as exc:  # noqa: BLE001 - one failed request must not stop the API
             log.exception("local API %s failed", req.path)
             return _error(500, _error_text(exc))
-        return _error(404 if name not in ("status", "ping", "netcheck", "whois", "metrics", "healthz") else 405,
+        return _error(404 if name not in ("status", "peers", "ping", "netcheck", "whois", "metrics", "healthz") else 405,
                       f"no {req.method} {req.path}")
 
     return app
@@ -287,6 +290,10 @@ class LocalClient:
     def status(self) -> dict[str, Any]:
         """``Status.as_dict()`` of the node."""
         return self.get_json("status")
+
+    def peers(self) -> list[dict[str, Any]]:
+        """The node's peers, each with its current path."""
+        return self.get_json("peers")
 
     def ping(self, peer: str, *, timeout: float = 5.0) -> dict[str, Any]:
         """One ping to ``peer``: ``{"latency": seconds, "path": ..., "endpoint": ...}``."""
