@@ -241,3 +241,34 @@ def test_duplicates_and_reordering_deliver_exact_bytes() -> None:
     assert p.run(lambda: pump.finished(p), duration=60, app=pump)
     assert bytes(pump.received) == data
     assert p.a.internal_errors == p.b.internal_errors == 0
+
+
+def test_limited_transmit_sends_new_data_on_first_dup_acks() -> None:
+    mss = 1240 - 12
+    fault = drop_data_indices({0})
+    p = Pair(fault=fault)
+    p.handshake()
+    p.a.send(b"d" * (20 * mss), p.now)
+    assert p.run(lambda: p.b.readable == 20 * mss, duration=10)
+    sent = [((s.seq - 1001) & 0xFFFFFFFF) // mss for s in p.segments("ab") if len(s.payload)]
+    # Delivered order: 1..9 (0 was lost), then 10 and 11 from limited transmit, then 0 again.
+    assert sent.index(0) > sent.index(10) and sent.index(0) > sent.index(11)
+    assert p.a.stats.timeouts == 0 and p.a.stats.fast_retransmits == 1
+
+
+def test_duplicate_segment_is_reported_with_dsack() -> None:
+    from tests.netstack.tcp_helpers import parse_packet, segment
+    from tsnet.netstack.tcp_wire import ACK
+
+    p = Pair()
+    p.handshake()
+    base = p.b.rcv_nxt
+    p.b.receive_segment(segment(p.a_port, p.b_port, base, p.b.snd_nxt, ACK, payload=b"a" * 1000), p.now)
+    p.b_out.clear()
+    p.b.receive_segment(segment(p.a_port, p.b_port, base, p.b.snd_nxt, ACK, payload=b"a" * 1000), p.now)
+    _, ack = parse_packet(p.b_out[-1])
+    assert ack.ack == (base + 1000) & 0xFFFFFFFF and ack.sack_blocks == [(base, base + 1000)]
+    # Reported once only.
+    p.b.receive_segment(segment(p.a_port, p.b_port, base + 1000, p.b.snd_nxt, ACK, payload=b"b" * 100), p.now)
+    p.advance(0.1)
+    assert all(not s.sack_blocks for s in p.segments("ba")[-1:])

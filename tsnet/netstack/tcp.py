@@ -149,7 +149,7 @@ class TCPConnection:
         "_cc", "_dupacks", "_in_recovery", "_recover", "_high_rxt", "_sacked", "_sacked_bytes",
         # receive side
         "irs", "rcv_nxt", "rcv_adv", "_rcvbuf", "recv_buffer_size", "_ooo", "_ooo_stamp",
-        "_ooo_fin", "_fin_received", "_rcv_full", "_unacked_segs", "_ack_now", "_last_ack_sent",
+        "_ooo_fin", "_dsack", "_fin_received", "_rcv_full", "_unacked_segs", "_ack_now", "_last_ack_sent",
         "_rcv_space_time", "_rcv_space_copied", "_rcv_rtt", "_rcv_rtt_seq", "_rcv_rtt_time",
         # timestamps
         "_ts_offset", "_ts_recent", "_ts_recent_time", "_ts_floor",
@@ -240,6 +240,7 @@ class TCPConnection:
         self._ooo: list[list] = []  # sorted disjoint [start, end, bytearray, stamp]
         self._ooo_stamp = 0
         self._ooo_fin: int | None = None
+        self._dsack: tuple[int, int] | None = None  # a duplicate to report once (RFC 2883)
         self._fin_received = False
         self._rcv_full = self._our_mss  # largest segment seen: what counts as "full-sized"
         self._unacked_segs = 0
@@ -605,10 +606,16 @@ class TCPConnection:
     def _options(self, now: float) -> bytes:
         """Options for a non-SYN segment: timestamps, then SACK blocks if holes exist."""
         opts = ts_option(self._ts_now(now), self._ts_recent) if self.ts_ok else b""
-        if self._ooo and self.sack_ok:
+        if (self._ooo or self._dsack) and self.sack_ok:
             limit = _MAX_SACK_OPT_BLOCKS_TS if self.ts_ok else _MAX_SACK_OPT_BLOCKS
-            blocks = sorted(self._ooo, key=lambda b: b[3], reverse=True)[:limit]
-            opts += sack_option([(b[0], b[1]) for b in blocks])
+            blocks = []
+            if self._dsack is not None:
+                blocks.append(self._dsack)  # D-SACK first, sent once
+                self._dsack = None
+            if self._ooo:
+                recent = sorted(self._ooo, key=lambda b: b[3], reverse=True)
+                blocks += [(b[0], b[1]) for b in recent[:limit - len(blocks)]]
+            opts += sack_option(blocks)
         return opts
 
     def _emit(self, seq: int, flags: int, opts: bytes, payload, window: int) -> None:
@@ -740,7 +747,7 @@ class TCPConnection:
         if self._ack_now:
             self._send_ack(now)
 
-    def _send_new(self, now: float) -> None:
+    def _send_new(self, now: float, extra: int = 0) -> None:
         """Send from SND.NXT as far as the peer's window, cwnd, Nagle and sender SWS
         avoidance allow: many segments per call, one memoryview over the send buffer."""
         sndbuf = self._sndbuf
@@ -754,7 +761,7 @@ class TCPConnection:
         una = self.snd_una
         snd_max = self.snd_max
         was_idle = snd_max <= una
-        cwnd_end = una + self._cc.cwnd
+        cwnd_end = una + self._cc.cwnd + extra
         wnd_end = una + self.snd_wnd
         opts = self._options(now)
         seg_max = self.send_mss - (len(opts) - (12 if self.ts_ok else 0))
@@ -1056,6 +1063,8 @@ class TCPConnection:
         if not ok:
             self.stats.dropped += 1
             if not flags & RST:
+                if plen and seq + plen <= rnxt and self.sack_ok:
+                    self._dsack = (seq, seq + plen)
                 if st == TCPState.TIME_WAIT and flags & FIN:
                     self._state_deadline = now + self.options.time_wait  # re-ACK, restart 2MSL
                 self._send_ack(now)
@@ -1268,6 +1277,9 @@ class TCPConnection:
                 lost = self.sack_ok and self._sacked_bytes > (_DUPTHRESH - 1) * self.send_mss
                 if self._dupacks >= _DUPTHRESH or lost:
                     self._enter_recovery(now)
+                elif self.snd_nxt == self.snd_max:
+                    # Limited transmit (RFC 3042): one new segment per early duplicate ACK.
+                    self._send_new(now, extra=self._dupacks * self.send_mss)
         if self._persist_deadline is not None:
             self._retries = 0  # the peer answers our probes: never give up on it
             if self.snd_wnd >= min(self.send_mss, max(self._buf_seq + len(self._sndbuf) - self.snd_una, 1)):
@@ -1339,6 +1351,8 @@ class TCPConnection:
         # Trim to what we already have on the left and to the advertised window on the right.
         if seq < rnxt:
             cut = rnxt - seq
+            if self.sack_ok and plen:
+                self._dsack = (seq, seq + min(cut, plen))
             if cut > plen:
                 # Only a FIN we already have (or nothing) is left: just re-ACK.
                 self._ack_now = True
