@@ -8,6 +8,7 @@ import pytest
 import requests
 import trio
 
+import tsnet
 from tests.server_helpers import start_tailnet, wait_for
 
 
@@ -218,3 +219,41 @@ async def test_http_client_https_over_the_tailnet(pair, nursery, tmp_path):
     async with a.http_client() as client:  # system roots do not trust the test certificate
         with pytest.raises(httpx.ConnectError, match="TLS|certificate|verify"):
             await client.get(f"https://{b_ip}/", timeout=10)
+
+
+async def test_non_tailnet_names_use_the_host_resolver(pair, nursery, monkeypatch):
+    """Without DNS resolvers from control, multi-label names go to the host's resolver (faked here, so
+    nothing leaves the machine); the proxy then reaches that non-tailnet address from the host.
+    Single-label names are tailnet short names only and never go upstream."""
+    import tsnet.dns
+
+    asked = []
+
+    async def fake_system_lookup(name):
+        asked.append(name)
+        import ipaddress
+
+        return [ipaddress.ip_address("127.0.0.1")] if name == "svc.example.internal" else []
+
+    monkeypatch.setattr(tsnet.dns, "system_lookup", fake_system_lookup)
+    a, b = pair
+    assert [str(ip) for ip in await a.resolve("svc.example.internal")] == ["127.0.0.1"]
+    with pytest.raises(tsnet.HostNotFoundError):
+        await a.resolve("nosuch.example.internal")
+    with pytest.raises(tsnet.HostNotFoundError, match="no tailnet node"):
+        await a.resolve("intranet")
+    assert asked == ["svc.example.internal", "nosuch.example.internal"]
+    # The loopback proxy dials that address from the host (it is not on the tailnet).
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def local(stream):
+        async with stream:
+            await stream.receive_some(4096)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nhost")
+
+    nursery.start_soon(trio.serve_listeners, local, listeners)
+    proxy = await a.loopback()
+    async with httpx.AsyncClient(proxy=proxy.http_url, trust_env=False) as client:
+        r = await client.get(f"http://svc.example.internal:{port}/", timeout=10)
+        assert r.text == "host"

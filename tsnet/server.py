@@ -651,7 +651,8 @@ class Server:
         self._disco = disco
         self._driver = await self._new_driver(nursery, client.config.node_key, disco)
         self._magic = MagicDNS(DNSConfig())
-        self._resolver = NameResolver(self._magic, MagicDNSUpstream(self._magic, self._forward_dns))
+        self._magic_upstream = MagicDNSUpstream(self._magic, self._forward_dns)
+        self._resolver = NameResolver(self._magic, self._upstream_lookup)
 
     async def _new_driver(self, nursery: trio.Nursery, node_key: Any, disco: Any) -> Any:
         """Start a magicsock driver for ``node_key`` in its own cancel scope (so a key change can replace it)."""
@@ -1059,14 +1060,33 @@ class Server:
                 await self._netmap_changed.wait()
         raise TimeoutError(f"peer {name!r} did not appear in the netmap within {timeout:g}s")
 
+    async def _upstream_lookup(self, name: str) -> list[IPAddress]:
+        """Names MagicDNS does not answer: its routes and resolvers when the tailnet configures them,
+        else the host's resolver (as tailscaled uses the OS's DNS when control sets none)."""
+        from .dns import system_lookup
+
+        cfg = self._magic.config
+        key = name.rstrip(".").lower()
+        routed = any(key == suffix or key.endswith("." + suffix) for suffix in cfg.routes)
+        if cfg.default_resolvers or routed:
+            return await self._magic_upstream(name)
+        return await system_lookup(name)
+
     async def resolve(self, host: str) -> list[IPAddress]:
         """Addresses for ``host``: an IP literal, a MagicDNS short name or FQDN, or an upstream name.
 
-        Raises :class:`HostNotFoundError`.
+        A single-label name is always a tailnet short name (the MagicDNS search domain), never sent
+        upstream. Multi-label names outside the tailnet go to the tailnet's DNS routes/resolvers, or
+        the host's resolver when it configures none. Raises :class:`HostNotFoundError`.
         """
         self._require_running()
         from .dns import NameNotFound
+        from .dns.resolve import parse_ip_literal
 
+        if parse_ip_literal(host) is None and "." not in host.rstrip("."):
+            found = self._magic.lookup(host)
+            if found.status != "found" or not found.addresses:
+                raise HostNotFoundError(host, f"no tailnet node named {host!r}")
         try:
             return await self._resolver.resolve(host)
         except NameNotFound as exc:
