@@ -89,8 +89,8 @@ async def test_health_problems_follow_state_and_health():
     assert metrics.health_problems(node) == ["backend state is NoState"]
     await node.up()
     assert metrics.health_problems(node) == []
-    node.health.append("control server unreachable")
-    assert metrics.health_problems(node) == ["control server unreachable"]
+    node.health += ["control server unreachable", "control server unreachable"]
+    assert metrics.health_problems(node) == ["control server unreachable"]  # duplicates collapse
 
 
 def test_parse_listen():

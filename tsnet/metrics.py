@@ -52,7 +52,7 @@ _HELP = {
     "tsnet_peer_tx_bytes_total": "Bytes sent to peers, by the path each peer uses now",
     "tsnet_backend_running": "1 when the node is logged in and running",
     "tsnet_health_problems": "Number of current health problems",
-    "tsnet_control_connected": "1 while the map long-poll to the control server is open",
+    "tsnet_control_map_connected": "1 while the map long-poll to the control server is open",
     "process_cpu_seconds_total": "Total user and system CPU time spent in seconds",
     "process_resident_memory_bytes": "Resident memory size in bytes",
     "process_max_resident_memory_bytes": "Peak resident memory size in bytes",
@@ -252,9 +252,6 @@ def node_metrics(server: Any) -> dict[str, float]:
         derived = _status_metrics(server.status())
     except Exception:  # noqa: BLE001
         errors += 1
-    connected = _control_connected(server)
-    if connected is not None:
-        derived["tsnet_control_connected"] = 1.0 if connected else 0.0
     relay: dict[str, float] = {}
     try:
         relay_server = _relay_server_of(server)
@@ -279,19 +276,7 @@ def health_problems(server: Any) -> list[str]:
     if state != "Running":
         problems.append(f"backend state is {state}")
     problems.extend(str(h) for h in (getattr(status, "health", None) or ()))
-    if state == "Running" and _control_connected(server) is False:
-        problems.append("not connected to the control server (map poll down; retrying)")
-    return problems
-
-
-def _control_connected(server: Any) -> bool | None:
-    """Whether the node's map long-poll is up; None when the node does not say.
-
-    Server has no public accessor for this yet; its control client (``_client``) tracks ``map_connected``.
-    """
-    client = getattr(server, "_client", None)
-    value = getattr(client, "map_connected", None)
-    return value if isinstance(value, bool) else None
+    return list(dict.fromkeys(problems))  # one line per distinct problem
 
 
 def make_app(server: Any, *, metrics: bool = True, health: bool = True) -> Any:
