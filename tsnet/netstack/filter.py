@@ -239,9 +239,11 @@ _MIN_TRANSPORT = {_PROTO_TCP: 20, _PROTO_UDP: 8, _PROTO_ICMP: 4, _PROTO_ICMPV6: 
 
 # -- compiled rules -------------------------------------------------------------------------
 
-# One rule for one address family: (protocols, source ranges, source capabilities,
-# destinations as (low, high, first port, last port)).
-_Rule = tuple[frozenset[int], tuple[tuple[int, int], ...], frozenset[str], tuple[tuple[int, int, int, int], ...]]
+# One rule for one address family: (protocols, single-address sources, source ranges,
+# source capabilities, destinations as (low, high, first port, last port)).  Control
+# servers list sources mostly as single node addresses, so those are a set lookup.
+_Rule = tuple[frozenset[int], frozenset[int], tuple[tuple[int, int], ...], frozenset[str],
+              tuple[tuple[int, int, int, int], ...]]
 
 
 def _range_of(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int]:
@@ -317,15 +319,16 @@ def _local_entry(value: PrefixLike) -> tuple[int, int, int, bool]:
 def _match_port(rules: tuple[_Rule, ...], proto: int, src: int, dst: int, port: int,
                 src_caps: frozenset[str] | None) -> bool:
     """Some rule lists ``proto``, admits the source, and has ``dst`` with ``port`` in range."""
-    for protos, srcs, caps, dsts in rules:
+    for protos, src_hosts, src_ranges, caps, dsts in rules:
         if proto not in protos:
             continue
-        for low, high in srcs:
-            if low <= src <= high:
-                break
-        else:
-            if not caps or not src_caps or caps.isdisjoint(src_caps):
-                continue
+        if src not in src_hosts:
+            for low, high in src_ranges:
+                if low <= src <= high:
+                    break
+            else:
+                if not caps or not src_caps or caps.isdisjoint(src_caps):
+                    continue
         for low, high, first, last in dsts:
             if low <= dst <= high and first <= port <= last:
                 return True
@@ -334,13 +337,14 @@ def _match_port(rules: tuple[_Rule, ...], proto: int, src: int, dst: int, port: 
 
 def _match_ip_only(rules: tuple[_Rule, ...], src: int, dst: int, src_caps: frozenset[str] | None) -> bool:
     """Some rule (any protocol, any port) admits the source to ``dst``: ICMP requests."""
-    for _protos, srcs, caps, dsts in rules:
-        for low, high in srcs:
-            if low <= src <= high:
-                break
-        else:
-            if not caps or not src_caps or caps.isdisjoint(src_caps):
-                continue
+    for _protos, src_hosts, src_ranges, caps, dsts in rules:
+        if src not in src_hosts:
+            for low, high in src_ranges:
+                if low <= src <= high:
+                    break
+            else:
+                if not caps or not src_caps or caps.isdisjoint(src_caps):
+                    continue
         for low, high, _first, _last in dsts:
             if low <= dst <= high:
                 return True
@@ -352,14 +356,15 @@ def _match_all_ports(rules: tuple[_Rule, ...], proto: int, src: int, dst: int) -
 
     Like tailscaled, ``cap:`` sources do not count here.
     """
-    for protos, srcs, _caps, dsts in rules:
+    for protos, src_hosts, src_ranges, _caps, dsts in rules:
         if proto not in protos:
             continue
-        for low, high in srcs:
-            if low <= src <= high:
-                break
-        else:
-            continue
+        if src not in src_hosts:
+            for low, high in src_ranges:
+                if low <= src <= high:
+                    break
+            else:
+                continue
         for d_low, d_high, first, last in dsts:
             if first == 0 and last == 0xFFFF and d_low <= dst <= d_high:
                 return True
@@ -578,7 +583,9 @@ class PacketFilter:
                 # A family without destinations can never match; sources of the other
                 # family are irrelevant (a packet's addresses share one family).
                 if dsts[version] and (srcs[version] or caps):
-                    out.append((protos, tuple(srcs[version]), frozenset(caps), tuple(dsts[version])))
+                    hosts_in = frozenset(low for low, high in srcs[version] if low == high)
+                    ranges_in = tuple((low, high) for low, high in srcs[version] if low != high)
+                    out.append((protos, hosts_in, ranges_in, frozenset(caps), tuple(dsts[version])))
                     compiled = True
             f.rule_count += compiled
         f._rules4, f._rules6 = tuple(rules4), tuple(rules6)
