@@ -251,3 +251,30 @@ def test_ack_loss_is_covered_by_cumulative_acks() -> None:
     pump = Pump("a", data)
     assert p.run(lambda: pump.finished(p), duration=60, app=pump)
     assert bytes(pump.received) == data
+
+
+def test_receive_buffer_smaller_than_a_segment_still_flows() -> None:
+    tiny = TCPOptions(recv_buffer=1000, recv_buffer_max=1000)
+    p = Pair(b_options=tiny)
+    data = os.urandom(30_000)
+    pump = Pump("a", data)
+    assert p.run(lambda: pump.finished(p), duration=60, app=pump)
+    assert bytes(pump.received) == data
+    assert all(len(s.payload) <= 1000 for s in p.segments("ab"))
+    # Window updates (not persist probes) carry the flow: no long stalls.
+    assert p.now - 1000.0 < 5.0
+
+
+def test_receiver_does_not_advertise_silly_windows() -> None:
+    small = TCPOptions(recv_buffer=30_000, recv_buffer_max=30_000)
+    p = Pair(b_options=small)
+    p.handshake()
+    pump = Pump("a", os.urandom(200_000), read=False, shutdown=False)
+    p.run(lambda: p.a.snd_wnd == 0, duration=5, app=pump)
+    # Reading a few bytes at a time: no ACK offers a window smaller than min(buf/2, MSS).
+    n = len(p.segments("ba"))
+    for _ in range(20):
+        p.b.receive(50, p.now)
+        p.run(lambda: False, duration=0.05, app=None)
+    later = p.segments("ba")[n:]
+    assert all(s.window == 0 or s.window << p.b.rcv_wscale >= min(15_000, p.b.send_mss) for s in later)

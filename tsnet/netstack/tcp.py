@@ -432,7 +432,7 @@ class TCPConnection:
             # (covers a closed window being drained) and grow by a full segment.
             cur = self.rcv_adv - self.rcv_nxt
             new = self._window_available()
-            if new >= 2 * cur and new - cur >= self._rcv_full:
+            if new >= 2 * cur and new - cur >= min(self._rcv_full, self.recv_buffer_size >> 1):
                 self._send_ack(now)
         return data
 
@@ -453,9 +453,10 @@ class TCPConnection:
         self._fin_seq = self._buf_seq + len(self._sndbuf)
         if st in (TCPState.ESTABLISHED, TCPState.SYN_RECEIVED):
             # SYN-RECEIVED: the FIN goes out once established (RFC 9293 §3.10.4).
-            self._set_state(TCPState.FIN_WAIT_1 if st == TCPState.ESTABLISHED else st)
+            if st == TCPState.ESTABLISHED:
+                self.state = TCPState.FIN_WAIT_1
         elif st == TCPState.CLOSE_WAIT:
-            self._set_state(TCPState.LAST_ACK)
+            self.state = TCPState.LAST_ACK
         if self._was_established:
             self._output(now)
 
@@ -513,9 +514,6 @@ class TCPConnection:
         if not self.app_changed:
             self.app_changed = True
             self.changed.append(self)
-
-    def _set_state(self, st: TCPState) -> None:
-        self.state = st
 
     def _enter_closed(self, error: OSError | None) -> None:
         if self.state == TCPState.CLOSED and self.error is not None:
@@ -596,7 +594,7 @@ class TCPConnection:
         edge = self.rcv_nxt + avail
         adv = self.rcv_adv
         if edge > adv:
-            if edge - adv >= min(self.recv_buffer_size >> 1, self._rcv_full) or adv <= self.rcv_nxt and avail:
+            if edge - adv >= min(self.recv_buffer_size >> 1, self._rcv_full):
                 self.rcv_adv = adv = edge
         wnd = adv - self.rcv_nxt
         if wnd <= 0:
@@ -764,7 +762,7 @@ class TCPConnection:
         cwnd_end = una + self._cc.cwnd + extra
         wnd_end = una + self.snd_wnd
         opts = self._options(now)
-        seg_max = self.send_mss - (len(opts) - (12 if self.ts_ok else 0))
+        seg_max = self._seg_max(opts)
         wnd = self._window_field()
         nagle = self.options.nagle
         half_max_wnd = self.max_snd_wnd >> 1
@@ -835,6 +833,10 @@ class TCPConnection:
             if ut is not None:
                 self._rto_deadline = min(self._rto_deadline, self._progress_time + ut)
         self._persist_deadline = None
+
+    def _seg_max(self, opts: bytes) -> int:
+        """Payload that fits one segment carrying ``opts`` (RFC 6691: options count)."""
+        return self.send_mss - (len(opts) - (12 if self.ts_ok else 0))
 
     def _clamped_rto(self, rto: float) -> float:
         return min(max(rto, self.options.min_rto), self.options.max_rto)
@@ -935,7 +937,7 @@ class TCPConnection:
         cwnd = self._cc.cwnd
         pipe = self._pipe()
         opts = self._options(now)
-        seg_max = self.send_mss - (len(opts) - (12 if self.ts_ok else 0))
+        seg_max = self._seg_max(opts)
         wnd = self._window_field()
         sent = False
         while cwnd - pipe >= self.send_mss:
@@ -974,13 +976,15 @@ class TCPConnection:
         if self.sack_ok:
             cc.cwnd = cc.ssthresh
             # Fast retransmit of the first hole, then whatever pipe allows.
-            used = self._send_data(self.snd_una, self.send_mss, now, self._options(now), self._window_field())
+            opts = self._options(now)
+            used = self._send_data(self.snd_una, self._seg_max(opts), now, opts, self._window_field())
             self.stats.retransmits += 1
             self._high_rxt = self.snd_una + used
             self._sack_output(now)
         else:
             cc.cwnd = cc.ssthresh + 3 * self.send_mss
-            self._send_data(self.snd_una, self.send_mss, now, self._options(now), self._window_field())
+            opts = self._options(now)
+            self._send_data(self.snd_una, self._seg_max(opts), now, opts, self._window_field())
             self.stats.retransmits += 1
         self._rto_deadline = now + self._rto
         self._update_stats()
@@ -1328,7 +1332,8 @@ class TCPConnection:
                     cc.cwnd = min(cc.ssthresh, max(self.snd_max - ack, self.send_mss) + self.send_mss)
             elif not self.sack_ok:
                 # NewReno partial ACK (RFC 6582): retransmit the next hole, deflate.
-                self._send_data(ack, self.send_mss, now, self._options(now), self._window_field())
+                opts = self._options(now)
+                self._send_data(ack, self._seg_max(opts), now, opts, self._window_field())
                 self.stats.retransmits += 1
                 cw = cc.cwnd - acked
                 if acked >= self.send_mss:
@@ -1591,8 +1596,9 @@ class TCPConnection:
             return
         # Probe from SND.UNA: with a small open window, fill it (the sender SWS override);
         # with a closed one, one byte beyond it. The ACK carries the current window.
-        n = max(1, min(self.snd_wnd, self.send_mss))
-        used = self._send_data(una, n, now, self._options(now), self._window_field())
+        opts = self._options(now)
+        n = max(1, min(self.snd_wnd, self._seg_max(opts)))
+        used = self._send_data(una, n, now, opts, self._window_field())
         if una + used > self.snd_max:
             self.snd_max = una + used
         if self.snd_nxt < una + used:
