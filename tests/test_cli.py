@@ -408,3 +408,32 @@ async def test_health_and_local_api_answer_while_joining(tmp_path):
                 await ready.wait()
             assert (await http.get(url)).status_code == 200
         scope.cancel()
+
+
+async def test_join_progress_shows_state_and_health_changes(tmp_path, autojump_clock):
+    class Stuck(FakeServer):
+        release = trio.Event()
+
+        async def up(self, *, timeout=60.0):
+            self.state = "Starting"
+            self.health = ["home DERP region not connected"]
+            await trio.sleep(2)
+            self.health = []
+            await self.release.wait()
+            return await super().up()
+
+    node = Stuck(Tailnet(), hostname="a")
+    sink = LineSink()
+    scope = trio.CancelScope()
+
+    async def run():
+        with scope:
+            await cli_node.run_up(parse_up(["--state-dir", str(tmp_path)]), cli_node._Out(False, sink), node)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(run)
+        await sink.wait_for(r"state Starting; home DERP region not connected")
+        await sink.wait_for(r"state Starting\n")
+        node.release.set()
+        await sink.wait_for(r"running;")
+        scope.cancel()

@@ -348,10 +348,17 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
         private_dir = tempfile.mkdtemp(prefix="tsnet-")
         socket_path = Path(private_dir) / localapi.SOCKET_NAME
 
-    async def join() -> None:
+    async def join(nursery: trio.Nursery) -> None:
         out(f"joining {s.control_url or 'the default control server'}"
             f"{' as ' + s.hostname if s.hostname else ''}...", step="join")
         shown_url = None
+        progress = trio.CancelScope()
+
+        async def show_progress() -> None:
+            with progress:
+                await _show_join_progress(server, out)
+
+        nursery.start_soon(show_progress)
         while True:
             try:
                 status = await server.up(timeout=s.timeout)
@@ -365,6 +372,7 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
                         out(f"to authenticate, visit: {login_url}", step="login", login_url=login_url)
                     shown_url = login_url
                 await trio.sleep(1.0)  # retry pacing while a human approves; not synchronisation
+        progress.cancel()
         _report_startup(server, out)
         ips = " ".join(str(ip) for ip in server.tailscale_ips())
         self_node = getattr(status, "self_node", None)
@@ -400,7 +408,7 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
                 bound["health"] = bound["metrics"]
                 out(f"health on http://{_addr_text(bound['health'])}/healthz", step="health")
             step = "joining the tailnet"
-            await join()
+            await join(nursery)
             proxies: dict[tuple[str, int], set[str]] = {}
             if s.socks5:
                 proxies.setdefault(s.socks5, set()).add("socks5")
@@ -454,6 +462,24 @@ async def run_up(s: UpSettings, out: _Out, server: Any, *,
         if private_dir is not None:
             shutil.rmtree(private_dir, ignore_errors=True)
     return int(outcome["code"])
+
+
+async def _show_join_progress(server: Any, out: _Out, interval: float = 0.5) -> None:
+    """While ``up()`` runs, print each change of backend state and health (e.g. control unreachable)."""
+    import trio
+
+    shown: tuple[str, tuple[str, ...]] | None = None
+    while True:
+        await trio.sleep(interval)  # a progress display refresh, not synchronisation
+        try:
+            st = server.status()
+        except Exception:  # noqa: BLE001 - progress is best effort
+            continue
+        now = (str(getattr(st, "backend_state", "")), tuple(str(h) for h in getattr(st, "health", ()) or ()))
+        if now != shown:
+            shown = now
+            out(f"state {now[0]}" + (f"; {'; '.join(now[1])}" if now[1] else ""), step="progress",
+                backend_state=now[0], health=list(now[1]))
 
 
 def _report_startup(server: Any, out: _Out) -> None:
