@@ -109,8 +109,10 @@ class Pair:
                 continue
             pkts = list(box)
             box.clear()
+            mtu = self.a.options.mtu if direction == "ab" else self.b_options.mtu
             for pkt in pkts:
                 pkt = bytes(pkt)
+                assert len(pkt) <= mtu, f"{len(pkt)}-byte packet exceeds the MTU {mtu}"
                 _, seg = parse_packet(pkt)
                 idx = self.sent_count[direction]
                 self.sent_count[direction] += 1

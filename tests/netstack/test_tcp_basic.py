@@ -316,3 +316,41 @@ def test_stray_segments_do_not_crash() -> None:
         p.a.receive_segment(segment(p.b_port, p.a_port, p.a.rcv_nxt, p.a.snd_una, flags, payload=b"abc"), p.now)
     assert p.a.internal_errors == 0
     assert tcp_wire.SEQ_MASK == 0xFFFFFFFF
+
+
+def test_changed_list_contract() -> None:
+    p = Pair()
+    p.handshake()
+    p.a_changed.clear()
+    p.a.app_changed = False
+    p.b.send(b"one", p.now)
+    assert p.run(lambda: p.a.readable == 3, duration=5)
+    assert p.a_changed == [p.a] and p.a.app_changed
+    # While the flag is still set, further changes do not append again (edge-triggered).
+    p.b.send(b"two", p.now)
+    assert p.run(lambda: p.a.readable == 6, duration=5)
+    assert p.a_changed == [p.a]
+    # Once the driver resets it, the next change is reported again.
+    p.a.app_changed = False
+    p.b.shutdown(p.now)
+    assert p.run(lambda: p.a.state == S.CLOSE_WAIT, duration=5)
+    assert p.a_changed == [p.a, p.a]
+
+
+def test_lossy_bidirectional_packets_fit_mtu() -> None:
+    def fault(direction: str, seg, idx: int) -> list[float]:
+        return [] if idx % 9 == 4 else [0.0]
+
+    for v6 in (False, True):
+        p = Pair(fault=fault, v6=v6)  # the helper asserts every packet fits the 1280 MTU
+        d1, d2 = os.urandom(200_000), os.urandom(200_000)
+        ab, ba = Pump("a", d1), Pump("b", d2)
+
+        def app(pair: Pair) -> None:
+            ab(pair)
+            ba(pair)
+
+        assert p.run(lambda: ab.finished(p) and ba.finished(p), duration=60, app=app)
+        assert bytes(ab.received) == d1 and bytes(ba.received) == d2
+        with_sack = [s for s in p.segments("ab") + p.segments("ba") if s.sack_blocks and len(s.payload)]
+        assert with_sack  # data segments that also carried SACK blocks
