@@ -220,3 +220,37 @@ async def test_relay_server_gauge_in_metrics(nursery, tmp_path):
     assert m["tsnet_relay_server_forwarded_packets"] == 0.0
     assert any(k.startswith("tsnet_relay_server_endpoints_") for k in m)
     await relay.close()
+
+
+async def test_split_dns_route_forwarded_over_the_tailnet(pair, nursery):
+    """A split-DNS route whose nameserver is a tailnet node: queries go to it through the netstack."""
+    from dnslib import QTYPE, RR, A
+
+    tailnet, a, b = pair
+    b_ip = str(b.tailscale_ips()[0])
+    ns = await b.listen("udp", f"{b_ip}:53")  # bravo's own nameserver for corp.test (not MagicDNS)
+
+    async def nameserver():
+        while True:
+            try:
+                data, addr = await ns.recvfrom(4096)
+            except trio.ClosedResourceError:
+                return  # the node closed
+            query = DNSRecord.parse(data)
+            reply = query.reply()
+            if str(query.q.qname).rstrip(".") == "db.corp.test" and query.q.qtype == QTYPE.A:
+                reply.add_answer(RR("db.corp.test", QTYPE.A, rdata=A("10.1.2.3"), ttl=60))
+            await ns.sendto(reply.pack(), addr)
+
+    nursery.start_soon(nameserver)
+    tailnet.server.config.split_dns = {"corp.test": (b_ip,)}
+    tailnet.server.notify()
+    await wait_for(lambda: "corp.test" in a._magic.config.routes)
+    assert [str(ip) for ip in await a.resolve("db.corp.test")] == ["10.1.2.3"]
+    # The same answer through MagicDNS at 100.100.100.100 inside alpha's netstack.
+    sock = await a.dial("udp", "100.100.100.100:53")
+    await sock.send(DNSRecord.question("db.corp.test", "A").pack())
+    with trio.fail_after(5):
+        reply = DNSRecord.parse(await sock.recv())
+    assert [str(r.rdata) for r in reply.rr] == ["10.1.2.3"]
+    await sock.aclose()
