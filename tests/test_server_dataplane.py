@@ -61,6 +61,10 @@ async def test_tcp_both_ways_by_short_name_fqdn_and_ip(pair, nursery):
         stream = await a.dial("tcp", target, timeout=10)
         assert await _roundtrip(stream, b"hello " + target.encode()) == b"hello " + target.encode()
         await stream.aclose()
+    stream = await a.dial("tcp6", "bravo:8080", timeout=10)  # over the fd7a:115c:a1e0:: addresses
+    assert stream.remote_address[0] == str(b.tailscale_ips()[1])
+    assert await _roundtrip(stream, b"v6") == b"v6"
+    await stream.aclose()
     stream = await b.dial("tcp", "alpha:9090", timeout=10)
     big = bytes(range(256)) * 2000  # 512 KB
     assert await _roundtrip(stream, big) == big
