@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import struct
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -582,6 +583,11 @@ def test_from_netmap() -> None:
     assert reason(state, tcp(OTHER4, ME4, 1, 34567)) is Reason.PEERAPI
     assert reason(state, tcp(OTHER6, ME6, 1, 34567)) is Reason.PEERAPI
     assert state.reject_for(tcp(OTHER4, ME4, 1, 34567)) is None
+    # A jailed peer (its allowed IPs) may not start connections even where a rule allows it.
+    jailed = replace(nm, peers=(peers[0], Peer.from_node(replace(peers[1].node, is_jailed=True))))
+    state = FilterState(PacketFilter.from_netmap(jailed))
+    assert reason(state, tcp(OTHER4, ME4, 1, 80)) is Reason.JAILED
+    assert reason(state, tcp(PEER4, ME4, 1, 22)) is Reason.TCP_RULE
     # An unparsable self address is skipped, not fatal; extra_local adds routes.
     odd = NetworkMap(self_node=_node(1, ("bogus", f"{ME4}/32")), peers=(), derp_map=None, dns_config=None,
                      packet_filter=(rule(("*",), (("*", 80, 80),)),), cap_map={}, user_profiles={}, domain="",
@@ -590,6 +596,34 @@ def test_from_netmap() -> None:
     assert reason(state, tcp(PEER4, ME4, 1, 80)) is Reason.TCP_RULE
     assert reason(state, tcp(PEER4, "10.9.1.1", 1, 80)) is Reason.TCP_RULE
     assert reason(state, tcp(PEER4, ME4, 1, 34567)) is Reason.NO_RULE  # no PeerAPI port given
+
+
+def test_jailed_sources_cannot_start_anything() -> None:
+    allow_all_rules = [rule(("*",), (("*", 0, 65535),), protos=(6, 17, 1, 58, 47))]
+    state = FilterState(PacketFilter.from_rules(allow_all_rules, LOCAL, jailed=[f"{PEER4}/32", PEER6, "10.5.0.0/16"],
+                                                peerapi_port=5555))
+    state.note_outbound(udp(ME4, PEER4, 7000, 53))
+    assert reason(state, tcp(PEER4, ME4, 1, 22)) is Reason.JAILED
+    assert reason(state, tcp(PEER6, ME6, 1, 22)) is Reason.JAILED
+    assert reason(state, tcp("10.5.1.1", ME4, 1, 22)) is Reason.JAILED
+    assert reason(state, udp(PEER4, ME4, 1, 22)) is Reason.JAILED
+    assert reason(state, udp(PEER6, ME6, 1, 22)) is Reason.JAILED
+    assert reason(state, icmp(PEER4, ME4, 8)) is Reason.JAILED
+    assert reason(state, icmp(PEER6, ME6, 128)) is Reason.JAILED
+    assert reason(state, ip_packet(PEER4, ME4, 47, bytes(8))) is Reason.JAILED
+    assert reason(state, ip_packet(PEER6, ME6, 47, bytes(8))) is Reason.JAILED
+    # What we started, replies, TSMP and PeerAPI still get through.
+    assert reason(state, udp(PEER4, ME4, 53, 7000)) is Reason.FLOW
+    assert reason(state, tcp(PEER4, ME4, 22, 40000, ACK)) is Reason.TCP_NON_SYN
+    assert reason(state, icmp(PEER4, ME4, 0)) is Reason.ICMP_RESPONSE
+    assert reason(state, ip_packet(PEER4, ME4, 99, b"p12345678")) is Reason.TSMP
+    assert reason(state, tcp(PEER4, ME4, 1, 5555)) is Reason.PEERAPI
+    # Others are unaffected; denied jailed SYNs get a shields-up reject.
+    assert reason(state, tcp(OTHER4, ME4, 1, 22)) is Reason.TCP_RULE
+    parsed = parse_tsmp_reject(state.reject_for(tcp(PEER4, ME4, 1, 22)))
+    assert parsed is not None and parsed.reason == RejectReason.SHIELDS_UP
+    accepted, rejects = state.filter_inbound([tcp(PEER4, ME4, 1, 22), tcp(OTHER4, ME4, 1, 22)])
+    assert len(accepted) == 1 and parse_tsmp_reject(rejects[0]).reason == RejectReason.SHIELDS_UP
 
 
 # -- special filters, replacement, counters ------------------------------------------------

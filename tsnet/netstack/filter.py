@@ -33,8 +33,9 @@ so matching never builds ``ipaddress`` objects.  :class:`PacketFilter` is immuta
 mutable parts (flow cache, counters, the current filter) live in :class:`FilterState`, so
 a netmap update swaps the filter and keeps the flows.
 
-Like tailscaled, a TCP SYN to our PeerAPI port (if one is given) passes regardless of
-rules, IPv6 extension headers are not walked (hop-by-hop is dropped as unknown, a Fragment
+Like tailscaled, sources that belong to jailed peers (``Node.IsJailed``) are filtered as
+if shields were up (no rule counts for them), a TCP SYN to our PeerAPI port (if one is
+given) passes regardless of rules, IPv6 extension headers are not walked (hop-by-hop is dropped as unknown, a Fragment
 header is protocol 44 and needs a rule), and ``CapGrant`` plays no part in packet decisions.
 
 Nothing here raises on packet bytes: anything malformed is dropped with a reason.
@@ -173,6 +174,7 @@ class Reason(enum.Enum):
     LINK_LOCAL = "link-local"
     NOT_LOCAL = "not-local"  # destination outside our local nets
     NO_RULE = "no-rule"  # TCP SYN, UDP, SCTP or ICMP request that no rule allows
+    JAILED = "jailed"  # a new flow (or unsolicited packet) from a jailed peer
     OTHER_PROTOCOL = "other-protocol"  # another protocol no rule lists with all ports
 
 
@@ -219,6 +221,7 @@ _D_MULTICAST = RESULTS[Reason.MULTICAST]
 _D_LINK_LOCAL = RESULTS[Reason.LINK_LOCAL]
 _D_NOT_LOCAL = RESULTS[Reason.NOT_LOCAL]
 _D_NO_RULE = RESULTS[Reason.NO_RULE]
+_D_JAILED = RESULTS[Reason.JAILED]
 _D_OTHER_PROTOCOL = RESULTS[Reason.OTHER_PROTOCOL]
 
 
@@ -314,6 +317,13 @@ def _local_entry(value: PrefixLike) -> tuple[int, int, int, bool]:
         low, high = _range_of(value)
         return value.version, low, high, value.num_addresses == 1
     raise ValueError(f"not an address or prefix: {value!r}")
+
+
+def _in_ranges(ranges: tuple[tuple[int, int], ...], value: int) -> bool:
+    for low, high in ranges:
+        if low <= value <= high:
+            return True
+    return False
 
 
 def _match_port(rules: tuple[_Rule, ...], proto: int, src: int, dst: int, port: int,
@@ -459,8 +469,8 @@ class PacketFilter:
     """
 
     __slots__ = ("_mode", "_rules4", "_rules6", "_local4_hosts", "_local6_hosts", "_local4_nets", "_local6_nets",
-                 "_fast4_hosts", "_fast6_hosts", "_caps4", "_caps6", "_peerapi_port", "_reject_reason", "warnings",
-                 "rule_count")
+                 "_fast4_hosts", "_fast6_hosts", "_caps4", "_caps6", "_jailed4", "_jailed6", "_peerapi_port",
+                 "_reject_reason", "warnings", "rule_count")
 
     def __init__(self) -> None:  # use the classmethods
         self._mode = _Mode.RULES
@@ -477,6 +487,9 @@ class PacketFilter:
         self._fast6_hosts: frozenset[bytes] = frozenset()
         self._caps4: dict[int, frozenset[str]] = {}
         self._caps6: dict[int, frozenset[str]] = {}
+        # Sources (addresses routed to jailed peers) that may not start anything: shields up.
+        self._jailed4: tuple[tuple[int, int], ...] = ()
+        self._jailed6: tuple[tuple[int, int], ...] = ()
         self._peerapi_port: int | None = None
         self._reject_reason: int | None = None
         #: Messages about rule entries that were ignored while compiling.
@@ -512,14 +525,16 @@ class PacketFilter:
     @classmethod
     def from_rules(cls, rules: Sequence[FilterRule], local_addresses: Iterable[PrefixLike], *,
                    peer_caps: Mapping[IPLike, Iterable[str]] | None = None, peerapi_port: int | None = None,
-                   strict: bool = False) -> PacketFilter:
+                   jailed: Iterable[PrefixLike] = (), strict: bool = False) -> PacketFilter:
         """Compile netmap filter rules.
 
         ``local_addresses``: our node addresses (addresses or ``ipaddress`` interfaces, taken
         as single hosts) and any prefixes we accept traffic for (CIDR text or networks; host
         bits must be zero).  ``peer_caps``: each peer address's node capabilities (its
         ``CapMap`` keys), for ``cap:<name>`` sources.  ``peerapi_port``: TCP SYNs to this
-        port on one of our own addresses pass regardless of rules.
+        port on one of our own addresses pass regardless of rules.  ``jailed``: addresses and
+        prefixes of jailed peers (``Node.IsJailed``): for sources in them no rule counts, as
+        if shields were up (replies to our flows still pass; denied SYNs get ``'S'`` rejects).
 
         Unusable rule entries (bad addresses, ``cap:`` in a destination) are skipped with a
         logged warning, also kept in :attr:`warnings`.  ``SrcBits`` or ``DstPorts[].Bits``
@@ -603,6 +618,12 @@ class PacketFilter:
         f._fast6_hosts = frozenset(h for h in hosts[6] if h[0] != 0xFF and not (h[0] == 0xFE and h[1] & 0xC0 == 0x80))
         f._local4_nets, f._local6_nets = tuple(nets[4]), tuple(nets[6])
 
+        jails: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for entry in jailed:
+            version, low, high, _is_host = _local_entry(entry)
+            jails[version].append((low, high))
+        f._jailed4, f._jailed6 = tuple(jails[4]), tuple(jails[6])
+
         caps_by: dict[int, dict[int, frozenset[str]]] = {4: {}, 6: {}}
         for addr, names in (peer_caps or {}).items():
             version, value = _addr_key(addr)
@@ -615,8 +636,9 @@ class PacketFilter:
     def from_netmap(cls, netmap: NetworkMap, *, extra_local: Iterable[PrefixLike] = (),
                     peerapi_port: int | None = None, strict: bool = False) -> PacketFilter:
         """The filter for a netmap: its rules, our node addresses (plus ``extra_local``,
-        e.g. routes we advertise) as local nets, and each node's ``CapMap`` keys as the
-        capabilities of its single-IP addresses (``cap:`` sources).
+        e.g. routes we advertise) as local nets, each node's ``CapMap`` keys as the
+        capabilities of its single-IP addresses (``cap:`` sources), and the allowed IPs of
+        jailed peers as jailed sources.
         """
         own: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
         for text in netmap.self_node.addresses or ():
@@ -635,10 +657,13 @@ class PacketFilter:
                     peer_caps[iface.ip] = names
 
         add_caps(own, netmap.self_node.cap_map)
+        jailed: list[PrefixLike] = []
         for peer in netmap.peers:
             add_caps(peer.addresses, peer.cap_map)
+            if peer.node.is_jailed:
+                jailed.extend(peer.allowed_ips)
         return cls.from_rules(netmap.packet_filter, local, peer_caps=peer_caps, peerapi_port=peerapi_port,
-                              strict=strict)
+                              jailed=jailed, strict=strict)
 
     # -- queries -------------------------------------------------------------------------
 
@@ -735,11 +760,13 @@ class PacketFilter:
                         return _A_TCP_NON_SYN
                     src = _from_bytes(src4, "big")
                     port = p[ihl + 2] << 8 | p[ihl + 3]
-                    if _match_port(self._rules4, proto, src, _from_bytes(dst, "big"), port, self._caps4.get(src)):
+                    jailed = self._jailed4 and _in_ranges(self._jailed4, src)
+                    if not jailed and _match_port(self._rules4, proto, src, _from_bytes(dst, "big"), port,
+                                                  self._caps4.get(src)):
                         return _A_TCP_RULE
                     if port == self._peerapi_port and dst in self._local4_hosts:
                         return _A_PEERAPI
-                    return _D_NO_RULE
+                    return _D_JAILED if jailed else _D_NO_RULE
                 if proto == _PROTO_UDP or proto == _PROTO_SCTP:
                     if flows:
                         # Addresses then ports: contiguous without IP options.
@@ -750,6 +777,8 @@ class PacketFilter:
                             flows.move_to_end(key)
                             return _A_FLOW
                     src = _from_bytes(src4, "big")
+                    if self._jailed4 and _in_ranges(self._jailed4, src):
+                        return _D_JAILED
                     if _match_port(self._rules4, proto, src, _from_bytes(dst, "big"), p[ihl + 2] << 8 | p[ihl + 3],
                                    self._caps4.get(src)):
                         return _A_UDP_RULE
@@ -759,12 +788,17 @@ class PacketFilter:
                     if avail >= 8 and ((icmp_type == 0 and p[ihl + 1] == 0) or icmp_type in _ICMP4_ERRORS):
                         return _A_ICMP_RESPONSE
                     src = _from_bytes(src4, "big")
+                    if self._jailed4 and _in_ranges(self._jailed4, src):
+                        return _D_JAILED
                     if _match_ip_only(self._rules4, src, _from_bytes(dst, "big"), self._caps4.get(src)):
                         return _A_ICMP_RULE
                     return _D_NO_RULE
                 if proto == _PROTO_TSMP:
                     return _A_TSMP
-                if _match_all_ports(self._rules4, proto, _from_bytes(src4, "big"), _from_bytes(dst, "big")):
+                src = _from_bytes(src4, "big")
+                if self._jailed4 and _in_ranges(self._jailed4, src):
+                    return _D_JAILED
+                if _match_all_ports(self._rules4, proto, src, _from_bytes(dst, "big")):
                     return _A_OTHER_RULE
                 return _D_OTHER_PROTOCOL
             if version == 6:
@@ -791,11 +825,13 @@ class PacketFilter:
                         return _A_TCP_NON_SYN
                     src = _from_bytes(src6, "big")
                     port = p[42] << 8 | p[43]
-                    if _match_port(self._rules6, proto, src, _from_bytes(dst, "big"), port, self._caps6.get(src)):
+                    jailed = self._jailed6 and _in_ranges(self._jailed6, src)
+                    if not jailed and _match_port(self._rules6, proto, src, _from_bytes(dst, "big"), port,
+                                                  self._caps6.get(src)):
                         return _A_TCP_RULE
                     if port == self._peerapi_port and dst in self._local6_hosts:
                         return _A_PEERAPI
-                    return _D_NO_RULE
+                    return _D_JAILED if jailed else _D_NO_RULE
                 if proto == _PROTO_UDP or proto == _PROTO_SCTP:
                     if flows:
                         key = p[8:44]
@@ -805,6 +841,8 @@ class PacketFilter:
                             flows.move_to_end(key)
                             return _A_FLOW
                     src = _from_bytes(src6, "big")
+                    if self._jailed6 and _in_ranges(self._jailed6, src):
+                        return _D_JAILED
                     if _match_port(self._rules6, proto, src, _from_bytes(dst, "big"), p[42] << 8 | p[43],
                                    self._caps6.get(src)):
                         return _A_UDP_RULE
@@ -814,12 +852,17 @@ class PacketFilter:
                     if plen >= 8 and ((icmp_type == 129 and p[41] == 0) or icmp_type in _ICMP6_ERRORS):
                         return _A_ICMP_RESPONSE
                     src = _from_bytes(src6, "big")
+                    if self._jailed6 and _in_ranges(self._jailed6, src):
+                        return _D_JAILED
                     if _match_ip_only(self._rules6, src, _from_bytes(dst, "big"), self._caps6.get(src)):
                         return _A_ICMP_RULE
                     return _D_NO_RULE
                 if proto == _PROTO_TSMP:
                     return _A_TSMP
-                if _match_all_ports(self._rules6, proto, _from_bytes(src6, "big"), _from_bytes(dst, "big")):
+                src = _from_bytes(src6, "big")
+                if self._jailed6 and _in_ranges(self._jailed6, src):
+                    return _D_JAILED
+                if _match_all_ports(self._rules6, proto, src, _from_bytes(dst, "big")):
                     return _A_OTHER_RULE
                 return _D_OTHER_PROTOCOL
             return _D_MALFORMED
@@ -1063,19 +1106,21 @@ class FilterState:
     def reject_for(self, packet: bytes | bytearray | memoryview) -> bytes | None:
         """The TSMP reject to send back for ``packet``, or None.
 
-        Only an IPv4 TCP SYN that the current filter drops for want of a rule gets one
-        (tailscaled 1.96.4 sends no others).  The packet is evaluated again, so this can be
+        Only an IPv4 TCP SYN that the current filter drops for want of a rule (or because
+        its source is jailed) gets one (tailscaled 1.96.4 sends no others).  The packet is evaluated again, so this can be
         called after :meth:`check_inbound` returned DROP.
         """
         result = self._filter.check_inbound(packet, None)
-        if result.reason is not Reason.NO_RULE:
+        if result is not _D_NO_RULE and result is not _D_JAILED:
             return None
-        return self._reject(packet if type(packet) is bytes else bytes(packet))
+        return self._reject(packet if type(packet) is bytes else bytes(packet), result is _D_JAILED)
 
-    def _reject(self, p: bytes) -> bytes | None:
+    def _reject(self, p: bytes, jailed: bool) -> bytes | None:
         reason = self._filter.reject_reason
         if reason is None or p[0] >> 4 != 4 or p[9] != _PROTO_TCP:
             return None
+        if jailed:
+            reason = RejectReason.SHIELDS_UP  # tailscaled filters jailed peers with a shields-up filter
         ihl = (p[0] & 0x0F) << 2
         self.rejects += 1
         # The target refuses: IP src = the flow's destination, IP dst = the flow's source.
@@ -1098,8 +1143,8 @@ class FilterState:
                 accepted.append(packet)
                 continue
             drops[result.reason] += 1
-            if result is _D_NO_RULE:
-                reject = self._reject(packet if type(packet) is bytes else bytes(packet))
+            if result is _D_NO_RULE or result is _D_JAILED:
+                reject = self._reject(packet if type(packet) is bytes else bytes(packet), result is _D_JAILED)
                 if reject is not None:
                     rejects.append(reject)
         self.accepted += len(accepted)
