@@ -1107,8 +1107,8 @@ class FilterState:
         """The TSMP reject to send back for ``packet``, or None.
 
         Only an IPv4 TCP SYN that the current filter drops for want of a rule (or because
-        its source is jailed) gets one (tailscaled 1.96.4 sends no others).  The packet is evaluated again, so this can be
-        called after :meth:`check_inbound` returned DROP.
+        its source is jailed) gets one (tailscaled 1.96.4 sends no others).  The packet is
+        evaluated again, so this can be called after :meth:`check_inbound` returned DROP.
         """
         result = self._filter.check_inbound(packet, None)
         if result is not _D_NO_RULE and result is not _D_JAILED:
