@@ -240,3 +240,13 @@ async def test_close_while_up_is_waiting(nursery):
             await srv.close()
     assert len(errors) == 1 and isinstance(errors[0], tsnet.NotRunningError), errors
     assert _no_system_tasks_left()
+
+
+async def test_advertise_tags(tailnet):
+    tailnet.set_policy('{"tagOwners": {"tag:web": ["autogroup:member"]}}')
+    srv = tailnet.node("tagged", advertise_tags=("tag:web",))
+    st = await srv.up(timeout=10)
+    assert st.self_node.tags == ("tag:web",)
+    await srv.close()
+    with pytest.raises(tsnet.ConfigError, match="not a tag"):
+        tsnet.Server(hostname="x", ephemeral=True, advertise_tags=("web",))
