@@ -250,3 +250,15 @@ async def test_advertise_tags(tailnet):
     await srv.close()
     with pytest.raises(tsnet.ConfigError, match="not a tag"):
         tsnet.Server(hostname="x", ephemeral=True, advertise_tags=("web",))
+
+
+async def test_fixed_udp_port_in_use(tailnet):
+    first = tailnet.node("p1")
+    await first.up(timeout=10)
+    port = first._driver.local_port()
+    second = tailnet.node("p2", port=port)
+    with pytest.raises(tsnet.ConfigError, match=f"UDP socket on 127.0.0.1:{port}"):
+        await second.up(timeout=10)
+    assert _no_system_tasks_left() is False  # the first node still runs
+    await first.close()
+    assert _no_system_tasks_left()

@@ -681,7 +681,11 @@ class Server:
             finally:
                 done.set()
 
-        scope = await nursery.start(run)
+        try:
+            scope = await nursery.start(run)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the UDP socket on {self.udp_bind}:{self.port}: {exc.strerror or exc} "
+                              f"(is another node using port {self.port}? port=0 picks a free one)") from None
         self._driver_scopes[driver] = (scope, done)
         return driver
 
