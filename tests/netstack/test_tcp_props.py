@@ -140,7 +140,10 @@ def _fault_from(pattern: list[int]):
 
 
 @settings(max_examples=_SCALE or 40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.sampled_from([0, 0, 0, 0, 0, 0, 1, 2, 3]), min_size=5, max_size=60),
+# At most 40% loss: heavier periodic loss can legitimately exhaust data_retries
+# (the connection then fails with ETIMEDOUT, which is not what this test is about).
+@given(st.lists(st.sampled_from([0, 0, 0, 0, 0, 0, 1, 2, 3]), min_size=5, max_size=60)
+       .filter(lambda pat: pat.count(1) * 5 <= len(pat) * 2),
        st.sampled_from([TCPOptions(), TCPOptions(sack=False), TCPOptions(timestamps=False, congestion="reno")]),
        st.integers(1, 200_000) | st.integers(50_000, 200_000))
 def test_random_loss_reorder_dup_delivers_exact_bytes(pattern: list[int], opts: TCPOptions, size: int) -> None:

@@ -991,15 +991,25 @@ class TCPConnection:
 
     # --- RTT / RTO ---
 
-    def _rtt_sample(self, r: float) -> None:
+    def _rtt_sample(self, r: float, per_ack: bool = False) -> None:
+        """RFC 6298 estimator. ``per_ack`` samples (timestamps give one per ACK) use gains
+        divided by the samples expected per RTT (RFC 7323 appendix G), so SRTT and
+        RTTVAR keep the memory of about one RTT as with one sample per flight."""
         if r < 0:
             return
         if self._srtt is None:
             self._srtt = r
             self._rttvar = r / 2
         else:
-            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - r)
-            self._srtt = 0.875 * self._srtt + 0.125 * r
+            alpha = 0.125
+            beta = 0.25
+            if per_ack:
+                expected = (self.snd_max - self.snd_una) // (2 * self.send_mss) + 1
+                if expected > 1:
+                    alpha /= expected
+                    beta /= expected
+            self._rttvar = (1 - beta) * self._rttvar + beta * abs(self._srtt - r)
+            self._srtt = (1 - alpha) * self._srtt + alpha * r
         self._rto = self._clamped_rto(self._srtt + max(_RTO_GRANULARITY, 4 * self._rttvar))
 
     def _update_stats(self) -> None:
@@ -1316,7 +1326,7 @@ class TCPConnection:
         if self.ts_ok and seg.has_ts and seg.tsecr:
             floor = self._ts_floor
             if floor is None or ((seg.tsecr - floor) & _M) < _HALF:
-                self._rtt_sample(((self._ts_now(now) - seg.tsecr) & _M) / _TS_HZ)
+                self._rtt_sample(((self._ts_now(now) - seg.tsecr) & _M) / _TS_HZ, True)
         elif self._rtt_seq is not None and ack >= self._rtt_seq:
             self._rtt_sample(now - self._rtt_time)
             self._rtt_seq = None
