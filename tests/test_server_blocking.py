@@ -117,3 +117,25 @@ async def test_blocking_facade(nursery, tmp_path):
     with trio.fail_after(60):
         await trio.to_thread.run_sync(_scenario, tailnet.url, key)
     assert not [n for n in tailnet.node_names() if n in ("web", "cli")]  # ephemeral: gone after close
+
+
+async def test_ephemeral_node_logs_out_when_a_script_just_ends(nursery, tmp_path):
+    """A script that starts a blocking ephemeral node and exits without close(): atexit logs it out."""
+    import os
+    import sys
+    from pathlib import Path
+
+    tailnet = await start_tailnet(nursery, tmp_path)
+    script = (
+        "from tsnet import blocking\n"
+        "srv = blocking.Server(hostname='script', ephemeral=True, udp_bind='127.0.0.1')\n"
+        "srv.up(timeout=20)\n"
+        "print('up', flush=True)\n"
+    )
+    env = dict(os.environ, TS_CONTROL_URL=tailnet.url, TS_AUTHKEY=tailnet.authkey(ephemeral=True),
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    with trio.fail_after(60):
+        result = await trio.run_process([sys.executable, "-c", script], env=env, capture_stdout=True,
+                                        capture_stderr=True)
+    assert result.stdout == b"up\n", result.stderr
+    assert "script" not in tailnet.node_names()  # gone at once, not after the ephemeral timeout

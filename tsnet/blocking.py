@@ -19,9 +19,11 @@ and asyncio (``asyncio.open_connection(sock=...)``) work unchanged::
 
 from __future__ import annotations
 
+import atexit
 import queue
 import socket
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -189,6 +191,15 @@ class PacketConn:
         self.close()
 
 
+def _close_at_exit(ref: weakref.ReferenceType[Server]) -> None:
+    server = ref()
+    if server is not None:
+        try:
+            server.close()
+        except Exception:  # exiting anyway
+            pass
+
+
 class Server:
     """Same settings and methods as :class:`tsnet.Server`, blocking, for non-trio programs.
 
@@ -210,6 +221,7 @@ class Server:
         self._stop: trio.Event | None = None
         self._error: BaseException | None = None
         self._closed = False
+        self._atexit_registered = False
 
     # --- plumbing -----------------------------------------------------------------------------------
 
@@ -263,7 +275,16 @@ class Server:
         self.close()
 
     def up(self, *, timeout: float = 60.0) -> _server.Status:
-        """Start the node and block until Running (same errors as :meth:`tsnet.Server.up`)."""
+        """Start the node and block until Running (same errors as :meth:`tsnet.Server.up`).
+
+        The node is also closed at interpreter exit if the program did not close it, so an
+        ephemeral node logs out (and leaves the tailnet at once) even when a script just ends.
+        """
+        self._ensure_loop()
+        if not self._atexit_registered:
+            self._atexit_registered = True
+            ref = weakref.ref(self)
+            atexit.register(_close_at_exit, ref)
         return self._call(self._server.up, timeout=timeout)
 
     def close(self) -> None:
