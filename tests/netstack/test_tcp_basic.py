@@ -354,3 +354,19 @@ def test_lossy_bidirectional_packets_fit_mtu() -> None:
         assert bytes(ab.received) == d1 and bytes(ba.received) == d2
         with_sack = [s for s in p.segments("ab") + p.segments("ba") if s.sack_blocks and len(s.payload)]
         assert with_sack  # data segments that also carried SACK blocks
+
+
+def test_send_and_shutdown_before_established() -> None:
+    p = Pair()
+    p.a.send(b"queued", p.now)
+    p.a.shutdown(p.now)
+    assert p.a.state == S.SYN_SENT
+    assert p.run(lambda: p.b is not None and p.b.state == S.CLOSE_WAIT, duration=5)
+    assert p.b.receive(100, p.now) == b"queued" and p.b.at_eof
+    assert p.run(lambda: p.a.state == S.FIN_WAIT_2, duration=5)
+
+
+def test_close_in_syn_sent_deletes_connection() -> None:
+    p = Pair()
+    p.a.close(p.now)
+    assert p.a.state == S.CLOSED and p.a.error is None and p.a.get_timer() is None

@@ -129,7 +129,6 @@ class TCPStats:
     ssthresh: int = 0
 
 
-
 class TCPConnection:
     """One connection. See the module docstring for the contract with the stack.
 
@@ -432,7 +431,11 @@ class TCPConnection:
         n = min(max_bytes, len(buf))
         if n <= 0:
             return b""
-        data = bytes(buf[:n]) if n < len(buf) else bytes(buf)
+        if n < len(buf):
+            with memoryview(buf) as mv:
+                data = bytes(mv[:n])
+        else:
+            data = bytes(buf)
         del buf[:n]  # bytearray drops a prefix without moving the rest (amortised O(1))
         self._rcv_space_copied += n
         self._autotune(now)
@@ -453,18 +456,13 @@ class TCPConnection:
         if st == TCPState.CLOSED:
             self._shut_wr = True
             return
-        if st == TCPState.SYN_SENT:
-            # Nothing was ever synchronised: just go away (RFC 9293 CLOSE in SYN-SENT).
-            self._shut_wr = True
-            self._enter_closed(None)
-            return
         self._shut_wr = True
         self._fin_seq = self._buf_seq + len(self._sndbuf)
-        if st in (TCPState.ESTABLISHED, TCPState.SYN_RECEIVED):
-            # SYN-RECEIVED: the FIN goes out once established (RFC 9293 §3.10.4).
-            if st == TCPState.ESTABLISHED:
-                self.state = TCPState.FIN_WAIT_1
-        elif st == TCPState.CLOSE_WAIT:
+        if st == TCPState.ESTABLISHED:
+            self.state = TCPState.FIN_WAIT_1
+        # In SYN-SENT / SYN-RECEIVED the FIN (after queued data) goes out once
+        # established (RFC 9293 §3.10.4 queues it); the state then is FIN-WAIT-1.
+        if st == TCPState.CLOSE_WAIT:
             self.state = TCPState.LAST_ACK
         if self._was_established:
             self._output(now)
@@ -474,6 +472,9 @@ class TCPConnection:
         arrives later) makes it reset the connection (RFC 9293 §3.6 / RFC 2525)."""
         self._app_closed = True
         if self.state == TCPState.CLOSED:
+            return
+        if self.state == TCPState.SYN_SENT:
+            self.abort(now)  # nothing synchronised: delete the connection (RFC 9293 §3.10.4)
             return
         if self._rcvbuf or self._ooo:
             self.abort(now)
