@@ -141,6 +141,13 @@ async def test_needs_login_without_auth_key(tailnet):
     assert info.value.login_url.startswith(tailnet.url)
     assert any(info.value.login_url in line for line in seen)
     assert srv.status().backend_state == "NeedsLogin"
+    assert srv.status().auth_url == info.value.login_url
+    # An administrator approves the login; the same node then comes up without an auth key.
+    token = info.value.login_url.rsplit("/", 1)[1]
+    assert tailnet.server.store.approve_pending(token)
+    tailnet.server.notify()
+    st = await srv.up(timeout=15)
+    assert st.backend_state == "Running" and st.auth_url is None and srv.tailscale_ips()
     await srv.close()
     assert _no_system_tasks_left()
 

@@ -345,6 +345,7 @@ class Server:
         self._up_event: trio.Event | None = None
         self._up_error: BaseException | None = None
         self._auth_url: str | None = None
+        self._reported_auth_url: str | None = None
         self._nursery: trio.Nursery | None = None
         self._client: Any = None
         self._driver: Any = None
@@ -418,7 +419,8 @@ class Server:
 
         Raises :class:`~tsnet.errors.AuthKeyError` (login refused), :class:`ControlUnreachableError`,
         :class:`UpTimeoutError` (not running after ``timeout`` s), :class:`NeedsLoginError` (no auth
-        key; visit ``.login_url``, then call ``up()`` again), :class:`StateDirInUseError`,
+        key; visit ``.login_url``, then call ``up()`` again, which waits for the approval),
+        :class:`StateDirInUseError`,
         :class:`NotRunningError` (already closed). After an error other than NeedsLogin and
         UpTimeout nothing of the node keeps running.
         """
@@ -436,7 +438,9 @@ class Server:
                     break
                 if self._closed or not self._task_running:
                     raise NotRunningError("the Server was closed while starting")
-                if self._state == "NeedsLogin" and self._auth_url:
+                if self._state == "NeedsLogin" and self._auth_url and self._auth_url != self._reported_auth_url:
+                    # Raised once per login URL; a later up() waits for the approval instead.
+                    self._reported_auth_url = self._auth_url
                     raise NeedsLoginError(
                         f"this node needs to be logged in: visit {self._auth_url} (or pass an auth key, "
                         f"e.g. TS_AUTHKEY), then call up() again", self._auth_url)
@@ -448,7 +452,9 @@ class Server:
         if self._state != "Running":
             raise UpTimeoutError(
                 f"node {self.hostname!r} not running after {timeout:g}s (state {self._state}; "
-                f"control {self.control_url}); check that the control server and DERP are reachable"
+                f"control {self.control_url}); "
+                + (f"the login at {self._auth_url} is not approved yet" if self._state == "NeedsLogin" else
+                   "check that the control server and DERP are reachable")
                 + (f"; health: {'; '.join(self._health.values())}" if self._health else ""))
         return self.status()
 
