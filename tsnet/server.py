@@ -580,6 +580,9 @@ class Server:
             if err is None:
                 self.log.exception("tsnet node failed")
                 err = TsnetError(f"node failed: {exc!r}")
+            elif self._state == "Running":
+                self.log.error("tsnet node stopped: %s", err)
+            self._health["node"] = f"node stopped: {err}"
             self._up_error = err
         finally:
             self._scope = None
