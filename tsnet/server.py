@@ -462,6 +462,7 @@ class Server:
         self._state = "Starting"
         self._started_at = trio.current_time()
         self._startup.clear()
+        self._health.clear()
         self._up_event = trio.Event()
         self._stopped = trio.Event()
         self._update_wanted = trio.Event()
