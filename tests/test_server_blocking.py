@@ -49,6 +49,10 @@ def _scenario(url: str, key: str) -> None:
 
         # http.server, unchanged, serving on a tailnet listener.
         ln = srv.listen("tcp", ":80")
+        assert ln.getsockname() == ("0.0.0.0", 80)
+        ephemeral = srv.listen("tcp", ":0")
+        assert ephemeral.getsockname()[1] > 0
+        ephemeral.close()
         httpd = http.server.HTTPServer(("127.0.0.1", 0), _Hello, bind_and_activate=False)
         httpd.socket.close()
         httpd.socket = ln

@@ -73,7 +73,7 @@ class Listener:
         return self._bell_r.fileno()
 
     def getsockname(self) -> tuple[str, int]:
-        """The address given to ``listen``."""
+        """``(host, port)`` we listen on (the chosen port when ``listen`` asked for port 0)."""
         return self._address
 
     def settimeout(self, timeout: float | None) -> None:
@@ -367,8 +367,8 @@ class Server:
         if network.startswith("udp"):
             return PacketConn(self, self._call(self._server.listen, network, address))
         tcp = self._call(self._server.listen, network, address)
-        host, port = _server._split_host_port(address)
-        listener = Listener(self, (host, port))
+        host, _port = _server._split_host_port(address)
+        listener = Listener(self, (host or "0.0.0.0", tcp.port))  # the real port, also for ":0"
 
         async def start() -> None:
             assert self._nursery is not None
