@@ -81,6 +81,7 @@ async def test_state_dir_in_use(tailnet, tmp_path):
     second = tailnet.node("two", ephemeral=False, state_dir=state)
     with pytest.raises(tsnet.StateDirInUseError, match="in use"):
         await second.up(timeout=10)
+    assert not second._task_running and second.status().backend_state == "Stopped"  # nothing left running
     assert first.status().backend_state == "Running"
     first_ips = first.tailscale_ips()
     await first.close()
