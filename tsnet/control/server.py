@@ -649,9 +649,10 @@ class ControlServer:
                 first = True
                 while True:
                     session.wake = trio.Event()
-                    current = self.store.node(node.id)
-                    if current is None or current.logged_out:
-                        break  # deleted or logged out: end the stream
+                    # Deleted or logged out: end the stream. The view (rebuilt once per change, which
+                    # every deletion/logout notifies) answers this without a query per session.
+                    if self._view().by_id.get(node.id) is None:
+                        break
                     msg = self._session_delta(session, first=first)
                     if msg is not None:
                         await self._write(resp, self._frame(msg, compress))
