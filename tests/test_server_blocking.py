@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import http.server
 import threading
-import time
 
 import trio
 
@@ -28,24 +27,13 @@ class _Hello(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.01)  # a blocking program polls; bounded by the deadline
-
-
 def _scenario(url: str, key: str) -> None:
     common = dict(control_url=url, auth_key=key, ephemeral=True, udp_bind="127.0.0.1")
     with blocking.Server(hostname="web", **common) as srv, blocking.Server(hostname="cli", **common) as cli:
         assert srv.status().backend_state == "Running" and srv.tailscale_ips()
 
-        def knows(n, name):
-            p = n.status().peer(name)
-            return p is not None and p.home_derp != 0
-
-        _wait_until(lambda: knows(cli, "web") and knows(srv, "cli"))
+        cli.wait_for_peer("web", timeout=10)
+        srv.wait_for_peer("cli", timeout=10)
 
         # http.server, unchanged, serving on a tailnet listener.
         ln = srv.listen("tcp", ":80")

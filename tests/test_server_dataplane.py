@@ -19,17 +19,12 @@ async def pair(nursery, tmp_path):
     await a.up(timeout=10)
     await b.up(timeout=10)
     # Each side must know the other before dialling by name.
-    await wait_for(lambda: _knows(a, "bravo") and _knows(b, "alpha"))
+    await a.wait_for_peer("bravo", timeout=10)  # event-driven: wakes on each netmap
+    await b.wait_for_peer("alpha", timeout=10)
     yield tailnet, a, b
     with trio.fail_after(10):
         await a.close()
         await b.close()
-
-
-def _knows(node, name):
-    """``node`` has ``name`` in its netmap with the home DERP region it reported."""
-    peer = node.status().peer(name)
-    return peer is not None and peer.home_derp != 0
 
 
 async def _echo_server(listener, nursery):
@@ -182,7 +177,8 @@ async def test_close_while_transfers_run(nursery, tmp_path):
     a, b = tailnet.node("sender"), tailnet.node("sink")
     await a.up(timeout=10)
     await b.up(timeout=10)
-    await wait_for(lambda: _knows(a, "sink") and _knows(b, "sender"))
+    await a.wait_for_peer("sink", timeout=10)
+    await b.wait_for_peer("sender", timeout=10)
     listener = await b.listen("tcp", ":7000")
     received = [0]
 

@@ -47,11 +47,8 @@ async def test_allowed_port_denied_port_and_outbound(nursery, tmp_path):
     await srv.up(timeout=10)
     await client.up(timeout=10)
 
-    def knows(n, name):
-        p = n.status().peer(name)
-        return p is not None and p.home_derp != 0
-
-    await wait_for(lambda: knows(srv, "client") and knows(client, "srv"))
+    await srv.wait_for_peer("client", timeout=10)
+    await client.wait_for_peer("srv", timeout=10)
     await _serve_hello(await srv.listen("tcp", ":8001"), nursery)
     await _serve_hello(await srv.listen("tcp", ":8002"), nursery)
 

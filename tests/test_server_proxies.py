@@ -9,7 +9,7 @@ import requests
 import trio
 
 import tsnet
-from tests.server_helpers import start_tailnet, wait_for
+from tests.server_helpers import start_tailnet
 
 
 async def _http_server(listener, nursery, body: bytes = b"hello from bravo") -> None:
@@ -44,11 +44,8 @@ async def pair(nursery, tmp_path):
     await a.up(timeout=10)
     await b.up(timeout=10)
 
-    def knows(n, name):
-        p = n.status().peer(name)
-        return p is not None and p.home_derp != 0
-
-    await wait_for(lambda: knows(a, "bravo") and knows(b, "alpha"))
+    await a.wait_for_peer("bravo", timeout=10)
+    await b.wait_for_peer("alpha", timeout=10)
     await _http_server(await b.listen("tcp", ":80"), nursery)
     yield a, b
     with trio.fail_after(10):
