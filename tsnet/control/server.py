@@ -122,7 +122,7 @@ class _Session:
     """One open map long-poll."""
 
     __slots__ = ("node_id", "wake", "scope", "sent_self", "sent_peers", "sent_filter", "sent_dns", "sent_derp",
-                 "sent_profiles", "sent_domain", "outbox", "synced_generation")
+                 "sent_profiles", "sent_domain", "outbox", "synced_generation", "self_source", "self_encoded")
 
     def __init__(self, node_id: int) -> None:
         self.node_id = node_id
@@ -138,6 +138,9 @@ class _Session:
         self.outbox: list[dict] = []  # one-off messages (PingRequest) to send next
         #: The view generation whose peers ``sent_peers`` matches (allow-all sessions only, else None).
         self.synced_generation: int | None = None
+        #: What the self node was last encoded from (record, domain, node attributes), and the encoding.
+        self.self_source: tuple | None = None
+        self.self_encoded: dict | None = None
 
 
 # Node fields a PeerChange can carry, by JSON name: Node name -> PeerChange name.
@@ -802,7 +805,15 @@ class ControlServer:
             peers = [n for n in live if n.id != me.id and can_see(me, n, live, logins)]
             peer_nodes = {n.id: view.peer_nodes[n.id] for n in peers}
             peer_users = {n.user_id for n in peers}
-        self_node = tailcfg.encode(self._tailcfg_node(me, view.now, is_self=True))
+        # The self node only depends on its record, the domain and the node attributes: re-encode it
+        # only when one of those changed (a peer's change fans out to every session).
+        source = (me, self.config.base_domain, self.config.node_attrs)
+        if session.self_source is not None and session.self_source == source:
+            self_node = dict(session.self_encoded)  # type: ignore[arg-type]
+        else:
+            self_node = tailcfg.encode(self._tailcfg_node(me, view.now, is_self=True))
+            session.self_source = (me, self.config.base_domain, dict(self.config.node_attrs))
+            session.self_encoded = dict(self_node)
         if self.config.attrs_for is not None:
             extra_attrs = self.config.attrs_for(me, live, logins)
             if extra_attrs:
