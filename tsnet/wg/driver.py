@@ -7,15 +7,17 @@ Tailscale's magicsock, which multiplexes disco/DERP/relay paths itself.
 I/O pattern (no task switch per packet):
 
 * one receive task waits for readability, then drains the socket with
-  non-blocking ``recvfrom_into`` until ``BlockingIOError`` (at most ``batch``
-  datagrams), feeds the batch to the device (``receive_datagrams``), then
+  :class:`tsnet.udpio.UDPReceiver` (``recvmsg`` with ``UDP_GRO``: one syscall may
+  return many coalesced datagrams) until ``BlockingIOError`` (at most ``batch``
+  datagrams, plus the rest of a coalesced buffer), feeds the batch to the device (``receive_datagrams``), then
   flushes ``datagrams_to_send`` once and dispatches packets and events (both
   ``packet_events`` modes of the device are supported);
 * the device's timer is a :class:`trio.CancelScope` deadline that every
   device interaction moves to ``get_timer()``, so timers need no polling and
   no extra wakeups;
 * :meth:`WireGuardUDP.send_packet` is synchronous: it encrypts and sends
-  immediately on the non-blocking socket. Only if the kernel's send buffer is
+  immediately on the non-blocking socket, through :class:`tsnet.udpio.UDPSender`
+  (consecutive datagrams to one endpoint leave in one ``UDP_SEGMENT`` send). Only if the kernel's send buffer is
   full are datagrams queued (bounded) for a writer task.
 
 Time is ``trio.current_time()`` everywhere, so tests can use ``trio.testing.MockClock``;
@@ -25,7 +27,6 @@ construct the device with ``now=trio.current_time()``.
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import math
 import socket
@@ -36,6 +37,7 @@ from typing import Any
 import trio
 
 from tsnet.key import NodePublic
+from tsnet.udpio import UDPReceiver, UDPSender
 from tsnet.wg.device import WireGuard
 from tsnet.wg.events import Event, PacketReceived
 
@@ -83,9 +85,16 @@ class DriverCounters:
     packets_delivered: int = 0
     packets_dropped_channel_full: int = 0  # nobody consumed the packet channel fast enough
     handler_errors: int = 0  # a callback raised; logged and ignored
+    send_syscalls: int = 0  # sendmsg/sendto calls (one UDP_SEGMENT send carries many datagrams)
+    receive_syscalls: int = 0  # recvmsg/recvfrom calls (one UDP_GRO receive may carry many datagrams)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def _short_v6_address(addr: tuple[Any, ...]) -> tuple[Any, ...]:
+    """(host, port, flowinfo, scope_id) -> (host, port) unless scoped."""
+    return addr if addr[3] else addr[:2]
 
 
 def _as_stdlib_socket(sock: Any) -> socket.socket:
@@ -151,6 +160,7 @@ class WireGuardUDP:
         self._on_packets = on_packets
         self._sock = open_udp_socket(*bind) if sock is None else _as_stdlib_socket(sock)
         self._sock.setblocking(False)
+        self._sender, self._receiver = self._socket_io(self._sock)
         self._on_packet = on_packet
         self._on_event = on_event
         self._batch = batch
@@ -209,6 +219,7 @@ class WireGuardUDP:
         new = _as_stdlib_socket(sock)
         new.setblocking(False)
         old, self._sock = self._sock, new
+        self._sender, self._receiver = self._socket_io(new)
         trio.lowlevel.notify_closing(old)  # wakes the receive task, which then picks up the new socket
         old.close()
 
@@ -235,6 +246,12 @@ class WireGuardUDP:
 
     # -- internals ----------------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _socket_io(sock: socket.socket) -> tuple[UDPSender, UDPReceiver]:
+        # IPv6 sources become (host, port) unless scoped (link-local), so they compare equal to configured endpoints.
+        short = _short_v6_address if sock.family == socket.AF_INET6 else None
+        return UDPSender(sock), UDPReceiver(sock, map_address=short)
+
     def _after_device_call(self, now: float) -> None:
         """Send what the device produced, dispatch its events, move the timer deadline."""
         self._flush(now)
@@ -256,20 +273,19 @@ class WireGuardUDP:
         if self._send_queue:
             self._enqueue(out)  # keep order behind what is already waiting
             return
-        sock = self._sock
-        sent = 0
-        for i, (data, addr) in enumerate(out):
-            try:
-                sock.sendto(data, addr)
-                sent += 1
-            except BlockingIOError:
-                self._enqueue(out[i:])
-                break
-            except (OSError, TypeError, ValueError) as exc:
-                # Unreachable destination, wrong family, malformed address: drop this one, keep going.
-                self.counters.send_errors += 1
-                log.debug("wg driver: send to %r failed: %s", addr, exc)
-        self.counters.datagrams_sent += sent
+        sender = self._sender
+        counters = self.counters
+        syscalls = sender.syscalls
+        stop, errors = sender.send(out)
+        counters.send_syscalls += sender.syscalls - syscalls
+        counters.datagrams_sent += stop - len(errors)
+        if errors:
+            # Unreachable destination, wrong family, malformed address: dropped, the rest went on.
+            counters.send_errors += len(errors)
+            for i, exc in errors:
+                log.debug("wg driver: send to %r failed: %s", out[i][1], exc)
+        if stop < len(out):
+            self._enqueue(out[stop:])  # kernel buffer full
 
     def _enqueue(self, items: list[tuple[bytes | bytearray, Any]]) -> None:
         for item in items:
@@ -335,8 +351,6 @@ class WireGuardUDP:
             log.exception("wg driver: packet batch handler failed")
 
     async def _receive_loop(self) -> None:
-        buf = bytearray(RECV_BUFFER_SIZE)
-        view = memoryview(buf)
         device = self.device
         counters = self.counters
         batch_size = self._batch
@@ -349,27 +363,13 @@ class WireGuardUDP:
                     return
                 continue  # replaced by replace_socket(); wait on the new one
             now = trio.current_time()
-            v6 = sock.family == socket.AF_INET6
-            drained = False
-            batch: list[tuple[bytes, Any]] = []
-            recv = sock.recvfrom_into
-            while len(batch) < batch_size:
-                try:
-                    n, addr = recv(buf)
-                except BlockingIOError:
-                    drained = True
-                    break
-                except OSError as exc:
-                    if exc.errno == errno.EBADF:
-                        drained = True
-                        break
-                    counters.receive_errors += 1
-                    continue
-                if v6 and not addr[3]:
-                    # (host, port, flowinfo, scope_id) -> (host, port): endpoints compare equal to configured ones.
-                    addr = addr[:2]
-                # A copy of n bytes: the device may keep the data (staging, events) beyond this call.
-                batch.append((bytes(view[:n]), addr))
+            receiver = self._receiver
+            syscalls, errors = receiver.syscalls, receiver.errors
+            # Datagrams are bytes or views of immutable bytes: the device may keep them (staging, events).
+            batch: list[tuple[Any, Any]] = []
+            drained = receiver.receive(batch, batch_size)
+            counters.receive_syscalls += receiver.syscalls - syscalls
+            counters.receive_errors += receiver.errors - errors
             if batch:
                 counters.datagrams_received += len(batch)
                 counters.receive_batches += 1
@@ -412,14 +412,16 @@ class WireGuardUDP:
                     if self._closed:
                         return
                     continue
-                while self._send_queue:
-                    data, addr = self._send_queue[0]
-                    try:
-                        sock.sendto(data, addr)
-                    except BlockingIOError:
-                        break
-                    except (OSError, TypeError, ValueError):
-                        self.counters.send_errors += 1
-                    else:
-                        self.counters.datagrams_sent += 1
-                    self._send_queue.popleft()
+                queue = self._send_queue
+                while queue:
+                    items = list(queue)
+                    sender = self._sender
+                    syscalls = sender.syscalls
+                    stop, errors = sender.send(items)
+                    self.counters.send_syscalls += sender.syscalls - syscalls
+                    self.counters.send_errors += len(errors)
+                    self.counters.datagrams_sent += stop - len(errors)
+                    for _ in range(stop):
+                        queue.popleft()
+                    if stop < len(items):
+                        break  # still full: wait for writability again
