@@ -73,8 +73,15 @@ class Pair:
     def __init__(self, *, a_options: TCPOptions = TCPOptions(), b_options: TCPOptions = TCPOptions(),
                  delay: float = 0.010, v6: bool = False, fault: Fault | None = None,
                  listen: bool = True, simultaneous: bool = False, start: float = 1000.0,
-                 a_iss: int = 1000, b_iss: int = 50000, ts_offsets: tuple[int, int] = (7, 99)) -> None:
+                 a_iss: int = 1000, b_iss: int = 50000, ts_offsets: tuple[int, int] = (7, 99),
+                 rate: float | None = None, queue_limit: int | None = None) -> None:
         self.now = start
+        # Optional A->B bottleneck: ``rate`` bytes/s through a FIFO holding at most
+        # ``queue_limit`` bytes (drop-tail), so RTT grows as the queue fills.
+        self.rate = rate
+        self.queue_limit = queue_limit
+        self.queue_drops = 0
+        self._link_free = start
         self.delay = delay
         self.fault = fault
         self.listen = listen
@@ -118,8 +125,16 @@ class Pair:
                 self.sent_count[direction] += 1
                 delays = self.fault(direction, seg, idx) if self.fault else [0.0]
                 for extra in delays:
+                    base = self.now
+                    if direction == "ab" and self.rate:
+                        start = max(self.now, self._link_free)
+                        if self.queue_limit is not None and (start - self.now) * self.rate > self.queue_limit:
+                            self.queue_drops += 1
+                            continue
+                        self._link_free = start + len(pkt) / self.rate
+                        base = self._link_free
                     self._order += 1
-                    heapq.heappush(self._heap, _InFlight(self.now + self.delay + extra, self._order, direction, pkt))
+                    heapq.heappush(self._heap, _InFlight(base + self.delay + extra, self._order, direction, pkt))
 
     def _deliver(self, item: _InFlight) -> None:
         p, seg = parse_packet(item.pkt)

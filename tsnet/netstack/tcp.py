@@ -123,6 +123,7 @@ class TCPStats:
     timeouts: int = 0
     dropped: int = 0  # unacceptable / malformed segments
     challenge_acks: int = 0
+    lost_retransmits: int = 0  # retransmissions detected lost during SACK recovery (added)
     srtt: float | None = None
     rto: float = 1.0
     cwnd: int = 0
@@ -146,7 +147,7 @@ class TCPConnection:
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "max_snd_wnd",
         "_sndbuf", "_buf_seq", "_fin_seq", "_shut_wr", "_app_closed",
         "snd_wscale", "rcv_wscale", "_ws_ok", "sack_ok", "ts_ok", "_our_mss", "_peer_mss", "send_mss",
-        "_cc", "_dupacks", "_in_recovery", "_recover", "_high_rxt", "_sacked", "_sacked_bytes",
+        "_cc", "_dupacks", "_in_recovery", "_recover", "_rto_recover", "_rxt_mark", "_high_rxt", "_sacked", "_sacked_bytes",
         # receive side
         "irs", "rcv_nxt", "rcv_adv", "_rcvbuf", "recv_buffer_size", "_ooo", "_ooo_stamp",
         "_ooo_fin", "_dsack", "_fin_received", "_rcv_full", "_unacked_segs", "_ack_now", "_last_ack_sent",
@@ -237,6 +238,11 @@ class TCPConnection:
         self._dupacks = 0
         self._in_recovery = False
         self._recover = iss
+        # After an RTO, duplicate ACKs caused by the go-back-N resend of data the peer
+        # already had must not start a fast retransmit until everything sent before
+        # the timeout is acknowledged (RFC 6582 §4.1 "recover", strictly above).
+        self._rto_recover = iss
+        self._rxt_mark = iss  # SND.MAX when we last retransmitted in recovery
         self._high_rxt = iss
         self._sacked: list[list[int]] = []  # SACK scoreboard: sorted disjoint [start, end) above snd_una
         self._sacked_bytes = 0
@@ -963,6 +969,7 @@ class TCPConnection:
                 used = self._send_data(seq, min(seg_max, room), now, opts, wnd)
                 self.stats.retransmits += 1
                 self._high_rxt = seq + used
+                self._rxt_mark = self.snd_max
                 self._rtt_seq = None  # Karn
             else:
                 if room <= 0 and seq < self._buf_seq + len(self._sndbuf):
@@ -985,6 +992,7 @@ class TCPConnection:
         self._in_recovery = True
         self._recover = self.snd_max
         self._high_rxt = self.snd_una
+        self._rxt_mark = self.snd_max
         self.stats.fast_retransmits += 1
         self._rtt_seq = None
         if self.sack_ok:
@@ -1277,6 +1285,14 @@ class TCPConnection:
         sack_new = False
         if seg.sack_blocks and self.sack_ok:
             sack_new = self._sack_add(seg.sack_blocks)
+            if sack_new and self._in_recovery and self._high_rxt > self.snd_una and self._sacked \
+                    and self._sacked[-1][1] > self._rxt_mark + (_DUPTHRESH - 1) * self.send_mss:
+                # Data sent after our last retransmission is being SACKed while a
+                # retransmitted hole is still open: on a FIFO path that retransmission
+                # was lost too. Make the holes eligible again instead of waiting for the RTO.
+                self._high_rxt = self.snd_una
+                self._rxt_mark = self.snd_max
+                self.stats.lost_retransmits += 1
         cc = self._cc
         if ack > una:
             self._ack_new(seg, ack, now)
@@ -1295,13 +1311,15 @@ class TCPConnection:
                     self._enter_closed(None)
                     return False
         elif ack == una and self.snd_max > una and not len(seg.payload) and not seg.flags & (FIN | SYN) \
-                and (not window_changed or sack_new):
-            # Duplicate ACK.
+                and (not window_changed or sack_new) \
+                and not (seg.sack_blocks and _unwrap(seg.sack_blocks[0][1], una) <= una):
+            # Duplicate ACK (one reporting a D-SACK is the echo of a needless
+            # retransmission, not a sign of loss: RFC 2883).
             self._dupacks += 1
             if self._in_recovery:
                 if not self.sack_ok:
                     cc.cwnd += self.send_mss  # NewReno window inflation
-            elif una >= self._recover and self._persist_deadline is None:
+            elif una >= self._recover and una > self._rto_recover and self._persist_deadline is None:
                 lost = self.sack_ok and self._sacked_bytes > (_DUPTHRESH - 1) * self.send_mss
                 if self._dupacks >= _DUPTHRESH or lost:
                     self._enter_recovery(now)
@@ -1337,12 +1355,15 @@ class TCPConnection:
         self._progress_time = now
         self._persist_backoff = 0
         # RTT sample: timestamps (RFC 7323 RTTM) or the one timed segment (Karn's rule).
+        rtt = None
         if self.ts_ok and seg.has_ts and seg.tsecr:
             floor = self._ts_floor
             if floor is None or ((seg.tsecr - floor) & _M) < _HALF:
-                self._rtt_sample(((self._ts_now(now) - seg.tsecr) & _M) / _TS_HZ, True)
+                rtt = ((self._ts_now(now) - seg.tsecr) & _M) / _TS_HZ
+                self._rtt_sample(rtt, True)
         elif self._rtt_seq is not None and ack >= self._rtt_seq:
-            self._rtt_sample(now - self._rtt_time)
+            rtt = now - self._rtt_time
+            self._rtt_sample(rtt)
             self._rtt_seq = None
         if self._sacked:
             self._sack_trim()
@@ -1365,6 +1386,12 @@ class TCPConnection:
                 cc.cwnd = max(cw, self.send_mss)
         else:
             self._dupacks = 0
+            hs = cc.hystart
+            if hs is not None and cc.cwnd < cc.ssthresh:
+                hs.on_ack(ack, self.snd_nxt, rtt)
+                if hs.exit_to_ca:
+                    hs.exit_to_ca = False
+                    cc.ssthresh = cc.cwnd  # HyStart++: slow start ends here, without a loss
             cc.on_ack(acked, now, self._srtt)
         # Restart the retransmission timer (RFC 6298 5.3) or stop it.
         if self.snd_max > ack:
@@ -1580,14 +1607,20 @@ class TCPConnection:
             self.stats.retransmits += 1
         else:
             flight = self.snd_max - self.snd_una
-            if self._retries == 1:
-                self._cc.on_timeout(flight, now)
+            cc = self._cc
+            if self._retries == 1 and not self._in_recovery:
+                cc.on_timeout(flight, now)
             else:
-                self._cc.cwnd = self.send_mss
+                # Backed-off timeouts, or a timeout ending a fast recovery that already
+                # reduced ssthresh for this loss episode: do not reduce it again.
+                cc.cwnd = self.send_mss
+                if cc.hystart is not None:
+                    cc.hystart.reset()
             # Go back N from SND.UNA; SACK state is discarded (the peer may renege).
             self._in_recovery = False
             self._dupacks = 0
             self._recover = self.snd_max
+            self._rto_recover = self.snd_max
             self._sacked.clear()
             self._sacked_bytes = 0
             self.snd_nxt = self.snd_una
