@@ -8,8 +8,10 @@
   use, home region marked preferred); received packets go to
   :meth:`~MagicSock.receive_derp`.
 * The core's timer is a cancel-scope deadline moved after every core call.
-* Sends are synchronous (``sendto`` on the non-blocking socket; a full kernel
-  buffer drops the datagram, as UDP may).
+* Sends are synchronous (:class:`tsnet.udpio.UDPSender` on the non-blocking
+  socket: consecutive datagrams to one destination leave in one ``UDP_SEGMENT``
+  send; a full kernel buffer drops the rest of that socket's batch, as UDP may).
+  Readers drain with :class:`tsnet.udpio.UDPReceiver` (``UDP_GRO``).
 
 ``on_packet(peer, ip_packet)`` receives decrypted packets; ``on_event(event)``
 receives :class:`~tsnet.magicsock.conn.EndpointsChanged`,
@@ -41,6 +43,7 @@ from tsnet.magicsock.conn import EndpointsChanged, HomeDerpChanged, MagicSock, M
 from tsnet.relay.driver import open_udp_socket as open_relay_socket
 from tsnet.relay.driver import serve_relay
 from tsnet.relay.server import RelayServer
+from tsnet.udpio import UDPReceiver, UDPSender
 
 __all__ = ["MagicSockDriver", "derp_nodes_from_map", "interface_addresses"]
 
@@ -161,7 +164,10 @@ class MagicSockDriver:
         self._running = trio.Event()
         self._addr_cache: dict[tuple[Any, ...], AddrPort] = {}
         self.counters = {"udp_received": 0, "udp_sent": 0, "udp_send_dropped": 0, "udp_send_errors": 0,
-                         "derp_received": 0, "derp_sent": 0, "derp_send_dropped": 0, "receive_batches": 0}
+                         "derp_received": 0, "derp_sent": 0, "derp_send_dropped": 0, "receive_batches": 0,
+                         "udp_send_syscalls": 0, "udp_receive_syscalls": 0, "udp_receive_errors": 0}
+        self._senders: dict[int, UDPSender] = {}
+        self._sockaddr_cache: dict[AddrPort, tuple[str, int]] = {}
 
     # --- public API -------------------------------------------------------------
 
@@ -322,20 +328,17 @@ class MagicSockDriver:
         return ap
 
     async def _reader(self, sock: socket.socket) -> None:
-        recvfrom = sock.recvfrom
+        # Sources are mapped to AddrPort once per receive syscall (a GRO buffer shares one source).
+        receiver = UDPReceiver(sock, map_address=self._addr)
+        counters = self.counters
         while True:
             await trio.lowlevel.wait_readable(sock)
-            batch = []
-            for _ in range(self.batch):
-                try:
-                    data, addr = recvfrom(65535)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    # ICMP errors surface here on Linux (ECONNREFUSED etc.): not fatal.
-                    log.debug("magicsock: recv error %s", exc)
-                    continue
-                batch.append((data, self._addr(addr)))
+            batch: list[tuple[Any, AddrPort]] = []
+            syscalls, errors = receiver.syscalls, receiver.errors
+            receiver.receive(batch, self.batch)
+            counters["udp_receive_syscalls"] += receiver.syscalls - syscalls
+            # ICMP errors surface as failed receives on Linux (ECONNREFUSED etc.): counted, not fatal.
+            counters["udp_receive_errors"] += receiver.errors - errors
             if not batch:
                 continue
             self.counters["udp_received"] += len(batch)
@@ -363,24 +366,47 @@ class MagicSockDriver:
             self.core.handle_timer(trio.current_time())
             self._pump()
 
+    def _send_udp(self, datagrams: list[tuple[bytes | bytearray, AddrPort]]) -> None:
+        """Send the core's datagrams, one batched send per address family."""
+        counters = self.counters
+        cache = self._sockaddr_cache
+        by_family: dict[int, tuple[list[tuple[bytes | bytearray, tuple[str, int]]], list[AddrPort]]] = {}
+        for payload, dest in datagrams:
+            sockaddr = cache.get(dest)
+            if sockaddr is None:
+                if len(cache) > 4096:
+                    cache.clear()
+                sockaddr = cache[dest] = (str(dest.ip), dest.port)
+            fam = 6 if dest.ip.version == 6 else 4
+            group = by_family.get(fam)
+            if group is None:
+                group = by_family[fam] = ([], [])
+            group[0].append((payload, sockaddr))
+            group[1].append(dest)
+        for fam, (items, dests) in by_family.items():
+            sock = self.sockets.get(fam)
+            if sock is None:
+                counters["udp_send_dropped"] += len(items)
+                continue
+            sender = self._senders.get(fam)
+            if sender is None or sender.sock is not sock:
+                sender = self._senders[fam] = UDPSender(sock)
+            syscalls = sender.syscalls
+            stop, errors = sender.send(items)
+            counters["udp_send_syscalls"] += sender.syscalls - syscalls
+            counters["udp_sent"] += stop - len(errors)
+            counters["udp_send_dropped"] += len(items) - stop  # kernel buffer full
+            for i, exc in errors:
+                counters["udp_send_errors"] += 1
+                if getattr(exc, "errno", None) in _UNREACHABLE:
+                    self.core.note_udp_unreachable(dests[i], trio.current_time())
+
     def _pump(self) -> None:
         """Carry out everything the core queued, then re-arm the timer."""
         core = self.core
-        socks = self.sockets
-        for payload, dest in core.take_udp():
-            sock = socks.get(6 if dest.ip.version == 6 else 4)
-            if sock is None:
-                self.counters["udp_send_dropped"] += 1
-                continue
-            try:
-                sock.sendto(payload, (str(dest.ip), dest.port))
-                self.counters["udp_sent"] += 1
-            except BlockingIOError:
-                self.counters["udp_send_dropped"] += 1
-            except OSError as exc:
-                self.counters["udp_send_errors"] += 1
-                if exc.errno in _UNREACHABLE:
-                    core.note_udp_unreachable(dest, trio.current_time())
+        udp = core.take_udp()
+        if udp:
+            self._send_udp(udp)
         if self._running.is_set():
             for region, dst, payload in core.take_derp():
                 try:
