@@ -53,22 +53,39 @@ class BadSegment(ValueError):
     """Malformed TCP header or options."""
 
 
+_HDR_TS = struct.Struct("!HHIIBBHHHIII")  # header + the usual aligned timestamp option
+_TS_LAYOUT = 0x0101080A  # NOP NOP kind=8 len=10, the layout nearly every stack sends
+_new_segment = object.__new__
+
+
 def parse(data: memoryview) -> Segment:
     """Parse a TCP segment (checksum already verified by the caller)."""
-    if len(data) < 20:
+    n = len(data)
+    if n < 20:
         raise BadSegment("short TCP header")
-    seg = Segment()
-    sport, dport, seq, ack, off, flags, window, _ck, _urg = HEADER.unpack_from(data)
-    hlen = (off >> 4) * 4
-    if hlen < 20 or hlen > len(data):
+    hlen = (data[12] >> 4) * 4
+    if hlen < 20 or hlen > n:
         raise BadSegment("bad data offset")
-    seg.sport = sport
-    seg.dport = dport
-    seg.seq = seq
-    seg.ack = ack
-    seg.flags = flags
-    seg.window = window
+    # Built without __init__ (this runs for every packet): every slot is set here.
+    seg = _new_segment(Segment)
+    seg.mss = None
+    seg.wscale = None
+    seg.sack_permitted = False
+    seg.sack_blocks = None
     seg.payload = data[hlen:]
+    if hlen == 32:
+        seg.sport, seg.dport, seg.seq, seg.ack, _off, seg.flags, seg.window, _ck, _urg, layout, tsval, tsecr = \
+            _HDR_TS.unpack_from(data)
+        if layout == _TS_LAYOUT:
+            seg.has_ts = True
+            seg.tsval = tsval
+            seg.tsecr = tsecr
+            return seg
+    else:
+        seg.sport, seg.dport, seg.seq, seg.ack, _off, seg.flags, seg.window, _ck, _urg = HEADER.unpack_from(data)
+    seg.has_ts = False
+    seg.tsval = 0
+    seg.tsecr = 0
     if hlen > 20:
         _parse_options(seg, data[20:hlen])
     return seg
