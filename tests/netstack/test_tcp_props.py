@@ -160,3 +160,36 @@ def test_random_loss_reorder_dup_delivers_exact_bytes(pattern: list[int], opts: 
     assert hashlib.sha256(pump.received).digest() == hashlib.sha256(data).digest()
     assert bytes(back.received) == data[: size // 3]
     assert p.a.internal_errors == 0 and p.b.internal_errors == 0
+
+
+@settings(max_examples=_SCALE or 300, deadline=None)
+@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFF),
+       st.integers(0, 0xFFFF), st.sampled_from(["none", "ts", "syn", "sack", "ts+sack", "junk"]),
+       st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF), st.binary(max_size=40), st.binary(max_size=64))
+def test_parse_matches_what_was_built(port: int, seq: int, ack: int, flags: int, window: int, kind: str,
+                                      tsval: int, tsecr: int, junk: bytes, payload: bytes) -> None:
+    opts = {
+        "none": b"",
+        "ts": tcp_wire.ts_option(tsval, tsecr),
+        "syn": tcp_wire.syn_options(1240, 7, True, (tsval, tsecr)),
+        "sack": tcp_wire.sack_option([(seq, ack)]),
+        "ts+sack": tcp_wire.ts_option(tsval, tsecr) + tcp_wire.sack_option([(seq, ack), (ack, seq)]),
+        "junk": junk[: len(junk) // 4 * 4],
+    }[kind]
+    try:
+        seg = segment(port, 80, seq, ack, flags, window, payload, opts)
+    except tcp_wire.BadSegment:
+        assert kind == "junk"
+        return
+    assert (seg.sport, seg.dport, seg.seq, seg.ack, seg.flags, seg.window) == (port, 80, seq, ack, flags, window)
+    assert bytes(seg.payload) == payload
+    if kind in ("ts", "syn", "ts+sack"):
+        assert seg.has_ts and (seg.tsval, seg.tsecr) == (tsval, tsecr)
+    elif kind in ("none", "sack"):
+        assert not seg.has_ts and seg.tsval == seg.tsecr == 0
+    if kind == "syn":
+        assert seg.mss == 1240 and seg.wscale == 7 and seg.sack_permitted
+    if kind == "sack":
+        assert seg.sack_blocks == [(seq, ack)]
+    if kind == "ts+sack":
+        assert seg.sack_blocks == [(seq, ack), (ack, seq)]
