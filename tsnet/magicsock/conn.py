@@ -52,6 +52,7 @@ from tsnet.magicsock.discorecv import RELAY_CAPABLE_CAP_VERSION, DiscoPeer, Disc
 from tsnet.magicsock.endpoint import (
     Action,
     BestPathChanged,
+    CliPongReceived,
     DerpPath,
     PeerEndpoint,
     SendCallMeMaybe,
@@ -76,6 +77,7 @@ __all__ = [
     "EndpointsChanged",
     "HomeDerpChanged",
     "PathChanged",
+    "DiscoPingResult",
     "MagicSockEvent",
     "MagicSock",
     "peers_from_netmap",
@@ -88,6 +90,18 @@ ENDPOINTS_FRESH_ENOUGH = 27.0
 RESTUN_MIN, RESTUN_MAX = 20.0, 26.0
 #: A CallMeMaybe waits at most this long for a re-STUN before going out anyway.
 CMM_MAX_WAIT = 3.0
+#: A handshake initiation held for a peer without a path (or received over DERP from a
+#: node not in our netmap yet) is worth sending/replaying only this long: WireGuard
+#: sends a fresh one after REKEY_TIMEOUT (5 s) anyway.
+HELD_INITIATION_MAX_AGE = 5.0
+#: Initiations from unknown DERP senders kept for replay (the newest per sender).
+UNKNOWN_INITIATIONS_MAX = 16
+#: A disco message from a peer re-sends our unanswered initiation at once, if it went
+#: out at least this long ago (which also limits the re-sends to one per second).
+HANDSHAKE_RETRY_AFTER = 1.0
+#: User-requested pings whose answers are still awaited (the oldest are forgotten beyond).
+MAX_CLI_PINGS = 256
+_INITIATION_SIZE = 148
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -183,7 +197,33 @@ class PathChanged:
     reason: str
 
 
-MagicSockEvent = EndpointsChanged | HomeDerpChanged | PathChanged
+@dataclass(frozen=True, slots=True)
+class DiscoPingResult:
+    """The first pong to a user-requested disco ping (:meth:`MagicSock.ping`).
+
+    ``kind`` is ``direct``, ``peer-relay`` or ``derp``: the path the answered ping
+    took; ``addr`` is ``ip:port`` (direct) or ``ip:port:vni:N`` (relay), None for
+    DERP; ``derp_region`` is set for DERP only. ``latency`` is the round trip in
+    seconds; ``pong_src`` our address as the peer saw it.
+    """
+
+    request: int
+    peer: NodePublic
+    kind: str
+    addr: str | None
+    derp_region: int | None
+    latency: float
+    pong_src: AddrPort
+
+    @property
+    def path(self) -> str:
+        """``direct 127.0.0.1:41641``, ``peer-relay 10.0.0.5:7000:vni:3`` or ``derp region 900``."""
+        if self.kind == "derp":
+            return f"derp region {self.derp_region}"
+        return f"{self.kind} {self.addr}"
+
+
+MagicSockEvent = EndpointsChanged | HomeDerpChanged | PathChanged | DiscoPingResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +241,9 @@ class _Peer:
     last_change: float | None = None
     #: UDP sources seen for this peer (proved by disco or by WireGuard decryption)
     sources: set[UDPPath] = field(default_factory=set)
+    #: our latest handshake initiation to it, produced while it had no path (sent when one appears)
+    held_initiation: bytes | None = None
+    held_at: float = 0.0
 
 
 def _sockaddr_family(addr: AddrPort) -> int:
@@ -275,6 +318,12 @@ class MagicSock:
         self._prober: StunProber | None = None
         self._next_stun: float | None = None
         self._pending_cmm: dict[tuple[NodePublic, int], float] = {}
+        #: sender -> (region, initiation, when): handshakes from nodes not in our netmap yet
+        self._unknown_initiations: dict[NodePublic, tuple[int, bytes, float]] = {}
+        #: user-requested pings: request -> its TxIDs, and TxID -> request
+        self._cli_requests: dict[int, list[bytes]] = {}
+        self._cli_txs: dict[bytes, int] = {}
+        self._cli_seq = 0
         self.counters: dict[str, int] = {}
 
     # --- counters -------------------------------------------------------------
@@ -307,6 +356,7 @@ class MagicSock:
             del self.peers[key]
             self.wg.remove_peer(key)
             log.info("magicsock: peer %s removed", key.short())
+        added: list[_Peer] = []
         for key, cfg in new.items():
             st = self.peers.get(key)
             if st is None:
@@ -315,12 +365,15 @@ class MagicSock:
                 st = self.peers[key] = _Peer(cfg, ep)
                 self.wg.add_peer(key, endpoint=key)
                 actions = ep.update_from_netmap(cfg.endpoints, now)
+                added.append(st)
             else:
                 st.config = cfg
                 actions = st.ep.update_from_netmap(cfg.endpoints, now, disco_key=cfg.disco_key,
                                                    home_derp=cfg.home_derp,
                                                    relay_capable=cfg.cap >= RELAY_CAPABLE_CAP_VERSION)
             self._do(st, actions, now)
+            if st.held_initiation is not None:
+                self._release_held(st, now)  # e.g. control just told us its home DERP region
         self.disco.set_peers(DiscoPeer(p.node_key, p.disco_key, p.cap) for p in new.values() if p.disco_key)
         routes: dict[IPAddress, NodePublic] = {}
         prefixes: list[tuple[IPNetwork, NodePublic]] = []
@@ -333,6 +386,30 @@ class MagicSock:
         prefixes.sort(key=lambda x: -x[0].prefixlen)  # longest prefix first
         self._routes, self._prefix_routes = routes, prefixes
         self._update_relay_servers()
+        if self._unknown_initiations:
+            for st in added:
+                self._replay_unknown_initiation(st, now)
+
+    def _replay_unknown_initiation(self, st: _Peer, now: float) -> None:
+        """A new peer's handshake reached us over DERP before control told us about it: answer it now.
+
+        Two nodes coming up together each learn of the other at a different moment;
+        without this the initiator would wait REKEY_TIMEOUT (5 s) for its retry. The
+        WireGuard core authenticates the replayed initiation as if it had just arrived.
+        """
+        key = st.config.node_key
+        held = self._unknown_initiations.pop(key, None)
+        if held is None:
+            return
+        region, data, at = held
+        if now - at > HELD_INITIATION_MAX_AGE:
+            self._count("wg_initiation_replay_expired")
+            return
+        self._count("wg_initiation_replayed")
+        if not st.ep.last_derp_region_heard:
+            st.ep.last_derp_region_heard = region
+        self.wg.receive_datagram(data, _DerpSource(region, key), now)
+        self._after_wg_receive(now)
 
     @staticmethod
     def _host_ips(cfg: PeerConfig) -> list[IPAddress]:
@@ -413,6 +490,7 @@ class MagicSock:
         # Per run of datagrams to one peer: its plan, decided once (the plan's discovery
         # work must not repeat per packet of a burst), then a tight append loop.
         direct_to = None  # AddrPort for naked UDP sends
+        no_path: _Peer | None = None  # the run's peer when it has no path at all
         relay_to = None  # UDPPath with a VNI
         region = None
         n_direct = n_relay = n_derp = n_hooked = 0
@@ -428,8 +506,10 @@ class MagicSock:
                     last_key = dest
                     if plan.actions:
                         self._do(st, list(plan.actions), now)
-                    direct_to = relay_to = None
+                    direct_to = relay_to = no_path = None
                     hooked = False
+                    if st.held_initiation is not None and plan.has_route:
+                        self._release_held(st, now)  # keep the order: the held initiation first
                     udp = plan.udp
                     if udp is not None:
                         if udp.vni is not None:
@@ -441,6 +521,7 @@ class MagicSock:
                     region = plan.derp_region
                     if not plan.has_route:
                         self._count("wg_send_no_path")
+                        no_path = st
                 if direct_to is not None:
                     udp_append((payload, direct_to))
                     n_direct += 1
@@ -449,6 +530,11 @@ class MagicSock:
                     n_relay += 1
                 elif hooked:
                     n_hooked += 1
+                elif no_path is not None and len(payload) == _INITIATION_SIZE and payload[0] == 1:
+                    # No path yet: keep the newest initiation and send it when one appears.
+                    no_path.held_initiation = bytes(payload)
+                    no_path.held_at = now
+                    self._count("wg_initiation_held")
                 if region is not None:
                     derp_append((region, dest, payload))
                     n_derp += 1
@@ -469,6 +555,26 @@ class MagicSock:
             c["wg_sent_derp"] = c.get("wg_sent_derp", 0) + n_derp
         if n_hooked:
             c["udp_dropped_by_hook"] = c.get("udp_dropped_by_hook", 0) + n_hooked
+
+    def _release_held(self, st: _Peer, now: float) -> None:
+        """Send the peer's held handshake initiation if it now has a path (drop it when too old)."""
+        data = st.held_initiation
+        if data is None:
+            return
+        if now - st.held_at > HELD_INITIATION_MAX_AGE:
+            st.held_initiation = None
+            self._count("wg_initiation_held_expired")
+            return
+        plan = st.ep.addr_for_send(now)
+        if not plan.has_route:
+            return
+        st.held_initiation = None
+        self._count("wg_initiation_released")
+        if plan.udp is not None:
+            self._send_udp_path(plan.udp, data, PROTOCOL_WIREGUARD)
+        if plan.derp_region is not None:
+            self._derp_out.append((plan.derp_region, st.config.node_key, data))
+            self._count("wg_sent_derp")
 
     def _send_udp_path(self, path: UDPPath, payload: bytes | bytearray, protocol: int) -> None:
         if path.vni is not None:
@@ -512,6 +618,57 @@ class MagicSock:
                 self._path_changed(st, a, now)  # type: ignore[arg-type]
             elif cls is StartRelayDiscovery:
                 self._start_relay_discovery(st, now)
+            elif cls is CliPongReceived:
+                self._cli_pong(st, a)  # type: ignore[arg-type]
+
+    # --- user-requested pings ("tailscale ping") ----------------------------------------
+
+    def ping(self, peer: NodePublic, now: float, size: int = 0) -> int:
+        """Send a disco ping to ``peer`` on every path WireGuard could use; returns a request id.
+
+        A trusted direct or relay path is pinged alone; otherwise DERP plus every
+        candidate address. The first pong comes back as a :class:`DiscoPingResult`
+        event (from :meth:`take_events`) with that request id; later pongs to the
+        same request only feed path discovery. Pings that stay unanswered just
+        expire: the caller times out and calls :meth:`cancel_ping`. Raises KeyError
+        for an unknown peer and ValueError when the peer has no disco key or no
+        path at all (no DERP region known yet).
+        """
+        st = self.peers[peer]
+        if st.ep.disco_key is None:
+            raise ValueError(f"peer {peer.short()} has no disco key")
+        actions = st.ep.cli_ping(now, size)
+        txs = [a.ping.tx_id for a in actions if isinstance(a, SendPing)]
+        if not txs:
+            raise ValueError(f"no path to peer {peer.short()} yet")
+        self._cli_seq += 1
+        request = self._cli_seq
+        self._cli_requests[request] = txs
+        for tx in txs:
+            self._cli_txs[tx] = request
+        while len(self._cli_requests) > MAX_CLI_PINGS:
+            self.cancel_ping(next(iter(self._cli_requests)))
+        self._count("cli_pings")
+        self._do(st, actions, now)
+        return request
+
+    def cancel_ping(self, request: int) -> None:
+        """Stop waiting for an answer to ``request`` (unknown or answered ids are ignored)."""
+        for tx in self._cli_requests.pop(request, ()):
+            self._cli_txs.pop(tx, None)
+
+    def _cli_pong(self, st: _Peer, pong: CliPongReceived) -> None:
+        request = self._cli_txs.get(pong.tx_id)
+        if request is None:
+            return  # answered already (another path was faster) or cancelled
+        self.cancel_ping(request)
+        path = pong.path
+        if isinstance(path, DerpPath):
+            kind, addr, region = "derp", None, path.region
+        else:
+            kind, addr, region = ("direct" if path.is_direct else "peer-relay"), str(path), None
+        self._events.append(DiscoPingResult(request, st.config.node_key, kind, addr, region, pong.latency,
+                                            pong.pong_src))
 
     # --- peer relays (client and server) ---------------------------------------------
 
@@ -579,6 +736,8 @@ class MagicSock:
         self._count("path_changes")
         if a.new is not None:
             st.sources.add(a.new.path)
+            if st.held_initiation is not None:
+                self._release_held(st, now)
         lat = f" latency={a.new.latency * 1000:.2f}ms" if a.new else ""
         log.info("magicsock: peer %s (%s) now using %s (was %s; %s)%s", st.config.node_key.short(),
                  st.config.name or "-", new or "DERP", old or "DERP", a.reason, lat)
@@ -662,11 +821,15 @@ class MagicSock:
             st = self.peers.get(src)
             if st is not None:
                 st.ep.last_derp_region_heard = region
+                if st.held_initiation is not None:
+                    self._release_held(st, now)  # it reached us over DERP: that is a path back
             if disco.looks_like_disco(data):
                 self._receive_disco(memoryview(data), DerpPath(region), now, derp_src=src)
                 return
             if st is None:
                 self._count("derp_from_unknown_peer")
+                if len(data) == _INITIATION_SIZE and data[0] == 1:
+                    self._keep_unknown_initiation(region, src, bytes(data), now)
                 return
             self._count("wg_received_derp")
             self.wg.receive_datagram(data, _DerpSource(region, src), now)
@@ -674,6 +837,30 @@ class MagicSock:
         except Exception:
             log.debug("magicsock: error handling DERP packet from %s", src.short(), exc_info=True)
             self._count("derp_internal_error")
+
+    def _keep_unknown_initiation(self, region: int, src: NodePublic, data: bytes, now: float) -> None:
+        """Keep the newest initiation per unknown DERP sender (bounded) for :meth:`_replay_unknown_initiation`."""
+        held = self._unknown_initiations
+        held.pop(src, None)
+        held[src] = (region, data, now)
+        while len(held) > UNKNOWN_INITIATIONS_MAX:
+            del held[next(iter(held))]
+        self._count("wg_initiation_unknown_kept")
+
+    def _maybe_retry_handshake(self, st: _Peer, now: float) -> None:
+        """Disco from a peer proves it knows us now: re-send our unanswered initiation at once.
+
+        Our first initiation may have been dropped because the peer's netmap did not
+        list us yet; WireGuard alone would retry only after REKEY_TIMEOUT (5 s).
+        """
+        key = st.config.node_key
+        try:
+            retried = self.wg.retry_handshake_now(key, now, unanswered_for=HANDSHAKE_RETRY_AFTER)
+        except KeyError:
+            return
+        if retried:
+            self._count("wg_handshake_retried_on_disco")
+            self._flush_wg(now)
 
     def _after_wg_receive(self, now: float) -> None:
         for peer, packet in self.wg.packets_received():
@@ -714,6 +901,7 @@ class MagicSock:
             if isinstance(path, UDPPath):
                 st.sources.add(path)
             self._do(st, st.ep.handle_ping(msg, path, now), now)
+            self._maybe_retry_handshake(st, now)
             # Other peers sharing this disco key learn the candidate too (no pong from them).
             for other in nodes:
                 if other != key and isinstance(path, UDPPath) and (o := self.peers.get(other)) is not None:
@@ -723,10 +911,12 @@ class MagicSock:
                 st = self.peers.get(key)
                 if st is not None:
                     self._do(st, st.ep.handle_pong(msg, path, now), now)
+                    self._maybe_retry_handshake(st, now)
         elif isinstance(msg, disco.CallMeMaybe):
             st = self.peers.get(r.nodes[0])
             if st is not None:
                 self._do(st, st.ep.handle_call_me_maybe(msg, now), now)
+                self._maybe_retry_handshake(st, now)
         elif isinstance(msg, disco.CallMeMaybeVia):
             st = self.peers.get(r.nodes[0])
             if st is not None:

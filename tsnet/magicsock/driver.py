@@ -39,7 +39,14 @@ from tsnet.derp.client import DerpNode, DerpRegions
 from tsnet.derp.client_core import ReceivedPacket
 from tsnet.key import DiscoPrivate, NodePrivate, NodePublic
 from tsnet.magicsock.addrport import AddrPort, IPAddress
-from tsnet.magicsock.conn import EndpointsChanged, HomeDerpChanged, MagicSock, MagicSockEvent, PathStatus
+from tsnet.magicsock.conn import (
+    DiscoPingResult,
+    EndpointsChanged,
+    HomeDerpChanged,
+    MagicSock,
+    MagicSockEvent,
+    PathStatus,
+)
 from tsnet.relay.driver import open_udp_socket as open_relay_socket
 from tsnet.relay.driver import serve_relay
 from tsnet.relay.server import RelayServer
@@ -163,6 +170,8 @@ class MagicSockDriver:
         self._timer_scope: trio.CancelScope | None = None
         self._running = trio.Event()
         self._addr_cache: dict[tuple[Any, ...], AddrPort] = {}
+        #: request id -> [answered, result] for disco_ping() callers
+        self._ping_waiters: dict[int, list[Any]] = {}
         self.counters = {"udp_received": 0, "udp_sent": 0, "udp_send_dropped": 0, "udp_send_errors": 0,
                          "derp_received": 0, "derp_sent": 0, "derp_send_dropped": 0, "receive_batches": 0,
                          "udp_send_syscalls": 0, "udp_receive_syscalls": 0, "udp_receive_errors": 0}
@@ -288,6 +297,25 @@ class MagicSockDriver:
 
     def status(self) -> list[PathStatus]:
         return self.core.status(trio.current_time())
+
+    async def disco_ping(self, peer: NodePublic, *, timeout: float = 5.0, size: int = 0) -> DiscoPingResult:
+        """Disco-ping ``peer`` (like ``tailscale ping``) and return the first pong: latency and path.
+
+        Raises KeyError for an unknown peer, ValueError when it has no disco key or
+        no path yet, and ``TimeoutError`` when no pong arrives within ``timeout`` s
+        (one ping per path is sent; call again to retry).
+        """
+        request = self.core.ping(peer, trio.current_time(), size)
+        waiter: list[Any] = [trio.Event(), None]
+        self._ping_waiters[request] = waiter
+        try:
+            self._pump()
+            with trio.fail_after(timeout):
+                await waiter[0].wait()
+            return waiter[1]
+        finally:
+            del self._ping_waiters[request]
+            self.core.cancel_ping(request)
 
     def peer_status(self, peer: NodePublic) -> PathStatus:
         return self.core.peer_status(peer, trio.current_time())
@@ -419,6 +447,11 @@ class MagicSockDriver:
                 self.regions.set_home(ev.region)
             if isinstance(ev, EndpointsChanged):
                 self._update_relay_addr_ports()
+            if ev.__class__ is DiscoPingResult:
+                waiter = self._ping_waiters.get(ev.request)  # type: ignore[union-attr]
+                if waiter is not None:
+                    waiter[1] = ev
+                    waiter[0].set()
             if self.on_event is not None:
                 try:
                     self.on_event(ev)

@@ -54,6 +54,7 @@ __all__ = [
     "SendCallMeMaybe",
     "StartRelayDiscovery",
     "BestPathChanged",
+    "CliPongReceived",
     "Action",
     "SendPlan",
     "PeerEndpoint",
@@ -193,7 +194,21 @@ class BestPathChanged:
     reason: str
 
 
-Action = SendPing | SendPong | SendCallMeMaybe | StartRelayDiscovery | BestPathChanged
+@dataclass(frozen=True, slots=True)
+class CliPongReceived:
+    """The pong to a user-requested ping (:meth:`PeerEndpoint.cli_ping`) arrived.
+
+    ``path`` is where the ping went (the path being measured); ``pong_src`` is
+    our address as the peer saw it.
+    """
+
+    tx_id: bytes
+    path: Path
+    latency: float
+    pong_src: AddrPort
+
+
+Action = SendPing | SendPong | SendCallMeMaybe | StartRelayDiscovery | BestPathChanged | CliPongReceived
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +424,28 @@ class PeerEndpoint:
         """A user-requested ("tailscale ping") disco ping on ``path``."""
         return self._start_ping(path, now, PingPurpose.CLI, size)
 
+    def cli_ping(self, now: float, size: int = 0) -> list[Action]:
+        """A user-requested ping on every path WireGuard could use now (like ``tailscale ping``).
+
+        A trusted UDP path is pinged alone; otherwise DERP (when a region is known)
+        plus the untrusted best path and every candidate, so the answer also
+        discovers paths. Each answer comes back as :class:`CliPongReceived`
+        from :meth:`handle_pong`; an empty list means there is no path at all.
+        """
+        plan = self.addr_for_send(now)
+        paths: list[Path] = []
+        if plan.udp is not None:
+            paths.append(plan.udp)
+        if plan.derp_region is not None:
+            paths.append(DerpPath(plan.derp_region))
+            for ep in self.candidates:
+                if UDPPath(ep) not in paths:
+                    paths.append(UDPPath(ep))
+        actions: list[Action] = []
+        for path in paths:
+            actions += self._start_ping(path, now, PingPurpose.CLI, size)
+        return actions
+
     def _send_disco_pings(self, now: float, send_call_me_maybe: bool) -> list[Action]:
         self._last_full_ping = now
         actions: list[Action] = []
@@ -492,20 +529,22 @@ class PeerEndpoint:
         if sp is None:
             return []
         latency = now - sp.at
+        actions: list[Action] = []
+        if sp.purpose is PingPurpose.CLI:
+            actions.append(CliPongReceived(pong.tx_id, sp.to, latency, pong.src))
         if isinstance(src, DerpPath):
-            return []  # DERP pongs never pick a UDP path
+            return actions  # DERP pongs never pick a UDP path
         if not isinstance(sp.to, UDPPath):
-            return []
+            return actions
         if sp.to.is_direct:
             st = self.candidates.get(sp.to.addr)
             if st is None:
-                return []  # candidate removed since we pinged it
+                return actions  # candidate removed since we pinged it
             if src.is_direct:
                 st.pongs.append(_Pong(latency, now, src.addr, pong.src))
         if not sp.to.is_direct and sp.relay_server_disco is None:
-            return []  # a relay path we never installed (e.g. a CLI ping): nothing to rank
+            return actions  # a relay path we never installed (e.g. a CLI ping): nothing to rank
         this = AddrQuality(sp.to, latency, _wire_mtu(sp.size, sp.to), sp.relay_server_disco)
-        actions: list[Action] = []
         if better_addr(this, self.best):
             actions += self._set_best(this, "pong")
         if self.best is not None and self.best.path == this.path:

@@ -658,6 +658,33 @@ class WireGuard:
         """
         self._initiate(self._peers[public_key], now, retry=False)
 
+    def handshake_pending(self, public_key: NodePublic, now: float) -> bool:
+        """Whether our initiation to this peer is unanswered and no usable session exists.
+
+        Raises KeyError for an unknown peer.
+        """
+        peer = self._peers[public_key]
+        return peer.handshake is not None and peer.next is None and not self._usable(peer.current, now)
+
+    def retry_handshake_now(self, public_key: NodePublic, now: float, *, unanswered_for: float = 0.0) -> bool:
+        """Re-send a pending handshake at once, skipping the REKEY_TIMEOUT wait.
+
+        For callers with fresh evidence that the peer can now answer (e.g. it just
+        learned our key). Does nothing and returns False unless
+        :meth:`handshake_pending` and the last initiation went out at least
+        ``unanswered_for`` seconds ago (which also bounds how often this sends).
+        Raises KeyError for an unknown peer.
+        """
+        if not self.handshake_pending(public_key, now):
+            return False
+        peer = self._peers[public_key]
+        last = peer.last_handshake_sent
+        if last is not None and now - last < unanswered_for:
+            return False
+        peer.last_handshake_sent = None
+        self._initiate(peer, now, retry=True)
+        return True
+
     def datagrams_to_send(self, now: float) -> list[tuple[bytes | bytearray, Addr]]:
         """Take all pending outgoing datagrams as ``(payload, destination)`` pairs.
 
