@@ -148,10 +148,15 @@ def test_fallback_paths_give_identical_results(socks, gso, gro):
         assert {a for _, a in got} == {tx.getsockname()}
 
 
-def test_forced_fallback_by_flag(socks, monkeypatch):
-    # Kernels without UDP_SEGMENT / UDP_GRO: detection says no, everything still works one by one.
-    monkeypatch.setattr(udpio, "gso_supported", lambda sock: False)
-    monkeypatch.setattr(udpio, "gro_supported", lambda sock: False)
+@pytest.mark.parametrize("how", ["detection", "switch"])
+def test_forced_fallback_by_flag(socks, monkeypatch, how):
+    # Kernels without UDP_SEGMENT / UDP_GRO (detection says no), or offload switched off: one by one.
+    if how == "detection":
+        monkeypatch.setattr(udpio, "gso_supported", lambda sock: False)
+        monkeypatch.setattr(udpio, "gro_supported", lambda sock: False)
+    else:
+        monkeypatch.setattr(udpio, "ENABLE_GSO", False)
+        monkeypatch.setattr(udpio, "ENABLE_GRO", False)
     tx, rx = make(socks), make(socks)
     items = burst(30, 1000, 10, rx.getsockname())
     sender, receiver = UDPSender(tx), UDPReceiver(rx)

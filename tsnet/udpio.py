@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
+    "ENABLE_GRO",
+    "ENABLE_GSO",
     "MAX_GSO_BYTES",
     "MAX_SEGMENTS",
     "SOL_UDP",
@@ -54,6 +56,9 @@ UDP_GRO: int = getattr(socket, "UDP_GRO", 104)
 MAX_SEGMENTS = 64
 #: Payload bytes per GSO send: one IPv4 datagram (65535 - 20 IP - 8 UDP). IPv6 could take a little more.
 MAX_GSO_BYTES = 65507
+#: Process-wide switches, read when a sender/receiver is made (tests and benchmarks turn offload off with them).
+ENABLE_GSO = True
+ENABLE_GRO = True
 #: Consecutive EINVAL failures of GSO sends after which a socket stops trying GSO (see UDPSender).
 GSO_EINVAL_LIMIT = 4
 
@@ -93,7 +98,7 @@ class UDPSender:
 
     Args:
         sock: a non-blocking UDP socket (IPv4 or IPv6).
-        gso: try ``UDP_SEGMENT`` (default). False: one ``sendto`` per datagram.
+        gso: try ``UDP_SEGMENT`` (default; also needs :data:`ENABLE_GSO`). False: one ``sendto`` per datagram.
 
     GSO is detected once per socket (``getsockopt``) and switched off for good
     when a segmented send fails with ``EOPNOTSUPP``/``ENOPROTOOPT``/``EIO``
@@ -115,7 +120,7 @@ class UDPSender:
     def __init__(self, sock: socket.socket, *, gso: bool = True) -> None:
         self.sock = sock
         #: whether segmented sends are (still) tried on this socket
-        self.gso = gso and gso_supported(sock)
+        self.gso = gso and ENABLE_GSO and gso_supported(sock)
         self._einval_run = 0
         self.datagrams_sent = 0
         self.syscalls = 0
@@ -238,7 +243,7 @@ class UDPReceiver:
 
     Args:
         sock: a non-blocking UDP socket.
-        gro: try to turn ``UDP_GRO`` on (default). False: plain ``recvfrom``.
+        gro: try to turn ``UDP_GRO`` on (default; also needs :data:`ENABLE_GRO`). False: plain ``recvfrom``.
         map_address: applied to the source address of each syscall's result (so once
             per coalesced buffer, not per datagram), e.g. to shorten IPv6 addresses
             or turn them into a richer type.
@@ -256,7 +261,7 @@ class UDPReceiver:
                  map_address: Callable[[Any], Any] | None = None) -> None:
         self.sock = sock
         #: whether UDP_GRO is on for this socket
-        self.gro = gro and gro_supported(sock)
+        self.gro = gro and ENABLE_GRO and gro_supported(sock)
         self.map_address = map_address
         self.datagrams = 0
         self.syscalls = 0
