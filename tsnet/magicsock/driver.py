@@ -310,8 +310,10 @@ class MagicSockDriver:
         self._ping_waiters[request] = waiter
         try:
             self._pump()
-            with trio.fail_after(timeout):
+            with trio.move_on_after(timeout):
                 await waiter[0].wait()
+            if waiter[1] is None:
+                raise TimeoutError(f"no pong from {peer.short()} within {timeout:g}s")
             return waiter[1]
         finally:
             del self._ping_waiters[request]
