@@ -118,11 +118,16 @@ async def test_whois_and_status_paths(pair, nursery):
     await stream.aclose()
 
 
-async def test_ping_and_metrics(pair):
+async def test_ping_and_metrics(pair, nursery):
     tailnet, a, b = pair
     result = await a.ping("bravo", timeout=10)
     assert result.ip == b.tailscale_ips()[0] and 0 < result.latency < 5
-    assert result.path.startswith(("direct", "derp"))
+    assert result.path.startswith(("direct 127.0.0.1:", "derp region 900"))
+    # ping() is a disco ping (no WireGuard session needed): give the metrics some WireGuard traffic.
+    await _echo_server(await b.listen("tcp", ":7070"), nursery)
+    stream = await a.dial("tcp", "bravo:7070", timeout=10)
+    assert await _roundtrip(stream, b"metrics") == b"metrics"
+    await stream.aclose()
     report = await a.netcheck()
     assert report["udp"] is True and report["home_derp"] == 900 and report["global_v4"].startswith("127.0.0.1:")
     m = a.metrics()

@@ -358,7 +358,6 @@ class Server:
         self._health: dict[str, str] = {}
         self._update_wanted: trio.Event | None = None
         self._have_addresses: trio.Event | None = None
-        self._first_update: trio.Event | None = None
         self._netmap_changed = trio.Event()
         self._driver_scopes: dict[Any, tuple[trio.CancelScope, trio.Event]] = {}
         self._rekeying = False
@@ -467,7 +466,6 @@ class Server:
         self._stopped = trio.Event()
         self._update_wanted = trio.Event()
         self._have_addresses = trio.Event()
-        self._first_update = trio.Event()
         self._loopback_lock = trio.Lock()
         self._task_running = True
         trio.lowlevel.spawn_system_task(self._run, name=f"tsnet.Server({self.hostname})")
@@ -605,7 +603,10 @@ class Server:
         """Running = we have addresses and our home DERP connection is up (bounded wait).
 
         Waiting for DERP matters: a peer's first WireGuard handshake reaches us over DERP, and
-        one sent before we are connected is lost until WireGuard retries (5 s later).
+        one sent before we are connected is lost at the DERP server until WireGuard retries
+        (5 s later). Peers that have not learnt our home region yet need no wait: their
+        magicsock holds the initiation until control tells them, and ours answers an
+        initiation from a node our netmap does not list yet as soon as it does.
         """
         assert self._have_addresses is not None
         await self._have_addresses.wait()
@@ -622,11 +623,6 @@ class Server:
             self._health["derp"] = "home DERP region not connected"
         else:
             self._health.pop("derp", None)
-        # Peers can only reach us once control has told them our home DERP region.
-        assert self._first_update is not None
-        if driver is not None and driver.core.home_derp:
-            with trio.move_on_after(DERP_READY_TIMEOUT):
-                await self._first_update.wait()
         self._mark("running")
         self._state = "Running"
         self._auth_url = None
@@ -925,8 +921,6 @@ class Server:
             try:
                 await client.send_update(endpoints=endpoints, preferred_derp=driver.core.home_derp or None)
                 self.counters["lite_updates"] += 1
-                if driver.core.home_derp and self._first_update is not None:
-                    self._first_update.set()
             except ControlError as exc:
                 self.log.info("lite map update failed: %s", exc)
 
@@ -1060,16 +1054,17 @@ class Server:
         return None
 
     async def wait_for_peer(self, name: str, *, timeout: float = 30.0) -> NodeStatus:
-        """Wait until peer ``name`` (short name or FQDN) is in our netmap and reachable.
+        """Wait until peer ``name`` (short name or FQDN) is in our netmap, so it can be resolved and dialled.
 
-        "Reachable" means control told us its home DERP region, so the first packet has a path.
-        Useful right after two nodes started together. Raises ``TimeoutError``.
+        Useful right after two nodes started together. A first packet needs no further wait:
+        while no path to the peer is known yet, magicsock keeps the WireGuard handshake and
+        sends it as soon as control tells us one. Raises ``TimeoutError``.
         """
         self._require_running()
         with trio.move_on_after(timeout):
             while True:
                 peer = self.status().peer(name)
-                if peer is not None and peer.home_derp:
+                if peer is not None:
                     return peer
                 await self._netmap_changed.wait()
         raise TimeoutError(f"peer {name!r} did not appear in the netmap within {timeout:g}s")
@@ -1109,19 +1104,53 @@ class Server:
             raise HostNotFoundError(host, str(exc)) from exc
 
     async def ping(self, peer: str, *, timeout: float = 5.0) -> PingResult:
-        """Ping a peer (name or IP) over WireGuard with ICMP echo; returns the round trip and path.
+        """Disco-ping a peer (name or IP), like ``tailscale ping``: round trip and the path it took.
 
+        ``path`` is ``direct <ip:port>``, ``relay via <relay>`` or ``derp region <id>``: the
+        path of the first answered ping (a trusted direct or relay path is pinged alone;
+        otherwise DERP and every candidate address, which also helps discover a direct path).
+        No WireGuard session is needed. A peer without a disco key gets an ICMP echo over
+        WireGuard instead. Unanswered pings are re-sent every second until ``timeout``.
         Raises :class:`HostNotFoundError` for an unknown peer and ``TimeoutError`` without reply.
         """
+        driver = self._require_running()
+        ips = await self.resolve(peer)
+        key = dst = None
+        for ip in ips:
+            key = driver.core.peer_for_ip(ip)
+            if key is not None:
+                dst = ip
+                break
+        if key is None or dst is None:
+            raise HostNotFoundError(peer, f"{ips[0] if ips else peer} is not a peer's address")
+        st = driver.core.peers.get(key)
+        if st is None or st.config.disco_key is None:
+            return await self._icmp_ping(peer, key, timeout)
+        start = trio.current_time()
+        deadline = start + timeout
+        while (driver := self._driver) is not None and (remaining := deadline - trio.current_time()) > 0:
+            try:
+                r = await driver.disco_ping(key, timeout=min(1.0, remaining))
+            except TimeoutError:
+                continue
+            except (KeyError, ValueError):
+                # Not in this driver's peers (yet), or no path known yet: wait for the next netmap.
+                with trio.move_on_after(min(0.2, remaining)):
+                    await self._netmap_changed.wait()
+                continue
+            name = next((p.name for p in self.status().peers if p.key == str(key)), peer)
+            path = f"relay via {self._relay_name(r.addr)}" if r.kind == "peer-relay" and r.addr else r.path
+            return PingResult(name, dst, r.latency, path)
+        raise TimeoutError(f"no pong from {peer} ({dst}) within {trio.current_time() - start:.1f}s")
+
+    async def _icmp_ping(self, peer: str, key: Any, timeout: float) -> PingResult:
+        """ICMP echo over WireGuard, for peers that cannot answer disco pings."""
         driver = self._require_running()
         ips = [ip for ip in await self.resolve(peer) if ip.version == 4]
         src = next((ip for ip in self._self_ips if ip.version == 4), None)
         if not ips or src is None:
             raise HostNotFoundError(peer, "no IPv4 tailnet address to ping")
         dst = ips[0]
-        key = driver.core.peer_for_ip(dst)
-        if key is None:
-            raise HostNotFoundError(peer, f"{dst} is not a peer's address")
         start = trio.current_time()
         with trio.move_on_after(timeout):
             while True:
