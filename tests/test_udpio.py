@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.magicsock.test_magicsock_conn_loopback import pair_factory  # noqa: F401  (fixture)
 from tsnet import udpio
@@ -167,6 +169,27 @@ def test_forced_fallback_by_flag(socks, monkeypatch, how):
     got = drain(receiver, len(items))
     assert [d for d, _ in got] == [d for d, _ in items]
     assert receiver.coalesced == 0
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from([0, 1, 32, 600, 1312, 1312, 1312, 1400, 9000])),
+                max_size=150),
+       st.booleans())
+def test_any_sequence_arrives_as_sent(socks, plan, gro):
+    """Property: whatever the mix of sizes and destinations, each receiver sees exactly its datagrams, in order."""
+    tx = make(socks)
+    receivers = [UDPReceiver(make(socks), gro=gro) for _ in range(3)]
+    dests = [r.sock.getsockname() for r in receivers]
+    items = [(bytes([k % 256]) * size, dests[d]) for k, (d, size) in enumerate(plan)]
+    sender = UDPSender(tx)
+    assert sender.send(items) == (len(items), [])
+    assert sender.datagrams_sent == len(items)
+    for receiver, dest in zip(receivers, dests):
+        expected = [d for d, a in items if a == dest]
+        assert [d for d, _ in drain(receiver, len(expected))] == expected
+        receiver.sock.close()
+    tx.close()
+    socks.clear()
 
 
 class FlakySocket:

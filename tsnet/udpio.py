@@ -65,7 +65,6 @@ GSO_EINVAL_LIMIT = 4
 RECV_BUFFER_SIZE = 65535
 _CMSG_SPACE_GRO = socket.CMSG_SPACE(4)  # the kernel reports the GRO segment size as an int
 _NO_GSO_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOPROTOOPT, errno.ENOTSUP, errno.EIO})
-_EMPTY: list[tuple[int, OSError | TypeError | ValueError]] = []
 
 Buffer = bytes | bytearray | memoryview
 SendError = tuple[int, OSError | TypeError | ValueError]
@@ -141,7 +140,7 @@ class UDPSender:
         n = len(datagrams)
         if not self.gso:
             return self._send_each(datagrams, start, n)
-        errors = _EMPTY
+        errors: list[SendError] = []
         sendmsg = self.sock.sendmsg
         i = start
         while i < n:
@@ -165,8 +164,7 @@ class UDPSender:
                 stop, errs = self._send_each(datagrams, i, i + 1)
                 if stop == i:
                     return i, errors
-                if errs:
-                    errors = errs if errors is _EMPTY else errors + errs
+                errors += errs
                 i += 1
                 continue
             self.syscalls += 1
@@ -178,20 +176,18 @@ class UDPSender:
             except OSError as exc:
                 self._gso_failed(exc)
                 stop, errs = self._send_each(datagrams, i, j)
-                if errs:
-                    errors = errs if errors is _EMPTY else errors + errs
+                errors += errs
                 if stop < j:
                     return stop, errors
                 i = j
                 if not self.gso:
                     stop, errs = self._send_each(datagrams, i, n)
-                    return stop, (errs if errors is _EMPTY else errors + errs)
+                    return stop, errors + errs
                 continue
             except (TypeError, ValueError):
                 # Malformed address: let the per-datagram path report each one.
                 stop, errs = self._send_each(datagrams, i, j)
-                if errs:
-                    errors = errs if errors is _EMPTY else errors + errs
+                errors += errs
                 if stop < j:
                     return stop, errors
                 i = j
@@ -216,7 +212,7 @@ class UDPSender:
     def _send_each(self, datagrams: Sequence[tuple[Buffer, Any]], i: int, end: int) -> tuple[int, list[SendError]]:
         """Plain ``sendto`` for ``datagrams[i:end]`` (same contract as :meth:`send`, limited to ``end``)."""
         sendto = self.sock.sendto
-        errors = _EMPTY
+        errors: list[SendError] = []
         sent = 0
         start = i
         try:
@@ -228,8 +224,6 @@ class UDPSender:
                 except (OSError, TypeError, ValueError) as exc:
                     if isinstance(exc, BlockingIOError):
                         break
-                    if errors is _EMPTY:
-                        errors = []
                     errors.append((i, exc))
                 i += 1
         finally:
