@@ -22,6 +22,15 @@
   (handshakes), so datagrams from unknown sources (a NAT's new mapping, a
   relay) are routed cryptographically. Sources proven by disco or by
   decryption are remembered for status only;
+* first contact without a 5 s stall: a handshake initiation WireGuard produces
+  while a peer has no path at all is held (the newest one) and sent as soon as
+  a path appears (home DERP region from the netmap, the peer reaching us over
+  DERP, a confirmed UDP path); an initiation arriving over DERP from a node our
+  netmap does not list yet is kept (bounded) and answered when the netmap adds
+  it; and a disco message from a peer whose handshake is still unanswered
+  (after 1 s) re-sends it at once instead of after REKEY_TIMEOUT;
+* user-requested disco pings (:meth:`MagicSock.ping`, like ``tailscale ping``)
+  report the first pong's path and latency as :class:`DiscoPingResult`;
 * endpoint discovery: local interface addresses with the bound port plus
   STUN against the DERP map's STUN servers (periodically, 20-26 s), reported
   as :class:`EndpointsChanged`; netcheck picks the home DERP region
