@@ -74,8 +74,11 @@ class Pair:
                  delay: float = 0.010, v6: bool = False, fault: Fault | None = None,
                  listen: bool = True, simultaneous: bool = False, start: float = 1000.0,
                  a_iss: int = 1000, b_iss: int = 50000, ts_offsets: tuple[int, int] = (7, 99),
-                 rate: float | None = None, queue_limit: int | None = None) -> None:
+                 rate: float | None = None, queue_limit: int | None = None, coalesce: bool = False) -> None:
         self.now = start
+        # Deliver every packet due at the same time as one batch, then flush_acks()
+        # (as a stack using coalesce_acks does).
+        self.coalesce = coalesce
         # Optional A->B bottleneck: ``rate`` bytes/s through a FIFO holding at most
         # ``queue_limit`` bytes (drop-tail), so RTT grows as the queue fills.
         self.rate = rate
@@ -196,6 +199,10 @@ class Pair:
             self.now = t
         while self._heap and self._heap[0].arrival <= self.now:
             self._deliver(heapq.heappop(self._heap))
+        if self.coalesce:
+            for c in self.conns():
+                c.coalesce_acks = True
+                c.flush_acks(self.now)
         for c in self.conns():
             d = c.get_timer()
             if d is not None and d <= self.now and c.state != TCPState.CLOSED:

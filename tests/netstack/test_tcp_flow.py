@@ -278,3 +278,37 @@ def test_receiver_does_not_advertise_silly_windows() -> None:
         p.run(lambda: False, duration=0.05, app=None)
     later = p.segments("ba")[n:]
     assert all(s.window == 0 or s.window << p.b.rcv_wscale >= min(15_000, p.b.send_mss) for s in later)
+
+
+def test_coalesced_acks_per_batch() -> None:
+    data = os.urandom(2_000_000)
+    acks = {}
+    for coalesce in (False, True):
+        p = Pair(coalesce=coalesce)  # a flight sent at once arrives as one batch
+        pump = Pump("a", data)
+        assert p.run(lambda: pump.finished(p), duration=30, app=pump)
+        assert bytes(pump.received) == data
+        acks[coalesce] = len(p.segments("ba"))
+        assert p.a.stats.retransmits == 0
+    assert acks[True] < acks[False] / 3
+
+
+def test_coalesced_acks_still_ack_out_of_order_at_once() -> None:
+    p = Pair()
+    p.handshake()
+    p.b.coalesce_acks = True
+    p.b_out.clear()
+    base = p.b.rcv_nxt
+    # In-order full segments: no ACK until flush_acks().
+    for k in range(4):
+        p.b.receive_segment(segment(p.a_port, p.b_port, base + 1228 * k, p.b.snd_nxt, ACK, payload=b"y" * 1228),
+                            p.now)
+    assert not p.b_out
+    p.b.flush_acks(p.now)
+    assert len(p.b_out) == 1
+    # Out of order: ACKed at once (the sender needs these duplicate ACKs / SACKs).
+    base += 4 * 1228
+    p.b.receive_segment(segment(p.a_port, p.b_port, base + 5000, p.b.snd_nxt, ACK, payload=b"x" * 1000), p.now)
+    assert len(p.b_out) == 2
+    p.b.flush_acks(p.now)  # nothing in-order is waiting
+    assert len(p.b_out) == 2

@@ -94,7 +94,12 @@ class CongestionControl(Protocol):
 
 
 class Reno:
-    """Slow start with appropriate byte counting (L = 2 SMSS) and AIMD congestion avoidance."""
+    """Slow start with byte counting and AIMD congestion avoidance.
+
+    Slow start grows by the bytes each ACK covers, without RFC 3465's L = 2 SMSS cap
+    (Linux does the same): peers that ACK a whole batch at once (gVisor, receivers
+    with GRO) send stretch ACKs, and capping each at 2 SMSS would stall slow start.
+    """
 
     name = "reno"
 
@@ -107,10 +112,10 @@ class Reno:
 
     def on_ack(self, acked: int, now: float, srtt: float | None) -> None:
         if self.cwnd < self.ssthresh:
-            inc = min(acked, 2 * self.mss)
+            inc = acked
             if self.hystart is not None:
                 inc //= self.hystart.growth_divisor
-            self.cwnd += inc
+            self.cwnd = min(self.cwnd + inc, max(self.ssthresh, self.cwnd))
             return
         self._acked_in_ca += acked
         if self._acked_in_ca >= self.cwnd:
@@ -168,10 +173,10 @@ class Cubic:
     def on_ack(self, acked: int, now: float, srtt: float | None) -> None:
         segs = acked / self.mss
         if self._cwnd < self._ssthresh:
-            inc = min(segs, 2.0)
+            inc = segs  # stretch ACKs count in full (see Reno)
             if self.hystart is not None:
                 inc /= self.hystart.growth_divisor
-            self._cwnd += inc
+            self._cwnd = min(self._cwnd + inc, max(self._ssthresh, self._cwnd))
             return
         if self._epoch is None:
             self._epoch = now

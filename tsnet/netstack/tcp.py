@@ -141,7 +141,7 @@ class TCPConnection:
 
     __slots__ = (
         "local_ip", "local_port", "remote_ip", "remote_port", "state", "options", "stats",
-        "app_changed", "error", "internal_errors", "outbox", "changed",
+        "app_changed", "error", "internal_errors", "outbox", "changed", "coalesce_acks",
         "_iphdr", "_pseudo", "_ck_base", "_ck_len_factor", "_passive", "_was_established",
         # send side
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "max_snd_wnd",
@@ -187,6 +187,8 @@ class TCPConnection:
         self.app_changed = False
         self.error: OSError | None = None
         self.internal_errors = 0
+        #: set by a stack that calls flush_acks() after each batch of packets
+        self.coalesce_acks = False
         self.outbox = outbox
         self.changed = changed
         v4 = len(local_ip) == 4
@@ -511,6 +513,21 @@ class TCPConnection:
         if self.ts_ok and seg.has_ts:
             return ((seg.tsval - self._ts_recent) & _M) < _HALF and seg.tsval != self._ts_recent
         return _unwrap(seg.seq, self.rcv_nxt) > self.rcv_nxt
+
+    def flush_acks(self, now: float) -> None:
+        """End of a batch of received packets (only needed with ``coalesce_acks``).
+
+        With ``coalesce_acks`` set, in-order data is not ACKed every second segment
+        while a batch is being fed in; this sends one ACK for the whole batch instead
+        (like gVisor: fewer ACKs for the peer to process) once it holds at least two
+        full segments; less waits for the delayed-ACK timer as usual. Out-of-order
+        data, holes filled and FINs are still ACKed at once.
+        """
+        if self._unacked_segs >= 4 and self.state not in (TCPState.CLOSED, TCPState.SYN_SENT):
+            try:
+                self._send_ack(now)
+            except Exception:
+                self.internal_errors += 1
 
     def set_path_mtu(self, mtu: int, now: float) -> None:
         """ICMP fragmentation-needed / packet-too-big: send smaller segments from now on
@@ -1207,7 +1224,7 @@ class TCPConnection:
                 self._unacked_segs += 2
             else:
                 self._unacked_segs += 1
-            if self._unacked_segs >= 4:
+            if self._unacked_segs >= 4 and not self.coalesce_acks:
                 self._ack_now = True
             self._rcv_rtt_update(seg, rnxt + plen, now)
         self._output(now)
@@ -1441,7 +1458,7 @@ class TCPConnection:
                         self._unacked_segs += 2
                     else:
                         self._unacked_segs += 1  # small segment: ACK after the delay
-                    if self._unacked_segs >= 4:
+                    if self._unacked_segs >= 4 and not self.coalesce_acks:
                         self._ack_now = True
                 self._rcv_rtt_update(seg, rnxt, now)
             if fin or (self._ooo_fin is not None and self._ooo_fin == self.rcv_nxt):
