@@ -133,10 +133,28 @@ class TCPStats:
 class TCPConnection:
     """One connection. See the module docstring for the contract with the stack.
 
-    Extra attributes beyond the contract (read-only for the stack): ``internal_errors``
-    counts exceptions caught at the entry points (always 0 unless there is a bug);
-    ``snd_wscale``/``rcv_wscale``, ``sack_ok``, ``ts_ok`` and ``send_mss`` describe
-    what the handshake negotiated; ``recv_buffer_size`` is the autotuned buffer.
+    Extras beyond the contract (all optional for the stack):
+
+    * ``internal_errors`` counts exceptions caught at the entry points (0 unless there
+      is a bug); ``snd_wscale``/``rcv_wscale``, ``sack_ok``, ``ts_ok`` and ``send_mss``
+      describe what the handshake negotiated; ``recv_buffer_size`` is the autotuned
+      buffer; ``stats.lost_retransmits`` counts retransmissions found lost in recovery.
+    * :meth:`time_wait_reopen_ok` (may a SYN reuse a TIME-WAIT 4-tuple),
+      :meth:`set_path_mtu` (ICMP frag-needed / packet-too-big),
+      ``coalesce_acks`` + :meth:`flush_acks` (one ACK per received batch).
+
+    Design notes: sequence numbers are kept unwrapped (Python ints that grow past
+    2**32; only the wire is mod 2**32), so comparisons are plain. The send buffer is
+    one bytearray from SND.UNA on (ACKed bytes are deleted from the front, which
+    CPython does without moving the rest); segments are built from a memoryview of it.
+    The receive buffer is a bytearray too, out-of-order data a short sorted list of
+    blocks bounded by the advertised window. In-order data and plain ACKs in
+    ESTABLISHED take a fast path; everything else goes through the full RFC 9293
+    §3.10.7 rules. Loss recovery is RFC 6675 (SACK scoreboard, pipe, NextSeg) with
+    lost-retransmission detection, or RFC 6582 NewReno without SACK; congestion
+    control comes from ``congestion.py`` (CUBIC or Reno, HyStart++). The FIN-WAIT-2
+    timeout applies only after :meth:`close` (after :meth:`shutdown` the application
+    may keep reading for as long as the peer sends).
     """
 
     __slots__ = (
