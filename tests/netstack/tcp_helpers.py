@@ -207,6 +207,8 @@ class Pair:
             d = c.get_timer()
             if d is not None and d <= self.now and c.state != TCPState.CLOSED:
                 c.handle_timer(self.now)
+                d2 = c.get_timer()
+                assert d2 is None or d2 > self.now or c.state == TCPState.CLOSED, "timer still due after firing"
         self._collect()
         return True
 

@@ -102,6 +102,8 @@ def test_random_segments_never_crash_or_misdeliver(kind: str, data: st.DataObjec
             if t is not None:
                 now = max(now, t)
                 conn.handle_timer(now)
+                t2 = conn.get_timer()
+                assert t2 is None or t2 > now  # a fired timer never stays due (no busy loop)
         if data.draw(st.booleans()) and conn.state != S.CLOSED:
             delivered += conn.receive(data.draw(st.integers(1, 50_000)), now)
         # Invariants.
