@@ -28,6 +28,8 @@ Fan-out scenario (``--nodes N``):
   Also reported: the CPU time the server and the busiest client process spent per fan-out
   (from /proc and process_time), which shows the cost independent of machine load.
 * Server RSS is read from /proc/<pid>/status (VmRSS) after registration and with all streams up.
+* Profiling: ``TSNET_FANOUT_PROFILE=FILE`` runs the server under cProfile,
+  ``TSNET_FANOUT_WORKER_PROFILE=PREFIX`` each worker (``PREFIX.<worker>``).
 """
 
 from __future__ import annotations
