@@ -140,3 +140,18 @@ def test_rto_during_recovery_does_not_reduce_ssthresh_twice() -> None:
     assert p.a.stats.timeouts == 1 and p.a.stats.fast_retransmits >= 1
     ss_after_rto = holder["ss_recovery"]
     assert p.a._cc.ssthresh >= ss_after_rto * 0.99 or p.a.stats.fast_retransmits > 1
+
+
+@pytest.mark.parametrize("queue", [200_000, 500_000])
+def test_slow_start_overshoot_into_a_drop_tail_queue_recovers_without_rto(queue: int) -> None:
+    """Hundreds of segments lost in one window, retransmissions lost again: SACK
+    recovery with lost-retransmission detection repairs it all without a timeout."""
+    data = os.urandom(6_000_000)
+    p = Pair(rate=12.5e6, queue_limit=queue, delay=0.010)
+    pump = Pump("a", data)
+    assert p.run(lambda: pump.finished(p), duration=60, app=pump)
+    assert bytes(pump.received) == data
+    assert p.queue_drops > 100
+    assert p.a.stats.timeouts == 0
+    assert p.a.stats.lost_retransmits >= 1 or p.a.stats.retransmits == p.queue_drops
+    assert p.a.stats.retransmits < 2 * p.queue_drops

@@ -165,7 +165,7 @@ class TCPConnection:
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "max_snd_wnd",
         "_sndbuf", "_buf_seq", "_fin_seq", "_shut_wr", "_app_closed",
         "snd_wscale", "rcv_wscale", "_ws_ok", "sack_ok", "ts_ok", "_our_mss", "_peer_mss", "send_mss",
-        "_cc", "_dupacks", "_in_recovery", "_recover", "_rto_recover", "_rxt_mark", "_high_rxt", "_sacked", "_sacked_bytes",
+        "_cc", "_dupacks", "_in_recovery", "_recover", "_rto_recover", "_rxt_mark", "_una_rxt_time", "_high_rxt", "_sacked", "_sacked_bytes",
         # receive side
         "irs", "rcv_nxt", "rcv_adv", "_rcvbuf", "recv_buffer_size", "_ooo", "_ooo_stamp",
         "_ooo_fin", "_dsack", "_fin_received", "_rcv_full", "_unacked_segs", "_ack_now", "_last_ack_sent",
@@ -263,6 +263,7 @@ class TCPConnection:
         # the timeout is acknowledged (RFC 6582 §4.1 "recover", strictly above).
         self._rto_recover = iss
         self._rxt_mark = iss  # SND.MAX when we last retransmitted in recovery
+        self._una_rxt_time = now  # when the hole at SND.UNA was (about) retransmitted
         self._high_rxt = iss
         self._sacked: list[list[int]] = []  # SACK scoreboard: sorted disjoint [start, end) above snd_una
         self._sacked_bytes = 0
@@ -1005,6 +1006,8 @@ class TCPConnection:
                 self.stats.retransmits += 1
                 self._high_rxt = seq + used
                 self._rxt_mark = self.snd_max
+                if seq == self.snd_una:
+                    self._una_rxt_time = now
                 self._rtt_seq = None  # Karn
             else:
                 if room <= 0 and seq < self._buf_seq + len(self._sndbuf):
@@ -1028,6 +1031,7 @@ class TCPConnection:
         self._recover = self.snd_max
         self._high_rxt = self.snd_una
         self._rxt_mark = self.snd_max
+        self._una_rxt_time = now
         self.stats.fast_retransmits += 1
         self._rtt_seq = None
         if self.sack_ok:
@@ -1320,13 +1324,17 @@ class TCPConnection:
         sack_new = False
         if seg.sack_blocks and self.sack_ok:
             sack_new = self._sack_add(seg.sack_blocks)
-            if sack_new and self._in_recovery and self._high_rxt > self.snd_una and self._sacked \
-                    and self._sacked[-1][1] > self._rxt_mark + (_DUPTHRESH - 1) * self.send_mss:
-                # Data sent after our last retransmission is being SACKed while a
-                # retransmitted hole is still open: on a FIFO path that retransmission
-                # was lost too. Make the holes eligible again instead of waiting for the RTO.
+            if sack_new and self._in_recovery and self._high_rxt > self.snd_una and self._sacked and (
+                    self._sacked[-1][1] > self._rxt_mark + (_DUPTHRESH - 1) * self.send_mss
+                    or (ack == una and self._srtt is not None
+                        and now - self._una_rxt_time > 1.25 * self._srtt + 0.002)):
+                # A retransmitted hole is still open while the peer keeps SACKing data
+                # sent after it (FIFO path), or its retransmission has gone unanswered
+                # for more than an RTT while ACKs keep coming: that retransmission was
+                # lost too. Make the holes eligible again instead of waiting for the RTO.
                 self._high_rxt = self.snd_una
                 self._rxt_mark = self.snd_max
+                self._una_rxt_time = now
                 self.stats.lost_retransmits += 1
         cc = self._cc
         if ack > una:
@@ -1410,7 +1418,9 @@ class TCPConnection:
                     cc.cwnd = cc.ssthresh
                 else:
                     cc.cwnd = min(cc.ssthresh, max(self.snd_max - ack, self.send_mss) + self.send_mss)
-            elif not self.sack_ok:
+            elif self.sack_ok:
+                self._una_rxt_time = now  # a new first hole: its retransmission went out since
+            else:
                 # NewReno partial ACK (RFC 6582): retransmit the next hole, deflate.
                 opts = self._options(now)
                 self._send_data(ack, self._seg_max(opts), now, opts, self._window_field())
