@@ -48,9 +48,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SOL_UDP: int = getattr(socket, "SOL_UDP", 17)
-UDP_SEGMENT: int = getattr(socket, "UDP_SEGMENT", 103)
-UDP_GRO: int = getattr(socket, "UDP_GRO", 104)
+SOL_UDP: int = int(getattr(socket, "SOL_UDP", 17))
+UDP_SEGMENT: int = int(getattr(socket, "UDP_SEGMENT", 103))
+UDP_GRO: int = int(getattr(socket, "UDP_GRO", 104))
 
 #: Segments per GSO send. Linux allows 64 (UDP_MAX_SEGMENTS; 128 on recent kernels): stay with the older limit.
 MAX_SEGMENTS = 64
@@ -64,6 +64,7 @@ GSO_EINVAL_LIMIT = 4
 
 RECV_BUFFER_SIZE = 65535
 _CMSG_SPACE_GRO = socket.CMSG_SPACE(4)  # the kernel reports the GRO segment size as an int
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: "&" on the socket.MsgFlag enum costs microseconds
 _NO_GSO_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOPROTOOPT, errno.ENOTSUP, errno.EIO})
 
 Buffer = bytes | bytearray | memoryview
@@ -311,7 +312,7 @@ class UDPReceiver:
                         return True
                     self.errors += 1
                     continue
-                if flags & socket.MSG_TRUNC:
+                if flags & _MSG_TRUNC:
                     self.errors += 1  # cannot happen for a UDP payload (< 64 KiB); drop rather than guess
                     continue
                 if map_address is not None:
