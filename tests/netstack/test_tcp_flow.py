@@ -312,3 +312,12 @@ def test_coalesced_acks_still_ack_out_of_order_at_once() -> None:
     assert len(p.b_out) == 2
     p.b.flush_acks(p.now)  # nothing in-order is waiting
     assert len(p.b_out) == 2
+
+
+def test_autotuning_never_shrinks_below_the_configured_buffer() -> None:
+    odd = TCPOptions(recv_buffer=200_000, recv_buffer_max=100_000)  # max below the initial size
+    p = Pair(b_options=odd)
+    data = os.urandom(1_000_000)
+    pump = Pump("a", data)
+    assert p.run(lambda: pump.finished(p), duration=30, app=pump)
+    assert bytes(pump.received) == data and p.b.recv_buffer_size == 200_000

@@ -1587,9 +1587,9 @@ class TCPConnection:
         copied = self._rcv_space_copied
         self._rcv_space_copied = 0
         self._rcv_space_time = now
-        target = 2 * copied + 16 * self._rcv_full
+        target = min(2 * copied + 16 * self._rcv_full, self.options.recv_buffer_max)
         if target > self.recv_buffer_size:
-            self.recv_buffer_size = min(target, self.options.recv_buffer_max)
+            self.recv_buffer_size = target  # only ever grows: the window already offered stays valid
 
     # --- timers ---
 
