@@ -321,3 +321,21 @@ def test_autotuning_never_shrinks_below_the_configured_buffer() -> None:
     pump = Pump("a", data)
     assert p.run(lambda: pump.finished(p), duration=30, app=pump)
     assert bytes(pump.received) == data and p.b.recv_buffer_size == 200_000
+
+
+def test_set_options_live_keepalive_and_nagle() -> None:
+    p = Pair(a_options=TCPOptions(nagle=True))
+    p.handshake()
+    assert p.a.get_timer() is None
+    p.a.set_options(TCPOptions(nagle=True, keepalive_idle=5.0, keepalive_interval=1.0, keepalive_count=2), p.now)
+    assert p.a.get_timer() == pytest.approx(p.now + 5.0)
+    # Nagle holds the second small write until the first is ACKed; turning it off sends it.
+    p.a_out.clear()
+    p.a.send(b"a", p.now)
+    p.a.send(b"b", p.now)
+    assert len(p.a_out) == 1
+    p.a.set_options(TCPOptions(nagle=False), p.now)
+    assert len(p.a_out) == 2
+    assert p.a.get_timer() is not None  # the RTO for the data (keepalive now off)
+    assert p.run(lambda: p.b.readable == 2, duration=5)
+    assert p.run(lambda: p.a.get_timer() is None, duration=5)

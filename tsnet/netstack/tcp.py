@@ -139,7 +139,8 @@ class TCPConnection:
       is a bug); ``snd_wscale``/``rcv_wscale``, ``sack_ok``, ``ts_ok`` and ``send_mss``
       describe what the handshake negotiated; ``recv_buffer_size`` is the autotuned
       buffer; ``stats.lost_retransmits`` counts retransmissions found lost in recovery.
-    * :meth:`time_wait_reopen_ok` (may a SYN reuse a TIME-WAIT 4-tuple),
+    * :meth:`set_options` (Nagle/keepalive/timeouts on a live connection),
+      :meth:`time_wait_reopen_ok` (may a SYN reuse a TIME-WAIT 4-tuple),
       :meth:`set_path_mtu` (ICMP frag-needed / packet-too-big),
       ``coalesce_acks`` + :meth:`flush_acks` (one ACK per received batch).
 
@@ -532,6 +533,23 @@ class TCPConnection:
         if self.ts_ok and seg.has_ts:
             return ((seg.tsval - self._ts_recent) & _M) < _HALF and seg.tsval != self._ts_recent
         return _unwrap(seg.seq, self.rcv_nxt) > self.rcv_nxt
+
+    def set_options(self, options: TCPOptions, now: float) -> None:
+        """Change a live connection's settings. Takes effect at once for Nagle, keepalive
+        (re-armed from ``now``), timeouts, retries and delayed ACK; buffer sizes, MTU and
+        the negotiated options (window scaling, SACK, timestamps, congestion control)
+        stay as they were set up."""
+        old = self.options
+        self.options = options
+        if (options.keepalive_idle, options.keepalive_interval) != (old.keepalive_idle, old.keepalive_interval) \
+                and self._was_established and self.state != TCPState.CLOSED:
+            self._ka_probes = 0
+            self._ka_deadline = None if options.keepalive_idle is None else now + options.keepalive_idle
+        if old.nagle and not options.nagle and self._was_established:
+            try:
+                self._output(now)  # small segments Nagle was holding may go now
+            except Exception:
+                self.internal_errors += 1
 
     def flush_acks(self, now: float) -> None:
         """End of a batch of received packets (only needed with ``coalesce_acks``).
