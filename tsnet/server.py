@@ -505,23 +505,12 @@ class Server:
 
     def _shutdown_netstack(self) -> None:
         """Reset every connection (peers get RSTs), unbind every socket, wake every waiting task."""
-        net = self._net
-        if net is None:
+        if self._net is None:
             return
-        stack = net.stack
-        now = trio.current_time()
         try:
-            for conn in list(stack.connections.values()):
-                stack.tcp_abort(conn, now)
-            for listener in list(stack.listeners.values()):
-                stack.close_listener(listener, now)
-            for ep in list(stack.udp_endpoints.values()):
-                stack.udp_close(ep)
-            net._flush()
+            self._net.abort_all()
         except Exception:
             self.log.exception("netstack shutdown")
-        for lot in list(net._lots.values()):
-            lot.unpark_all()
 
     async def _run(self) -> None:
         """The node: runs as a system task until close() (or a fatal error during up())."""

@@ -159,15 +159,18 @@ class NetStack:
         For shutting the node down."""
         stack = self.stack
         now = trio.current_time()
-        for conn in list(stack.connections.values()):
-            stack.tcp_abort(conn, now)
-        for listener in list(stack.listeners.values()):
-            stack.close_listener(listener, now)
-        for ep in list(stack.udp_endpoints.values()):
-            stack.udp_close(ep)
-        self._flush()
-        for lot in list(self._lots.values()):
-            lot.unpark_all()
+        try:
+            for conn in list(stack.connections.values()):
+                stack.tcp_abort(conn, now)
+            for listener in list(stack.listeners.values()):
+                stack.close_listener(listener, now)
+            for ep in list(stack.udp_endpoints.values()):
+                stack.udp_close(ep)
+            self._flush()
+        finally:
+            # Even if a reset failed, no task may stay parked on a node that is going away.
+            for lot in list(self._lots.values()):
+                lot.unpark_all()
 
     # -- waiting ---------------------------------------------------------------------------------------------------
 
