@@ -32,7 +32,7 @@ from typing import Any
 
 from tests.lab.netns import Lab, LabProcess, Link, Namespace, wait_until
 
-__all__ = ["CONTROL_PORT", "STUN_PORT", "RELAY_POLICY", "NatTopology", "PyNode", "Host", "TailscaledNode",
+__all__ = ["CONTROL_PORT", "STUN_PORT", "RELAY_POLICY", "FullNode", "NatTopology", "PyNode", "Host", "TailscaledNode",
            "start_tailscaled_node"]
 
 #: Everyone may talk to everyone, and every node may be everyone's peer relay.
@@ -64,6 +64,36 @@ class Host:
     nat: str  # "public", "easy" or "hard"
     router: Namespace | None = None
     wan: Link | None = None
+
+    def lossy_nat_link(self, probability: float) -> None:
+        """Drop this fraction of the UDP packets the host's NAT router forwards, both directions.
+
+        Unlike ``Namespace.random_loss`` (which appends), the rule goes first in FORWARD, ahead of the
+        router's ESTABLISHED accept rule, so established flows (WireGuard, disco) are hit too.
+        """
+        if self.router is None:
+            raise ValueError(f"{self.name} has no NAT router")
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError("probability must be within [0, 1]")
+        self.router.iptables("-I", "FORWARD", "1", "-p", "udp", "-m", "statistic", "--mode", "random",
+                             "--probability", f"{probability:.6f}", "-j", "DROP")
+
+    def segment_udp_in_software(self) -> None:
+        """Turn off UDP segmentation offload on the host's interfaces.
+
+        A node sending with UDP_SEGMENT otherwise crosses the veths and the router as one ~64 KiB
+        super-packet, and iptables loss rules would drop whole batches instead of single datagrams.
+        """
+        for ifname in self.ns.link_names():
+            if ifname != "lo":
+                self.ns.run(["ethtool", "-K", ifname, "tx-udp-segmentation", "off", "tx-gso-list", "off"])
+
+    def nat_link_drops(self) -> int:
+        """Packets the :meth:`lossy_nat_link` rule has dropped so far."""
+        if self.router is None:
+            return 0
+        out = self.router.run(["iptables", "-L", "FORWARD", "-v", "-n", "-x"])
+        return sum(int(line.split()[0]) for line in out.splitlines() if "statistic" in line and "DROP" in line)
 
     @property
     def public_ip(self) -> str:
@@ -162,8 +192,110 @@ class NatTopology:
         proc = host.ns.popen(args, env={"PYTHONPATH": str(REPO)}, cwd=str(REPO))
         return PyNode(host, proc, status)
 
+    def start_full_node(self, host: Host, *, port: int = 41641, socks5_port: int | None = None,
+                        forwards: tuple[str, ...] = (), relay_server_port: int | None = None) -> FullNode:
+        """``tsnet up`` (a whole :class:`tsnet.Server`: netstack, proxies, local API) as a process on ``host``.
+
+        ``socks5_port`` serves SOCKS5 on the namespace's 127.0.0.1, ``forwards`` are ``PORT=HOST:PORT``
+        (tailnet TCP port -> address inside the namespace). The state directory survives :meth:`FullNode.restart`,
+        so a restarted node keeps its identity. Returns once the process is started; use
+        :meth:`FullNode.wait_running`.
+        """
+        state = self.tmp / f"node-{host.name}"
+        args = [sys.executable, "-m", "tsnet", "up", "--control-url", self.control_url, "--authkey", self.authkey,
+                "--hostname", host.name, "--state-dir", str(state), "--port", str(port)]
+        if socks5_port is not None:
+            args += ["--socks5", f"127.0.0.1:{socks5_port}"]
+        for fwd in forwards:
+            args += ["--forward", fwd]
+        if relay_server_port is not None:
+            args += ["--relay-server-port", str(relay_server_port)]
+        node = FullNode(host, args, state, socks5_port)
+        node.start()
+        return node
+
     def logs(self) -> str:
         return self.lab.process_logs()
+
+
+@dataclass
+class FullNode:
+    """A ``tsnet up`` process on a lab host; status and metrics come from its local API (a Unix socket)."""
+
+    host: Host
+    args: list[str]
+    state_dir: Path
+    socks5_port: int | None
+    proc: LabProcess | None = None
+
+    def start(self) -> None:
+        self.socket_path.unlink(missing_ok=True)
+        self.proc = self.host.ns.popen(self.args, env={"PYTHONPATH": str(REPO)}, cwd=str(REPO))
+
+    def stop(self) -> None:
+        """SIGTERM (then SIGKILL) the node; its state directory stays."""
+        assert self.proc is not None
+        self.proc.stop()
+
+    def kill(self) -> None:
+        """SIGKILL: the node vanishes without a goodbye (no logout, no disco)."""
+        assert self.proc is not None
+        import signal as _signal
+
+        self.proc.signal(_signal.SIGKILL)
+        self.proc.popen.wait(10)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "tsnet.sock"
+
+    def _client(self) -> Any:
+        from tsnet.localapi import LocalClient
+
+        return LocalClient(self.socket_path, timeout=5.0)
+
+    def status(self) -> dict[str, Any]:
+        """``tsnet status --json`` (empty while the local API is not up)."""
+        from tsnet.localapi import LocalAPIError
+
+        try:
+            return self._client().status()
+        except (LocalAPIError, OSError, ValueError):
+            return {}
+
+    def metrics(self) -> str:
+        return str(self._client().metrics())
+
+    def metric(self, name: str) -> float:
+        """Sum of every sample of ``name`` (all label sets) in the node's Prometheus text."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def peer(self, hostname: str) -> dict[str, Any] | None:
+        return next((p for p in self.status().get("peers") or () if p.get("name") == hostname), None)
+
+    def path(self, hostname: str) -> str:
+        """The peer's path as ``tsnet status`` shows it: ``direct IP:PORT``, ``relay via NAME``, ``derp region N``,
+        ``idle`` or ``""`` (unknown peer)."""
+        p = self.peer(hostname)
+        return str(p.get("path") or "") if p else ""
+
+    def ipv4(self) -> str:
+        me = self.status().get("self_node") or {}
+        return next(a.split("/")[0] for a in me.get("addresses", ()) if "." in a)
+
+    def running(self) -> bool:
+        return self.status().get("backend_state") == "Running"
+
+    def wait_running(self, timeout: float = 30.0) -> None:
+        wait_until(lambda: self.running() or not self.alive(), timeout, f"{self.host.name} running")
+        assert self.alive(), self.proc.log()[-4000:] if self.proc else ""
 
 
 @dataclass

@@ -1,0 +1,346 @@
+"""NAT-lab scenarios that need a whole node or a real tailscaled (tests/lab/nat_topology.py).
+
+Complements tests/interop/test_magicsock_nat.py (raw-ICMP Python nodes):
+
+* tailscaled 1.96.4 as the peer relay for our two Python nodes behind hard NATs.
+* our full node (``tsnet up --relay-server-port``) as the peer relay for two
+  tailscaled behind hard NATs; its ``tailscaled_peer_relay_endpoints`` gauge.
+* relay failover: SIGKILL the relay under an open TCP stream between two full
+  nodes; the path falls back to DERP within 5 s, the stream survives intact,
+  and after a restart the path moves back to the relay.
+* a relay grant naming other nodes only: the relay refuses to serve them.
+* 3 % random loss on a NAT link: a multi-MiB TCP transfer stays intact.
+
+TCP streams go from the test (a socket created inside node a's namespace)
+through a's SOCKS5 proxy, across the tailnet, to b's ``--forward`` port and a
+server the test runs inside b's namespace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.lab import Lab, Namespace, wait_until
+from tests.lab.nat_topology import RELAY_POLICY, FullNode, NatTopology, start_tailscaled_node
+
+pytestmark = pytest.mark.interop
+
+TIMEOUT = 30.0
+RELAY_PORT = 40000
+SOCKS_PORT = 1080
+FWD_PORT = 8000  # tailnet port on b
+SERVICE_PORT = 9000  # b's namespace-local server behind the forward
+
+
+def _wait(cond: Callable[[], object], what: str, topo: NatTopology, timeout: float = TIMEOUT,
+          allow_dead: tuple[object, ...] = ()) -> None:
+    """Poll ``cond`` (bounded); fail at once if an unexpected lab process died, printing the logs."""
+    def check() -> bool:
+        dead = [p for p in topo.lab.processes if p.poll() is not None and p not in allow_dead]
+        if dead:
+            raise AssertionError(f"process died: {dead[0]}")
+        return bool(cond())
+
+    try:
+        wait_until(check, timeout, what, interval=0.1)
+    except Exception:
+        print(topo.logs()[-30000:])
+        raise
+
+
+# -- TCP helpers (blocking sockets inside lab namespaces) ---------------------------------------------------
+
+
+def _socks5_connect(ns: Namespace, socks_port: int, host: str, port: int, timeout: float = 20.0) -> socket.socket:
+    """A TCP stream to ``host:port`` through the SOCKS5 proxy on ``ns``'s 127.0.0.1 (no auth, IPv4 CONNECT)."""
+    sock = ns.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", socks_port))
+    sock.sendall(b"\x05\x01\x00")
+    assert _recv_exact(sock, 2) == b"\x05\x00"
+    sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack("!H", port))
+    reply = _recv_exact(sock, 10)
+    assert reply[:2] == b"\x05\x00", f"SOCKS5 CONNECT refused: {reply!r}"
+    return sock
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"EOF after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def _serve(ns: Namespace, handler: Callable[[socket.socket], None]) -> socket.socket:
+    """A TCP listener on ``ns``'s 127.0.0.1:SERVICE_PORT; each connection runs ``handler`` in a thread."""
+    lsock = ns.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind(("127.0.0.1", SERVICE_PORT))
+    lsock.listen(8)
+
+    def accept_loop() -> None:
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return  # closed at teardown
+            threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
+    return lsock
+
+
+def _echo(conn: socket.socket) -> None:
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+def _sha256_sink(conn: socket.socket) -> None:
+    """Read an 8-byte length and that many bytes; answer their SHA-256 (hex)."""
+    with conn:
+        conn.settimeout(120)
+        n = struct.unpack("!Q", _recv_exact(conn, 8))[0]
+        h = hashlib.sha256()
+        left = n
+        while left:
+            chunk = conn.recv(min(left, 65536))
+            if not chunk:
+                return
+            h.update(chunk)
+            left -= len(chunk)
+        conn.sendall(h.hexdigest().encode())
+
+
+def _pattern(offset: int, n: int) -> bytes:
+    """Bytes ``offset .. offset+n`` of an endless, position-dependent stream (so reordering/loss would show)."""
+    start = offset // 8
+    words = b"".join(struct.pack("!Q", (i * 0x9E3779B97F4A7C15) & (2**64 - 1)) for i in range(start, start + n // 8 + 2))
+    skip = offset - start * 8
+    return words[skip:skip + n]
+
+
+class EchoStream:
+    """Keeps sending a known byte stream to an echo server and checks every byte that comes back."""
+
+    def __init__(self, sock: socket.socket, chunk: int = 8192, rate: float = 256 * 1024) -> None:
+        self.sock = sock
+        self.chunk = chunk
+        self.pause = chunk / rate  # pacing, so the stream stays open for the whole scenario without flooding
+        self.sent = 0
+        self.received = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._send, daemon=True),
+                         threading.Thread(target=self._recv, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _send(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.sock.sendall(_pattern(self.sent, self.chunk))
+                self.sent += self.chunk
+                self._stop.wait(self.pause)
+        except BaseException as exc:
+            self.error = self.error or exc
+
+    def _recv(self) -> None:
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ConnectionError("echo stream closed by the far end")
+                want = _pattern(self.received, len(data))
+                if data != want:
+                    raise AssertionError(f"echoed bytes differ at offset {self.received}")
+                self.received += len(data)
+        except BaseException as exc:
+            if not (self._stop.is_set() and self.received == self.sent):
+                self.error = self.error or exc
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise AssertionError(f"TCP stream broke after {self.sent} sent / {self.received} echoed: "
+                                 f"{self.error!r}") from self.error
+
+    def stop_sending(self) -> None:
+        self._stop.set()
+        self._threads[0].join(10)
+
+
+def _full_pair(topo: NatTopology, kind_a: str, kind_b: str) -> tuple[FullNode, FullNode]:
+    """Full nodes a (SOCKS5 proxy) and b (tailnet port FWD_PORT -> b's 127.0.0.1:SERVICE_PORT)."""
+    ha, hb = topo.add_host("a", kind_a), topo.add_host("b", kind_b)
+    b = topo.start_full_node(hb, forwards=(f"{FWD_PORT}=127.0.0.1:{SERVICE_PORT}",))
+    a = topo.start_full_node(ha, socks5_port=SOCKS_PORT)
+    for n in (a, b):
+        _wait(n.running, f"{n.host.name} running", topo)
+    _wait(lambda: a.peer("b") is not None and b.peer("a") is not None, "a and b see each other", topo)
+    return a, b
+
+
+# -- tailscaled as the peer relay ------------------------------------------------------------------------
+
+
+def test_our_nodes_behind_hard_nats_use_tailscaled_peer_relay(lab: Lab, tmp_path: Path, tailscale_binaries) -> None:
+    """tailscaled 1.96.4 on the internet with ``tailscale set --relay-server-port``; our hard<->hard pair uses it."""
+    topo = NatTopology(lab, tmp_path)
+    topo.start_control(policy=RELAY_POLICY)
+    hr = topo.add_host("tsrelay", "public")
+    relay = start_tailscaled_node(topo, hr, tailscale_binaries)
+    relay.cli("set", f"--relay-server-port={RELAY_PORT}")
+    ha, hb = topo.add_host("a", "hard"), topo.add_host("b", "hard")
+    b = topo.start_python_node(hb)
+    a = topo.start_python_node(ha, ping="b")
+    _wait(lambda: a.peer("tsrelay") is not None and b.peer("tsrelay") is not None, "both see the relay", topo)
+    _wait(lambda: a.status().get("replies", 0) > 0, "echo replies", topo)
+    want = f"{hr.public_ip}:{RELAY_PORT}:vni:"
+    _wait(lambda: a.path_kind("b") == "peer-relay" and b.path_kind("a") == "peer-relay", "relay path both ways",
+          topo)
+    assert a.peer("b")["addr"].startswith(want) and b.peer("a")["addr"].startswith(want)
+    derp_sent = a.status()["counters"].get("wg_sent_derp", 0)
+    n = a.status()["replies"]
+    _wait(lambda: a.status()["replies"] > n + 10, "replies over tailscaled's relay", topo)
+    assert a.status()["counters"].get("wg_sent_derp", 0) == derp_sent
+    assert a.path_kind("b") == "peer-relay"
+
+
+# -- our full node as the peer relay for two tailscaled --------------------------------------------------
+
+
+def test_two_tailscaled_behind_hard_nats_use_our_full_node_relay(lab: Lab, tmp_path: Path,
+                                                                  tailscale_binaries) -> None:
+    """``tsnet up --relay-server-port`` relays for two tailscaled; its endpoint gauge counts the bound session."""
+    topo = NatTopology(lab, tmp_path)
+    topo.start_control(policy=RELAY_POLICY)
+    hr = topo.add_host("relay", "public")
+    relay = topo.start_full_node(hr, relay_server_port=RELAY_PORT)
+    _wait(relay.running, "relay running", topo)
+    h1, h2 = topo.add_host("ts1", "hard"), topo.add_host("ts2", "hard")
+    ts1 = start_tailscaled_node(topo, h1, tailscale_binaries)
+    ts2 = start_tailscaled_node(topo, h2, tailscale_binaries, port=41642)
+    _wait(lambda: ts1.peer("relay") is not None and ts2.peer("relay") is not None and ts1.peer("ts2") is not None,
+          "everyone sees everyone", topo)
+    ip2 = ts2.ipv4()
+    want = f"via peer-relay({hr.public_ip}:{RELAY_PORT}:vni:"
+
+    def pinged_via_relay() -> bool:
+        out = ts1.cli("ping", "--until-direct=false", "--c", "3", "--timeout", "2s", ip2, timeout=30, check=False)
+        return want in out
+
+    _wait(pinged_via_relay, "tailscale ping goes via our peer relay", topo, timeout=60)
+    _wait(lambda: (ts1.peer("ts2") or {}).get("PeerRelay", "").startswith(f"{hr.public_ip}:{RELAY_PORT}"),
+          "tailscaled status shows the peer relay", topo)
+    _wait(lambda: relay.metric("tailscaled_peer_relay_endpoints") > 0, "relay endpoint gauge > 0", topo)
+    assert 'tailscaled_peer_relay_endpoints{state="open"} 1' in relay.metrics()
+    assert relay.metric("tailscaled_peer_relay_forwarded_packets_total") > 0
+    # The relay also shows the two clients it serves in its own peer list.
+    assert relay.peer("ts1") is not None and relay.peer("ts2") is not None
+
+
+# -- relay failover under an open TCP stream -------------------------------------------------------------
+
+
+def test_relay_killed_under_tcp_stream_falls_back_to_derp_and_returns(lab: Lab, tmp_path: Path) -> None:
+    topo = NatTopology(lab, tmp_path)
+    topo.start_control(policy=RELAY_POLICY)
+    hr = topo.add_host("relay", "public")
+    relay = topo.start_full_node(hr, relay_server_port=RELAY_PORT)
+    _wait(relay.running, "relay running", topo)
+    a, b = _full_pair(topo, "hard", "hard")
+    _serve(b.host.ns, _echo)
+    b_ip = b.ipv4()
+    _wait(lambda: a.peer("relay") and b.peer("relay"), "both see the relay", topo)
+    # Traffic makes the nodes look for a better path than DERP: the relay.
+    stream = EchoStream(_socks5_connect(a.host.ns, SOCKS_PORT, b_ip, FWD_PORT))
+    _wait(lambda: a.path(b.host.name) == "relay via relay" and b.path("a") == "relay via relay",
+          "relay path both ways", topo)
+    mark = stream.received
+    _wait(lambda: stream.check() or stream.received > mark + 256 * 1024, "stream flows over the relay", topo)
+
+    relay.kill()
+    killed_at = time.monotonic()
+    _wait(lambda: a.path("b").startswith("derp") and b.path("a").startswith("derp"),
+          "both fall back to DERP within 5 s", topo, timeout=5.0, allow_dead=(relay.proc,))
+    fallback = time.monotonic() - killed_at
+    mark = stream.received
+    _wait(lambda: stream.check() or stream.received > mark + 256 * 1024, "stream flows over DERP", topo,
+          allow_dead=(relay.proc,))
+
+    relay.start()
+    _wait(lambda: a.path("b") == "relay via relay" and b.path("a") == "relay via relay",
+          "back on the relay after its restart", topo, timeout=45)
+    mark = stream.received
+    _wait(lambda: stream.check() or stream.received > mark + 256 * 1024, "stream flows over the relay again", topo)
+
+    stream.stop_sending()
+    _wait(lambda: stream.check() or stream.received == stream.sent, "every byte echoed", topo)
+    stream.check()
+    print(f"fallback to DERP after {fallback:.2f} s; {stream.sent} bytes echoed intact")
+    assert stream.sent > 768 * 1024
+
+
+# -- a relay grant that does not name these nodes --------------------------------------------------------
+
+# Only tagged nodes may use the relay; a and b join untagged.
+NARROW_RELAY_POLICY = """{
+  "tagOwners": {"tag:relay": ["autogroup:member"], "tag:client": ["autogroup:member"]},
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+  "grants": [{"src": ["tag:client"], "dst": ["tag:relay"], "app": {"tailscale.com/cap/relay": []}}],
+}
+"""
+
+
+def _sha256_roundtrip(a: FullNode, b_ip: str, data: bytes) -> bool:
+    with _socks5_connect(a.host.ns, SOCKS_PORT, b_ip, FWD_PORT) as sock:
+        sock.sendall(struct.pack("!Q", len(data)) + data)
+        assert _recv_exact(sock, 64).decode() == hashlib.sha256(data).hexdigest()
+    return True
+
+
+# -- loss on a NAT link ----------------------------------------------------------------------------------
+
+
+def test_multi_mib_transfer_survives_3_percent_loss_on_a_nat_link(lab: Lab, tmp_path: Path) -> None:
+    topo = NatTopology(lab, tmp_path)
+    topo.start_control()
+    a, b = _full_pair(topo, "easy", "easy")
+    _serve(b.host.ns, _sha256_sink)
+    b_ip = b.ipv4()
+    # A first small transfer makes the nodes talk (over DERP), hole punching then takes them direct.
+    _wait(lambda: _sha256_roundtrip(a, b_ip, b"hello") and a.path("b").startswith("direct")
+          and b.path("a").startswith("direct"), "direct path both ways", topo)
+    # 3 % of the UDP (WireGuard, disco, DERP) packets a's router forwards, both directions, are dropped.
+    a.host.lossy_nat_link(0.03)
+    for n in (a, b):  # one datagram per wire packet, so the loss hits single datagrams
+        n.host.segment_udp_in_software()
+    size = 4 * 1024 * 1024
+    payload = _pattern(0, size)
+    started = time.monotonic()
+    sock = _socks5_connect(a.host.ns, SOCKS_PORT, b_ip, FWD_PORT, timeout=120)
+    with sock:
+        sock.sendall(struct.pack("!Q", size))
+        view = memoryview(payload)
+        for off in range(0, size, 256 * 1024):
+            sock.sendall(view[off:off + 256 * 1024])
+        digest = _recv_exact(sock, 64).decode()
+    elapsed = time.monotonic() - started
+    assert digest == hashlib.sha256(payload).hexdigest()
+    print(f"{size >> 20} MiB through 3 % loss in {elapsed:.1f} s ({size / elapsed / 1e6:.2f} MB/s), "
+          f"path {a.path('b')!r}")
+    assert a.path("b").startswith("direct"), a.path("b")
+    drops = a.host.nat_link_drops()
+    print(f"{drops} packets dropped on the NAT link")
+    assert drops > 50
