@@ -12,7 +12,8 @@ with DERP and STUN on the "internet" namespace) and removes it afterwards, also 
 * ``direct``: every host on the internet, no NAT;
 * ``derp``: the same, with UDP between hosts dropped by the internet router (STUN and DERP still work);
 * ``relay``: every host behind its own hard NAT (no hole punching), plus a public ``tsnet up`` node
-  offering a peer relay (``--relay-server-port``) granted to everyone by the policy.
+  offering a peer relay (``--relay-server-port``) granted to everyone by the policy;
+* ``relay-ts``: the same with tailscaled as the peer relay server (``tailscale set --relay-server-port``).
 
 Each host runs a tiny sink/source server on its own ``127.0.0.1:5201``. tailscaled nodes run in
 userspace-networking mode (inbound tailnet TCP goes to the namespace's 127.0.0.1) with
@@ -28,7 +29,7 @@ Before measuring, both ends must report the expected path (tsnet status / tailsc
 Needs root (network namespaces). Traffic stays inside the lab's namespaces; tailscaled only through
 the lab helpers (``--no-logs-no-support``, our control URL and DERP map, no route out).
 
-Run: ``.venv/bin/python benchmarks/lab_paths_bench.py [--seconds 5] [--pings 200] [--paths direct,relay,derp]
+Run: ``.venv/bin/python benchmarks/lab_paths_bench.py [--seconds 5] [--pings 200] [--paths direct,relay,relay-ts,derp]
 [--pairs py-py,py-ts,ts-ts] [--directions down,up] [--json results.json]``
 """
 
@@ -61,7 +62,8 @@ CHUNK = 256 * 1024
 WARMUP = 0.5
 
 PAIRS = {"py-py": ("py", "py"), "py-ts": ("py", "ts"), "ts-ts": ("ts", "ts")}
-PATHS = ("direct", "relay", "derp")
+#: Path kinds; ``relay`` uses a tsnet peer relay, ``relay-ts`` a tailscaled one (``tailscale set --relay-server-port``).
+PATHS = ("direct", "relay", "relay-ts", "derp")
 
 
 # --- the sink/source server and the client (run as subprocesses inside a namespace) ------------------
@@ -329,11 +331,16 @@ def run_path(path: str, pairs: list[str], directions: list[str], seconds: float,
     with tempfile.TemporaryDirectory(prefix=f"tsnet-bench-{path}-") as tmpdir, Lab() as lab:
         tmp = Path(tmpdir)
         topo = NatTopology(lab, tmp)
-        topo.start_control(policy=RELAY_POLICY if path == "relay" else None)
-        nat = "hard" if path == "relay" else "public"
+        relayed = path.startswith("relay")
+        topo.start_control(policy=RELAY_POLICY if relayed else None)
+        nat = "hard" if relayed else "public"
         if path == "relay":
-            log(f"[{path}] starting the peer relay")
+            log(f"[{path}] starting the tsnet peer relay")
             BenchNode("py", topo.add_host("relay", "public"), topo, bins, tmp, relay=True)
+        elif path == "relay-ts":
+            log(f"[{path}] starting the tailscaled peer relay")
+            BenchNode("ts", topo.add_host("relay", "public"), topo, bins, tmp).ts.cli(
+                "set", f"--relay-server-port={RELAY_PORT}")
         # Clients are "<kind>a", servers "<kind>b": py-ts is the Python client with the tailscaled server.
         needed = sorted({f"{PAIRS[p][0]}a" for p in pairs} | {f"{PAIRS[p][1]}b" for p in pairs})
         nodes: dict[str, BenchNode] = {}
@@ -347,8 +354,9 @@ def run_path(path: str, pairs: list[str], directions: list[str], seconds: float,
             ck, sk = PAIRS[pair]
             client, server = nodes[f"{ck}a"], nodes[f"{sk}b"]
             log(f"[{path}] {pair}: waiting for the {path} path ({client.name} -> {server.name})")
-            seen = _wait_path(client, server, path, 45)
-            if seen != (path, path):
+            want = "relay" if relayed else path
+            seen = _wait_path(client, server, want, 45)
+            if seen != (want, want):
                 err = f"path is {seen[0]}/{seen[1]}, not {path}"
                 log(f"[{path}] {pair}: {err}")
                 results += [Result(path, pair, m, None, error=err) for m in (*directions, "rtt")]
@@ -363,7 +371,7 @@ def run_path(path: str, pairs: list[str], directions: list[str], seconds: float,
                     results.append(Result(path, pair, metric, None, error=str(exc).strip().splitlines()[-1][:200]))
                     log(f"[{path}] {pair} {metric}: failed: {results[-1].error}")
             after = (client.path_to(server.name), server.path_to(client.name))
-            if after != (path, path):
+            if after != (want, want):
                 for r in results:
                     if r.path == path and r.pair == pair:
                         r.extra["path_after"] = "/".join(after)
@@ -393,10 +401,10 @@ def table(results: list[Result], directions: list[str]) -> str:
     lines += ["", f"Ratios ({d0}):", ""]
     for pair in pairs:
         direct = get.get(("direct", pair, d0))
-        for path in ("relay", "derp"):
+        for path in ("relay", "relay-ts", "derp"):
             if (path, pair, d0) in get:
                 lines.append(f"* {names.get(pair, pair)}: {path} / direct = {ratio(get.get((path, pair, d0)), direct)}"
-                             + (" (target ≥ 80%)" if path == "relay" else ""))
+                             + (" (target ≥ 80%)" if path.startswith("relay") else ""))
     for path in paths:
         ts = get.get((path, "ts-ts", d0))
         for pair in ("py-ts", "py-py"):
@@ -461,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"TCP through SOCKS5 -> node -> tailnet -> node -> 127.0.0.1 sink; {args.seconds:g} s per transfer "
           f"(after {WARMUP} s warm-up), {args.pings} 1-byte round trips; tailscaled 1.96.4 userspace-networking; "
-          f"peer relay = tsnet up --relay-server-port on a public host")
+          f"peer relay = tsnet up --relay-server-port (relay) / tailscaled (relay-ts) on a public host")
     print()
     print(table(results, directions))
     errors = [r for r in results if r.error]

@@ -12,7 +12,12 @@ Part 2 (trio, wall clock): two MagicSockDrivers on loopback with our DERP
 server; ICMP echo round trips (raw IPv4 packets, echoed by the peer's
 on_packet) on the direct path and, with direct UDP blocked, over DERP.
 
-Run: .venv/bin/python benchmarks/paths_bench.py [--packets N] [--pings N]
+Part 3 (``--lab``, needs root): the lab benchmark of :mod:`lab_paths_bench` -- TCP throughput and RTT
+over the direct, peer-relay and DERP paths for Python<->Python, Python<->tailscaled and
+tailscaled<->tailscaled in network namespaces, with the ratios. Arguments after ``--lab`` go to it
+(e.g. ``--lab --seconds 3 --directions down``).
+
+Run: .venv/bin/python benchmarks/paths_bench.py [--packets N] [--pings N] [--lab [LAB ARGS ...]]
 """
 
 from __future__ import annotations
@@ -176,6 +181,10 @@ async def echo_rtts(pings: int, block_direct: bool) -> tuple[list[float], str]:
 
 
 def main() -> None:
+    lab_args: list[str] | None = None
+    if "--lab" in sys.argv:
+        at = sys.argv.index("--lab")
+        lab_args, sys.argv[at:] = sys.argv[at + 1:], []
     ap = argparse.ArgumentParser()
     ap.add_argument("--packets", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3)
@@ -196,6 +205,13 @@ def main() -> None:
         rtts.sort()
         ms = [x * 1000 for x in rtts]
         print(f"{kind:<12}{statistics.median(ms):>10.3f}{ms[int(len(ms) * 0.9)]:>10.3f}{ms[-1]:>10.3f}")
+    if lab_args is not None:
+        import lab_paths_bench
+
+        print(flush=True)
+        code = lab_paths_bench.main(lab_args)
+        if code:
+            sys.exit(code)
 
 
 if __name__ == "__main__":
