@@ -424,3 +424,31 @@ async def test_magicsock_driver_sends_and_receives_a_burst_in_few_syscalls(pair_
     # ...and arrived at b coalesced (UDP_GRO), in far fewer receive syscalls than datagrams.
     assert b.driver.counters["udp_receive_syscalls"] - cb["udp_receive_syscalls"] < len(burst) // 2
     assert a.driver.counters["udp_send_errors"] == b.driver.counters["udp_send_errors"] == 0
+
+
+async def test_magicsock_driver_send_counters_keep_their_meaning(socks) -> None:
+    """udp_sent counts datagrams (not syscalls); a full buffer drops the rest; unreachable feeds the core."""
+    import ipaddress
+
+    from tsnet.key import NodePrivate
+    from tsnet.magicsock.addrport import AddrPort
+    from tsnet.magicsock.driver import MagicSockDriver
+
+    tx, rx = make(socks), make(socks)
+    driver = MagicSockDriver(NodePrivate.generate(), bind_v4="127.0.0.1", bind_v6=None)
+    unreachable: list[AddrPort] = []
+    driver.core.note_udp_unreachable = lambda dest, now: unreachable.append(dest)  # type: ignore[method-assign]
+    here = AddrPort(ipaddress.ip_address("127.0.0.1"), rx.getsockname()[1])
+    there = AddrPort(ipaddress.ip_address("127.0.0.2"), 9)
+    v6 = AddrPort(ipaddress.ip_address("::1"), 9)
+    receiver = UDPReceiver(rx)
+    flaky = FlakySocket(tx, sendto_errors={1: OSError(errno.ENETUNREACH, "unreachable")},
+                        sendmsg_errors={2: BlockingIOError(errno.EAGAIN, "full")})
+    driver.sockets = {4: flaky}  # type: ignore[dict-item]
+    batch = [(b"a" * 500, here)] * 20 + [(b"x" * 10, there), (b"v6", v6)] + [(b"b" * 300, here)] * 5
+    driver._send_udp(batch)
+    c = driver.counters
+    assert c["udp_sent"] == 20 and c["udp_send_syscalls"] == 3  # one GSO send, one failed sendto, one blocked
+    assert c["udp_send_errors"] == 1 and unreachable == [there]
+    assert c["udp_send_dropped"] == 1 + 5  # no IPv6 socket; then the kernel buffer was full for the last group
+    assert len(drain(receiver, 20)) == 20
