@@ -452,3 +452,33 @@ async def test_magicsock_driver_send_counters_keep_their_meaning(socks) -> None:
     assert c["udp_send_errors"] == 1 and unreachable == [there]
     assert c["udp_send_dropped"] == 1 + 5  # no IPv6 socket; then the kernel buffer was full for the last group
     assert len(drain(receiver, 20)) == 20
+
+
+async def test_wireguard_driver_queues_what_a_full_buffer_refused(socks) -> None:
+    import trio
+
+    from tests.wg.test_driver import PEER, FakeDevice
+    from tsnet.wg.driver import WireGuardUDP
+
+    rx = make(socks)
+    receiver = UDPReceiver(rx)
+    dev = FakeDevice()
+    dev.endpoint = rx.getsockname()
+    drv = WireGuardUDP(dev, bind=("127.0.0.1", 0))
+    # The first segmented send finds the kernel buffer full; later sends succeed.
+    flaky = FlakySocket(drv.socket, sendmsg_errors={1: BlockingIOError(errno.EAGAIN, "full")})
+    drv._sender.sock = flaky  # type: ignore[assignment]
+    packets = [b"%04d" % i + b"p" * 996 for i in range(30)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(drv.run)
+        drv.send_packets(PEER, packets)
+        assert drv.counters.send_queued == len(packets) and drv.counters.datagrams_sent == 0
+        got: list[tuple[Any, Any]] = []
+        with trio.fail_after(5):
+            while len(got) < len(packets):
+                await trio.lowlevel.wait_readable(rx)
+                receiver.receive(got, 128)
+        nursery.cancel_scope.cancel()
+    assert [bytes(d) for d, _ in got] == [b"enc:" + p for p in packets]
+    assert drv.counters.datagrams_sent == len(packets) and drv.counters.send_queue_overflow == 0
+    assert flaky.sendmsg_calls == 2 and drv.counters.send_syscalls == 2  # refused, then the writer's one send
