@@ -10,7 +10,7 @@
 * The core's timer is a cancel-scope deadline moved after every core call.
 * Sends are synchronous (:class:`tsnet.udpio.UDPSender` on the non-blocking
   socket: consecutive datagrams to one destination leave in one ``UDP_SEGMENT``
-  send; a full kernel buffer drops the rest of that socket's batch, as UDP may).
+  send; a full kernel buffer drops the datagram, as UDP may).
   Readers drain with :class:`tsnet.udpio.UDPReceiver` (``UDP_GRO``).
 
 ``on_packet(peer, ip_packet)`` receives decrypted packets; ``on_event(event)``
@@ -422,14 +422,20 @@ class MagicSockDriver:
             if sender is None or sender.sock is not sock:
                 sender = self._senders[fam] = UDPSender(sock)
             syscalls = sender.syscalls
-            stop, errors = sender.send(items)
+            start = 0
+            while True:
+                stop, errors = sender.send(items, start)
+                counters["udp_sent"] += stop - start - len(errors)
+                for i, exc in errors:
+                    counters["udp_send_errors"] += 1
+                    if getattr(exc, "errno", None) in _UNREACHABLE:
+                        self.core.note_udp_unreachable(dests[i], trio.current_time())
+                if stop >= len(items):
+                    break
+                # Kernel buffer full: this datagram is dropped (as UDP may); the next ones still get a try.
+                counters["udp_send_dropped"] += 1
+                start = stop + 1
             counters["udp_send_syscalls"] += sender.syscalls - syscalls
-            counters["udp_sent"] += stop - len(errors)
-            counters["udp_send_dropped"] += len(items) - stop  # kernel buffer full
-            for i, exc in errors:
-                counters["udp_send_errors"] += 1
-                if getattr(exc, "errno", None) in _UNREACHABLE:
-                    self.core.note_udp_unreachable(dests[i], trio.current_time())
 
     def _pump(self) -> None:
         """Carry out everything the core queued, then re-arm the timer."""
