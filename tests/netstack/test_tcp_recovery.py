@@ -99,7 +99,8 @@ def test_recovery_reduces_cwnd() -> None:
 
 def test_tail_loss_needs_rto_and_backs_off_with_karn() -> None:
     """Lose the only segment (twice): RTO fires, doubles, and no RTT sample comes from
-    the retransmission (Karn), so SRTT stays what the handshake measured."""
+    the retransmission (Karn), so SRTT stays what the handshake measured. (RACK-TLP
+    off: with it a tail loss probe repairs the first loss; see test_tcp_rack.py.)"""
     copies = {"n": 0}
 
     def fault(direction: str, seg: Segment, idx: int) -> list[float]:
@@ -109,7 +110,7 @@ def test_tail_loss_needs_rto_and_backs_off_with_karn() -> None:
                 return []
         return [0.0]
 
-    opts = TCPOptions(timestamps=False)
+    opts = TCPOptions(timestamps=False, rack=False)
     p = Pair(a_options=opts, b_options=opts, fault=fault)
     p.handshake()
     srtt = p.a.stats.srtt
@@ -140,7 +141,7 @@ def test_timestamps_allow_rtt_samples_from_retransmissions() -> None:
                 return []
         return [0.0]
 
-    p = Pair(fault=fault)
+    p = Pair(fault=fault, a_options=TCPOptions(rack=False))  # RTO path (a TLP would repair it first)
     p.handshake()
     p.a.send(b"x" * 100, p.now)
     assert p.run(lambda: p.a.snd_una == p.a.snd_max, duration=10)
@@ -208,7 +209,8 @@ def test_user_timeout_gives_up() -> None:
 
 
 def test_rto_go_back_n_recovers_burst_loss() -> None:
-    """Lose a whole flight: RTO, slow start again, everything arrives."""
+    """Lose a whole flight: RTO, slow start again, everything arrives. (RACK-TLP off:
+    with it the probe's SACK starts a fast recovery instead, see test_tcp_rack.py.)"""
     state = {"dropping": True, "count": 0}
 
     def fault(direction: str, seg: Segment, idx: int) -> list[float]:
@@ -219,7 +221,7 @@ def test_rto_go_back_n_recovers_burst_loss() -> None:
             return []
         return [0.0]
 
-    p = Pair(fault=fault)
+    p = Pair(fault=fault, a_options=TCPOptions(rack=False))
     data = os.urandom(200_000)
     pump = Pump("a", data)
     assert p.run(lambda: pump.finished(p), duration=60, app=pump)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import errno
+from bisect import bisect_right
 from dataclasses import dataclass
 
 from . import checksum
@@ -57,6 +58,8 @@ _FAST_FLAGS_MASK = FIN | SYN | RST | ACK | 0x20  # everything but PSH (0x20 = UR
 _PERSIST_MAX = 60.0
 _MAX_SACK_OPT_BLOCKS_TS = 3  # 40 option bytes: 12 for timestamps leave room for 3 blocks
 _MAX_SACK_OPT_BLOCKS = 4
+_TLP_MIN_EXTRA = 0.002  # added to 2*SRTT so a probe does not race the ACK of a full flight
+_REO_WND_PERSIST = 16  # recoveries a D-SACK-widened reordering window is kept for (RFC 8985 §6.2)
 
 
 def _unwrap(wire: int, ref: int) -> int:
@@ -108,6 +111,7 @@ class TCPOptions:
     window_scaling: bool = True
     sack: bool = True
     timestamps: bool = True
+    rack: bool = True  # RACK-TLP (RFC 8985) loss detection and tail loss probes when SACK is negotiated
 
 
 @dataclass(slots=True)
@@ -124,6 +128,9 @@ class TCPStats:
     dropped: int = 0  # unacceptable / malformed segments
     challenge_acks: int = 0
     lost_retransmits: int = 0  # retransmissions detected lost during SACK recovery (added)
+    tlp_probes: int = 0  # tail loss probes sent (RFC 8985 §7)
+    rack_marks: int = 0  # times RACK's time-based rule found data lost
+    reordering_seen: bool = False  # RACK saw reordering (D-SACK or a hole filled by itself)
     srtt: float | None = None
     rto: float = 1.0
     cwnd: int = 0
@@ -178,6 +185,10 @@ class TCPConnection:
         "_rto_deadline", "_persist_deadline", "_persist_backoff", "_delack_deadline",
         "_ka_deadline", "_ka_probes", "_state_deadline", "_last_rcv_time",
         "_challenge_time", "_challenge_count",
+        # RACK-TLP (RFC 8985)
+        "_rack", "_rk_start", "_rk_end", "_rk_time", "_rk_rxt", "_rk_xmit_ts", "_rk_end_seq", "_rk_rtt",
+        "_rk_lost_to", "_rk_deadline", "_rk_reord", "_rk_mult", "_rk_persist", "_rk_dsack_round", "_min_rtt",
+        "_tlp_deadline", "_tlp_high", "_tlp_rxt", "_tlp_ts", "_rk_clock",
     )
 
     # --- construction -----------------------------------------------------------
@@ -308,6 +319,33 @@ class TCPConnection:
         self._last_rcv_time = now
         self._challenge_time = now
         self._challenge_count = 0
+        # RACK: when each range of original data was sent (three parallel lists, sorted,
+        # one entry per send call, not per segment) and the retransmissions in flight
+        # ([start, end, time], in send order). RACK.xmit_ts/end_seq/rtt describe the most
+        # recently sent segment known delivered; holes below _rk_lost_to are lost.
+        # Send times are keys (now, n): ``n`` counts retransmissions, so a batch of
+        # sends sharing one ``now`` still has an order (RFC 8985 breaks ties by
+        # sequence number, which is wrong for a retransmission sent after new data).
+        self._rack = False  # set once SACK is negotiated
+        self._rk_clock = 0
+        self._rk_start: list[int] = []
+        self._rk_end: list[int] = []
+        self._rk_time: list[tuple[float, int]] = []
+        self._rk_rxt: list[list] = []
+        self._rk_xmit_ts: tuple[float, int] | None = None
+        self._rk_end_seq = iss
+        self._rk_rtt = 0.0
+        self._rk_lost_to = iss
+        self._rk_deadline: float | None = None  # reordering timer
+        self._rk_reord = False
+        self._rk_mult = 1
+        self._rk_persist = 0
+        self._rk_dsack_round: int | None = None
+        self._min_rtt: float | None = None
+        self._tlp_deadline: float | None = None
+        self._tlp_high: int | None = None  # SND.MAX when the episode's probe went out
+        self._tlp_rxt = False
+        self._tlp_ts = 0
 
     @classmethod
     def active(
@@ -390,7 +428,8 @@ class TCPConnection:
     def get_timer(self) -> float | None:
         """Earliest pending deadline, or None."""
         best = self._rto_deadline
-        for d in (self._delack_deadline, self._persist_deadline, self._ka_deadline, self._state_deadline):
+        for d in (self._delack_deadline, self._persist_deadline, self._ka_deadline, self._state_deadline,
+                  self._tlp_deadline, self._rk_deadline):
             if d is not None and (best is None or d < best):
                 best = d
         return best
@@ -593,11 +632,13 @@ class TCPConnection:
         self.state = TCPState.CLOSED
         self._rto_deadline = self._persist_deadline = self._delack_deadline = None
         self._ka_deadline = self._state_deadline = None
+        self._tlp_deadline = self._rk_deadline = None
         self._notify()
 
     def _enter_time_wait(self, now: float) -> None:
         self.state = TCPState.TIME_WAIT
         self._rto_deadline = self._persist_deadline = self._ka_deadline = None
+        self._tlp_deadline = self._rk_deadline = None
         self._state_deadline = now + self.options.time_wait
         self._notify()
 
@@ -627,6 +668,7 @@ class TCPConnection:
             self.snd_wscale = 0
             self.rcv_wscale = 0
         self.sack_ok = opts.sack and syn.sack_permitted
+        self._rack = opts.rack and self.sack_ok
         if opts.timestamps and syn.has_ts:
             self.ts_ok = True
             self._ts_recent = syn.tsval
@@ -899,6 +941,8 @@ class TCPConnection:
         self.snd_nxt = nxt
         if nxt > snd_max:
             self.snd_max = nxt
+            if self._rack:
+                self._rk_record(start if start > snd_max else snd_max, nxt, now)
         if was_idle:
             self._progress_time = now
         if self._rto_deadline is None:
@@ -907,6 +951,8 @@ class TCPConnection:
             if ut is not None:
                 self._rto_deadline = min(self._rto_deadline, self._progress_time + ut)
         self._persist_deadline = None
+        if self._rack:
+            self._tlp_arm(now)
 
     def _seg_max(self, opts: bytes) -> int:
         """Payload that fits one segment carrying ``opts`` (RFC 6691: options count)."""
@@ -972,13 +1018,18 @@ class TCPConnection:
 
     def _pipe(self) -> int:
         """RFC 6675 pipe: bytes believed in flight."""
+        # With RACK, holes below _rk_lost_to are lost by time; the RFC 6675 "three
+        # segments SACKed above" rule stays as well until reordering has been seen.
         lost_thresh = (_DUPTHRESH - 1) * self.send_mss
+        if self._rack and self._rk_reord:
+            lost_thresh = 1 << 62
+        rack_lost = self._rk_lost_to
         high_rxt = self._high_rxt
         pipe = 0
         top = self.snd_una
         for s, e, above in self._holes():
             if above <= lost_thresh:
-                pipe += e - s
+                pipe += e - (s if s >= rack_lost else min(e, rack_lost))
             if s < high_rxt:
                 pipe += min(e, high_rxt) - s
         if self._sacked:
@@ -990,12 +1041,17 @@ class TCPConnection:
     def _next_seg(self) -> tuple[int, int] | None:
         """RFC 6675 NextSeg(): (start, max_len) to (re)send, or None."""
         lost_thresh = (_DUPTHRESH - 1) * self.send_mss
+        if self._rack and self._rk_reord:
+            lost_thresh = 1 << 62
+        rack_lost = self._rk_lost_to
         high_rxt = self._high_rxt
         rescue = None
         for s, e, above in self._holes():
             if e <= high_rxt:
                 continue
             s = max(s, high_rxt)
+            if s < rack_lost:
+                return s, min(e, rack_lost) - s
             if above > lost_thresh:
                 return s, e - s
             if rescue is None:
@@ -1021,6 +1077,8 @@ class TCPConnection:
             seq, room = nxt_seg
             if seq < self.snd_nxt:
                 used = self._send_data(seq, min(seg_max, room), now, opts, wnd)
+                if self._rack:
+                    self._rk_rxt_add(seq, seq + used, now)
                 self.stats.retransmits += 1
                 self._high_rxt = seq + used
                 self._rxt_mark = self.snd_max
@@ -1033,6 +1091,8 @@ class TCPConnection:
                 used = self._send_data(seq, min(seg_max, room), now, opts, wnd)
                 self.snd_nxt = seq + used
                 if self.snd_nxt > self.snd_max:
+                    if self._rack:
+                        self._rk_record(max(seq, self.snd_max), self.snd_nxt, now)
                     self.snd_max = self.snd_nxt
             if used <= 0:
                 break
@@ -1052,11 +1112,15 @@ class TCPConnection:
         self._una_rxt_time = now
         self.stats.fast_retransmits += 1
         self._rtt_seq = None
+        self._tlp_deadline = None  # no probes during recovery; a new episode starts after it
+        self._tlp_high = None
         if self.sack_ok:
             cc.cwnd = cc.ssthresh
             # Fast retransmit of the first hole, then whatever pipe allows.
             opts = self._options(now)
             used = self._send_data(self.snd_una, self._seg_max(opts), now, opts, self._window_field())
+            if self._rack:
+                self._rk_rxt_add(self.snd_una, self.snd_una + used, now)
             self.stats.retransmits += 1
             self._high_rxt = self.snd_una + used
             self._sack_output(now)
@@ -1068,6 +1132,262 @@ class TCPConnection:
         self._rto_deadline = now + self._rto
         self._update_stats()
 
+    # --- RACK-TLP (RFC 8985) ---
+
+    def _rk_record(self, start: int, end: int, now: float) -> None:
+        """Remember when original data [start, end) went out (one entry per send call)."""
+        ends = self._rk_end
+        key = (now, self._rk_clock)
+        if ends and ends[-1] == start and self._rk_time[-1] == key:
+            ends[-1] = end
+        else:
+            self._rk_start.append(start)
+            ends.append(end)
+            self._rk_time.append(key)
+
+    def _rk_rxt_add(self, start: int, end: int, now: float) -> None:
+        """Remember a retransmission of [start, end): after everything sent before it."""
+        self._rk_clock += 1
+        self._rk_rxt.append([start, end, (now, self._rk_clock)])
+        self._rk_clock += 1
+
+    def _rk_orig_time(self, seq: int) -> tuple[float, int] | None:
+        """When the original transmission of byte ``seq`` went out (None if unknown)."""
+        ends = self._rk_end
+        i = bisect_right(ends, seq)
+        if i < len(ends) and self._rk_start[i] <= seq:
+            return self._rk_time[i]
+        return None
+
+    def _rack_reset(self) -> None:
+        """Forget RACK/TLP state (after an RTO everything is resent go-back-N)."""
+        self._rk_start.clear()
+        self._rk_end.clear()
+        self._rk_time.clear()
+        self._rk_rxt.clear()
+        self._rk_xmit_ts = None
+        self._rk_lost_to = self.snd_una
+        self._rk_deadline = None
+        self._tlp_deadline = None
+        self._tlp_high = None
+
+    def _rack_dsack(self, blocks: list[tuple[int, int]], una: int) -> None:
+        """A D-SACK (RFC 2883: first block below SND.UNA or inside the second) means data
+        arrived twice: reordering (or a needless probe). Widen the reordering window
+        once per round trip and keep it for a while (RFC 8985 §6.2 step 4)."""
+        l0 = _unwrap(blocks[0][0], una)
+        r0 = _unwrap(blocks[0][1], una)
+        if not (r0 <= una or (len(blocks) > 1 and _unwrap(blocks[1][0], una) <= l0
+                              and r0 <= _unwrap(blocks[1][1], una))):
+            return
+        self._rk_reord = True
+        self.stats.reordering_seen = True
+        rnd = self._rk_dsack_round
+        if rnd is None or una >= rnd:
+            self._rk_dsack_round = self.snd_max
+            self._rk_mult += 1
+            self._rk_persist = _REO_WND_PERSIST
+
+    def _rack_update(self, ack: int, now: float) -> None:
+        """Newly ACKed/SACKed data: advance RACK.xmit_ts to the most recently sent
+        delivered segment (RFC 8985 §6.2 steps 1-3), then look for losses."""
+        una = self.snd_una
+        cands = []
+        sb = self._sacked
+        if ack > una:
+            t = self._rk_orig_time(ack - 1)
+            if t is not None:
+                cands.append((t, ack))
+            if sb and not self._in_recovery and una >= self._rto_recover and not self._rk_rxt \
+                    and ack <= sb[0][0]:
+                # A hole below SACKed data filled without our retransmitting it: reordering.
+                self._rk_reord = True
+                self.stats.reordering_seen = True
+        if sb:
+            right = sb[-1][1]
+            t = self._rk_orig_time(right - 1)
+            if t is not None:
+                cands.append((t, right))
+        rxt = self._rk_rxt
+        if rxt:
+            min_rtt = self._min_rtt
+            keep = []
+            for r in rxt:
+                s, e, t = r
+                done = e <= ack
+                if not done:
+                    for bs, be in sb:
+                        if bs <= s and e <= be:
+                            done = True
+                            break
+                        if bs > s:
+                            break
+                if not done:
+                    keep.append(r)
+                elif min_rtt is None or now - t[0] >= min_rtt:
+                    # (A delivery sooner than min RTT answered the original, not this copy.)
+                    cands.append((t, e))
+            if len(keep) != len(rxt):
+                self._rk_rxt = keep
+        xt = self._rk_xmit_ts
+        for t, e in cands:
+            if xt is None or t > xt or (t == xt and e > self._rk_end_seq):
+                xt = self._rk_xmit_ts = t
+                self._rk_end_seq = e
+                self._rk_rtt = now - t[0]
+        if sb:
+            self._rack_detect(now)
+
+    def _rack_reo_wnd(self) -> float:
+        if not self._rk_reord and (self._in_recovery or self._sacked_bytes >= _DUPTHRESH * self.send_mss):
+            return 0.0
+        m = self._min_rtt if self._min_rtt is not None else (self._srtt or 0.0)
+        w = self._rk_mult * m / 4
+        if self._srtt is not None and w > self._srtt:
+            w = self._srtt
+        return w
+
+    def _rack_detect(self, now: float) -> None:
+        """RFC 8985 §6.2 step 5: data sent before RACK's segment and not delivered
+        within RACK.rtt + reo_wnd is lost; arm the reordering timer for the rest."""
+        xt = self._rk_xmit_ts
+        if xt is None:
+            return
+        reo = self._rack_reo_wnd()
+        rtt = self._rk_rtt
+        limit = now - rtt - reo + 1e-9
+        end_seq = self._rk_end_seq
+        una = self.snd_una
+        lost_to = self._rk_lost_to
+        if lost_to < una:
+            lost_to = una
+        deadline = None
+        starts, ends, times = self._rk_start, self._rk_end, self._rk_time
+        i = bisect_right(ends, lost_to)
+        n = len(ends)
+        prev = lost_to
+        while i < n:
+            s = starts[i]
+            if s > prev:
+                break  # a gap in the record (e.g. a window probe): no timing known
+            t = times[i]
+            if t > xt:
+                break
+            e = ends[i]
+            if t == xt and e > end_seq:
+                e = end_seq
+            if e <= lost_to:
+                break
+            if t[0] <= limit:
+                lost_to = e
+                prev = e
+                if e != ends[i]:
+                    break
+                i += 1
+            else:
+                # Not lost yet: only worth a timer if an unSACKed hole lies below e.
+                for hs, he, _ in self._holes():
+                    if he > lost_to and hs < e:
+                        deadline = t[0] + rtt + reo
+                        break
+                    if hs >= e:
+                        break
+                break
+        rxt = self._rk_rxt
+        if rxt:
+            lost_rxt = 0
+            for s, e, t in rxt:
+                if t > xt or (t == xt and e > end_seq):
+                    break
+                if t[0] <= limit:
+                    lost_rxt += 1
+                    if s < self._high_rxt:
+                        self._high_rxt = max(s, una)
+                    if e > lost_to:
+                        lost_to = e
+                else:
+                    d = t[0] + rtt + reo
+                    if deadline is None or d < deadline:
+                        deadline = d
+                    break
+            if lost_rxt:
+                # A retransmission sent before a delivered segment is lost too.
+                del rxt[:lost_rxt]
+                self.stats.lost_retransmits += lost_rxt
+        old = self._rk_lost_to
+        if lost_to > old:
+            for hs, he, _ in self._holes():
+                if hs >= lost_to:
+                    break
+                if he > old:
+                    self.stats.rack_marks += 1  # a hole newly counted lost
+                    break
+            self._rk_lost_to = lost_to
+        self._rk_deadline = deadline
+
+    def _rack_enter_recovery(self, now: float) -> None:
+        if self._in_recovery or self.snd_una < self._recover or self.snd_una <= self._rto_recover \
+                or self._persist_deadline is not None or self.snd_max <= self.snd_una:
+            return
+        self._enter_recovery(now)
+
+    def _tlp_arm(self, now: float) -> None:
+        """Arm the tail loss probe (RFC 8985 §7.2): 2*SRTT after the last send, plus the
+        peer's delayed-ACK allowance when a single segment is in flight; not when the
+        RTO would come first, in recovery, after an RTO, or while one probe is out."""
+        una = self.snd_una
+        srtt = self._srtt
+        if self._tlp_high is not None or self._in_recovery or self.snd_max <= una or srtt is None \
+                or una < self._rto_recover or self._persist_deadline is not None or self.snd_nxt < self.snd_max:
+            self._tlp_deadline = None
+            return
+        extra = _TLP_MIN_EXTRA
+        if self.snd_max - una <= self.send_mss and self.options.delayed_ack > extra:
+            extra = self.options.delayed_ack
+        d = now + 2 * srtt + extra
+        rto = self._rto_deadline
+        self._tlp_deadline = d if rto is None or d < rto else None
+
+    def _on_tlp(self, now: float) -> None:
+        """Send the probe: one segment of new data if the window allows, else the last
+        segment again, so the peer's (S)ACK shows what is missing at the tail."""
+        if self.state not in (TCPState.ESTABLISHED, TCPState.CLOSE_WAIT, TCPState.FIN_WAIT_1,
+                              TCPState.LAST_ACK, TCPState.CLOSING) \
+                or self.snd_max <= self.snd_una or self._in_recovery or self._tlp_high is not None:
+            return
+        una = self.snd_una
+        data_end = self._buf_seq + len(self._sndbuf)
+        fin_seq = self._fin_seq
+        end = data_end + 1 if fin_seq is not None else data_end
+        opts = self._options(now)
+        seg_max = self._seg_max(opts)
+        wnd = self._window_field()
+        nxt = self.snd_nxt
+        sent_new = False
+        if nxt == self.snd_max and nxt < end:
+            room = una + self.snd_wnd - nxt
+            if nxt >= data_end or room > 0:
+                used = self._send_data(nxt, min(seg_max, max(room, 0)), now, opts, wnd)
+                if used > 0:
+                    self.snd_nxt = self.snd_max = nxt + used
+                    self._rk_record(nxt, nxt + used, now)
+                    sent_new = True
+        if not sent_new:
+            data_top = min(self.snd_max, data_end)
+            start = max(una, data_top - seg_max)
+            used = self._send_data(start, data_top - start, now, opts, wnd)
+            self.stats.retransmits += 1
+            self._rk_rxt_add(start, start + used, now)
+            self._rtt_seq = None  # Karn
+        self._tlp_high = self.snd_max
+        self._tlp_rxt = not sent_new
+        self._tlp_ts = self._ts_now(now)
+        self.stats.tlp_probes += 1
+        self._rto_deadline = now + self._rto
+        ut = self.options.user_timeout
+        if ut is not None:
+            self._rto_deadline = min(self._rto_deadline, self._progress_time + ut)
+
     # --- RTT / RTO ---
 
     def _rtt_sample(self, r: float, per_ack: bool = False) -> None:
@@ -1076,6 +1396,8 @@ class TCPConnection:
         RTTVAR keep the memory of about one RTT as with one sample per flight."""
         if r < 0:
             return
+        if self._min_rtt is None or r < self._min_rtt:
+            self._min_rtt = r
         if self._srtt is None:
             self._srtt = r
             self._rttvar = r / 2
@@ -1340,9 +1662,12 @@ class TCPConnection:
             self.snd_wl1 = seq
             self.snd_wl2 = ack
         sack_new = False
-        if seg.sack_blocks and self.sack_ok:
-            sack_new = self._sack_add(seg.sack_blocks)
-            if sack_new and self._in_recovery and self._high_rxt > self.snd_una and self._sacked and (
+        blocks = seg.sack_blocks
+        if blocks and self.sack_ok:
+            if self._rack:
+                self._rack_dsack(blocks, una)
+            sack_new = self._sack_add(blocks)
+            if sack_new and not self._rack and self._in_recovery and self._high_rxt > self.snd_una and self._sacked and (
                     self._sacked[-1][1] > self._rxt_mark + (_DUPTHRESH - 1) * self.send_mss
                     or (ack == una and self._srtt is not None
                         and now - self._una_rxt_time > 1.25 * self._srtt + 0.002)):
@@ -1354,9 +1679,13 @@ class TCPConnection:
                 self._rxt_mark = self.snd_max
                 self._una_rxt_time = now
                 self.stats.lost_retransmits += 1
+        if self._rack and (sack_new or (ack > una and self._sacked)):
+            self._rack_update(ack, now)
         cc = self._cc
         if ack > una:
             self._ack_new(seg, ack, now)
+            if self._rack and not self._in_recovery and self._rk_lost_to > self.snd_una:
+                self._rack_enter_recovery(now)
             # Our FIN acknowledged?
             fin_seq = self._fin_seq
             if fin_seq is not None and ack > fin_seq:
@@ -1382,7 +1711,11 @@ class TCPConnection:
                     cc.cwnd += self.send_mss  # NewReno window inflation
             elif una >= self._recover and una > self._rto_recover and self._persist_deadline is None:
                 lost = self.sack_ok and self._sacked_bytes > (_DUPTHRESH - 1) * self.send_mss
-                if self._dupacks >= _DUPTHRESH or lost:
+                if self._rack and self._rk_reord:
+                    lost = False  # reordering seen: only RACK's time-based rule marks losses
+                elif self._dupacks >= _DUPTHRESH:
+                    lost = True
+                if lost or (self._rack and self._rk_lost_to > una):
                     self._enter_recovery(now)
                 elif self.snd_nxt == self.snd_max:
                     # Limited transmit (RFC 3042): one new segment per early duplicate ACK.
@@ -1428,10 +1761,33 @@ class TCPConnection:
             self._rtt_seq = None
         if self._sacked:
             self._sack_trim()
+        if self._rack:
+            ends = self._rk_end
+            if ends and ends[0] <= ack:
+                i = bisect_right(ends, ack)
+                del ends[:i], self._rk_start[:i], self._rk_time[:i]
+            rxt = self._rk_rxt
+            while rxt and rxt[0][1] <= ack:
+                del rxt[0]
+            th = self._tlp_high
+            if th is not None and ack >= th:
+                # The probe's episode is over. If the probe was a retransmission and
+                # this ACK answers it (not the original: its echoed timestamp is the
+                # probe's), it repaired a real loss: reduce the window once (RFC 8985 §7.4).
+                self._tlp_high = None
+                if self._tlp_rxt and not self._in_recovery and not (
+                        self.ts_ok and seg.has_ts and ((seg.tsecr - self._tlp_ts) & _M) >= _HALF):
+                    cc.on_congestion(self.snd_max - una, now)
+                    cc.cwnd = max(cc.ssthresh, self.send_mss)
         if self._in_recovery:
             if ack >= self._recover:
                 self._in_recovery = False
                 self._dupacks = 0
+                if self._rack:
+                    if self._rk_persist > 0:
+                        self._rk_persist -= 1
+                    else:
+                        self._rk_mult = 1
                 if self.sack_ok:
                     cc.cwnd = cc.ssthresh
                 else:
@@ -1461,6 +1817,8 @@ class TCPConnection:
             self._rto_deadline = now + self._rto
         else:
             self._rto_deadline = None
+        if self._rack:
+            self._tlp_arm(now)
         self._update_stats()
 
     def _process_data(self, seg: Segment, seq: int, payload: memoryview, now: float) -> None:
@@ -1625,6 +1983,19 @@ class TCPConnection:
             self._on_rto(now)
             if self.state == TCPState.CLOSED:
                 return
+        d = self._rk_deadline
+        if d is not None and now >= d:
+            self._rk_deadline = None
+            self._rack_detect(now)
+            if self._rk_lost_to > self.snd_una:
+                if self._in_recovery:
+                    self._sack_output(now)
+                else:
+                    self._rack_enter_recovery(now)
+        d = self._tlp_deadline
+        if d is not None and now >= d:
+            self._tlp_deadline = None
+            self._on_tlp(now)
         d = self._persist_deadline
         if d is not None and now >= d:
             self._on_persist(now)
@@ -1680,6 +2051,7 @@ class TCPConnection:
                 if cc.hystart is not None:
                     cc.hystart.reset()
             # Go back N from SND.UNA; SACK state is discarded (the peer may renege).
+            self._rack_reset()
             self._in_recovery = False
             self._dupacks = 0
             self._recover = self.snd_max
@@ -1691,6 +2063,9 @@ class TCPConnection:
             self._rto_deadline = None
             if self.snd_nxt > self.snd_una:
                 self._rto_deadline = now + self._rto
+                ut = self.options.user_timeout
+                if ut is not None:
+                    self._rto_deadline = min(self._rto_deadline, self._progress_time + ut)
             self._update_stats()
             return
         self._rto_deadline = now + self._rto
