@@ -3,24 +3,36 @@
 Run: ``.venv/bin/python benchmarks/run_all.py [--quick] [--only NAME ...] [--timeout 900] [--out docs/benchmarks.md]``.
 
 Each ``*_bench.py`` runs as its own subprocess (one at a time, so they do not compete for the cores) and
-prints its own table; the report has one summary table (benchmark, status, wall time, headline figure)
-followed by every benchmark's table as printed, plus the ``tsnet demo`` figures (path, RTT, throughput of
-a loopback transfer between two in-process nodes). ``--quick`` passes smaller sizes to the benchmarks that
-take them, for a fast smoke run. The machine (CPU, cores, memory, kernel, Python) is stated at the top.
+prints its own table; the report has
+
+* a side-by-side table: this project next to tailscaled 1.96.4 (``lab_paths_bench``: direct, peer-relay
+  and DERP paths between real processes in lab namespaces) and next to the kernel through wireguard-go
+  (``netstack_bench``), with the ratios;
+* PNG charts in ``docs/benchmarks/`` (only when matplotlib is importable: ``pip install -e .[bench]``);
+* one summary table (benchmark, status, wall time, headline figure), then every benchmark's table as
+  printed, plus the ``tsnet demo`` figures (a loopback transfer between two in-process nodes).
+
+``--quick`` passes smaller sizes to the benchmarks that take them and finishes in a few minutes; the
+full mode takes longer (the lab benchmark alone builds four labs and measures both directions). The
+machine (CPU, cores, memory, kernel, Python) and its load average are stated at the top. The lab
+benchmarks need root (network namespaces).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "benchmarks"
@@ -30,6 +42,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "control_bench": ["--peers", "50", "--rounds", "10", "--nodes", "0"],
     "derp_bench": ["--seconds", "1", "--idle", "500"],
     "filter_bench": ["--n", "20000"],
+    "lab_paths_bench": ["--seconds", "2", "--pings", "50", "--directions", "down"],
     "netstack_bench": ["--size", "16", "--rtt-count", "200", "--conns", "100"],
     "paths_bench": ["--packets", "2000", "--rounds", "1", "--pings", "50"],
     "relay_bench": ["--packets", "10000"],
@@ -47,6 +60,8 @@ class Outcome:
     seconds: float
     output: str
     headline: str = ""
+    #: Structured results, for benchmarks that write JSON (lab_paths_bench).
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 def machine() -> dict[str, str]:
@@ -95,17 +110,178 @@ def demo_headline(output: str) -> str:
     return f"{m.group(3)}, RTT {m.group(2)}, {m.group(1)}" if m else ""
 
 
-def render(outcomes: list[Outcome], info: dict[str, str], quick: bool) -> str:
+PAIR_NAMES = {"py-py": "Python ↔ Python", "py-ts": "Python ↔ tailscaled", "ts-ts": "tailscaled ↔ tailscaled"}
+PATH_NAMES = {"direct": "direct", "relay": "peer relay (tsnet relay)", "relay-ts": "peer relay (tailscaled relay)",
+              "derp": "DERP"}
+
+
+def lab_values(data: dict[str, Any]) -> dict[tuple[str, str, str], float]:
+    """``(path, pair, metric) -> value`` from lab_paths_bench's JSON (failed measurements left out)."""
+    return {(r["path"], r["pair"], r["metric"]): r["value"] for r in data.get("results", ()) if r["value"] is not None}
+
+
+def netstack_values(output: str) -> dict[str, float]:
+    """``what -> number`` from netstack_bench's table (Mbit/s and us rows)."""
+    values = {}
+    for line in output.splitlines():
+        m = re.match(r"^(\S.*?)\s{2,}([\d.]+) (Mbit/s|us)\b", line)
+        if m:
+            values[m.group(1).strip()] = float(m.group(2))
+    return values
+
+
+def _pct(a: float | None, b: float | None) -> str:
+    return f"{a / b:.0%}" if a is not None and b else "-"
+
+
+def _fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.0f} {unit}" if unit == "Mbit/s" else f"{v:.2f} {unit}"
+
+
+def lab_headline(data: dict[str, Any]) -> str:
+    v = lab_values(data)
+    d = (data.get("directions") or ["down"])[0]
+    a, b = v.get(("direct", "py-ts", d)), v.get(("direct", "ts-ts", d))
+    if a is None:
+        return ""
+    return f"direct Python↔tailscaled {a:.0f} Mbit/s ({_pct(a, b)} of tailscaled↔tailscaled)"
+
+
+def side_by_side(outcomes: list[Outcome]) -> list[str]:
+    """The one comparison table: this project | tailscaled 1.96.4 or kernel | ratio."""
+    rows: list[tuple[str, str, str, str]] = []
+    lab = next((o for o in outcomes if o.name == "lab_paths_bench"), None)
+    if lab is not None and lab.data:
+        v = lab_values(lab.data)
+        for d in lab.data.get("directions", ["down"]):
+            label = "server → client" if d == "down" else "client → server"
+            for path in PATH_NAMES:
+                ts = v.get((path, "ts-ts", d))
+                for pair in ("py-ts", "py-py"):
+                    if (path, pair, d) in v or (path, "ts-ts", d) in v:
+                        rows.append((f"TCP throughput, {PATH_NAMES[path]}, {PAIR_NAMES[pair]} ({label})",
+                                     _fmt(v.get((path, pair, d)), "Mbit/s"), _fmt(ts, "Mbit/s") + " (ts↔ts)",
+                                     _pct(v.get((path, pair, d)), ts)))
+        for path in PATH_NAMES:
+            ts = v.get((path, "ts-ts", "rtt"))
+            for pair in ("py-ts", "py-py"):
+                if (path, pair, "rtt") in v or ts is not None:
+                    mine = v.get((path, pair, "rtt"))
+                    rows.append((f"1-byte TCP RTT (median), {PATH_NAMES[path]}, {PAIR_NAMES[pair]}",
+                                 _fmt(mine, "ms"), _fmt(ts, "ms") + " (ts↔ts)",
+                                 _pct(ts, mine) + " speed" if mine and ts else "-"))
+    ns = next((o for o in outcomes if o.name == "netstack_bench"), None)
+    if ns is not None:
+        v2 = netstack_values(ns.output)
+        kab, kba = v2.get("kernel<->kernel TCP a->b (2x wireguard-go)"), v2.get("kernel<->kernel TCP b->a (2x wireguard-go)")
+        kern = (kab + kba) / 2 if kab and kba else (kab or kba)
+        for what in ("Python->kernel TCP (1 stream)", "kernel->Python TCP (1 stream)"):
+            if what in v2:
+                rows.append((f"netstack {what} vs kernel↔kernel (wireguard-go)", _fmt(v2[what], "Mbit/s"),
+                             _fmt(kern, "Mbit/s") + " (kernel)", _pct(v2[what], kern)))
+        pk, kk = v2.get("Python<->kernel 1-byte RTT median"), v2.get("kernel<->kernel 1-byte RTT median")
+        if pk and kk:
+            rows.append(("netstack 1-byte RTT median vs kernel↔kernel", f"{pk:.0f} µs", f"{kk:.0f} µs (kernel)",
+                         _pct(kk, pk) + " speed"))
+    if not rows:
+        return ["(neither lab_paths_bench nor netstack_bench ran: no side-by-side figures)"]
+    out = ["| Measurement | this project | reference, same run | ratio |", "|---|---:|---:|---:|"]
+    out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    out += ["", "Ratios: this project / reference for throughput; reference RTT / our RTT for latency (100% = as fast).",
+            "\"Python ↔ tailscaled\" has one tsnet node and one tailscaled node; throughput is over one TCP",
+            "connection through the client node's SOCKS5 proxy to a sink on the server node's 127.0.0.1, the same",
+            "way for every pair (see `benchmarks/lab_paths_bench.py`)."]
+    return out
+
+
+def charts(outcomes: list[Outcome], out_dir: Path) -> list[str]:
+    """Write PNG charts when matplotlib is importable; return markdown image links (relative to docs/)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["(charts skipped: matplotlib is not installed; `pip install -e .[bench]`)"]
+    links = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lab = next((o for o in outcomes if o.name == "lab_paths_bench" and o.data), None)
+    if lab is not None:
+        v = lab_values(lab.data)
+        paths = [p for p in PATH_NAMES if any(k[0] == p for k in v)]
+        for metric, unit, fname, title in (
+                (d, "Mbit/s", f"paths_throughput_{d}.png",
+                 f"TCP throughput by path and pair ({'server → client' if d == 'down' else 'client → server'})")
+                for d in lab.data.get("directions", ["down"])):
+            fig, ax = plt.subplots(figsize=(8, 4.2))
+            width = 0.27
+            for i, pair in enumerate(PAIR_NAMES):
+                vals = [v.get((p, pair, metric), 0.0) for p in paths]
+                bars = ax.bar([x + (i - 1) * width for x in range(len(paths))], vals, width, label=PAIR_NAMES[pair])
+                ax.bar_label(bars, fmt="%.0f", fontsize=7)
+            ax.set_xticks(range(len(paths)), [PATH_NAMES[p] for p in paths], fontsize=8)
+            ax.set_ylabel(unit)
+            ax.set_title(title, fontsize=10)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(out_dir / fname, dpi=110)
+            plt.close(fig)
+            links.append(f"![{title}](benchmarks/{fname})")
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        width = 0.27
+        for i, pair in enumerate(PAIR_NAMES):
+            vals = [v.get((p, pair, "rtt"), 0.0) for p in paths]
+            bars = ax.bar([x + (i - 1) * width for x in range(len(paths))], vals, width, label=PAIR_NAMES[pair])
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks(range(len(paths)), [PATH_NAMES[p] for p in paths], fontsize=8)
+        ax.set_ylabel("ms (median)")
+        ax.set_title("1-byte TCP round trip by path and pair", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "paths_rtt.png", dpi=110)
+        plt.close(fig)
+        links.append("![1-byte TCP round trip by path and pair](benchmarks/paths_rtt.png)")
+    ns = next((o for o in outcomes if o.name == "netstack_bench"), None)
+    if ns is not None:
+        v2 = netstack_values(ns.output)
+        items = [(k.replace(" (2x wireguard-go)", "\n(wireguard-go)").replace(" (1 stream)", ""), val)
+                 for k, val in v2.items() if k.endswith("(2x wireguard-go)") or k.endswith("(1 stream)")]
+        if items:
+            fig, ax = plt.subplots(figsize=(8, 3.8))
+            colors = ["tab:gray" if k.startswith("kernel<->kernel") else "tab:blue" for k, _ in items]
+            bars = ax.bar(range(len(items)), [val for _, val in items], color=colors)
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+            ax.set_xticks(range(len(items)), [k for k, _ in items], fontsize=8)
+            ax.set_ylabel("Mbit/s")
+            ax.set_title("TCP over WireGuard: our netstack vs the kernel (wireguard-go on both kernel ends)", fontsize=10)
+            fig.tight_layout()
+            fig.savefig(out_dir / "netstack_vs_kernel.png", dpi=110)
+            plt.close(fig)
+            links.append("![netstack vs kernel](benchmarks/netstack_vs_kernel.png)")
+    return links or ["(no chartable results in this run)"]
+
+
+def render(outcomes: list[Outcome], info: dict[str, str], quick: bool, load_start: tuple[float, float, float],
+           chart_links: list[str]) -> str:
+    load_end = os.getloadavg()
     lines = ["# Benchmarks", "",
              "Generated by `benchmarks/run_all.py`" + (" with `--quick` (reduced sizes)" if quick else "") + ".", "",
              "## Machine", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in info.items()]
-    lines += ["", "## Summary", "", "| Benchmark | Status | Wall time | Headline |", "|---|---|---|---|"]
+    lines += [f"| load average (1/5/15 min) at start | {' / '.join(f'{x:.2f}' for x in load_start)} |",
+              f"| load average (1/5/15 min) at end | {' / '.join(f'{x:.2f}' for x in load_end)} |"]
+    lines += ["", "The machine is shared (other work runs on its cores during development), so these numbers are",
+              "pessimistic: every benchmark competes for the CPU with whatever else runs, and both ends of every",
+              "transfer (plus, for the lab, the relay and DERP) share the same cores. Each side-by-side pair was",
+              "measured in the same run, one after the other, so the ratios are fairer than the absolute figures.", ""]
+    lines += ["## This project next to tailscaled 1.96.4 and the kernel", ""] + side_by_side(outcomes) + [""]
+    lines += ["## Charts", ""] + [x + "\n" for x in chart_links]
+    lines += ["## Summary", "", "| Benchmark | Status | Wall time | Headline |", "|---|---|---|---|"]
     for o in outcomes:
         lines.append(f"| `{o.name}` | {o.status} | {o.seconds:.1f} s | {o.headline or 'see table below'} |")
-    lines += ["", "Comparisons with tailscaled and kernel WireGuard are not part of this run yet; the per-benchmark",
-              "tables below are this project's own figures. Benchmarks run one at a time, but anything else on",
-              f"the machine (load average {os.getloadavg()[0]:.1f} at the end) competes with them.", ""]
+    lines.append("")
     for o in outcomes:
         lines += [f"## {o.name}", "", "```", o.output or "(no output)", "```", ""]
     return "\n".join(lines)
@@ -125,21 +301,36 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))} (have {', '.join(names)})")
         names = [n for n in names if n in args.only]
+    load_start = os.getloadavg()
     outcomes = []
     for name in names:
+        extra: list[str] = []
+        json_path = None
+        if name == "lab_paths_bench":
+            json_path = Path(tempfile.mkstemp(prefix="lab_paths_", suffix=".json")[1])
+            extra = ["--json", str(json_path)]
         if name == "demo":
             argv = [sys.executable, "-m", "tsnet", "demo"] + (["--size", "16"] if args.quick else [])
         else:
             argv = [sys.executable, str(BENCH_DIR / f"{name}.py")] + (QUICK_ARGS.get(name, []) if args.quick else [])
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        outcome = run(name, argv, args.timeout)
+        outcome = run(name, argv + extra, args.timeout)
         if name == "demo":
             outcome.headline = demo_headline(outcome.output)
+        if json_path is not None:
+            try:
+                outcome.data = json.loads(json_path.read_text() or "{}")
+            except (OSError, ValueError):
+                outcome.data = {}
+            json_path.unlink(missing_ok=True)
+            outcome.headline = lab_headline(outcome.data)
         print(f"  {outcome.status} in {outcome.seconds:.1f}s", file=sys.stderr, flush=True)
         outcomes.append(outcome)
-    text = render(outcomes, machine(), args.quick)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    links = charts(outcomes, out.parent / "benchmarks")
+    text = render(outcomes, machine(), args.quick, load_start, links)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     print(text)
     return 0 if all(o.status == "ok" for o in outcomes) else 1
 
