@@ -42,7 +42,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "control_bench": ["--peers", "50", "--rounds", "10", "--nodes", "0"],
     "derp_bench": ["--seconds", "1", "--idle", "500"],
     "filter_bench": ["--n", "20000"],
-    "lab_paths_bench": ["--seconds", "2", "--pings", "50", "--directions", "down"],
+    "lab_paths_bench": ["--seconds", "2", "--pings", "50", "--directions", "down", "--repeat", "1"],
     "netstack_bench": ["--size", "16", "--rtt-count", "200", "--conns", "100"],
     "paths_bench": ["--packets", "2000", "--rounds", "1", "--pings", "50"],
     "relay_bench": ["--packets", "10000"],
