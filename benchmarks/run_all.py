@@ -149,6 +149,35 @@ def lab_headline(data: dict[str, Any]) -> str:
     return f"direct Python↔tailscaled {a:.0f} Mbit/s ({_pct(a, b)} of tailscaled↔tailscaled)"
 
 
+def compact_table(outcomes: list[Outcome]) -> list[str]:
+    """Paths x pairs, throughput (first direction) and RTT, with the ratios to tailscaled and to direct.
+
+    The README's benchmark table is this one, copied from the last full run.
+    """
+    lab = next((o for o in outcomes if o.name == "lab_paths_bench" and o.data), None)
+    if lab is None:
+        return []
+    v = lab_values(lab.data)
+    d = (lab.data.get("directions") or ["down"])[0]
+    out = [f"| Path | Python ↔ Python | Python ↔ tailscaled | tailscaled ↔ tailscaled | Py↔ts / ts↔ts | "
+           f"Py↔Py / ts↔ts | Py↔ts vs its direct |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for path in PATH_NAMES:
+        if not any(k[0] == path for k in v):
+            continue
+        cells = []
+        for pair in PAIR_NAMES:
+            t, r = v.get((path, pair, d)), v.get((path, pair, "rtt"))
+            cells.append(f"{_fmt(t, 'Mbit/s')}, {_fmt(r, 'ms')}")
+        ts = v.get((path, "ts-ts", d))
+        direct = v.get(("direct", "py-ts", d))
+        cells += [_pct(v.get((path, "py-ts", d)), ts), _pct(v.get((path, "py-py", d)), ts),
+                  "-" if path == "direct" else _pct(v.get((path, "py-ts", d)), direct)]
+        out.append(f"| {PATH_NAMES[path]} | " + " | ".join(cells) + " |")
+    out += ["", f"TCP throughput {'server → client' if d == 'down' else 'client → server'} over one connection, "
+            "and median 1-byte round trip, in lab namespaces on one machine."]
+    return out
+
+
 def side_by_side(outcomes: list[Outcome]) -> list[str]:
     """The one comparison table: this project | tailscaled 1.96.4 or kernel | ratio."""
     rows: list[tuple[str, str, str, str]] = []
@@ -276,7 +305,10 @@ def render(outcomes: list[Outcome], info: dict[str, str], quick: bool, load_star
               "pessimistic: every benchmark competes for the CPU with whatever else runs, and both ends of every",
               "transfer (plus, for the lab, the relay and DERP) share the same cores. Each side-by-side pair was",
               "measured in the same run, one after the other, so the ratios are fairer than the absolute figures.", ""]
-    lines += ["## This project next to tailscaled 1.96.4 and the kernel", ""] + side_by_side(outcomes) + [""]
+    compact = compact_table(outcomes)
+    if compact:
+        lines += ["## Paths: this project next to tailscaled 1.96.4", ""] + compact + [""]
+    lines += ["## This project next to tailscaled 1.96.4 and the kernel, in detail", ""] + side_by_side(outcomes) + [""]
     lines += ["## Charts", ""] + [x + "\n" for x in chart_links]
     lines += ["## Summary", "", "| Benchmark | Status | Wall time | Headline |", "|---|---|---|---|"]
     for o in outcomes:
