@@ -146,6 +146,8 @@ class PeerConfig:
     cap: int = 0
     allowed_ips: tuple[IPNetwork, ...] = ()
     name: str = ""
+    #: control's view of the node's connection (None: not said); a relay server going offline drops its paths
+    online: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +272,8 @@ def peers_from_netmap(netmap: Any) -> list[PeerConfig]:
             except ValueError:
                 continue
         allowed = p.allowed_ips or tuple(ipaddress.ip_network(a, strict=False) for a in p.addresses)
-        out.append(PeerConfig(p.key, p.disco_key, tuple(eps), p.home_derp, p.cap, tuple(allowed), p.name))
+        out.append(PeerConfig(p.key, p.disco_key, tuple(eps), p.home_derp, p.cap, tuple(allowed), p.name,
+                              getattr(p, "online", None)))
     return out
 
 
@@ -361,6 +364,16 @@ class MagicSock:
     def set_peers(self, peers: Iterable[PeerConfig], now: float) -> None:
         """Reconfigure the peer set (add, update, remove). A changed disco key resets that peer's paths."""
         new = {p.node_key: p for p in peers if p.node_key != self.node_key}
+        old_servers = dict(self.relay.servers)
+        came_online = {k for k, st in self.peers.items() if st.config.online is False and k in new
+                       and new[k].online is not False}
+        # Relay servers whose node left or went offline: their IPs (a relay advertises its node's endpoint IPs).
+        gone_relay_ips = set()
+        for key in self.relay.servers:
+            old_st = self.peers.get(key)
+            if old_st is not None and (key not in new or (new[key].online is False
+                                                          and old_st.config.online is not False)):
+                gone_relay_ips.update(ep.ip for ep in old_st.config.endpoints)
         for key in [k for k in self.peers if k not in new]:
             del self.peers[key]
             self.wg.remove_peer(key)
@@ -395,6 +408,17 @@ class MagicSock:
         prefixes.sort(key=lambda x: -x[0].prefixlen)  # longest prefix first
         self._routes, self._prefix_routes = routes, prefixes
         self._update_relay_servers()
+        # A known relay server restarted (new disco key) or came back online: rediscover without the 30 s wait.
+        if any(k in old_servers and (old_servers[k] != d or k in came_online) for k, d in self.relay.servers.items()):
+            for st in self.peers.values():
+                st.ep.relay_servers_changed()
+        if gone_relay_ips:
+            for st in self.peers.values():
+                best = st.ep.best
+                actions = st.ep.relay_server_gone(gone_relay_ips, now)
+                if actions and best is not None and best.relay_server_disco is not None:
+                    self.relay.forget_server_endpoints(best.relay_server_disco)
+                self._do(st, actions, now)
         if self._unknown_initiations:
             for st in added:
                 self._replay_unknown_initiation(st, now)

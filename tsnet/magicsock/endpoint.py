@@ -594,6 +594,25 @@ class PeerEndpoint:
             return actions
         return []
 
+    def relay_server_gone(self, ips: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address], now: float) -> list[Action]:
+        """Control says the node behind a relay server at one of ``ips`` went offline or left the tailnet.
+
+        A relay best path through it is dropped at once (WireGuard goes back to DERP), instead
+        of waiting for trust to lapse and a heartbeat ping to time out: 5 to 8 s in which a
+        trusted path to a dead relay would swallow everything. Rediscovery finds it again
+        once it is back.
+        """
+        best = self.best
+        if best is None or best.path.is_direct or best.path.addr.ip not in set(ips):
+            return []
+        self.trust_until = float("-inf")
+        return self._set_best(None, "relay server offline")
+
+    def relay_servers_changed(self) -> None:
+        """A relay server appeared or came back online: the next heartbeat or send may discover relay
+        paths again without waiting out the 30 s discovery interval."""
+        self._last_relay_discovery = None
+
     def _set_best(self, new: AddrQuality | None, reason: str) -> list[Action]:
         old = self.best
         self.best = new

@@ -103,6 +103,10 @@ class RelayManager:
     def set_servers(self, servers: Mapping[NodePublic, DiscoPublic]) -> None:
         self.servers = dict(servers)
 
+    def forget_server_endpoints(self, server_disco: DiscoPublic) -> None:
+        """A path through this relay server was dropped: let the same endpoints be handshaken again."""
+        self._dedupe.forget_server(server_disco)
+
     # --- allocation ---------------------------------------------------------------
 
     def discover(self, peer: NodePublic, peer_disco: DiscoPublic, now: float) -> list[tuple[NodePublic, disco.Message]]:

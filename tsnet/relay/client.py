@@ -310,6 +310,11 @@ class EndpointDeduper:
         self._latest[k] = endpoint.lamport_id
         return True
 
+    def forget_server(self, server_disco: DiscoPublic) -> None:
+        """Accept this server's current endpoints again (its path was dropped; a rediscovery may hand them back)."""
+        for k in [k for k in self._latest if k[1] == server_disco.raw]:
+            del self._latest[k]
+
     def forget(self, peer_disco: DiscoPublic) -> None:
         for k in [k for k in self._latest if k[0] == peer_disco.raw]:
             del self._latest[k]
