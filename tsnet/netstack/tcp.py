@@ -1098,8 +1098,11 @@ class TCPConnection:
                 break
             pipe += used
             sent = True
-        if sent and self._rto_deadline is None:
-            self._rto_deadline = now + self._rto
+        if sent:
+            if self._rto_deadline is None:
+                self._rto_deadline = now + self._rto
+            if self._rack:
+                self._tlp_arm(now)
 
     def _enter_recovery(self, now: float) -> None:
         flight = self.snd_max - self.snd_una
@@ -1130,6 +1133,8 @@ class TCPConnection:
             self._send_data(self.snd_una, self._seg_max(opts), now, opts, self._window_field())
             self.stats.retransmits += 1
         self._rto_deadline = now + self._rto
+        if self._rack:
+            self._tlp_arm(now)
         self._update_stats()
 
     # --- RACK-TLP (RFC 8985) ---
@@ -1188,7 +1193,7 @@ class TCPConnection:
             self._rk_mult += 1
             self._rk_persist = _REO_WND_PERSIST
 
-    def _rack_update(self, ack: int, now: float) -> None:
+    def _rack_update(self, ack: int, had_sacked: bool, now: float) -> None:
         """Newly ACKed/SACKed data: advance RACK.xmit_ts to the most recently sent
         delivered segment (RFC 8985 §6.2 steps 1-3), then look for losses."""
         una = self.snd_una
@@ -1198,7 +1203,7 @@ class TCPConnection:
             t = self._rk_orig_time(ack - 1)
             if t is not None:
                 cands.append((t, ack))
-            if sb and not self._in_recovery and una >= self._rto_recover and not self._rk_rxt \
+            if had_sacked and sb and not self._in_recovery and una >= self._rto_recover and not self._rk_rxt \
                     and ack <= sb[0][0]:
                 # A hole below SACKed data filled without our retransmitting it: reordering.
                 self._rk_reord = True
@@ -1211,11 +1216,14 @@ class TCPConnection:
         rxt = self._rk_rxt
         if rxt:
             min_rtt = self._min_rtt
+            fin_seq = self._fin_seq
             keep = []
             for r in rxt:
                 s, e, t = r
                 done = e <= ack
                 if not done:
+                    if fin_seq is not None and s < fin_seq < e:
+                        e = fin_seq  # SACK blocks cover data only, never the FIN
                     for bs, be in sb:
                         if bs <= s and e <= be:
                             done = True
@@ -1334,10 +1342,12 @@ class TCPConnection:
     def _tlp_arm(self, now: float) -> None:
         """Arm the tail loss probe (RFC 8985 §7.2): 2*SRTT after the last send, plus the
         peer's delayed-ACK allowance when a single segment is in flight; not when the
-        RTO would come first, in recovery, after an RTO, or while one probe is out."""
+        RTO would come first, after an RTO, or while one probe is out. Unlike the RFC,
+        also once per fast recovery: a lost retransmission with nothing sent after it
+        gives RACK nothing to compare with, and would otherwise wait for the RTO."""
         una = self.snd_una
         srtt = self._srtt
-        if self._tlp_high is not None or self._in_recovery or self.snd_max <= una or srtt is None \
+        if self._tlp_high is not None or self.snd_max <= una or srtt is None \
                 or una < self._rto_recover or self._persist_deadline is not None or self.snd_nxt < self.snd_max:
             self._tlp_deadline = None
             return
@@ -1350,10 +1360,11 @@ class TCPConnection:
 
     def _on_tlp(self, now: float) -> None:
         """Send the probe: one segment of new data if the window allows, else the last
-        segment again, so the peer's (S)ACK shows what is missing at the tail."""
+        segment again, so the peer's (S)ACK shows what is missing at the tail. In fast
+        recovery: the first hole again (its retransmission is overdue)."""
         if self.state not in (TCPState.ESTABLISHED, TCPState.CLOSE_WAIT, TCPState.FIN_WAIT_1,
                               TCPState.LAST_ACK, TCPState.CLOSING) \
-                or self.snd_max <= self.snd_una or self._in_recovery or self._tlp_high is not None:
+                or self.snd_max <= self.snd_una or self._tlp_high is not None:
             return
         una = self.snd_una
         data_end = self._buf_seq + len(self._sndbuf)
@@ -1364,7 +1375,16 @@ class TCPConnection:
         wnd = self._window_field()
         nxt = self.snd_nxt
         sent_new = False
-        if nxt == self.snd_max and nxt < end:
+        in_recovery = self._in_recovery
+        if in_recovery:
+            sb = self._sacked
+            hole_end = sb[0][0] if sb and sb[0][0] > una else min(self.snd_max, data_end)
+            used = self._send_data(una, max(min(seg_max, hole_end - una), 0), now, opts, wnd)
+            self.stats.retransmits += 1
+            self._rk_rxt_add(una, una + used, now)
+            if self._high_rxt < una + used:
+                self._high_rxt = una + used
+        elif nxt == self.snd_max and nxt < end:
             room = una + self.snd_wnd - nxt
             if nxt >= data_end or room > 0:
                 used = self._send_data(nxt, min(seg_max, max(room, 0)), now, opts, wnd)
@@ -1372,7 +1392,7 @@ class TCPConnection:
                     self.snd_nxt = self.snd_max = nxt + used
                     self._rk_record(nxt, nxt + used, now)
                     sent_new = True
-        if not sent_new:
+        if not sent_new and not in_recovery:
             data_top = min(self.snd_max, data_end)
             start = max(una, data_top - seg_max)
             used = self._send_data(start, data_top - start, now, opts, wnd)
@@ -1663,6 +1683,7 @@ class TCPConnection:
             self.snd_wl2 = ack
         sack_new = False
         blocks = seg.sack_blocks
+        had_sacked = bool(self._sacked)
         if blocks and self.sack_ok:
             if self._rack:
                 self._rack_dsack(blocks, una)
@@ -1680,7 +1701,7 @@ class TCPConnection:
                 self._una_rxt_time = now
                 self.stats.lost_retransmits += 1
         if self._rack and (sack_new or (ack > una and self._sacked)):
-            self._rack_update(ack, now)
+            self._rack_update(ack, had_sacked, now)
         cc = self._cc
         if ack > una:
             self._ack_new(seg, ack, now)
