@@ -191,6 +191,40 @@ def _full_pair(topo: NatTopology, kind_a: str, kind_b: str) -> tuple[FullNode, F
     return a, b
 
 
+# -- tailscaled behind an easy NAT <-> our full node behind an easy NAT ----------------------------------
+
+
+def test_full_node_and_tailscaled_behind_easy_nats_go_direct(lab: Lab, tmp_path: Path, tailscale_binaries) -> None:
+    """Hole punching between our ``tsnet up`` node and tailscaled 1.96.4, then TCP over the direct path."""
+    topo = NatTopology(lab, tmp_path)
+    topo.start_control()
+    ht, hp = topo.add_host("ts", "easy"), topo.add_host("py", "easy")
+    ts = start_tailscaled_node(topo, ht, tailscale_binaries)
+    py = topo.start_full_node(hp, socks5_port=SOCKS_PORT)
+    _wait(py.running, "py running", topo)
+    _wait(lambda: ts.peer("py") is not None and py.peer("ts") is not None, "both see each other", topo)
+    # tailscaled (userspace networking) hands tailnet TCP to its namespace's loopback: an echo server there.
+    _serve(ht.ns, _echo)
+    ts_ip = ts.ipv4()
+    with _socks5_connect(hp.ns, SOCKS_PORT, ts_ip, SERVICE_PORT) as sock:
+        sock.sendall(b"over DERP first")
+        assert _recv_exact(sock, 15) == b"over DERP first"
+    out = ts.cli("ping", "--c", "20", "--timeout", "3s", py.ipv4(), timeout=90)
+    assert f"via {hp.public_ip}:41641" in out, out
+    _wait(lambda: py.path("ts") == f"direct {ht.public_ip}:41641", "our node direct to tailscaled", topo)
+    _wait(lambda: (ts.peer("py") or {}).get("CurAddr") == f"{hp.public_ip}:41641", "tailscaled direct to us", topo)
+    derp_sent = py.metric("tsnet_magicsock_core_wg_sent_derp")
+    assert derp_sent > 0  # the first connection went over DERP
+    stream = EchoStream(_socks5_connect(hp.ns, SOCKS_PORT, ts_ip, SERVICE_PORT), rate=1024 * 1024)
+    _wait(lambda: stream.check() or stream.received > 512 * 1024, "512 KiB echoed over the direct path", topo)
+    stream.stop_sending()
+    _wait(lambda: stream.check() or stream.received == stream.sent, "every byte echoed", topo)
+    stream.check()
+    assert py.path("ts").startswith("direct"), py.path("ts")
+    assert (ts.peer("py") or {}).get("CurAddr") == f"{hp.public_ip}:41641"
+    assert py.metric("tsnet_magicsock_core_wg_sent_derp") == derp_sent  # no WireGuard via DERP once direct
+
+
 # -- tailscaled as the peer relay ------------------------------------------------------------------------
 
 
