@@ -354,6 +354,42 @@ def _sha256_roundtrip(a: FullNode, b_ip: str, data: bytes) -> bool:
     return True
 
 
+def test_relay_granted_to_other_nodes_only_is_not_used_by_ungranted_nodes(lab: Lab, tmp_path: Path) -> None:
+    """The grant names tag:client nodes only: c1<->c2 use the relay, untagged a<->b stay on DERP."""
+    topo = NatTopology(lab, tmp_path)
+    topo.start_control(policy=NARROW_RELAY_POLICY)
+    hr = topo.add_host("relay", "public")
+    relay = topo.start_full_node(hr, relay_server_port=RELAY_PORT, advertise_tags=("tag:relay",))
+    h1, h2 = topo.add_host("c1", "hard"), topo.add_host("c2", "hard")
+    c2 = topo.start_full_node(h2, forwards=(f"{FWD_PORT}=127.0.0.1:{SERVICE_PORT}",), advertise_tags=("tag:client",))
+    c1 = topo.start_full_node(h1, socks5_port=SOCKS_PORT, advertise_tags=("tag:client",))
+    ha, hb = topo.add_host("a", "hard"), topo.add_host("b", "hard")
+    b = topo.start_python_node(hb)
+    a = topo.start_python_node(ha, ping="b")
+    for n in (relay, c1, c2):
+        _wait(n.running, f"{n.host.name} running", topo)
+    _wait(lambda: all(n.peer("relay") for n in (a, b, c1, c2)) and c1.peer("c2") and a.peer("b"),
+          "everyone sees the relay and their partner", topo)
+    assert c1.peer("relay")["tags"] == ["tag:relay"] and c1.peer("c2")["tags"] == ["tag:client"]
+    # Granted pair: onto the relay.
+    _serve(h2.ns, _echo)
+    stream = EchoStream(_socks5_connect(h1.ns, SOCKS_PORT, c2.ipv4(), FWD_PORT))
+    _wait(lambda: stream.check() or (c1.path("c2") == "relay via relay" and c2.path("c1") == "relay via relay"),
+          "granted pair on the relay", topo)
+    # Ungranted pair: traffic flows over DERP; they never even ask the relay for an endpoint.
+    _wait(lambda: a.status().get("replies", 0) > 0, "a<->b echo replies", topo)
+    n = a.status()["replies"]
+    _wait(lambda: a.status()["replies"] > n + 30, "a<->b keep talking", topo)  # ~6 s: past relay discovery
+    assert a.path_kind("b") == "derp" and b.path_kind("a") == "derp"
+    for n in (a, b):
+        assert n.status()["relay"].get("allocate_sent", 0) == 0, n.status()["relay"]
+    gauge = relay.metric("tailscaled_peer_relay_endpoints")
+    assert gauge == 1, relay.metrics()  # only c1<->c2's endpoint
+    stream.stop_sending()
+    _wait(lambda: stream.check() or stream.received == stream.sent, "every byte echoed", topo)
+    stream.check()
+
+
 # -- loss on a NAT link ----------------------------------------------------------------------------------
 
 

@@ -193,7 +193,8 @@ class NatTopology:
         return PyNode(host, proc, status)
 
     def start_full_node(self, host: Host, *, port: int = 41641, socks5_port: int | None = None,
-                        forwards: tuple[str, ...] = (), relay_server_port: int | None = None) -> FullNode:
+                        forwards: tuple[str, ...] = (), relay_server_port: int | None = None,
+                        advertise_tags: tuple[str, ...] = ()) -> FullNode:
         """``tsnet up`` (a whole :class:`tsnet.Server`: netstack, proxies, local API) as a process on ``host``.
 
         ``socks5_port`` serves SOCKS5 on the namespace's 127.0.0.1, ``forwards`` are ``PORT=HOST:PORT``
@@ -210,6 +211,8 @@ class NatTopology:
             args += ["--forward", fwd]
         if relay_server_port is not None:
             args += ["--relay-server-port", str(relay_server_port)]
+        if advertise_tags:
+            args += ["--advertise-tags", ",".join(advertise_tags)]
         node = FullNode(host, args, state, socks5_port)
         node.start()
         return node
