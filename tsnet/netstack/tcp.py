@@ -159,7 +159,12 @@ class TCPConnection:
     blocks bounded by the advertised window. In-order data and plain ACKs in
     ESTABLISHED take a fast path; everything else goes through the full RFC 9293
     §3.10.7 rules. Loss recovery is RFC 6675 (SACK scoreboard, pipe, NextSeg) with
-    lost-retransmission detection, or RFC 6582 NewReno without SACK; congestion
+    RACK-TLP (RFC 8985) as its loss detector: holes are lost by time (sent more than
+    RACK.rtt + reordering window before a segment that was delivered), which also
+    finds lost retransmissions, and a tail loss probe 2*SRTT after the last send gets
+    the peer to SACK what a lost tail left unreported, instead of waiting for the RTO.
+    The RFC 6675 three-segment rule stays on until reordering is seen (D-SACK). Without
+    SACK (or with ``TCPOptions.rack`` off) it is RFC 6582 NewReno / plain RFC 6675; congestion
     control comes from ``congestion.py`` (CUBIC or Reno, HyStart++). The FIN-WAIT-2
     timeout applies only after :meth:`close` (after :meth:`shutdown` the application
     may keep reading for as long as the peer sends).
@@ -576,8 +581,8 @@ class TCPConnection:
     def set_options(self, options: TCPOptions, now: float) -> None:
         """Change a live connection's settings. Takes effect at once for Nagle, keepalive
         (re-armed from ``now``), timeouts, retries and delayed ACK; buffer sizes, MTU and
-        the negotiated options (window scaling, SACK, timestamps, congestion control)
-        stay as they were set up."""
+        the negotiated options (window scaling, SACK, timestamps, congestion control,
+        RACK-TLP) stay as they were set up."""
         old = self.options
         self.options = options
         if (options.keepalive_idle, options.keepalive_interval) != (old.keepalive_idle, old.keepalive_interval) \
