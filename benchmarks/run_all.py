@@ -1,6 +1,7 @@
 """Run every benchmark in this directory and write ``docs/benchmarks.md``.
 
-Run: ``.venv/bin/python benchmarks/run_all.py [--quick] [--only NAME ...] [--timeout 900] [--out docs/benchmarks.md]``.
+Run: ``.venv/bin/python benchmarks/run_all.py [--quick] [--only NAME ...] [--timeout 900] [--out docs/benchmarks.md]
+[--readme]`` (as root for the lab benchmarks; ``--readme`` also rewrites README.md's Benchmarks section).
 
 Each ``*_bench.py`` runs as its own subprocess (one at a time, so they do not compete for the cores) and
 prints its own table; the report has
@@ -178,6 +179,32 @@ def compact_table(outcomes: list[Outcome]) -> list[str]:
     return out
 
 
+def targets(outcomes: list[Outcome]) -> list[str]:
+    """The magicsock issue's targets, met or not, from the lab results (first direction)."""
+    lab = next((o for o in outcomes if o.name == "lab_paths_bench" and o.data), None)
+    if lab is None:
+        return []
+    v = lab_values(lab.data)
+    d = (lab.data.get("directions") or ["down"])[0]
+
+    def line(what: str, value: float | None, goal: float, shown: str) -> str:
+        verdict = "not measured" if value is None else ("met" if value >= goal else "**not met**")
+        return f"* {what}: {shown} — {verdict}"
+
+    out = []
+    for relay in ("relay", "relay-ts"):
+        for pair in PAIR_NAMES:
+            a, b = v.get((relay, pair, d)), v.get(("direct", pair, d))
+            if (relay, pair, d) in v:
+                out.append(line(f"{PATH_NAMES[relay]} ≥ 80% of direct, {PAIR_NAMES[pair]}",
+                                a / b if a is not None and b else None, 0.8, _pct(a, b)))
+    pyts, tsts = v.get(("direct", "py-ts", d)), v.get(("direct", "ts-ts", d))
+    out.append(line("Python ↔ tailscaled direct ≥ 500 Mbit/s", pyts, 500, _fmt(pyts, "Mbit/s")))
+    out.append(line("Python ↔ tailscaled direct ≥ 50% of tailscaled ↔ tailscaled",
+                    pyts / tsts if pyts is not None and tsts else None, 0.5, _pct(pyts, tsts)))
+    return out
+
+
 def side_by_side(outcomes: list[Outcome]) -> list[str]:
     """The one comparison table: this project | tailscaled 1.96.4 or kernel | ratio."""
     rows: list[tuple[str, str, str, str]] = []
@@ -308,6 +335,12 @@ def render(outcomes: list[Outcome], info: dict[str, str], quick: bool, load_star
     compact = compact_table(outcomes)
     if compact:
         lines += ["## Paths: this project next to tailscaled 1.96.4", ""] + compact + [""]
+        lines += ["Paths: *direct* = every host on the lab's internet, no NAT; *peer relay* = every host behind its",
+                  "own hard NAT (no hole punching) and one public relay server granted by the policy, either a",
+                  "`tsnet up --relay-server-port` node (tsnet relay) or tailscaled with `tailscale set",
+                  "--relay-server-port` (tailscaled relay); *DERP* = UDP between hosts dropped, so everything goes",
+                  "through the DERP server embedded in our control server (the same Python DERP server for every pair).",
+                  "", "Targets (from the magicsock issue):", ""] + targets(outcomes) + [""]
     lines += ["## This project next to tailscaled 1.96.4 and the kernel, in detail", ""] + side_by_side(outcomes) + [""]
     lines += ["## Charts", ""] + [x + "\n" for x in chart_links]
     lines += ["## Summary", "", "| Benchmark | Status | Wall time | Headline |", "|---|---|---|---|"]
@@ -319,12 +352,34 @@ def render(outcomes: list[Outcome], info: dict[str, str], quick: bool, load_star
     return "\n".join(lines)
 
 
+def update_readme(readme: Path, outcomes: list[Outcome], info: dict[str, str], quick: bool) -> bool:
+    """Replace the body of README's "## Benchmarks" section (up to the next "## ") with the compact table."""
+    compact = compact_table(outcomes)
+    if not compact or not readme.exists():
+        return False
+    text = readme.read_text()
+    m = re.search(r"^## Benchmarks\n(.*?)(?=^## )", text, flags=re.S | re.M)
+    if m is None:
+        return False
+    body = ["", "Throughput and round trip over each path, this project next to tailscaled 1.96.4, measured in the",
+            f"same run by `benchmarks/run_all.py`{' --quick' if quick else ''} ({info['date (UTC)']} UTC, {info['CPU']}, "
+            f"{info['cores usable']} cores shared with other work, load average {os.getloadavg()[0]:.1f}: "
+            "pessimistic figures):", ""] + compact + [
+            "", "Full report with both directions, netstack vs the kernel (wireguard-go), charts and every",
+            "benchmark's own table: [docs/benchmarks.md](docs/benchmarks.md). Regenerate with",
+            "`sudo .venv/bin/python benchmarks/run_all.py --readme` (`--quick` for a run of a few minutes; charts need",
+            "`pip install -e .[bench]`).", "", ""]
+    readme.write_text(text[:m.start(1)] + "\n".join(body) + text[m.end(1):])
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--only", nargs="*", metavar="NAME", help="run only these (e.g. wg_bench demo)")
     parser.add_argument("--timeout", type=float, default=900.0, help="per benchmark, seconds (default 900)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--readme", action="store_true", help="also put the paths table in README.md's Benchmarks section")
     args = parser.parse_args(argv)
 
     names = sorted(p.stem for p in BENCH_DIR.glob("*_bench.py")) + ["demo"]
@@ -360,9 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         outcomes.append(outcome)
     out = Path(args.out)
     links = charts(outcomes, out.parent / "benchmarks")
-    text = render(outcomes, machine(), args.quick, load_start, links)
+    info = machine()
+    text = render(outcomes, info, args.quick, load_start, links)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+    if args.readme and not update_readme(ROOT / "README.md", outcomes, info, args.quick):
+        print("README.md not updated (no lab results, or no '## Benchmarks' section)", file=sys.stderr)
     print(text)
     return 0 if all(o.status == "ok" for o in outcomes) else 1
 
