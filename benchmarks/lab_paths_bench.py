@@ -30,8 +30,8 @@ Before measuring, both ends must report the expected path (tsnet status / tailsc
 Needs root (network namespaces). Traffic stays inside the lab's namespaces; tailscaled only through
 the lab helpers (``--no-logs-no-support``, our control URL and DERP map, no route out).
 
-Run: ``.venv/bin/python benchmarks/lab_paths_bench.py [--seconds 5] [--pings 200] [--repeat 2] [--paths direct,relay,relay-ts,derp]
-[--pairs py-py,py-ts,ts-ts] [--directions down,up] [--json results.json]``
+Run: ``.venv/bin/python benchmarks/lab_paths_bench.py [--seconds 5] [--pings 200] [--repeat 2]
+[--paths direct,relay,relay-ts,derp] [--pairs py-py,py-ts,ts-ts] [--directions down,up] [--json results.json]``
 """
 
 from __future__ import annotations
@@ -413,7 +413,8 @@ def table(results: list[Result], directions: list[str]) -> str:
         for pair in ("py-ts", "py-py"):
             if (path, pair, d0) in get and ts:
                 target = " (target ≥ 50%)" if path == "direct" and pair == "py-ts" else ""
-                lines.append(f"* {path}: {names[pair]} / tailscaled ↔ tailscaled = {ratio(get.get((path, pair, d0)), ts)}"
+                share = ratio(get.get((path, pair, d0)), ts)
+                lines.append(f"* {path}: {names[pair]} / tailscaled ↔ tailscaled = {share}"
                              + target)
     pyts = get.get(("direct", "py-ts", d0))
     if pyts is not None:
@@ -472,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
 
     load = os.getloadavg()
     print(f"TCP through SOCKS5 -> node -> tailnet -> node -> 127.0.0.1 sink; {args.seconds:g} s per transfer "
-          f"(after {WARMUP} s warm-up), {args.pings} 1-byte round trips, best of {args.repeat}; tailscaled 1.96.4 userspace-networking; "
+          f"(after {WARMUP} s warm-up), {args.pings} 1-byte round trips, best of {args.repeat}; "
+          "tailscaled 1.96.4 userspace-networking; "
           f"peer relay = tsnet up --relay-server-port (relay) / tailscaled (relay-ts) on a public host")
     print()
     print(table(results, directions))

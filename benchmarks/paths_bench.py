@@ -192,7 +192,8 @@ def main() -> None:
     ap.add_argument("--pings", type=int, default=300)
     args = ap.parse_args()
 
-    print(f"magicsock core, {SIZE}-byte packets, batches of {args.batch}, process CPU us/packet (best of {args.rounds})")
+    print(f"magicsock core, {SIZE}-byte packets, batches of {args.batch}, "
+          f"process CPU us/packet (best of {args.rounds})")
     print(f"{'path':<12}{'send':>10}{'receive':>10}{'total':>10}{'Mpps':>10}")
     for kind in ("direct", "relay", "derp"):
         s, r = bench_core(kind, args.packets, args.rounds, args.batch)

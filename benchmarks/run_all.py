@@ -231,7 +231,8 @@ def side_by_side(outcomes: list[Outcome]) -> list[str]:
     ns = next((o for o in outcomes if o.name == "netstack_bench"), None)
     if ns is not None:
         v2 = netstack_values(ns.output)
-        kab, kba = v2.get("kernel<->kernel TCP a->b (2x wireguard-go)"), v2.get("kernel<->kernel TCP b->a (2x wireguard-go)")
+        kab = v2.get("kernel<->kernel TCP a->b (2x wireguard-go)")
+        kba = v2.get("kernel<->kernel TCP b->a (2x wireguard-go)")
         kern = (kab + kba) / 2 if kab and kba else (kab or kba)
         for what in ("Python->kernel TCP (1 stream)", "kernel->Python TCP (1 stream)"):
             if what in v2:
@@ -245,7 +246,8 @@ def side_by_side(outcomes: list[Outcome]) -> list[str]:
         return ["(neither lab_paths_bench nor netstack_bench ran: no side-by-side figures)"]
     out = ["| Measurement | this project | reference, same run | ratio |", "|---|---:|---:|---:|"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    out += ["", "Ratios: this project / reference for throughput; reference RTT / our RTT for latency (100% = as fast).",
+    out += ["", "Ratios: this project / reference for throughput; reference RTT / our RTT for latency",
+            "(100% = as fast).",
             "\"Python ↔ tailscaled\" has one tsnet node and one tailscaled node; throughput is over one TCP",
             "connection through the client node's SOCKS5 proxy to a sink on the server node's 127.0.0.1, the same",
             "way for every pair (see `benchmarks/lab_paths_bench.py`)."]
@@ -311,7 +313,8 @@ def charts(outcomes: list[Outcome], out_dir: Path) -> list[str]:
             ax.bar_label(bars, fmt="%.0f", fontsize=8)
             ax.set_xticks(range(len(items)), [k for k, _ in items], fontsize=8)
             ax.set_ylabel("Mbit/s")
-            ax.set_title("TCP over WireGuard: our netstack vs the kernel (wireguard-go on both kernel ends)", fontsize=10)
+            ax.set_title("TCP over WireGuard: our netstack vs the kernel (wireguard-go on both kernel ends)",
+                         fontsize=10)
             fig.tight_layout()
             fig.savefig(out_dir / "netstack_vs_kernel.png", dpi=110)
             plt.close(fig)
@@ -339,7 +342,8 @@ def render(outcomes: list[Outcome], info: dict[str, str], quick: bool, load_star
                   "own hard NAT (no hole punching) and one public relay server granted by the policy, either a",
                   "`tsnet up --relay-server-port` node (tsnet relay) or tailscaled with `tailscale set",
                   "--relay-server-port` (tailscaled relay); *DERP* = UDP between hosts dropped, so everything goes",
-                  "through the DERP server embedded in our control server (the same Python DERP server for every pair).",
+                  "through the DERP server embedded in our control server (the same Python DERP server for every",
+                  "pair).",
                   "", "Targets (from the magicsock issue):", ""] + targets(outcomes) + [""]
     lines += ["## This project next to tailscaled 1.96.4 and the kernel, in detail", ""] + side_by_side(outcomes) + [""]
     lines += ["## Charts", ""] + [x + "\n" for x in chart_links]
@@ -362,7 +366,8 @@ def update_readme(readme: Path, outcomes: list[Outcome], info: dict[str, str], q
     if m is None:
         return False
     body = ["", "Throughput and round trip over each path, this project next to tailscaled 1.96.4, measured in the",
-            f"same run by `benchmarks/run_all.py`{' --quick' if quick else ''} ({info['date (UTC)']} UTC, {info['CPU']}, "
+            f"same run by `benchmarks/run_all.py`{' --quick' if quick else ''} ({info['date (UTC)']} UTC, "
+            f"{info['CPU']}, "
             f"{info['cores usable']} cores shared with other work, load average {os.getloadavg()[0]:.1f}: "
             "pessimistic figures):", ""] + compact + [
             "", "Full report with both directions, netstack vs the kernel (wireguard-go), charts and every",
@@ -379,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", metavar="NAME", help="run only these (e.g. wg_bench demo)")
     parser.add_argument("--timeout", type=float, default=900.0, help="per benchmark, seconds (default 900)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
-    parser.add_argument("--readme", action="store_true", help="also put the paths table in README.md's Benchmarks section")
+    parser.add_argument("--readme", action="store_true",
+                        help="also put the paths table in README.md's Benchmarks section")
     args = parser.parse_args(argv)
 
     names = sorted(p.stem for p in BENCH_DIR.glob("*_bench.py")) + ["demo"]
