@@ -96,13 +96,24 @@ def machine() -> dict[str, str]:
 
 def run(name: str, argv: list[str], timeout: float) -> Outcome:
     started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return Outcome(name, f"timed out after {timeout:g}s", time.monotonic() - started, out)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: the lab benchmark removes its namespaces and processes on SIGTERM.
+        proc.terminate()
+        try:
+            stdout, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, _ = proc.communicate()
+        return Outcome(name, f"timed out after {timeout:g}s", time.monotonic() - started, (stdout or "").strip())
+    except BaseException:  # Ctrl-C: let the child clean up before we go
+        proc.terminate()
+        proc.wait(60)
+        raise
     status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-    output = proc.stdout if proc.returncode == 0 else proc.stdout + "\n" + proc.stderr[-3000:]
+    output = stdout if proc.returncode == 0 else stdout + "\n" + stderr[-3000:]
     return Outcome(name, status, time.monotonic() - started, output.strip())
 
 
