@@ -21,7 +21,8 @@ userspace-networking mode (inbound tailnet TCP goes to the namespace's 127.0.0.1
 process in the client's namespace goes through its node's SOCKS5 proxy to the server's tailnet IP:
 
 * throughput: ``down`` = server sends, client reads for N seconds (after 0.5 s of warm-up);
-  ``up`` = client sends, server counts (bytes the server acknowledged at the end);
+  ``up`` = client sends zeros for N seconds (after the warm-up), then an end marker; the server replies
+  with the byte count once everything has arrived, and the time includes that drain;
 * RTT: 1-byte request/response round trips on one connection (TCP_NODELAY), median;
 * each measurement runs ``--repeat`` times and the best run is kept (the machine may be shared).
 
@@ -71,7 +72,7 @@ PATHS = ("direct", "relay", "relay-ts", "derp")
 
 
 def _serve_conn(conn: socket.socket) -> None:
-    """One connection: ``D`` = send until the peer goes away; ``U`` = read until EOF, then report the count;
+    """One connection: ``D`` = send until the peer goes away; ``U`` = read zeros up to a 0xFF, then report the count;
     ``P`` = echo single bytes (round trips)."""
     try:
         cmd = conn.recv(1)
@@ -82,7 +83,13 @@ def _serve_conn(conn: socket.socket) -> None:
         elif cmd == b"U":
             buf = bytearray(CHUNK)
             total = 0
+            # The data is zeros and ends with one 0xFF byte (not a FIN: tailscaled's SOCKS5 proxy closes both
+            # directions on a half-close): then everything the client sent has arrived.
             while n := conn.recv_into(buf):
+                end = buf.find(b"\xff", 0, n)
+                if end >= 0:
+                    conn.sendall(struct.pack(">Q", total + end))
+                    break
                 total += n
         elif cmd == b"P":
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -162,33 +169,32 @@ def run_client(proxy: tuple[str, int], host: str, port: int, mode: str, seconds:
             buf = memoryview(bytes(CHUNK))
             start = time.perf_counter()
             measuring_from = None
-            sent = 0
+            warm = 1  # bytes sent before the measured window (the command byte included)
             while True:
                 s.sendall(buf)
                 now = time.perf_counter()
                 if measuring_from is None:
+                    warm += CHUNK
                     if now - start >= WARMUP:
                         measuring_from = now
                     continue
-                sent += CHUNK
                 if now - measuring_from >= seconds:
-                    # Bytes still queued locally were not carried yet: subtract what the kernel holds.
-                    queued = _unsent(s)
-                    return {"mbit_s": max(0, sent - queued) * 8 / (now - measuring_from) / 1e6, "bytes": sent - queued}
+                    break
+            # End marker, then wait for the server's byte count: bytes still buffered along the way (our
+            # socket, the proxy, the nodes) are counted only once they have arrived.
+            s.sendall(b"\xff")
+            reply = b""
+            while len(reply) < 8:
+                chunk = s.recv(8 - len(reply))
+                if not chunk:
+                    raise OSError("upload: no byte count from the server")
+                reply += chunk
+            end = time.perf_counter()
+            got = struct.unpack(">Q", reply)[0] - warm
+            return {"mbit_s": got * 8 / (end - measuring_from) / 1e6, "bytes": got}
         raise ValueError(f"unknown mode {mode!r}")
     finally:
         s.close()
-
-
-def _unsent(s: socket.socket) -> int:
-    """Bytes in the socket's send queue (SIOCOUTQ); 0 if unknown."""
-    try:
-        import fcntl
-        import termios
-
-        return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except OSError:
-        return 0
 
 
 # --- lab orchestration (host side) ---------------------------------------------------------------------
