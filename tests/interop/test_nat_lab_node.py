@@ -2,13 +2,15 @@
 
 Complements tests/interop/test_magicsock_nat.py (raw-ICMP Python nodes):
 
+* our full node and tailscaled 1.96.4, both behind easy NATs: hole punching, TCP direct.
 * tailscaled 1.96.4 as the peer relay for our two Python nodes behind hard NATs.
 * our full node (``tsnet up --relay-server-port``) as the peer relay for two
   tailscaled behind hard NATs; its ``tailscaled_peer_relay_endpoints`` gauge.
 * relay failover: SIGKILL the relay under an open TCP stream between two full
   nodes; the path falls back to DERP within 5 s, the stream survives intact,
   and after a restart the path moves back to the relay.
-* a relay grant naming other nodes only: the relay refuses to serve them.
+* a relay grant naming other (tagged) nodes only: they use the relay, the
+  ungranted pair stays on DERP and never asks it for an endpoint.
 * 3 % random loss on a NAT link: a multi-MiB TCP transfer stays intact.
 
 TCP streams go from the test (a socket created inside node a's namespace)
@@ -121,6 +123,13 @@ def _sha256_sink(conn: socket.socket) -> None:
             h.update(chunk)
             left -= len(chunk)
         conn.sendall(h.hexdigest().encode())
+
+
+def _sha256_roundtrip(a: FullNode, b_ip: str, data: bytes) -> bool:
+    with _socks5_connect(a.host.ns, SOCKS_PORT, b_ip, FWD_PORT) as sock:
+        sock.sendall(struct.pack("!Q", len(data)) + data)
+        assert _recv_exact(sock, 64).decode() == hashlib.sha256(data).hexdigest()
+    return True
 
 
 def _pattern(offset: int, n: int) -> bytes:
@@ -336,7 +345,7 @@ def test_relay_killed_under_tcp_stream_falls_back_to_derp_and_returns(lab: Lab, 
     assert stream.sent > 768 * 1024
 
 
-# -- a relay grant that does not name these nodes --------------------------------------------------------
+# -- a relay grant that names other nodes only --------------------------------------------------------
 
 # Only tagged nodes may use the relay; a and b join untagged.
 NARROW_RELAY_POLICY = """{
@@ -345,13 +354,6 @@ NARROW_RELAY_POLICY = """{
   "grants": [{"src": ["tag:client"], "dst": ["tag:relay"], "app": {"tailscale.com/cap/relay": []}}],
 }
 """
-
-
-def _sha256_roundtrip(a: FullNode, b_ip: str, data: bytes) -> bool:
-    with _socks5_connect(a.host.ns, SOCKS_PORT, b_ip, FWD_PORT) as sock:
-        sock.sendall(struct.pack("!Q", len(data)) + data)
-        assert _recv_exact(sock, 64).decode() == hashlib.sha256(data).hexdigest()
-    return True
 
 
 def test_relay_granted_to_other_nodes_only_is_not_used_by_ungranted_nodes(lab: Lab, tmp_path: Path) -> None:
