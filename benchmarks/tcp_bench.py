@@ -6,7 +6,11 @@ in the sender (send() + processing ACKs) and in the receiver (processing data +
 receive()), the parse cost the stack pays per packet, and the throughput the core
 alone would allow on one core.
 
-    .venv/bin/python benchmarks/tcp_bench.py [--mb 50] [--profile]
+    .venv/bin/python benchmarks/tcp_bench.py [--mb 50] [--profile] [--micro]
+
+``--micro`` times single hot-path steps instead (building one full data segment with
+its checksum, verifying one), best of several repeats in thread CPU time, which is
+steadier than the whole-transfer rows on a shared, loaded machine.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 import pstats
 import time
 
-from tsnet.netstack import ip, tcp_wire
+from tsnet.netstack import checksum, ip, tcp_wire
 from tsnet.netstack.tcp import TCPConnection, TCPOptions, TCPState
 
 A = bytes([100, 64, 0, 1])
@@ -92,11 +96,56 @@ def run(total: int, opts: TCPOptions, loss_every: int = 0, coalesce: bool = Fals
     }
 
 
+def micro() -> None:
+    """Per-step costs in microseconds (min over repeats of thread CPU time)."""
+    now = 0.0
+    a_out: list = []
+    b_out: list = []
+    opts = TCPOptions()
+    a = TCPConnection.active(A, 40000, B, 80, iss=1, now=now, outbox=a_out, changed=[], options=opts)
+    b = TCPConnection.passive(B, 80, A, 40000, parse(a_out.pop()), iss=2, now=now, outbox=b_out, changed=[],
+                              options=opts)
+    a.receive_segment(parse(b_out.pop()), now)
+    payload = memoryview(os.urandom(a.send_mss))
+    odd = memoryview(os.urandom(a.send_mss - 1))
+    opt = a._options(now)
+    wnd = a._window_field()
+    a._emit(a.snd_nxt, 0x10, opt, payload, wnd)
+    seg_full = bytes(ip.parse(a_out.pop()).payload)
+    pseudo = checksum.pseudo_header_v4(A, B, ip.PROTO_TCP) + len(seg_full)
+    n = 20000
+    clock = time.thread_time
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(7):
+            a_out.clear()
+            t0 = clock()
+            for _ in range(n):
+                fn()
+            times.append(clock() - t0)
+        return min(times) / n * 1e6
+
+    rows = [
+        ("emit full data segment", lambda: a._emit(1000, 0x10, opt, payload, wnd)),
+        ("emit odd-length segment", lambda: a._emit(1000, 0x10, opt, odd, wnd)),
+        ("verify full segment", lambda: checksum.verify(seg_full, pseudo)),
+        ("verify odd-length bytes", lambda: checksum.partial(odd)),
+    ]
+    print(f"{'step':28} {'us':>8}")
+    for name, fn in rows:
+        print(f"{name:28} {best(fn):>8.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=50)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--micro", action="store_true")
     args = ap.parse_args()
+    if args.micro:
+        micro()
+        return
     total = args.mb * 1024 * 1024
     cases = [("default (ts+sack, cubic)", TCPOptions(), 0, False),
              ("default, ACK per batch", TCPOptions(), 0, True),

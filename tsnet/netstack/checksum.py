@@ -14,10 +14,12 @@ _from_bytes = int.from_bytes
 
 def partial(data: bytes | bytearray | memoryview) -> int:
     """Residue (mod 0xFFFF) of the one's-complement sum of ``data`` (odd lengths padded)."""
-    n = _from_bytes(data, "big")
+    r = _from_bytes(data, "big") % 0xFFFF
     if len(data) & 1:
-        n <<= 8
-    return n % 0xFFFF
+        # Padding with a zero byte multiplies by 256: do it on the small residue, not
+        # by shifting (copying) the big integer.
+        return (r << 8) % 0xFFFF
+    return r
 
 
 def finish(residue: int) -> int:

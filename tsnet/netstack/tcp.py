@@ -746,11 +746,14 @@ class TCPConnection:
             pkt += opts
         if plen:
             pkt += payload
-        # Checksum over the whole packet in one pass (see _ck_base): no slicing.
-        n = _from_bytes(pkt, "big")
+        # Checksum over the whole packet in one pass (see _ck_base): no slicing. The big
+        # integer is reduced first and the small terms added after (adding them first
+        # would copy the whole big integer once more); an odd length pads with a zero
+        # byte, i.e. times 256, done on the residue instead of shifting the big integer.
+        r = _from_bytes(pkt, "big") % 0xFFFF
         if tcp_len & 1:
-            n <<= 8
-        ck = 0xFFFF - ((self._ck_base + tcp_len * self._ck_len_factor + n) % 0xFFFF)
+            r <<= 8
+        ck = 0xFFFF - ((r + self._ck_base + tcp_len * self._ck_len_factor) % 0xFFFF)
         pkt[ipl + 16] = ck >> 8
         pkt[ipl + 17] = ck & 0xFF
         self.outbox.append(pkt)
