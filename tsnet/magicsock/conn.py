@@ -367,12 +367,11 @@ class MagicSock:
         old_servers = dict(self.relay.servers)
         came_online = {k for k, st in self.peers.items() if st.config.online is False and k in new
                        and new[k].online is not False}
-        # Relay servers whose node left or went offline: their IPs (a relay advertises its node's endpoint IPs).
+        # Nodes that left or went offline: their IPs end relay paths through a server there (a relay advertises
+        # its node's endpoint IPs). Any peer, not only our own candidates: the far end may have picked the relay.
         gone_relay_ips = set()
-        for key in self.relay.servers:
-            old_st = self.peers.get(key)
-            if old_st is not None and (key not in new or (new[key].online is False
-                                                          and old_st.config.online is not False)):
+        for key, old_st in self.peers.items():
+            if key not in new or (new[key].online is False and old_st.config.online is not False):
                 gone_relay_ips.update(ep.ip for ep in old_st.config.endpoints)
         for key in [k for k in self.peers if k not in new]:
             del self.peers[key]

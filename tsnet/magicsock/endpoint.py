@@ -6,6 +6,8 @@ pings in flight, and the current best UDP path (direct, or a peer relay as
 
 * a *trusted* best path (a pong within the last 6.5 s) gets the traffic alone;
 * otherwise the best path (if any) **and** DERP; with no path, DERP only.
+* a relay best path is dropped at once when control reports the relay's node
+  offline (:meth:`PeerEndpoint.relay_server_gone`), not only when trust lapses.
 
 Every method takes ``now`` (seconds, monotonic) and returns actions for the
 caller to carry out: :class:`SendPing` / :class:`SendPong` (seal with the
