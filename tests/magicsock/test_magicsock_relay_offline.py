@@ -74,3 +74,16 @@ def test_another_peer_going_offline_keeps_the_relay_path() -> None:
     _on_relay(net)
     _set_online(net, "a", "b", False)
     assert net.m["a"].peer_status(net.m["b"].node_key, net.now).kind == "peer-relay"
+
+
+def test_relay_we_are_not_granted_still_ends_when_its_node_goes_offline() -> None:
+    """b picked the relay (a only answered its CallMeMaybeVia): a's path through it still ends with the node."""
+    net = RelayNet()
+    _on_relay(net)
+    a = net.m["a"]
+    a.packet_filter = ()  # a no longer counts r as a relay candidate of its own
+    _set_online(net, "a", "r", True)
+    assert not a.relay.servers
+    assert a.peer_status(net.m["b"].node_key, net.now).kind == "peer-relay"
+    _set_online(net, "a", "r", False)
+    assert a.peer_status(net.m["b"].node_key, net.now).kind == "derp"
