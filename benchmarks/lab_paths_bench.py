@@ -228,9 +228,7 @@ class BenchNode:
                     "--forward", f"{SINK_PORT}=127.0.0.1:{SINK_PORT}"]
             if relay:
                 args += ["--relay-server-port", str(RELAY_PORT)]
-            env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
-            env["PYTHONPATH"] = str(ROOT)
-            self.proc = host.ns.popen(args, env=env, cwd=str(ROOT))
+            self.proc = host.ns.popen(args, env={"PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
             wait_until(lambda: self._py_running() or self.proc.poll() is not None, 60, f"{self.name} running")
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tsnet up on {self.name} exited:\n{self.proc.log()[-3000:]}")
