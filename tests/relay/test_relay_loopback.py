@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
+import pytest
 import trio
 
 from tsnet.key import DiscoPrivate, NodePrivate
 from tsnet.magicsock import disco as d
 from tsnet.magicsock.addrport import AddrPort
 from tsnet.relay.client import HandshakeState, RelayBindHandshake, allocate_request
-from tsnet.relay.driver import open_udp_socket, serve_relay
+from tsnet.relay.driver import open_udp_socket, open_udp_sockets, serve_relay
 from tsnet.relay.geneve import PROTOCOL_DISCO, encode_header
 from tsnet.relay.server import RelayServer, answer_allocate_request
 
@@ -46,8 +48,11 @@ async def _wait_for(cond):
             await trio.sleep(0.001)
 
 
-async def test_two_clients_bind_and_exchange_packets_through_relay():
-    relay_sock = open_udp_socket("127.0.0.1", 0)
+@pytest.mark.parametrize("group", [1, 4], ids=["one-socket", "reuseport-group-of-4"])
+async def test_two_clients_bind_and_exchange_packets_through_relay(group: int):
+    relay_socks = open_udp_sockets("127.0.0.1", 0, count=group)
+    assert len({s.getsockname() for s in relay_socks}) == 1  # one port for the whole group
+    relay_sock = relay_socks[0]
     relay_addr = AddrPort.from_sockaddr(relay_sock.getsockname())
     srv = RelayServer(DiscoPrivate.generate(), now=trio.current_time())
     srv.set_addr_ports(static=[relay_addr])
@@ -75,7 +80,9 @@ async def test_two_clients_bind_and_exchange_packets_through_relay():
     cmm_via = d.parse_message(d.CallMeMaybeVia(ep).to_bytes())
 
     sa, sb, sc = _udp(), _udp(), _udp()
-    with sa, sb, sc, relay_sock:
+    with sa, sb, sc, contextlib.ExitStack() as relay_group:
+        for relay in relay_socks:
+            relay_group.callback(relay.close)
         for s in (sa, sb, sc):
             await s.bind(("127.0.0.1", 0))
         a_addr = AddrPort.from_sockaddr(sa.getsockname())
@@ -84,7 +91,7 @@ async def test_two_clients_bind_and_exchange_packets_through_relay():
         hb = RelayBindHandshake(b, cmm_via.endpoint, generation=1, node_key=b_node)
         done_a, done_b = trio.Event(), trio.Event()
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_relay, srv, relay_sock)
+            await nursery.start(serve_relay, srv, *relay_socks)
             nursery.start_soon(_client_loop, ha, sa, done_a)
             nursery.start_soon(_client_loop, hb, sb, done_b)
             with trio.fail_after(5):
@@ -97,7 +104,7 @@ async def test_two_clients_bind_and_exchange_packets_through_relay():
 
         # Handshakes done: exchange "WireGuard" datagrams through the relay.
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_relay, srv, relay_sock)
+            await nursery.start(serve_relay, srv, *relay_socks)
             with trio.fail_after(5):
                 for i in range(20):
                     pkt = ha.wrap_wireguard(b"\x04\x00\x00\x00" + i.to_bytes(4, "big") + bytes(100))

@@ -47,7 +47,7 @@ from tsnet.magicsock.conn import (
     MagicSockEvent,
     PathStatus,
 )
-from tsnet.relay.driver import open_udp_socket as open_relay_socket
+from tsnet.relay.driver import open_udp_sockets as open_relay_sockets
 from tsnet.relay.driver import serve_relay
 from tsnet.relay.server import RelayServer
 from tsnet.udpio import UDPReceiver, UDPSender
@@ -164,7 +164,9 @@ class MagicSockDriver:
         #: run a peer relay server on this UDP port (0 = random; None = no relay server)
         self.relay_server_port = relay_server_port
         self.relay_server: RelayServer | None = None
-        self.relay_socket: socket.socket | None = None
+        self.relay_socket: socket.socket | None = None  # the first of relay_sockets
+        #: SO_REUSEPORT group on the relay port, one socket per usable CPU
+        self.relay_sockets: list[socket.socket] = []
         self.sockets: dict[int, socket.socket] = {}
         self.regions = DerpRegions(node_private, {})
         self._timer_scope: trio.CancelScope | None = None
@@ -199,7 +201,7 @@ class MagicSockDriver:
                 await nursery.start(self.regions.run)
                 if self.relay_server_port is not None:
                     self._start_relay_server()
-                    await nursery.start(serve_relay, self.relay_server, self.relay_socket)
+                    await nursery.start(serve_relay, self.relay_server, *self.relay_sockets)
                 for sock in self.sockets.values():
                     nursery.start_soon(self._reader, sock)
                 nursery.start_soon(self._derp_reader)
@@ -212,15 +214,17 @@ class MagicSockDriver:
         finally:
             for sock in self.sockets.values():
                 sock.close()
-            if self.relay_socket is not None:
-                self.relay_socket.close()
+            for relay_sock in self.relay_sockets:
+                relay_sock.close()
 
     def _start_relay_server(self) -> None:
-        self.relay_socket = open_relay_socket(self.bind_v4, self.relay_server_port or 0)
+        self.relay_sockets = open_relay_sockets(self.bind_v4, self.relay_server_port or 0)
+        self.relay_socket = self.relay_sockets[0]
         self.relay_server = RelayServer(DiscoPrivate.generate(), now=trio.current_time())
         self.core.relay_server = self.relay_server
         self._update_relay_addr_ports()
-        log.info("relayserver: listening on udp4:%d", self.relay_socket.getsockname()[1])
+        log.info("relayserver: listening on udp4:%d (%d SO_REUSEPORT sockets)", self.relay_socket.getsockname()[1],
+                 len(self.relay_sockets))
 
     def _update_relay_addr_ports(self) -> None:
         """Advertise our endpoints' IPs with the relay port (interface addresses, STUN-mapped IPv4)."""
