@@ -260,6 +260,11 @@ class Stack:
         icmp_rate, icmp_burst: token bucket for ICMP we generate (echo replies and errors).
         reassembly_timeout, reassembly_timeout_v6, reassembly_memory: bounds of the fragment
             reassemblers (gVisor's: 30 s for IPv4, 60 s for IPv6, 4 MiB each).
+        coalesce_acks: ACK in-order data once per :meth:`receive_packets` batch (plus every
+            ``tcp.ACK_STRETCH_SEGMENTS`` full segments within a big batch) rather
+            than every second segment: far fewer ACKs to build, encrypt and send, and for
+            the peer to process, while a bulk sender is feeding us. Linux senders grow
+            their window by bytes acknowledged, so stretch ACKs do not slow them down.
     """
 
     def __init__(
@@ -277,8 +282,10 @@ class Stack:
         reassembly_timeout: float = 30.0,
         reassembly_timeout_v6: float = 60.0,
         reassembly_memory: int = 4 << 20,
+        coalesce_acks: bool = True,
     ) -> None:
         self.tcp_options = tcp_options
+        self.coalesce_acks = coalesce_acks
         #: PeerAPI port put in TSMP pongs (0: none)
         self.peerapi_port = 0
         self.mtu = mtu
@@ -518,6 +525,8 @@ class Stack:
                 log.exception("netstack: error while handling a packet (dropped)")
         for conn in touched:
             try:
+                if conn.coalesce_acks:
+                    conn.flush_acks(now)  # the one ACK for this batch's in-order data
                 self._touch(conn)
             except Exception:
                 counters.internal_errors += 1
@@ -596,6 +605,7 @@ class Stack:
                 dst, seg.dport, src, seg.sport, seg, iss=iss, now=now, outbox=self.outbox,
                 changed=self.changed, options=self.tcp_options, ts_offset=ts_offset,
             )
+            conn.coalesce_acks = self.coalesce_acks
             self.connections[(dst, seg.dport, src, seg.sport)] = conn
             counters.tcp_connections_opened += 1
             listener.half_open.add(conn)
@@ -662,6 +672,7 @@ class Stack:
             lip, local_port, rip, remote_port, iss=iss, now=now, outbox=self.outbox, changed=self.changed,
             options=options or self.tcp_options, ts_offset=ts_offset,
         )
+        conn.coalesce_acks = self.coalesce_acks
         self.connections[(lip, local_port, rip, remote_port)] = conn
         self.counters.tcp_connections_opened += 1
         self._touch(conn)

@@ -41,6 +41,11 @@ __all__ = ["TCPConnection", "TCPOptions", "TCPState", "TCPStats"]
 # nearby reference, so no comparison anywhere needs modular arithmetic.
 _M = 0xFFFFFFFF
 _HALF = 1 << 31
+#: With ``coalesce_acks``, in-order data is still ACKed at least every this many full
+#: segments inside one big received batch, so the sender's window keeps moving (and its
+#: bursts stay bounded) while we work through the batch.
+ACK_STRETCH_SEGMENTS = 32
+_ACK_STRETCH = 2 * ACK_STRETCH_SEGMENTS  # in _unacked_segs units (2 per full segment)
 _WRAP = 1 << 32
 _pack_hdr = HEADER.pack
 _partial = checksum.partial
@@ -1614,7 +1619,7 @@ class TCPConnection:
                 self._unacked_segs += 2
             else:
                 self._unacked_segs += 1
-            if self._unacked_segs >= 4 and not self.coalesce_acks:
+            if self._unacked_segs >= (_ACK_STRETCH if self.coalesce_acks else 4):
                 self._ack_now = True
             self._rcv_rtt_update(seg, rnxt + plen, now)
         self._output(now)
@@ -1891,7 +1896,7 @@ class TCPConnection:
                         self._unacked_segs += 2
                     else:
                         self._unacked_segs += 1  # small segment: ACK after the delay
-                    if self._unacked_segs >= 4 and not self.coalesce_acks:
+                    if self._unacked_segs >= (_ACK_STRETCH if self.coalesce_acks else 4):
                         self._ack_now = True
                 self._rcv_rtt_update(seg, rnxt, now)
             if fin or (self._ooo_fin is not None and self._ooo_fin == self.rcv_nxt):

@@ -1,0 +1,75 @@
+"""Stack-level ACK coalescing: in-order data is ACKed once per received batch (bounded stretch)."""
+
+from __future__ import annotations
+
+from tests.netstack.netutil import A4, ACK, B4, SYN, parse, parse_tcp, tcp
+from tsnet.netstack.stack import Stack
+from tsnet.netstack.tcp import ACK_STRETCH_SEGMENTS
+
+MSS = b"\x02\x04\x04\xd8"  # MSS 1240
+SEG = 1240
+
+
+def established(coalesce: bool = True) -> tuple[Stack, int]:
+    """A stack with one accepted-by-handshake connection from B4:5555 to A4:80; returns (stack, our ISS+1)."""
+    s = Stack([A4], now=0.0, coalesce_acks=coalesce)
+    s.tcp_listen(80)
+    s.receive_packet(tcp(B4, A4, 5555, 80, 1000, 0, SYN, options=MSS), 0.0)
+    (synack,) = [parse_tcp(parse(p)) for p in s.packets_to_send()]
+    una = (synack.seq + 1) & 0xFFFFFFFF
+    s.receive_packet(tcp(B4, A4, 5555, 80, 1001, una, ACK), 0.0)
+    assert not s.packets_to_send()
+    return s, una
+
+
+def data(una: int, first: int, count: int) -> list[bytes]:
+    """``count`` full in-order segments starting at segment number ``first``."""
+    return [tcp(B4, A4, 5555, 80, 1001 + i * SEG, una, ACK, bytes([i & 0xFF]) * SEG)
+            for i in range(first, first + count)]
+
+
+def acks(s: Stack) -> list[int]:
+    out = [parse_tcp(parse(p)) for p in s.packets_to_send()]
+    assert all(seg.flags == ACK and not seg.data for seg in out)
+    return [seg.ack - 1001 for seg in out]
+
+
+def test_one_ack_per_batch() -> None:
+    s, una = established()
+    s.receive_packets(data(una, 0, 10), 0.0)
+    assert acks(s) == [10 * SEG]
+    s.receive_packets(data(una, 10, 3), 0.001)
+    assert acks(s) == [13 * SEG]
+    (conn,) = s.connections.values()
+    assert conn.rcv_nxt - 1001 == 13 * SEG
+
+
+def test_big_batch_is_acked_every_stretch_and_at_its_end() -> None:
+    s, una = established()
+    n = 2 * ACK_STRETCH_SEGMENTS + 5
+    s.receive_packets(data(una, 0, n), 0.0)
+    assert acks(s) == [ACK_STRETCH_SEGMENTS * SEG, 2 * ACK_STRETCH_SEGMENTS * SEG, n * SEG]
+
+
+def test_without_coalescing_every_second_segment_is_acked() -> None:
+    s, una = established(coalesce=False)
+    s.receive_packets(data(una, 0, 10), 0.0)
+    assert acks(s) == [2 * SEG, 4 * SEG, 6 * SEG, 8 * SEG, 10 * SEG]
+
+
+def test_single_segment_waits_for_the_delayed_ack_timer() -> None:
+    s, una = established()
+    s.receive_packets(data(una, 0, 1), 0.0)
+    assert acks(s) == []
+    t = s.get_timer()
+    assert t is not None and 0.0 < t <= 0.040
+    s.handle_timer(t)
+    assert acks(s) == [SEG]
+
+
+def test_out_of_order_segment_is_still_acked_at_once() -> None:
+    s, una = established()
+    s.receive_packets(data(una, 0, 4) + data(una, 5, 1), 0.0)
+    # The hole is reported immediately (duplicate ACK for the sender's fast retransmit).
+    got = acks(s)
+    assert got and got[-1] == 4 * SEG
