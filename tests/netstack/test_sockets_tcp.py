@@ -298,4 +298,4 @@ async def test_transfer_over_a_lossy_link(autojump_clock: trio.testing.MockClock
                     await s.send_eof()
                 await s.aclose()
         assert bytes(got_up) == up and bytes(got_down) == down
-        assert dropped > 20
+        assert dropped > 10  # ~450 packets (ACKs are coalesced per batch): about 22 expected
