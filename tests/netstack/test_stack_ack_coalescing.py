@@ -73,3 +73,24 @@ def test_out_of_order_segment_is_still_acked_at_once() -> None:
     # The hole is reported immediately (duplicate ACK for the sender's fast retransmit).
     got = acks(s)
     assert got and got[-1] == 4 * SEG
+
+
+# -- the IPv4/TCP fast path of Stack.receive_packets --------------------------------------------------------------
+
+
+def test_fast_path_checks_both_checksums_and_odd_lengths() -> None:
+    s, una = established()
+    good = tcp(B4, A4, 5555, 80, 1001, una, ACK, b"abc")  # odd segment length
+    bad_tcp = bytearray(tcp(B4, A4, 5555, 80, 1004, una, ACK, b"xyz"))
+    bad_tcp[-1] ^= 0x01
+    bad_ip = bytearray(tcp(B4, A4, 5555, 80, 1004, una, ACK, b"xyz"))
+    bad_ip[10] ^= 0xFF  # IPv4 header checksum
+    s.receive_packets([good, bytes(bad_tcp), bytes(bad_ip)], 0.0)
+    assert s.counters.bad_checksum == 1 and s.counters.malformed == 1
+    (conn,) = s.connections.values()
+    assert conn.rcv_nxt - 1001 == 3
+    # The same segment as a bytearray (general path) and as bytes (fast path) are equivalent.
+    s.receive_packets([bytearray(tcp(B4, A4, 5555, 80, 1004, una, ACK, b"de")),
+                       tcp(B4, A4, 5555, 80, 1006, una, ACK, b"f")], 0.0)
+    assert conn.rcv_nxt - 1001 == 6
+    assert bytes(conn._rcvbuf) == b"abcdef"

@@ -1622,7 +1622,10 @@ class TCPConnection:
             if self._unacked_segs >= (_ACK_STRETCH if self.coalesce_acks else 4):
                 self._ack_now = True
             self._rcv_rtt_update(seg, rnxt + plen, now)
-        self._output(now)
+        # _output only if it has work: an ACK owed, or data/FIN not sent yet (a pure
+        # receiver skips two calls per segment).
+        if self._ack_now or self.snd_nxt < self._buf_seq + len(self._sndbuf) + (self._fin_seq is not None):
+            self._output(now)
         if self._unacked_segs and not self._ack_now and self._delack_deadline is None:
             self._delack_deadline = now + self.options.delayed_ack
         return True
