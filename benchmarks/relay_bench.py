@@ -4,7 +4,10 @@ Core rows time the sans-IO calls alone (best of several runs, microseconds per
 call). The loopback row pushes 1280-byte Geneve/WireGuard datagrams from one
 client socket through the trio relay driver to another client socket on
 127.0.0.1, in bursts, and counts what arrives (UDP: overruns are dropped, the
-table reports both sent and received).
+table reports both sent and received). It runs twice: with plain clients (one
+``sendto``/``recv`` per datagram) and with clients that batch like our
+WireGuard drivers (:mod:`tsnet.udpio`: UDP_SEGMENT bursts, UDP_GRO receives),
+and shows the relay's own syscalls per forwarded datagram.
 
 Run: .venv/bin/python benchmarks/relay_bench.py [--packets N]
 """
@@ -12,6 +15,7 @@ Run: .venv/bin/python benchmarks/relay_bench.py [--packets N]
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import trio
@@ -21,8 +25,9 @@ from tsnet.magicsock import disco as d
 from tsnet.magicsock.addrport import AddrPort
 from tsnet.magicsock.demux import classify
 from tsnet.relay.client import RelayBindHandshake
-from tsnet.relay.driver import open_udp_socket, serve_relay
+from tsnet.relay.driver import RelayIOCounters, open_udp_socket, serve_relay
 from tsnet.relay.server import RelayServer
+from tsnet.udpio import UDPReceiver, UDPSender
 
 SIZE = 1280
 A_ADDR = AddrPort.parse("198.51.100.1:1")
@@ -91,13 +96,14 @@ def core_rows(n: int) -> list[tuple[str, float]]:
     ]
 
 
-async def loopback(n: int, burst: int = 32) -> tuple[int, int, float]:
+async def loopback(n: int, burst: int = 32, batched_clients: bool = False) -> tuple[int, int, float, RelayIOCounters]:
     relay_sock = open_udp_socket("127.0.0.1", 0)
     relay_addr = AddrPort.from_sockaddr(relay_sock.getsockname())
     ca, cb = open_udp_socket("127.0.0.1", 0), open_udp_socket("127.0.0.1", 0)
     a_addr, b_addr = AddrPort.from_sockaddr(ca.getsockname()), AddrPort.from_sockaddr(cb.getsockname())
     srv, ep, ha = bound_server(relay_addr, a_addr, b_addr, trio.current_time())
     wg = ha.wrap_wireguard(b"\x04\x00\x00\x00" + bytes(SIZE - 4))
+    counters = RelayIOCounters()
     received = 0
     sent = 0
     done = trio.Event()
@@ -105,33 +111,46 @@ async def loopback(n: int, burst: int = 32) -> tuple[int, int, float]:
     async def receiver():
         nonlocal received
         buf = bytearray(2048)
+        batch_rx = UDPReceiver(cb) if batched_clients else None  # (it turns UDP_GRO on)
+        got: list = []
         while True:
             await trio.lowlevel.wait_readable(cb)
-            while True:
-                try:
-                    cb.recv_into(buf)
-                except BlockingIOError:
-                    break
-                received += 1
-                if received >= n:
-                    done.set()
-                    return
+            if batched_clients:
+                batch_rx.receive(got, 1 << 30)  # type: ignore[union-attr]
+                received += len(got)
+                got.clear()
+            else:
+                while True:
+                    try:
+                        cb.recv_into(buf)
+                    except BlockingIOError:
+                        break
+                    received += 1
+            if received >= n:
+                done.set()
+                return
 
     async def sender():
         nonlocal sent
         dst = relay_addr.to_sockaddr()
+        batch_tx = UDPSender(ca) if batched_clients else None
+        items = [(wg, dst)] * burst
         while sent < n:
-            for _ in range(burst):
-                try:
-                    ca.sendto(wg, dst)
-                    sent += 1
-                except BlockingIOError:
-                    break
+            if batched_clients:
+                stop, _ = batch_tx.send(items[: min(burst, n - sent)])  # type: ignore[union-attr]
+                sent += stop
+            else:
+                for _ in range(burst):
+                    try:
+                        ca.sendto(wg, dst)
+                        sent += 1
+                    except BlockingIOError:
+                        break
             await trio.sleep(0)  # let the relay and receiver drain
 
     with relay_sock, ca, cb:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_relay, srv, relay_sock)
+            await nursery.start(functools.partial(serve_relay, srv, relay_sock, counters=counters))
             nursery.start_soon(receiver)
             t0 = time.perf_counter()
             nursery.start_soon(sender)
@@ -140,7 +159,7 @@ async def loopback(n: int, burst: int = 32) -> tuple[int, int, float]:
             elapsed = time.perf_counter() - t0
             # let in-flight packets land, then stop
             nursery.cancel_scope.cancel()
-    return sent, received, elapsed
+    return sent, received, elapsed, counters
 
 
 def main() -> None:
@@ -151,11 +170,15 @@ def main() -> None:
     print(f"{'operation':40} {'us/op':>8}")
     for name, us in rows:
         print(f"{name:40} {us:8.2f}")
-    sent, received, elapsed = trio.run(loopback, args.packets)
-    pps = received / elapsed
     print()
-    print(f"{'relay over loopback UDP (1288 B)':40} {'sent':>8} {'recv':>8} {'pkt/s':>9} {'Mbit/s':>8}")
-    print(f"{'':40} {sent:8d} {received:8d} {pps:9.0f} {pps * len(bytes(1288)) * 8 / 1e6:8.1f}")
+    print(f"{'relay over loopback UDP (1288 B)':34} {'sent':>7} {'recv':>7} {'pkt/s':>8} {'Mbit/s':>7}"
+          f" {'rx sys/dg':>9} {'tx sys/dg':>9}")
+    for label, batched in (("plain clients", False), ("batched clients (GSO/GRO)", True)):
+        sent, received, elapsed, io = trio.run(loopback, args.packets, 32, batched)
+        pps = received / elapsed
+        rx = io.receive_syscalls / max(1, io.datagrams_received)
+        tx = io.send_syscalls / max(1, io.datagrams_sent)
+        print(f"{label:34} {sent:7d} {received:7d} {pps:8.0f} {pps * (SIZE + 8) * 8 / 1e6:7.1f} {rx:9.3f} {tx:9.3f}")
 
 
 if __name__ == "__main__":

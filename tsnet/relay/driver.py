@@ -1,9 +1,13 @@
 """Thin trio UDP driver for :class:`tsnet.relay.server.RelayServer`.
 
-Waits for readability, then drains the socket in a batch with non-blocking
-``recvfrom_into`` into one reused buffer; forwarded datagrams are sent straight
-from that buffer before the next read. The server's timer (garbage collection)
-runs off ``trio.current_time()`` so tests can use trio's MockClock.
+Waits for readability, then drains a batch with :class:`tsnet.udpio.UDPReceiver`
+(``UDP_GRO``: one syscall may bring a whole burst of one flow), runs every
+datagram through the sans-IO server and sends the batch's forwards with
+:class:`tsnet.udpio.UDPSender`, grouped per destination so one flow's burst
+leaves in one ``UDP_SEGMENT`` send. The server returns forwarded datagrams as
+the very object it was given; the receiver's datagrams are slices of immutable
+``bytes``, so they stay valid until sent without a copy. The server's timer
+(garbage collection) runs off ``trio.current_time()`` so tests can use trio's MockClock.
 
 :func:`open_udp_sockets` opens an SO_REUSEPORT group on one port, one socket per
 CPU the process may really use (:func:`usable_cpu_count`): the kernel spreads
@@ -13,19 +17,28 @@ clients cannot fill the queue every other pair depends on.
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from tsnet.magicsock.addrport import AddrPort
 from tsnet.relay.server import RelayServer
+from tsnet.udpio import UDPReceiver, UDPSender
 
-__all__ = ["open_udp_socket", "open_udp_sockets", "serve_relay", "usable_cpu_count", "RECV_BUFFER_SIZE"]
+__all__ = [
+    "RECV_BUFFER_SIZE",
+    "RelayIOCounters",
+    "open_udp_socket",
+    "open_udp_sockets",
+    "serve_relay",
+    "usable_cpu_count",
+]
 
 log = logging.getLogger(__name__)
 
@@ -105,69 +118,156 @@ def open_udp_sockets(host: str = "0.0.0.0", port: int = 0, count: int | None = N
     return socks
 
 
+@dataclass
+class RelayIOCounters:
+    """Socket I/O counters of :func:`serve_relay`, summed over all its sockets (updated once per batch).
+
+    Protocol counters (forwarded/dropped) live on the :class:`RelayServer`.
+    """
+
+    #: datagrams handed over by the kernel
+    datagrams_received: int = 0
+    #: receive syscalls, including the final one that finds the socket empty
+    receive_syscalls: int = 0
+    #: receive buffers that held several datagrams (UDP_GRO)
+    receive_coalesced: int = 0
+    #: failed receives (ICMP errors surfacing on the socket, truncation)
+    receive_errors: int = 0
+    #: forwarded datagrams the kernel accepted
+    datagrams_sent: int = 0
+    #: send syscalls (``sendmsg`` with UDP_SEGMENT, or ``sendto``)
+    send_syscalls: int = 0
+    #: batches of a full receive limit (the reader yielded to other tasks before draining more)
+    full_batches: int = 0
+
+
 async def serve_relay(
     server: RelayServer,
     *socks: socket.socket,
     batch: int = 64,
+    counters: RelayIOCounters | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``server`` on its sockets (one or more per address family) until cancelled.
 
-    Each socket gets its own reader; a forwarded datagram leaves from the socket it
-    arrived on when the families match, else from a socket of the destination's
-    family (tailscaled forwards udp4 <-> udp6 too). The caller owns (and closes) the sockets.
+    Each socket gets its own reader, which drains up to ``batch`` datagrams (plus
+    the rest of a coalesced buffer) before forwarding them. A forwarded datagram
+    leaves from the socket it arrived on when the families match, else from a
+    socket of the destination's family (tailscaled forwards udp4 <-> udp6 too).
+    A send that fails, or finds the kernel buffer full, drops the datagram and
+    counts it in ``server.dropped["send_error"]``, as UDP would. ``counters``
+    (optional) receives the socket I/O counts. The caller owns (and closes) the sockets.
     """
     if not socks:
         raise ValueError("serve_relay needs at least one socket")
-    by_version: dict[int, socket.socket] = {}
+    if batch < 1:
+        raise ValueError("batch must be at least 1")
+    counters = RelayIOCounters() if counters is None else counters
+    # One sender per socket, shared by the readers: sends are synchronous, so they never interleave.
+    senders = {s: UDPSender(s) for s in socks}
+    by_version: dict[int, UDPSender] = {}
     for s in socks:
-        by_version.setdefault(6 if s.family == socket.AF_INET6 else 4, s)
+        by_version.setdefault(_version(s), senders[s])
     async with trio.open_nursery() as nursery:
         for sock in socks:
-            nursery.start_soon(_read_loop, server, sock, by_version, batch)
+            nursery.start_soon(_read_loop, server, sock, senders[sock], by_version, batch, counters)
         task_status.started()
 
 
-async def _read_loop(server: RelayServer, sock: socket.socket, by_version: dict[int, socket.socket], batch: int) -> None:
+def _version(sock: socket.socket) -> int:
+    return 6 if sock.family == socket.AF_INET6 else 4
+
+
+async def _read_loop(
+    server: RelayServer,
+    sock: socket.socket,
+    own_sender: UDPSender,
+    by_version: dict[int, UDPSender],
+    batch: int,
+    counters: RelayIOCounters,
+) -> None:
     # Same-family replies leave from this socket (same port; keeps the group's queues independent).
-    by_version = {**by_version, 6 if sock.family == socket.AF_INET6 else 4: sock}
-    buf = bytearray(RECV_BUFFER_SIZE)
-    view = memoryview(buf)
-    addr_cache: dict[tuple, AddrPort] = {}  # type: ignore[type-arg]
+    by_version = {**by_version, _version(sock): own_sender}
+    src_cache: dict[Any, AddrPort] = {}
+    dst_cache: dict[AddrPort, tuple[str, int]] = {}
+
+    def source(sockaddr: Any) -> AddrPort:
+        # Called once per receive syscall (a GRO buffer shares one source), not per datagram.
+        src = src_cache.get(sockaddr)
+        if src is None:
+            src = AddrPort.from_sockaddr(sockaddr)
+            if len(src_cache) >= _ADDR_CACHE_MAX:
+                src_cache.clear()
+            src_cache[sockaddr] = src
+        return src
+
+    receiver = UDPReceiver(sock, map_address=source)
+    received: list[tuple[Any, AddrPort]] = []
+    # Forwards of one batch by destination sockaddr (insertion-ordered): one flow's datagrams stay
+    # in order and adjacent, so UDPSender can segment them even when two flows interleave.
+    pending: dict[tuple[str, int], list[tuple[Any, tuple[str, int]]]] = {}
+    pending_sender: dict[tuple[str, int], UDPSender | None] = {}
+    dropped = server.dropped
     while True:
         with trio.move_on_at(server.get_timer()):
             await trio.lowlevel.wait_readable(sock)
         now = trio.current_time()
         server.handle_timer(now)
-        drained = False
-        for _ in range(batch):
-            try:
-                n, sockaddr = sock.recvfrom_into(buf)
-            except BlockingIOError:
-                drained = True
-                break
-            except OSError as exc:
-                # ICMP errors from earlier sends surface here on Linux; not fatal.
-                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    continue
-                raise
-            src = addr_cache.get(sockaddr)
-            if src is None:
-                src = AddrPort.from_sockaddr(sockaddr)
-                if len(addr_cache) >= _ADDR_CACHE_MAX:
-                    addr_cache.clear()
-                addr_cache[sockaddr] = src
-            out = server.receive_datagram(view[:n], src, now)
-            if out is not None:
-                data, dst = out
-                out_sock = by_version.get(dst.ip.version)
-                try:
-                    if out_sock is None:
-                        raise OSError(errno.EAFNOSUPPORT, "no socket for this address family")
-                    out_sock.sendto(data, dst.to_sockaddr())
-                except OSError as exc:  # includes BlockingIOError: a full buffer drops, like UDP
-                    server.dropped["send_error"] = server.dropped.get("send_error", 0) + 1
-                    log.debug("relayserver: send to %s failed: %s", dst, exc)
+        syscalls, errors, coalesced = receiver.syscalls, receiver.errors, receiver.coalesced
+        drained = receiver.receive(received, batch)
+        counters.receive_syscalls += receiver.syscalls - syscalls
+        counters.receive_errors += receiver.errors - errors
+        counters.receive_coalesced += receiver.coalesced - coalesced
+        counters.datagrams_received += len(received)
+        receive_datagram = server.receive_datagram
+        for data, src in received:
+            out = receive_datagram(data, src, now)
+            if out is None:
+                continue
+            fwd, dst = out
+            sockaddr = dst_cache.get(dst)
+            if sockaddr is None:
+                sockaddr = dst.to_sockaddr()
+                if len(dst_cache) >= _ADDR_CACHE_MAX:
+                    dst_cache.clear()
+                dst_cache[dst] = sockaddr
+            group = pending.get(sockaddr)
+            if group is None:
+                group = pending[sockaddr] = []
+                pending_sender[sockaddr] = by_version.get(dst.ip.version)
+            group.append((fwd, sockaddr))
+        received.clear()  # bounded memory: nothing survives the batch
+        if pending:
+            _send_pending(pending, pending_sender, dropped, counters)
         if not drained:
             # A full batch: let other tasks run before draining more.
+            counters.full_batches += 1
             await trio.lowlevel.checkpoint()
+
+
+def _send_pending(
+    pending: dict[tuple[str, int], list[tuple[Any, tuple[str, int]]]],
+    pending_sender: dict[tuple[str, int], UDPSender | None],
+    dropped: dict[str, int],
+    counters: RelayIOCounters,
+) -> None:
+    """Send (and forget) one batch's forwards; every datagram not accepted counts as a ``send_error`` drop."""
+    failed = 0
+    for sockaddr, group in pending.items():
+        sender = pending_sender[sockaddr]
+        if sender is None:
+            failed += len(group)  # no socket of the destination's family
+            log.debug("relayserver: no socket for the family of %s", sockaddr)
+            continue
+        syscalls, sent = sender.syscalls, sender.datagrams_sent
+        stop, errors = sender.send(group)
+        counters.send_syscalls += sender.syscalls - syscalls
+        counters.datagrams_sent += sender.datagrams_sent - sent
+        # Hard errors, plus what a full kernel buffer left unsent: dropped like UDP drops.
+        failed += len(errors) + len(group) - stop
+        if errors:
+            log.debug("relayserver: send to %s failed: %s", sockaddr, errors[0][1])
+    pending.clear()
+    pending_sender.clear()
+    if failed:
+        dropped["send_error"] = dropped.get("send_error", 0) + failed
