@@ -168,9 +168,12 @@ async def serve_relay(
     by_version: dict[int, UDPSender] = {}
     for s in socks:
         by_version.setdefault(_version(s), senders[s])
+    # Receivers (which turn UDP_GRO on) exist before we report started: the kernel decides
+    # coalescing when a datagram is queued, so data sent right after start must already see GRO.
+    receivers = {s: _receiver(s) for s in socks}
     async with trio.open_nursery() as nursery:
         for sock in socks:
-            nursery.start_soon(_read_loop, server, sock, senders[sock], by_version, batch, counters)
+            nursery.start_soon(_read_loop, server, receivers[sock], senders[sock], by_version, batch, counters)
         task_status.started()
 
 
@@ -178,18 +181,9 @@ def _version(sock: socket.socket) -> int:
     return 6 if sock.family == socket.AF_INET6 else 4
 
 
-async def _read_loop(
-    server: RelayServer,
-    sock: socket.socket,
-    own_sender: UDPSender,
-    by_version: dict[int, UDPSender],
-    batch: int,
-    counters: RelayIOCounters,
-) -> None:
-    # Same-family replies leave from this socket (same port; keeps the group's queues independent).
-    by_version = {**by_version, _version(sock): own_sender}
+def _receiver(sock: socket.socket) -> UDPReceiver:
+    """A receiver for ``sock`` that hands over sources as (cached) :class:`AddrPort`."""
     src_cache: dict[Any, AddrPort] = {}
-    dst_cache: dict[AddrPort, tuple[str, int]] = {}
 
     def source(sockaddr: Any) -> AddrPort:
         # Called once per receive syscall (a GRO buffer shares one source), not per datagram.
@@ -201,7 +195,21 @@ async def _read_loop(
             src_cache[sockaddr] = src
         return src
 
-    receiver = UDPReceiver(sock, map_address=source)
+    return UDPReceiver(sock, map_address=source)
+
+
+async def _read_loop(
+    server: RelayServer,
+    receiver: UDPReceiver,
+    own_sender: UDPSender,
+    by_version: dict[int, UDPSender],
+    batch: int,
+    counters: RelayIOCounters,
+) -> None:
+    sock = receiver.sock
+    # Same-family replies leave from this socket (same port; keeps the group's queues independent).
+    by_version = {**by_version, _version(sock): own_sender}
+    dst_cache: dict[AddrPort, tuple[str, int]] = {}
     received: list[tuple[Any, AddrPort]] = []
     # Forwards of one batch by destination sockaddr (insertion-ordered): one flow's datagrams stay
     # in order and adjacent, so UDPSender can segment them even when two flows interleave.
