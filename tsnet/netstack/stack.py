@@ -611,7 +611,8 @@ class Stack:
         seg = tcp_wire.parse(seg_bytes)
         conn = self.connections.get((dst, seg.dport, src, seg.sport))
         if conn is not None:
-            if not (conn.state == TCPState.TIME_WAIT and seg.flags & SYN and conn.time_wait_reopen_ok(seg)):
+            # (SYN tested first: it is cheap and almost always clear.)
+            if not (seg.flags & SYN and conn.state == TCPState.TIME_WAIT and conn.time_wait_reopen_ok(seg)):
                 conn.receive_segment(seg, now)
                 touched[conn] = None
                 return

@@ -91,6 +91,16 @@ class TCPState(enum.IntEnum):
     TIME_WAIT = 10
 
 
+# Members as plain module globals for the per-segment paths: looking an IntEnum member up
+# on its class costs ~0.4 us in CPython 3.11, a global ~0.05 us.
+_CLOSED = TCPState.CLOSED
+_SYN_SENT = TCPState.SYN_SENT
+_ESTABLISHED = TCPState.ESTABLISHED
+_SYN_RECEIVED = TCPState.SYN_RECEIVED
+_SENDING_STATES = frozenset((TCPState.ESTABLISHED, TCPState.CLOSE_WAIT, TCPState.FIN_WAIT_1,
+                             TCPState.LAST_ACK, TCPState.CLOSING))
+
+
 @dataclass(frozen=True, slots=True)
 class TCPOptions:
     """Per-connection settings. Defaults follow ../shared/protocols/wireguard-netstack.md B.2."""
@@ -788,9 +798,10 @@ class TCPConnection:
         self._emit(self.iss, SYN | ACK if with_ack else SYN, o, None, wnd)
 
     def _send_ack(self, now: float) -> None:
-        if self.state in (TCPState.CLOSED, TCPState.SYN_SENT):
+        st = self.state
+        if st == _CLOSED or st == _SYN_SENT:
             return
-        if self.state == TCPState.SYN_RECEIVED:
+        if st == _SYN_RECEIVED:
             self._send_syn(now, with_ack=True)
             return
         wnd = self._window_field()
@@ -864,9 +875,7 @@ class TCPConnection:
 
     def _output(self, now: float) -> None:
         """Send whatever the windows allow, then any ACK still owed."""
-        st = self.state
-        if st in (TCPState.ESTABLISHED, TCPState.CLOSE_WAIT, TCPState.FIN_WAIT_1, TCPState.LAST_ACK,
-                  TCPState.CLOSING):
+        if self.state in _SENDING_STATES:
             if self._in_recovery and self.sack_ok:
                 self._sack_output(now)
             else:
@@ -1458,14 +1467,14 @@ class TCPConnection:
     def _receive(self, seg: Segment, now: float) -> None:
         st = self.state
         flags = seg.flags
-        if st == TCPState.CLOSED:
+        if st == _CLOSED:
             self.stats.dropped += 1
             return
-        if st == TCPState.SYN_SENT:
+        if st == _SYN_SENT:
             self._receive_syn_sent(seg, now)
             return
         # Fast path: in-order data or a plain ACK in ESTABLISHED, nothing unusual going on.
-        if st == TCPState.ESTABLISHED and (flags & _FAST_FLAGS_MASK) == ACK and seg.sack_blocks is None \
+        if st == _ESTABLISHED and (flags & _FAST_FLAGS_MASK) == ACK and seg.sack_blocks is None \
                 and not self._ooo and not self._in_recovery and seg.seq == (self.rcv_nxt & _M) \
                 and self._fast_path(seg, now):
             return
