@@ -215,7 +215,6 @@ async def _read_loop(
     # in order and adjacent, so UDPSender can segment them even when two flows interleave.
     pending: dict[tuple[str, int], list[tuple[Any, tuple[str, int]]]] = {}
     pending_sender: dict[tuple[str, int], UDPSender | None] = {}
-    dropped = server.dropped
     while True:
         with trio.move_on_at(server.get_timer()):
             await trio.lowlevel.wait_readable(sock)
@@ -246,7 +245,7 @@ async def _read_loop(
             group.append((fwd, sockaddr))
         received.clear()  # bounded memory: nothing survives the batch
         if pending:
-            _send_pending(pending, pending_sender, dropped, counters)
+            _send_pending(pending, pending_sender, server.dropped, counters)
         if not drained:
             # A full batch: let other tasks run before draining more.
             counters.full_batches += 1
