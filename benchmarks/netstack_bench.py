@@ -5,6 +5,7 @@ Needs root: builds its own lab namespaces (tests/lab) and removes them, pass or 
     .venv/bin/python benchmarks/netstack_bench.py              # everything, prints one table
     .venv/bin/python benchmarks/netstack_bench.py --size 64    # MiB per throughput run
     .venv/bin/python benchmarks/netstack_bench.py --profile    # + cProfile of the Python->kernel transfer
+    .venv/bin/python benchmarks/netstack_bench.py --profile-rx # + cProfile of the kernel->Python transfer
 
 Rows:
 
@@ -176,7 +177,7 @@ async def python_to_kernel(s: NetstackSetup, net: Any, size: int, profile: cProf
     return mbit(r.nbytes, r.data["seconds"])
 
 
-async def kernel_to_python(s: NetstackSetup, net: Any, size: int) -> float:
+async def kernel_to_python(s: NetstackSetup, net: Any, size: int, profile: cProfile.Profile | None = None) -> float:
     listener = await net.open_tcp_listener(5201)
     box: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
@@ -186,7 +187,11 @@ async def kernel_to_python(s: NetstackSetup, net: Any, size: int) -> float:
 
         nursery.start_soon(send)
         stream = await listener.accept()
+        if profile is not None:
+            profile.enable()
         got = await receive_all(stream)
+        if profile is not None:
+            profile.disable()
         await stream.aclose()
     await listener.aclose()
     k = box["k"]
@@ -213,7 +218,8 @@ async def python_rtt(s: NetstackSetup, net: Any, count: int) -> list[float]:
 
 
 def python_vs_kernel(
-    size: int, rtt_count: int, profile: cProfile.Profile | None, repeat: int = 1, loss: float = 0.0
+    size: int, rtt_count: int, profile: cProfile.Profile | None, repeat: int = 1, loss: float = 0.0,
+    profile_rx: cProfile.Profile | None = None,
 ) -> dict[str, float]:
     results: dict[str, float] = {}
     with Lab() as lab:
@@ -234,6 +240,8 @@ def python_vs_kernel(
                 if profile is not None:
                     # A separate run: the profiler's own overhead must not distort the timed transfers.
                     await python_to_kernel(s, net, size, profile)
+                if profile_rx is not None:
+                    await kernel_to_python(s, net, size, profile_rx)
 
         trio.run(main)
     return results
@@ -320,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="random loss of the tunnel's UDP on the veth, each direction, for every row (e.g. 0.03)")
     p.add_argument("--profile", action="store_true",
                    help="cProfile one extra Python->kernel transfer (not the timed one), print top by tottime")
+    p.add_argument("--profile-rx", action="store_true",
+                   help="print a cProfile of a separate (untimed) kernel->Python transfer")
     p.add_argument("--only", choices=["kernel", "python", "memory"], action="append", help="run only these parts")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -331,10 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     py: dict[str, float] = {}
     mem: float | None = None
     profile = cProfile.Profile() if args.profile else None
+    profile_rx = cProfile.Profile() if args.profile_rx else None
     if "kernel" in parts:
         ref = kernel_reference(size, args.rtt_count, args.repeat, args.loss)
     if "python" in parts:
-        py = python_vs_kernel(size, args.rtt_count, profile, args.repeat, args.loss)
+        py = python_vs_kernel(size, args.rtt_count, profile, args.repeat, args.loss, profile_rx)
     if "memory" in parts:
         mem = idle_memory(args.conns)
 
@@ -373,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(25)
         print("\ncProfile of the Python->kernel transfer (top 25 by tottime):")
+        print(out.getvalue())
+    if profile_rx is not None:
+        out = io.StringIO()
+        pstats.Stats(profile_rx, stream=out).sort_stats("tottime").print_stats(25)
+        print("\ncProfile of the kernel->Python transfer (top 25 by tottime):")
         print(out.getvalue())
     return 0
 
