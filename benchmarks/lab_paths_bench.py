@@ -216,6 +216,7 @@ class BenchNode:
     """A Python (``tsnet up``) or tailscaled node on one lab host, with a sink server beside it."""
 
     def __init__(self, kind: str, host: Any, topo: Any, bins: Any, tmp: Path, relay: bool = False) -> None:
+        from tests.lab.nat_topology import start_tailscaled_node
         from tests.lab.netns import wait_until
 
         self.kind, self.host, self.name = kind, host, host.name
@@ -233,7 +234,8 @@ class BenchNode:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tsnet up on {self.name} exited:\n{self.proc.log()[-3000:]}")
         else:
-            self.ts = _start_tailscaled(topo, host, bins)
+            self.ts = start_tailscaled_node(topo, host, bins, port=WG_PORT,
+                                            extra_args=(f"--socks5-server=127.0.0.1:{SOCKS_PORT}",))
             self.proc = self.ts.proc
 
     def _py_running(self) -> bool:
@@ -274,34 +276,6 @@ class BenchNode:
         if p.get("Relay") and p.get("RxBytes", 0) > 0:
             return "derp"
         return "idle"
-
-
-def _start_tailscaled(topo: Any, host: Any, bins: Any) -> Any:
-    """Like tests.lab.nat_topology.start_tailscaled_node, plus ``--socks5-server`` on the namespace's loopback."""
-    from tests.lab.nat_topology import TailscaledNode
-    from tests.lab.netns import wait_until
-    from tests.lab.tailscaled import start_tailscaled
-
-    state = topo.tmp / f"tailscaled-{host.name}"
-    state.mkdir(parents=True, exist_ok=True)
-    env = {
-        "TS_DEBUG_USE_DERP_HTTP": "1",
-        "TS_NO_LOGS_NO_SUPPORT": "true",
-        "TS_DISABLE_PORTMAPPER": "1",
-        "TS_ASSUME_NETWORK_UP_FOR_TEST": "1",
-        "TS_NETCHECK_GENERATE_204_URL": topo.control_url + "/generate_204",
-        "HOME": str(state),
-    }
-    sock = state / "tailscaled.sock"
-    proc, _ = start_tailscaled(host.ns, bins, env=env, state_dir=state / "state", socket_path=sock, port=WG_PORT,
-                               extra_args=(f"--socks5-server=127.0.0.1:{SOCKS_PORT}",))
-    wait_until(lambda: sock.exists() or proc.poll() is not None, 20, "tailscaled socket")
-    if proc.poll() is not None:
-        raise RuntimeError(proc.log()[-3000:])
-    node = TailscaledNode(host, proc, sock, bins)
-    node.cli("up", f"--login-server={topo.control_url}", f"--authkey={topo.authkey}", f"--hostname={host.name}",
-             "--timeout=60s", timeout=90)
-    return node
 
 
 def _client(node: BenchNode, server: BenchNode, mode: str, seconds: float, pings: int) -> dict[str, Any]:

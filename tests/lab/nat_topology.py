@@ -329,8 +329,11 @@ class TailscaledNode:
 
 
 def start_tailscaled_node(topo: NatTopology, host: Host, bins: Any, *, port: int = 41641,
-                          env: dict[str, str] | None = None) -> TailscaledNode:
-    """Start tailscaled (userspace networking, ``--no-logs-no-support``) on ``host`` and ``tailscale up`` it."""
+                          env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> TailscaledNode:
+    """Start tailscaled (userspace networking, ``--no-logs-no-support``) on ``host`` and ``tailscale up`` it.
+
+    ``extra_args`` go to tailscaled itself (e.g. ``--socks5-server=127.0.0.1:1080``).
+    """
     from tests.lab.tailscaled import start_tailscaled
 
     state = topo.tmp / f"tailscaled-{host.name}"
@@ -345,7 +348,8 @@ def start_tailscaled_node(topo: NatTopology, host: Host, bins: Any, *, port: int
         **(env or {}),
     }
     sock = state / "tailscaled.sock"
-    proc, _ = start_tailscaled(host.ns, bins, env=full_env, state_dir=state / "state", socket_path=sock, port=port)
+    proc, _ = start_tailscaled(host.ns, bins, env=full_env, state_dir=state / "state", socket_path=sock, port=port,
+                               extra_args=extra_args)
     wait_until(lambda: sock.exists() or proc.poll() is not None, 20, "tailscaled socket")
     assert proc.poll() is None, proc.log()[-3000:]
     node = TailscaledNode(host, proc, sock, bins)
