@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
+from pathlib import Path
 
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.lab
+
+from tests.lab.relay import bound_relay_pair  # noqa: E402
 from tsnet.key import DiscoPrivate, NodePrivate
 from tsnet.magicsock import disco as d
 from tsnet.magicsock.addrport import AddrPort
 from tsnet.magicsock.demux import classify
-from tsnet.relay.client import RelayBindHandshake
 from tsnet.relay.driver import RelayIOCounters, open_udp_socket, serve_relay
-from tsnet.relay.server import RelayServer
 from tsnet.udpio import UDPReceiver, UDPSender
 
 SIZE = 1280
@@ -43,31 +46,11 @@ def best_of(fn, n: int, repeats: int = 5) -> float:
     return best / n * 1e6
 
 
-def bound_server(addr: AddrPort, a_addr: AddrPort, b_addr: AddrPort, now: float = 0.0):
-    srv = RelayServer(DiscoPrivate.generate(), now=now)
-    srv.set_addr_ports(static=[addr])
-    a, b = d.DiscoBoxes(DiscoPrivate.generate()), d.DiscoBoxes(DiscoPrivate.generate())
-    ep = srv.allocate(a.public_key, b.public_key, now)
-    hs = {a_addr: RelayBindHandshake(a, ep, 1), b_addr: RelayBindHandshake(b, ep, 1)}
-    for src, h in hs.items():
-        queue = [(dg.data, src, dg.to) for dg in h.start(now)]
-        while queue:
-            data, s, dst = queue.pop()
-            if dst == addr:
-                out = srv.receive_datagram(data, s, now)
-                if out:
-                    queue.append((bytes(out[0]), addr, out[1]))
-            elif dst in hs:
-                queue += [(dg.data, dst, dg.to) for dg in hs[dst].receive_datagram(data, s, now)]
-    assert srv.endpoint_gauge()["open"] == 1
-    return srv, ep, hs[a_addr]
-
-
 def core_rows(n: int) -> list[tuple[str, float]]:
     a, b = d.DiscoBoxes(DiscoPrivate.generate()), d.DiscoBoxes(DiscoPrivate.generate())
     ping = d.Ping(d.new_tx_id(), NodePrivate.generate().public)
     pkt = a.seal(b.public_key, ping)
-    srv, ep, ha = bound_server(AddrPort.parse("192.0.2.1:7000"), A_ADDR, B_ADDR)
+    srv, ep, ha, _hb = bound_relay_pair(AddrPort.parse("192.0.2.1:7000"), A_ADDR, B_ADDR, 0.0)
     wg = ha.wrap_wireguard(b"\x04\x00\x00\x00" + bytes(SIZE - 4))
     view = memoryview(bytearray(wg))
 
@@ -101,7 +84,7 @@ async def loopback(n: int, burst: int = 32, batched_clients: bool = False) -> tu
     relay_addr = AddrPort.from_sockaddr(relay_sock.getsockname())
     ca, cb = open_udp_socket("127.0.0.1", 0), open_udp_socket("127.0.0.1", 0)
     a_addr, b_addr = AddrPort.from_sockaddr(ca.getsockname()), AddrPort.from_sockaddr(cb.getsockname())
-    srv, ep, ha = bound_server(relay_addr, a_addr, b_addr, trio.current_time())
+    srv, ep, ha, _hb = bound_relay_pair(relay_addr, a_addr, b_addr, trio.current_time())
     wg = ha.wrap_wireguard(b"\x04\x00\x00\x00" + bytes(SIZE - 4))
     counters = RelayIOCounters()
     received = 0

@@ -8,38 +8,14 @@ import socket
 import pytest
 import trio
 
+from tests.lab.relay import bound_relay_pair
 from tsnet import udpio
-from tsnet.key import DiscoPrivate
-from tsnet.magicsock import disco as d
 from tsnet.magicsock.addrport import AddrPort
-from tsnet.relay.client import RelayBindHandshake
 from tsnet.relay.driver import RelayIOCounters, _send_pending, open_udp_socket, serve_relay
-from tsnet.relay.server import RelayServer
 from tsnet.udpio import UDPSender
 
 BURST = 200
 PAYLOAD = 1200  # same-size datagrams: what GSO/GRO coalesce
-
-
-def _bound_relay(relay: AddrPort, a_addr: AddrPort, b_addr: AddrPort, now: float):
-    """A relay server with one endpoint bound by A and B (handshakes run through the cores, no sockets)."""
-    srv = RelayServer(DiscoPrivate.generate(), now=now)
-    srv.set_addr_ports(static=[relay])
-    a, b = d.DiscoBoxes(DiscoPrivate.generate()), d.DiscoBoxes(DiscoPrivate.generate())
-    ep = srv.allocate(a.public_key, b.public_key, now)
-    hs = {a_addr: RelayBindHandshake(a, ep, 1), b_addr: RelayBindHandshake(b, ep, 1)}
-    for src, h in hs.items():
-        queue = [(dg.data, src, dg.to) for dg in h.start(now)]
-        while queue:
-            data, s, dst = queue.pop()
-            if dst == relay:
-                out = srv.receive_datagram(data, s, now)
-                if out:
-                    queue.append((bytes(out[0]), relay, out[1]))
-            elif dst in hs:
-                queue += [(dg.data, dst, dg.to) for dg in hs[dst].receive_datagram(data, s, now)]
-    assert srv.endpoint_gauge()["open"] == 1
-    return srv, hs[a_addr], hs[b_addr]
 
 
 async def _collect(sock: socket.socket, count: int, into: list[bytes], done: trio.Event) -> None:
@@ -64,7 +40,7 @@ async def test_burst_both_ways_arrives_in_order(offload: bool, monkeypatch: pyte
     ca, cb = open_udp_socket("127.0.0.1", 0), open_udp_socket("127.0.0.1", 0)
     relay = AddrPort.from_sockaddr(relay_sock.getsockname())
     a_addr, b_addr = AddrPort.from_sockaddr(ca.getsockname()), AddrPort.from_sockaddr(cb.getsockname())
-    srv, ha, hb = _bound_relay(relay, a_addr, b_addr, trio.current_time())
+    srv, _ep, ha, hb = bound_relay_pair(relay, a_addr, b_addr, trio.current_time())
     a_to_b = [ha.wrap_wireguard(b"\x04\x00\x00\x00" + i.to_bytes(4, "big") + bytes(PAYLOAD)) for i in range(BURST)]
     b_to_a = [hb.wrap_wireguard(b"\x04\x00\x00\x00" + i.to_bytes(4, "big") + bytes(PAYLOAD)) for i in range(BURST)]
     counters = RelayIOCounters()
