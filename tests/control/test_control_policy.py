@@ -1,6 +1,7 @@
 """Policy: HuJSON parsing, errors with line numbers, compilation to filters, relay grants, visibility."""
 
 import datetime as dt
+import ipaddress
 
 import pytest
 import trio
@@ -10,6 +11,7 @@ from tsnet.control.client import ControlClient
 from tsnet.control.policy import CAP_RELAY, CAP_RELAY_TARGET, PolicyError, parse_hujson, parse_policy
 from tsnet.control.server import ControlServer, ServerConfig
 from tsnet.control.store import NodeRecord, Store
+from tsnet.magicsock.relaymanager import cap_granted
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -87,6 +89,39 @@ def test_compile_acls_and_relay_grants():
     assert not p.can_see(web, relay, nodes, LOGINS)
     assert not p.can_see(alice, bob, nodes, LOGINS)  # different users, no rule between them
     assert p.can_see(alice, relay, nodes, LOGINS)  # the relay capability makes them peers
+
+
+def test_raw_relay_target_app_grant_passes_through_without_a_relay_cap():
+    """Any app capability, even ``cap/relay-target`` written by hand, is compiled as written.
+
+    It lands in the destinations' filters only (sources: the grant's src nodes); unlike a ``cap/relay``
+    grant it puts no companion ``cap/relay`` into the source's filter. The NAT lab uses this to give
+    nodes a relay the relay itself does not serve, so the relay's own check is what refuses them.
+    """
+    p = parse_policy("""{
+      "tagOwners": {"tag:relay": ["autogroup:member"], "tag:client": ["autogroup:member"]},
+      "grants": [
+        {"src": ["tag:client"], "dst": ["tag:relay"], "app": {"tailscale.com/cap/relay": []}},
+        {"src": ["tag:relay"], "dst": ["autogroup:member"], "app": {"tailscale.com/cap/relay-target": [{"x": 1}]}},
+      ],
+    }""")
+    alice, client, relay = node(1), node(2, ["tag:client"]), node(3, ["tag:relay"])
+    nodes = [alice, client, relay]
+
+    def ips(n):
+        return [ipaddress.ip_address(n.ipv4), ipaddress.ip_address(n.ipv6)]
+
+    alice_rules = p.filter_for(alice, nodes, LOGINS)
+    assert [(r.src_ips, r.cap_grant[0].dsts, r.cap_grant[0].cap_map) for r in alice_rules] == [
+        (("100.64.0.3", "fd7a:115c:a1e0::3"), ("100.64.0.1/32", "fd7a:115c:a1e0::1/128"),
+         {CAP_RELAY_TARGET: [{"x": 1}]})]
+    relay_rules = p.filter_for(relay, nodes, LOGINS)
+    # Alice believes the relay serves her; the relay grants cap/relay to tag:client only.
+    assert cap_granted(alice_rules, CAP_RELAY_TARGET, ips(relay), ips(alice))
+    assert cap_granted(relay_rules, CAP_RELAY, ips(client), ips(relay))
+    assert not cap_granted(relay_rules, CAP_RELAY, ips(alice), ips(relay))
+    # The client's own companion relay-target comes from the cap/relay grant, as before.
+    assert cap_granted(p.filter_for(client, nodes, LOGINS), CAP_RELAY_TARGET, ips(relay), ips(client))
 
 
 async def test_policy_applies_through_server(nursery, tmp_path):
