@@ -16,6 +16,10 @@ path; these helpers cut the count:
   same-size datagrams from one source in one ``recvmsg``; the segment size
   arrives in a ``UDP_GRO`` control message and the buffer is split into
   zero-copy :class:`memoryview` slices. Without GRO it uses ``recvfrom``.
+  :meth:`UDPReceiver.receive_runs` hands over the unsplit buffers instead
+  (``(buffer, segment_size, address)``), and :meth:`UDPSender.send_run` sends
+  such a run back out in one ``UDP_SEGMENT`` send: a forwarder (the peer relay)
+  then does no per-datagram Python work at all.
 
 Both are plain synchronous helpers on a non-blocking socket; the trio
 drivers decide when to call them (after ``wait_readable``, after a core call).
@@ -42,8 +46,10 @@ __all__ = [
     "UDP_SEGMENT",
     "UDPReceiver",
     "UDPSender",
+    "Run",
     "gro_supported",
     "gso_supported",
+    "run_segments",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,6 +75,16 @@ _NO_GSO_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOPROTOOPT, errno.ENOTSUP, 
 
 Buffer = bytes | bytearray | memoryview
 SendError = tuple[int, OSError | TypeError | ValueError]
+#: ``(buffer, segment_size, address)``: datagrams of ``segment_size`` bytes back to back, the last one may be
+#: shorter (see :meth:`UDPReceiver.receive_runs`).
+Run = tuple[Buffer, int, Any]
+
+
+def run_segments(length: int, segment_size: int) -> int:
+    """How many datagrams a run of ``length`` bytes cut every ``segment_size`` bytes holds (an empty run holds one)."""
+    if length <= segment_size:
+        return 1
+    return -(-length // segment_size)
 
 
 def gso_supported(sock: socket.socket) -> bool:
@@ -210,6 +226,72 @@ class UDPSender:
         if not self.gso:
             log.info("udpio: UDP_SEGMENT unusable on %s (%s); sending datagrams one by one", self.sock, exc)
 
+    def send_run(self, buffer: Buffer, segment_size: int, addr: Any) -> tuple[int, list[SendError]]:
+        """Send the datagrams of one run (``segment_size`` bytes each, the last may be shorter) to ``addr``.
+
+        The run is sent as it is, without splitting it into Python objects: one
+        ``sendmsg`` with ``UDP_SEGMENT`` and a single iovec per chunk of at most
+        :data:`MAX_SEGMENTS` segments and :data:`MAX_GSO_BYTES` bytes. A run of one
+        datagram (``segment_size >= len(buffer)``) is a plain ``sendto``.
+        Same contract, counters and fallbacks as :meth:`send`, with indices
+        counting the run's segments: returns ``(stop, errors)``, ``stop`` being
+        the first segment not attempted because the kernel buffer is full
+        (:func:`run_segments` when all were attempted), ``errors`` the segments
+        dropped on a hard error. Raises ValueError if ``segment_size < 1``.
+        """
+        if segment_size < 1:
+            raise ValueError("segment_size must be at least 1")
+        n = len(buffer)
+        if n <= segment_size:
+            return self._send_each(((buffer, addr),), 0, 1)
+        view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+        total = -(-n // segment_size)
+        if not self.gso:
+            return self._send_run_each(view, segment_size, addr, 0, total)
+        # Segments per sendmsg: kernel segment-count limit and one IP datagram of payload.
+        chunk = max(1, min(MAX_SEGMENTS, MAX_GSO_BYTES // segment_size))
+        cmsg = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", segment_size))]
+        sendmsg = self.sock.sendmsg
+        errors: list[SendError] = []
+        i = 0
+        while i < total:
+            j = min(total, i + chunk)
+            if j - i == 1 or not self.gso:
+                # A lone last segment, or GSO just turned off: plain sends for the rest of this chunk.
+                stop, errs = self._send_run_each(view, segment_size, addr, i, j)
+                errors += errs
+                if stop < j:
+                    return stop, errors
+                i = j
+                continue
+            self.syscalls += 1
+            try:
+                sendmsg([view[i * segment_size:j * segment_size]], cmsg, 0, addr)
+            except BlockingIOError:
+                return i, errors
+            except OSError as exc:
+                self._gso_failed(exc)
+                stop, errs = self._send_run_each(view, segment_size, addr, i, j)
+            except (TypeError, ValueError):
+                stop, errs = self._send_run_each(view, segment_size, addr, i, j)  # let each report the bad address
+            else:
+                self._einval_run = 0
+                self.gso_sends += 1
+                self.datagrams_sent += j - i
+                i = j
+                continue
+            errors += errs
+            if stop < j:
+                return stop, errors
+            i = j
+        return total, errors
+
+    def _send_run_each(self, view: memoryview, seg: int, addr: Any, i: int, end: int) -> tuple[int, list[SendError]]:
+        """Segments ``i:end`` of a run, one ``sendto`` each (rare: fallbacks and a lone last segment)."""
+        items = [(view[k * seg:(k + 1) * seg], addr) for k in range(i, end)]
+        stop, errors = self._send_each(items, 0, len(items))
+        return i + stop, [(i + k, exc) for k, exc in errors]
+
     def _send_each(self, datagrams: Sequence[tuple[Buffer, Any]], i: int, end: int) -> tuple[int, list[SendError]]:
         """Plain ``sendto`` for ``datagrams[i:end]`` (same contract as :meth:`send`, limited to ``end``)."""
         sendto = self.sock.sendto
@@ -250,7 +332,7 @@ class UDPReceiver:
     e.g. ICMP errors reported on the socket; truncated buffers).
     """
 
-    __slots__ = ("sock", "gro", "map_address", "datagrams", "syscalls", "coalesced", "errors")
+    __slots__ = ("sock", "gro", "map_address", "datagrams", "syscalls", "coalesced", "errors", "_runs")
 
     def __init__(self, sock: socket.socket, *, gro: bool = True,
                  map_address: Callable[[Any], Any] | None = None) -> None:
@@ -262,6 +344,7 @@ class UDPReceiver:
         self.syscalls = 0
         self.coalesced = 0
         self.errors = 0
+        self._runs: list[Run] = []  # scratch for receive(): runs of one call, split afterwards
 
     def receive(self, out: list[tuple[Buffer, Any]], limit: int) -> bool:
         """Append received datagrams to ``out`` until the socket is empty or ``limit`` datagrams were added.
@@ -271,8 +354,43 @@ class UDPReceiver:
         Returns True when the socket was drained (``BlockingIOError``, or the
         socket was closed under us), False when the limit stopped the loop.
         """
+        if not self.gro:
+            return self._receive_plain(out, limit)
+        runs = self._runs
+        try:
+            drained = self._receive_gro_runs(runs, limit)
+            append = out.append
+            for data, seg, addr in runs:
+                n = len(data)
+                if n <= seg:
+                    append((data, addr))
+                    continue
+                view = memoryview(data)
+                for off in range(0, n, seg):
+                    append((view[off:off + seg], addr))
+        finally:
+            runs.clear()
+        return drained
+
+    def receive_runs(self, out: list[Run], limit: int) -> bool:
+        """Like :meth:`receive`, but append each receive syscall's buffer whole: ``(buffer, segment_size, address)``.
+
+        ``buffer`` (immutable ``bytes``) holds datagrams of ``segment_size`` bytes
+        back to back, the last one possibly shorter; a single datagram comes with
+        ``segment_size >= len(buffer)`` (``max(len(buffer), 1)``), so
+        :func:`run_segments` counts a run's datagrams in every case. Nothing is
+        split: a forwarder can inspect the run and send it on with
+        :meth:`UDPSender.send_run`. ``limit`` counts datagrams, as in :meth:`receive`;
+        same return value and counters.
+        """
         if self.gro:
-            return self._receive_gro(out, limit)
+            return self._receive_gro_runs(out, limit)
+        singles: list[tuple[Buffer, Any]] = []
+        drained = self._receive_plain(singles, limit)
+        out += [(data, len(data) or 1, addr) for data, addr in singles]
+        return drained
+
+    def _receive_plain(self, out: list[tuple[Buffer, Any]], limit: int) -> bool:
         recvfrom = self.sock.recvfrom
         map_address = self.map_address
         append = out.append
@@ -295,7 +413,7 @@ class UDPReceiver:
         finally:
             self.datagrams += count
 
-    def _receive_gro(self, out: list[tuple[Buffer, Any]], limit: int) -> bool:
+    def _receive_gro_runs(self, out: list[Run], limit: int) -> bool:
         recvmsg = self.sock.recvmsg
         map_address = self.map_address
         append = out.append
@@ -323,14 +441,12 @@ class UDPReceiver:
                     if level == SOL_UDP and kind == UDP_GRO:
                         seg = int.from_bytes(value[:4], sys.byteorder)
                 if seg <= 0 or seg >= n:
-                    append((data, addr))
+                    append((data, n or 1, addr))
                     count += 1
                     continue
                 self.coalesced += 1
-                view = memoryview(data)
-                for off in range(0, n, seg):
-                    append((view[off:off + seg], addr))
-                    count += 1
+                append((data, seg, addr))
+                count += -(-n // seg)
             return False
         finally:
             self.datagrams += count

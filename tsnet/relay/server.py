@@ -256,6 +256,115 @@ class RelayServer:
         self.forwarded_bytes[key] = self.forwarded_bytes.get(key, 0) + n
         return data, dst
 
+    def forward_run(
+        self, buffer: bytes | bytearray | memoryview, segment_size: int, src: AddrPort, now: float
+    ) -> list[tuple[bytes | bytearray | memoryview, int, AddrPort]]:
+        """Handle a run of datagrams from ``src``: ``segment_size`` bytes each, back to back, the last may be shorter.
+
+        This is what one ``UDP_GRO`` receive hands over (:meth:`tsnet.udpio.UDPReceiver.receive_runs`).
+        Returns what to send, in order, as runs ``(buffer, segment_size, destination)``
+        (a single datagram is a run with ``segment_size == len(buffer)``), ready
+        for :meth:`tsnet.udpio.UDPSender.send_run`. The outcome (sends, state,
+        counters, drop reasons) is exactly that of :meth:`receive_datagram` on
+        each segment in turn, but a stretch of segments that all carry the
+        Geneve header of the first one (same VNI, data, not STUN) from a bound
+        source is checked with a few C-level byte comparisons, counted once, and
+        returned as one slice of ``buffer`` (``buffer`` itself when the whole run
+        qualifies), never split. Anything else (control packets, other VNIs,
+        short segments, strangers) goes through :meth:`receive_datagram` segment by segment.
+        Raises ValueError if ``segment_size < 1``.
+        """
+        if segment_size < 1:
+            raise ValueError("segment_size must be at least 1")
+        n = len(buffer)
+        out: list[tuple[bytes | bytearray | memoryview, int, AddrPort]] = []
+        if n <= segment_size:
+            res = self.receive_datagram(buffer, src, now)
+            if res is not None:
+                out.append((res[0], len(res[0]), res[1]))
+            return out
+        seg = segment_size
+        # The last segment's length; one shorter than a Geneve header is never part of a fast stretch.
+        tail = n - (n - 1) // seg * seg
+        fast_end = n if tail >= GENEVE_HEADER_LEN else n - tail
+        view: memoryview | None = None
+        off = 0
+        while off < n:
+            if off < fast_end:
+                stretch = self._forward_stretch(buffer, off, fast_end, seg, src, now)
+                if stretch is not None:
+                    stop, dst = stretch
+                    if off == 0 and stop == n:
+                        out.append((buffer, seg, dst))  # the common case: the whole run, untouched
+                        return out
+                    if view is None:
+                        view = memoryview(buffer)
+                    out.append((view[off:stop], seg, dst))
+                    off = stop
+                    continue
+            # Not a forwardable data segment: the per-datagram path decides (and counts the drop reason).
+            if view is None:
+                view = memoryview(buffer)
+            res = self.receive_datagram(view[off:off + seg], src, now)
+            if res is not None:
+                out.append((res[0], len(res[0]), res[1]))
+            off += seg
+        return out
+
+    def _forward_stretch(
+        self, buf: bytes | bytearray | memoryview, start: int, end: int, seg: int, src: AddrPort, now: float
+    ) -> tuple[int, AddrPort] | None:
+        """Forward the longest stretch of segments from ``start`` (below ``end``, each at least a Geneve header
+        long) that :meth:`receive_datagram` would forward from ``src``, with the first one's endpoint.
+
+        Counts them and returns ``(stop, destination)``; None (nothing counted) if the first would not be forwarded.
+        """
+        first_len = min(seg, end - start)
+        if first_len < GENEVE_HEADER_LEN:
+            return None
+        hdr = bytes(buf[start:start + GENEVE_HEADER_LEN])
+        if first_len >= 20 and hdr[1] == 0x01 and hdr[0] & 0xC0 == 0 and hdr[4:8] == b"\x21\x12\xa4\x42":
+            return None  # looks like STUN: the per-datagram path counts it
+        if hdr[1] & CONTROL_FLAG:
+            return None
+        ep = self._by_vni.get((hdr[4] << 16) | (hdr[5] << 8) | hdr[6])
+        if ep is None or ep.closed:
+            return None
+        b0, b1 = ep.bound
+        if b0 is None or b1 is None:
+            return None
+        if src == b0:
+            side, dst = 0, b1
+        elif src == b1:
+            side, dst = 1, b0
+        else:
+            return None
+        # Every later segment must start with the very same 8 bytes: then it has the same VNI, is data
+        # too, and (all but the last have the first one's length) gets the same STUN verdict. One strided
+        # slice per header byte checks all segments at C speed; a mismatch (rare) is then located one by one.
+        stop = end
+        packets = -(-(end - start) // seg)
+        if packets > 1:
+            for i in range(GENEVE_HEADER_LEN):
+                column = buf[start + i:end:seg]
+                if isinstance(column, memoryview):
+                    column = column.tobytes()
+                if column.count(hdr[i]) != packets:
+                    stop = start + seg
+                    while stop < end and buf[stop:stop + GENEVE_HEADER_LEN] == hdr:
+                        stop += seg
+                    break
+        stop = min(stop, end)
+        size = stop - start
+        packets = -(-size // seg)
+        ep.last_seen[side] = now
+        ep.packets_rx[side] += packets
+        ep.bytes_rx[side] += size
+        key = (_family(src), _family(dst))
+        self.forwarded_packets[key] = self.forwarded_packets.get(key, 0) + packets
+        self.forwarded_bytes[key] = self.forwarded_bytes.get(key, 0) + size
+        return stop, dst
+
     def _drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         return None
