@@ -53,6 +53,9 @@ __all__ = [
 
 READ_TIMEOUT = 120.0
 _HDR = struct.Struct(">BI")
+_RECV_PACKET = int(FrameType.RECV_PACKET)
+_SEND_PACKET = int(FrameType.SEND_PACKET)
+_SRC_KEY_CACHE = 1024
 
 
 class ClientState(enum.Enum):
@@ -164,7 +167,12 @@ class DerpClientProtocol:
         self._info = ClientInfo(mesh_key=mesh_key, is_prober=is_prober)
         self._preferred = preferred
         self._reader = FrameReader(max_frame_len=MAX_INFO_LEN)
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
+        self._out_bytes = 0
+        self._frames = 0
+        # Raw source key -> NodePublic: a transfer brings thousands of frames from the same few peers,
+        # so building (and hashing) a key object per frame is wasted work. Bounded: cleared when full.
+        self._src_keys: dict[bytes, NodePublic] = {}
         self._read_timeout = read_timeout
         self._read_deadline = now + read_timeout
         self._pings: dict[bytes, float] = {}  # data -> deadline
@@ -178,21 +186,36 @@ class DerpClientProtocol:
 
     # -- input -----------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes, now: float) -> list[DerpEvent]:
-        """Feed received bytes; returns the events they complete. Raises DerpProtocolError."""
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[DerpEvent]:
+        """Feed received bytes; returns the events they complete, in order. Raises DerpProtocolError.
+
+        Every complete frame in the buffer is handled in this one call, so a driver that reads
+        a large chunk gets all of its packets back as one batch.
+        """
         if self.state is ClientState.CLOSED:
             return []
         self._read_deadline = now + self._read_timeout
-        self._reader.feed(data)
+        reader = self._reader
+        reader.feed(data)
         events: list[DerpEvent] = []
+        append = events.append
+        src_keys = self._src_keys
+        connected = self.state is ClientState.CONNECTED
         try:
-            while (item := self._reader.next_frame()) is not None:
+            while (item := reader.next_frame()) is not None:
                 ftype, payload = item
-                if ftype == FrameType.RECV_PACKET and self.state is ClientState.CONNECTED:
+                if ftype == _RECV_PACKET and connected:
                     if len(payload) >= KEY_LEN:  # v2 frames carry the source key; drop shorter ones
-                        events.append(ReceivedPacket(NodePublic(payload[:KEY_LEN]), bytes(payload[KEY_LEN:])))
+                        raw = payload[:KEY_LEN]  # a read-only memoryview hashes and compares like bytes
+                        src = src_keys.get(raw)
+                        if src is None:
+                            if len(src_keys) >= _SRC_KEY_CACHE:
+                                src_keys.clear()
+                            src = src_keys[bytes(raw)] = NodePublic(bytes(raw))
+                        append(ReceivedPacket(src, bytes(payload[KEY_LEN:])))
                     continue
                 self._frame(ftype, payload, now, events)
+                connected = self.state is ClientState.CONNECTED
         except DerpProtocolError as exc:
             self.state = ClientState.CLOSED
             self.close_reason = str(exc)
@@ -259,10 +282,16 @@ class DerpClientProtocol:
 
     def _write(self, frame: bytes, now: float) -> None:
         self._out.append(frame)
+        self._out_bytes += len(frame)
         self.last_write = now
 
-    def send_packet(self, dst: NodePublic | bytes, packet: bytes, now: float) -> bool:
-        """Queue a SendPacket. Returns False if the server's advertised token bucket dropped it."""
+    def send_packet(self, dst: NodePublic | bytes, packet: bytes | bytearray | memoryview, now: float) -> bool:
+        """Queue a SendPacket. Returns False if the server's advertised token bucket dropped it.
+
+        ``bytes`` are queued without a copy; a mutable buffer is copied first.
+        """
+        if packet.__class__ is not bytes:
+            packet = bytes(packet)
         if len(packet) > MAX_PACKET_SIZE:
             raise ValueError(f"packet of {len(packet)} bytes exceeds DERP max {MAX_PACKET_SIZE}")
         raw = dst.raw if isinstance(dst, NodePublic) else bytes(dst)
@@ -276,7 +305,13 @@ class DerpClientProtocol:
                 self.dropped_by_token_bucket += 1
                 return False
             self._tokens -= cost
-        self._out.append(_HDR.pack(FrameType.SEND_PACKET, KEY_LEN + len(packet)) + raw + packet)
+        # Header+key and packet are queued as two pieces: data_to_send joins them once anyway,
+        # so concatenating here would copy every packet twice.
+        out = self._out
+        out.append(_HDR.pack(_SEND_PACKET, KEY_LEN + len(packet)) + raw)
+        out.append(packet)
+        self._out_bytes += 5 + KEY_LEN + len(packet)
+        self._frames += 1
         self.last_write = now
         return True
 
@@ -309,18 +344,21 @@ class DerpClientProtocol:
     @property
     def pending_bytes(self) -> int:
         """Bytes queued but not yet taken by ``data_to_send``."""
-        return sum(map(len, self._out))
+        return self._out_bytes
 
     @property
     def pending_frames(self) -> int:
-        return len(self._out)
+        """SendPackets queued but not yet taken by ``data_to_send`` (control frames not counted)."""
+        return self._frames
 
     def data_to_send(self) -> bytes:
-        """Everything queued, coalesced."""
+        """Everything queued, coalesced into one buffer (one write for the driver)."""
         if not self._out:
             return b""
         out = b"".join(self._out)
         self._out = []
+        self._out_bytes = 0
+        self._frames = 0
         return out
 
     # -- timers ----------------------------------------------------------------------------

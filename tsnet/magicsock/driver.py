@@ -5,8 +5,9 @@
   per socket waits for readability and drains up to ``batch`` datagrams into
   one :meth:`~MagicSock.receive_udp_batch` call; no task switch per packet.
 * DERP: a :class:`tsnet.derp.client.DerpRegions` (one connection per region in
-  use, home region marked preferred); received packets go to
-  :meth:`~MagicSock.receive_derp`.
+  use, home region marked preferred). Every packet of one DERP socket read goes to
+  :meth:`~MagicSock.receive_derp` in one synchronous call from the region's reader
+  task, followed by one pump, so replies (TCP ACKs) leave as one coalesced write.
 * The core's timer is a cancel-scope deadline moved after every core call.
 * Sends are synchronous (:class:`tsnet.udpio.UDPSender` on the non-blocking
   socket: consecutive datagrams to one destination leave in one ``UDP_SEGMENT``
@@ -168,7 +169,7 @@ class MagicSockDriver:
         #: SO_REUSEPORT group on the relay port, one socket per usable CPU
         self.relay_sockets: list[socket.socket] = []
         self.sockets: dict[int, socket.socket] = {}
-        self.regions = DerpRegions(node_private, {})
+        self.regions = DerpRegions(node_private, {}, on_packets=self._receive_derp_batch)
         self._timer_scope: trio.CancelScope | None = None
         self._running = trio.Event()
         self._addr_cache: dict[tuple[Any, ...], AddrPort] = {}
@@ -176,6 +177,7 @@ class MagicSockDriver:
         self._ping_waiters: dict[int, list[Any]] = {}
         self.counters = {"udp_received": 0, "udp_sent": 0, "udp_send_dropped": 0, "udp_send_errors": 0,
                          "derp_received": 0, "derp_sent": 0, "derp_send_dropped": 0, "receive_batches": 0,
+                         "derp_receive_batches": 0,
                          "udp_send_syscalls": 0, "udp_receive_syscalls": 0, "udp_receive_errors": 0}
         self._senders: dict[int, UDPSender] = {}
         self._sockaddr_cache: dict[AddrPort, tuple[str, int]] = {}
@@ -381,13 +383,23 @@ class MagicSockDriver:
             self._pump()
             await trio.lowlevel.checkpoint()
 
+    def _receive_derp_batch(self, region_id: int, packets: list[ReceivedPacket]) -> None:
+        """Every packet of one DERP read (called from the region's reader task), then one pump."""
+        self.counters["derp_received"] += len(packets)
+        self.counters["derp_receive_batches"] += 1
+        now = trio.current_time()
+        receive = self.core.receive_derp
+        for ev in packets:
+            receive(region_id, ev.src, ev.packet, now)
+        self._pump()
+
     async def _derp_reader(self) -> None:
+        # Packets arrive through _receive_derp_batch; this drains the other region events (and any
+        # packet event a client emitted without a handler) so the channel never fills.
         async for rev in self.regions.events:
             ev = rev.event
             if ev.__class__ is ReceivedPacket:
-                self.counters["derp_received"] += 1
-                self.core.receive_derp(rev.region_id, ev.src, ev.packet, trio.current_time())
-                self._pump()
+                self._receive_derp_batch(rev.region_id, [ev])
 
     async def _timer_loop(self) -> None:
         while True:
@@ -448,12 +460,13 @@ class MagicSockDriver:
         if udp:
             self._send_udp(udp)
         if self._running.is_set():
-            for region, dst, payload in core.take_derp():
-                try:
-                    ok = self.regions.send(region, dst, bytes(payload))
-                except KeyError:
-                    ok = False  # region not in the map
-                self.counters["derp_sent" if ok else "derp_send_dropped"] += 1
+            derp = core.take_derp()
+            if derp:
+                # One call for the whole batch: each region's frames are queued together and its
+                # writer sends them as one coalesced write. Regions not in the map count as dropped.
+                queued = self.regions.send_many(derp)
+                self.counters["derp_sent"] += queued
+                self.counters["derp_send_dropped"] += len(derp) - queued
         for ev in core.take_events():
             if isinstance(ev, HomeDerpChanged) and self._running.is_set() and ev.region in self.regions.derp_map:
                 self.regions.set_home(ev.region)
