@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from . import checksum
 from .congestion import CongestionControl, make_controller
 from .ip import PROTO_TCP, IPv4HeaderTemplate, IPv6HeaderTemplate
+from .recvbuf import ReceiveBuffer
 from .tcp_wire import ACK, FIN, HEADER, PSH, RST, SYN, Segment, sack_option, syn_options, ts_option
 
 __all__ = ["TCPConnection", "TCPOptions", "TCPState", "TCPStats"]
@@ -302,7 +303,7 @@ class TCPConnection:
         self.irs = 0
         self.rcv_nxt = 0
         self.rcv_adv = 0
-        self._rcvbuf = bytearray()
+        self._rcvbuf = ReceiveBuffer()
         self.recv_buffer_size = options.recv_buffer
         self._ooo: list[list] = []  # sorted disjoint [start, end, bytearray, stamp]
         self._ooo_stamp = 0
@@ -514,16 +515,10 @@ class TCPConnection:
 
         Freeing buffer space may queue a window update.
         """
-        buf = self._rcvbuf
-        n = min(max_bytes, len(buf))
-        if n <= 0:
+        data = self._rcvbuf.take(max_bytes)
+        n = len(data)
+        if not n:
             return b""
-        if n < len(buf):
-            with memoryview(buf) as mv:
-                data = bytes(mv[:n])
-        else:
-            data = bytes(buf)
-        del buf[:n]  # bytearray drops a prefix without moving the rest (amortised O(1))
         self._rcv_space_copied += n
         self._autotune(now)
         if self.state in (TCPState.ESTABLISHED, TCPState.FIN_WAIT_1, TCPState.FIN_WAIT_2):
@@ -1617,7 +1612,7 @@ class TCPConnection:
         if ack > una:
             self._ack_new(seg, ack, now)
         if plen:
-            self._rcvbuf += payload
+            self._rcvbuf.append(payload)
             self.rcv_nxt = rnxt + plen
             self.stats.bytes_received += plen
             self._notify()
@@ -1892,7 +1887,7 @@ class TCPConnection:
         if seq == rnxt:
             filled_hole = bool(self._ooo)
             if plen:
-                self._rcvbuf += payload
+                self._rcvbuf.append(payload)
                 rnxt += plen
                 self.stats.bytes_received += plen
                 if self._ooo:
@@ -1976,7 +1971,7 @@ class TCPConnection:
         while ooo and ooo[0][0] <= rnxt:
             s, e, data, _ = ooo.pop(0)
             if e > rnxt:
-                self._rcvbuf += memoryview(data)[rnxt - s:]
+                self._rcvbuf.append(memoryview(data)[rnxt - s:])
                 self.stats.bytes_received += e - rnxt
                 rnxt = e
         return rnxt
