@@ -741,7 +741,9 @@ class Server:
         if self._net is not None:
             self._net.stack.set_addresses(stack_addresses)
             return
-        net = NetStack(Stack(stack_addresses, now=trio.current_time()), self._send_packets)
+        # Packets reach the stack only after WireGuard decrypted (authenticated) them, or from the
+        # stack itself: checksums are not summed again (see Stack's verify_checksums).
+        net = NetStack(Stack(stack_addresses, now=trio.current_time(), verify_checksums=False), self._send_packets)
         self._net = net
         assert self._nursery is not None
         self._nursery.start_soon(net.run)

@@ -10,9 +10,9 @@ MSS = b"\x02\x04\x04\xd8"  # MSS 1240
 SEG = 1240
 
 
-def established(coalesce: bool = True) -> tuple[Stack, int]:
+def established(coalesce: bool = True, verify_checksums: bool = True) -> tuple[Stack, int]:
     """A stack with one accepted-by-handshake connection from B4:5555 to A4:80; returns (stack, our ISS+1)."""
-    s = Stack([A4], now=0.0, coalesce_acks=coalesce)
+    s = Stack([A4], now=0.0, coalesce_acks=coalesce, verify_checksums=verify_checksums)
     s.tcp_listen(80)
     s.receive_packet(tcp(B4, A4, 5555, 80, 1000, 0, SYN, options=MSS), 0.0)
     (synack,) = [parse_tcp(parse(p)) for p in s.packets_to_send()]
@@ -93,4 +93,18 @@ def test_fast_path_checks_both_checksums_and_odd_lengths() -> None:
     s.receive_packets([bytearray(tcp(B4, A4, 5555, 80, 1004, una, ACK, b"de")),
                        tcp(B4, A4, 5555, 80, 1006, una, ACK, b"f")], 0.0)
     assert conn.rcv_nxt - 1001 == 6
-    assert bytes(conn._rcvbuf) == b"abcdef"
+    assert conn.receive(100, 0.0) == b"abcdef"
+
+
+def test_unverified_checksums_when_the_input_is_authenticated() -> None:
+    """verify_checksums=False (packets decrypted by WireGuard): a bad TCP checksum is not looked at,
+    while the IPv4 header checksum still is."""
+    s, una = established(verify_checksums=False)
+    bad_tcp = bytearray(tcp(B4, A4, 5555, 80, 1001, una, ACK, b"xyz"))
+    bad_tcp[-4] ^= 0x01  # inside the payload: only the TCP checksum could tell
+    bad_ip = bytearray(tcp(B4, A4, 5555, 80, 1004, una, ACK, b"uvw"))
+    bad_ip[10] ^= 0xFF
+    s.receive_packets([bytes(bad_tcp), bytes(bad_ip)], 0.0)
+    assert s.counters.bad_checksum == 0 and s.counters.malformed == 1
+    (conn,) = s.connections.values()
+    assert conn.receive(100, 0.0) == bytes(bad_tcp[-3:])

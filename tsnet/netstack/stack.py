@@ -269,6 +269,11 @@ class Stack:
             than every second segment: far fewer ACKs to build, encrypt and send, and for
             the peer to process, while a bulk sender is feeding us. Linux senders grow
             their window by bytes acknowledged, so stretch ACKs do not slow them down.
+        verify_checksums: check TCP and UDP checksums of received packets (default). Turn it
+            off only when every packet reaching :meth:`receive_packets` was authenticated on
+            the way in, as WireGuard's Poly1305 tag does: Linux's WireGuard marks decrypted
+            packets ``CHECKSUM_UNNECESSARY`` for the same reason. Summing every payload costs
+            microseconds per packet here. IPv4 header and ICMP checksums are always checked.
     """
 
     def __init__(
@@ -287,9 +292,11 @@ class Stack:
         reassembly_timeout_v6: float = 60.0,
         reassembly_memory: int = 4 << 20,
         coalesce_acks: bool = True,
+        verify_checksums: bool = True,
     ) -> None:
         self.tcp_options = tcp_options
         self.coalesce_acks = coalesce_acks
+        self.verify_checksums = verify_checksums
         #: PeerAPI port put in TSMP pongs (0: none)
         self.peerapi_port = 0
         self.mtu = mtu
@@ -521,6 +528,7 @@ class Stack:
         addresses = self._addresses
         unpack_v4 = _V4_FAST.unpack_from
         from_bytes = int.from_bytes
+        verify = self.verify_checksums
         for packet in packets:
             counters.packets_received += 1
             try:
@@ -534,14 +542,15 @@ class Stack:
                         # segment's (a 20-byte header keeps the 16-bit word alignment).
                         if from_bytes(packet[:20], "big") % 0xFFFF:
                             raise MalformedPacket("IPv4 header checksum")
-                        tcp_len = n - 20
-                        r = from_bytes(packet, "big") % 0xFFFF
-                        if tcp_len & 1:
-                            r <<= 8  # pad the odd segment with a zero byte (the header's part is 0)
                         counters.tcp_segments += 1
-                        if (r + from_bytes(src, "big") + from_bytes(dst, "big") + PROTO_TCP + tcp_len) % 0xFFFF:
-                            counters.bad_checksum += 1
-                            continue
+                        if verify:
+                            tcp_len = n - 20
+                            r = from_bytes(packet, "big") % 0xFFFF
+                            if tcp_len & 1:
+                                r <<= 8  # pad the odd segment with a zero byte (the header's part is 0)
+                            if (r + from_bytes(src, "big") + from_bytes(dst, "big") + PROTO_TCP + tcp_len) % 0xFFFF:
+                                counters.bad_checksum += 1
+                                continue
                         self._tcp_segment(src, dst, memoryview(packet)[20:], now, touched)
                         continue
                 self._receive_one(packet, now, touched)
@@ -599,7 +608,7 @@ class Stack:
                      touched: dict[TCPConnection, None]) -> None:
         counters = self.counters
         counters.tcp_segments += 1
-        if not checksum.verify(seg_bytes, _pseudo(src, dst, PROTO_TCP, len(seg_bytes))):
+        if self.verify_checksums and not checksum.verify(seg_bytes, _pseudo(src, dst, PROTO_TCP, len(seg_bytes))):
             counters.bad_checksum += 1
             return
         self._tcp_segment(src, dst, seg_bytes, now, touched)
@@ -816,7 +825,7 @@ class Stack:
             if len(src) == 16:
                 counters.bad_checksum += 1  # RFC 8200 §8.1: a zero UDP checksum is invalid over IPv6
                 return
-        elif not checksum.verify(data, _pseudo(src, dst, PROTO_UDP, length)):
+        elif self.verify_checksums and not checksum.verify(data, _pseudo(src, dst, PROTO_UDP, length)):
             counters.bad_checksum += 1
             return
         ep = self.udp_endpoints.get((dst, dport)) or self.udp_endpoints.get((None, dport))
