@@ -11,6 +11,9 @@ Complements tests/interop/test_magicsock_nat.py (raw-ICMP Python nodes):
   and after a restart the path moves back to the relay.
 * a relay grant naming other (tagged) nodes only: they use the relay, the
   ungranted pair stays on DERP and never asks it for an endpoint.
+* a hand-written ``cap/relay-target`` grant makes untagged nodes ask a relay
+  whose own grant names tagged nodes only: the relay refuses every request
+  (``relay_allocate_not_granted``), allocates no endpoint, and they stay on DERP.
 * 3 % random loss on a NAT link: a multi-MiB TCP transfer stays intact.
 
 TCP streams go from the test (a socket created inside node a's namespace)
@@ -390,6 +393,111 @@ def test_relay_granted_to_other_nodes_only_is_not_used_by_ungranted_nodes(lab: L
     stream.stop_sending()
     _wait(lambda: stream.check() or stream.received == stream.sent, "every byte echoed", topo)
     stream.check()
+
+
+# -- the relay itself refuses nodes it does not grant ---------------------------------------------------
+
+# The relay serves tag:client only (cap/relay in its filter names c1 and c2), yet a hand-written app grant
+# tells every untagged member that the relay is theirs (cap/relay-target from the relay in a's and b's filters).
+SPOOFED_RELAY_TARGET_POLICY = """{
+  "tagOwners": {"tag:relay": ["autogroup:member"], "tag:client": ["autogroup:member"]},
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+  "grants": [
+    {"src": ["tag:client"], "dst": ["tag:relay"], "app": {"tailscale.com/cap/relay": []}},
+    {"src": ["tag:relay"], "dst": ["autogroup:member"], "app": {"tailscale.com/cap/relay-target": []}},
+  ],
+}
+"""
+
+ALLOC_SENT = "tsnet_magicsock_core_disco_sent_allocateudprelayendpointrequest"
+ALLOC_RECV = "tsnet_magicsock_core_disco_recv_allocateudprelayendpointrequest"
+ALLOC_ANSWER_RECV = "tsnet_magicsock_core_disco_recv_allocateudprelayendpointresponse"
+CMMVIA_RECV = "tsnet_magicsock_core_disco_recv_callmemaybevia"
+RELAY_ANSWERED = "tsnet_magicsock_core_relay_allocate_answered"
+RELAY_NOT_GRANTED = "tsnet_magicsock_core_relay_allocate_not_granted"
+RELAY_REFUSED = "tsnet_magicsock_core_relay_allocate_refused"
+RELAY_NO_SERVER = "tsnet_magicsock_core_relay_allocate_no_server"
+RELAY_ENDPOINTS = "tailscaled_peer_relay_endpoints"
+
+
+def test_relay_refuses_allocations_from_nodes_its_own_grant_does_not_name(lab: Lab, tmp_path: Path) -> None:
+    """Issue #6 scenario 6 end to end: the relay's own ``cap/relay`` check refuses ungranted nodes.
+
+    Why a hand-written ``cap/relay-target`` grant: the client side only asks relays its filter names, so
+    with an honest policy an ungranted node never reaches the relay's check (see
+    ``test_relay_granted_to_other_nodes_only_is_not_used_by_ungranted_nodes``). The relay must not trust
+    that: a client with a stale or forged view (an old netmap after a policy edit, a modified client, a
+    policy that writes the target cap by hand) will ask anyway. A policy reload that revokes a grant only
+    opens a race window of one netmap push (both ends get the new filter within milliseconds), which is
+    not a deterministic test. The hand-written app grant is what the policy language really allows and
+    gives a lasting mismatch: a and b hold ``cap/relay-target`` from the relay while the relay's filter
+    grants ``cap/relay`` to tag:client only. All five nodes are real ``tsnet up`` processes behind hard
+    NATs (no direct path), so the relay is the only way off DERP.
+    """
+    topo = NatTopology(lab, tmp_path)
+    topo.start_control(policy=SPOOFED_RELAY_TARGET_POLICY)
+    hr = topo.add_host("relay", "public")
+    relay = topo.start_full_node(hr, relay_server_port=RELAY_PORT, advertise_tags=("tag:relay",))
+    h1, h2 = topo.add_host("c1", "hard"), topo.add_host("c2", "hard")
+    c2 = topo.start_full_node(h2, forwards=(f"{FWD_PORT}=127.0.0.1:{SERVICE_PORT}",), advertise_tags=("tag:client",))
+    c1 = topo.start_full_node(h1, socks5_port=SOCKS_PORT, advertise_tags=("tag:client",))
+    a, b = _full_pair(topo, "hard", "hard")
+    for n in (relay, c1, c2):
+        _wait(n.running, f"{n.host.name} running", topo)
+    _wait(lambda: all(n.peer("relay") for n in (a, b, c1, c2)) and c1.peer("c2") and c2.peer("c1"),
+          "everyone sees the relay and their partner", topo)
+    assert a.peer("relay")["tags"] == ["tag:relay"] and a.peer("b")["tags"] == []
+    for n in (relay, a, b, c1, c2):  # nothing asked or answered before any traffic
+        assert n.metric(ALLOC_ANSWER_RECV) == 0
+
+    # Both pairs talk over DERP first; that makes each node look for a relay path.
+    _serve(h2.ns, _echo)
+    _serve(b.host.ns, _echo)
+    granted = EchoStream(_socks5_connect(h1.ns, SOCKS_PORT, c2.ipv4(), FWD_PORT))
+    ungranted = EchoStream(_socks5_connect(a.host.ns, SOCKS_PORT, b.ipv4(), FWD_PORT))
+    _wait(lambda: granted.check() or (c1.path("c2") == "relay via relay" and c2.path("c1") == "relay via relay"),
+          "granted pair on the relay", topo)
+
+    # The ungranted nodes do ask: a first request and its retry 3 s later (no answer came), from each side.
+    _wait(lambda: ungranted.check() or (a.metric(ALLOC_SENT) >= 2 and b.metric(ALLOC_SENT) >= 2),
+          "a and b each sent an allocation request and its retry to the relay", topo)
+
+    def refusals_add_up() -> bool:
+        # Every request the relay received was answered (the granted pair) or refused as not granted, and
+        # the refusals are exactly the requests a and b sent. Counters settle between discovery rounds.
+        sent_ab = a.metric(ALLOC_SENT) + b.metric(ALLOC_SENT)
+        r = relay.metric_values(ALLOC_RECV, RELAY_ANSWERED, RELAY_NOT_GRANTED, RELAY_REFUSED, RELAY_NO_SERVER)
+        sent_ab_after = a.metric(ALLOC_SENT) + b.metric(ALLOC_SENT)
+        return (sent_ab == sent_ab_after and r[RELAY_NOT_GRANTED] == sent_ab and r[RELAY_NO_SERVER] == 0
+                and r[ALLOC_RECV] == r[RELAY_ANSWERED] + r[RELAY_NOT_GRANTED] + r[RELAY_REFUSED]
+                and r[RELAY_ANSWERED] >= 1)
+
+    _wait(refusals_add_up, "the relay refused every request from a and b, and only those", topo)
+    r = relay.metric_values(ALLOC_RECV, RELAY_ANSWERED, RELAY_NOT_GRANTED)
+    # No endpoint for a<->b: the gauge counts the granted pair's one endpoint only.
+    assert relay.metric(RELAY_ENDPOINTS) == 1, relay.metrics()
+    assert 'tailscaled_peer_relay_endpoints{state="open"} 1' in relay.metrics()
+    # a and b never got an answer or a CallMeMaybeVia, and stay on DERP.
+    for n, partner in ((a, "b"), (b, "a")):
+        v = n.metric_values(ALLOC_ANSWER_RECV, CMMVIA_RECV)
+        assert v == {ALLOC_ANSWER_RECV: 0.0, CMMVIA_RECV: 0.0}, v
+        assert n.path(partner).startswith("derp"), n.path(partner)
+
+    # Their traffic still flows (over DERP), intact, while the granted pair keeps its relay.
+    mark = ungranted.received
+    _wait(lambda: ungranted.check() or ungranted.received > mark + 256 * 1024, "a<->b stream flows over DERP",
+          topo)
+    assert a.path("b").startswith("derp") and b.path("a").startswith("derp")
+    assert c1.path("c2") == "relay via relay" and c2.path("c1") == "relay via relay"
+    assert relay.metric(RELAY_ENDPOINTS) == 1
+    for stream in (granted, ungranted):
+        stream.stop_sending()
+    for stream, what in ((granted, "c1<->c2"), (ungranted, "a<->b")):
+        _wait(lambda: stream.check() or stream.received == stream.sent, f"every {what} byte echoed", topo)
+        stream.check()
+    print(f"relay: {r[ALLOC_RECV]:.0f} allocation requests, {r[RELAY_ANSWERED]:.0f} answered (c1/c2), "
+          f"{r[RELAY_NOT_GRANTED]:.0f} refused as not granted (a/b); a<->b echoed {ungranted.received} bytes "
+          f"over DERP, c1<->c2 {granted.received} over the relay")
 
 
 # -- loss on a NAT link ----------------------------------------------------------------------------------

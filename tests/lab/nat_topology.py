@@ -280,6 +280,19 @@ class FullNode:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def metric_values(self, *names: str) -> dict[str, float]:
+        """Each of ``names`` summed over its label sets, all from one scrape (0.0 when absent).
+
+        One scrape keeps related counters consistent with each other (e.g. requests received versus
+        requests answered plus refused), which separate :meth:`metric` calls would not.
+        """
+        totals = dict.fromkeys(names, 0.0)
+        for line in self.metrics().splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in totals and not line.startswith("#"):
+                totals[name] += float(line.rsplit(" ", 1)[1])
+        return totals
+
     def peer(self, hostname: str) -> dict[str, Any] | None:
         return next((p for p in self.status().get("peers") or () if p.get("name") == hostname), None)
 
