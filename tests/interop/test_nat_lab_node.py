@@ -13,7 +13,8 @@ Complements tests/interop/test_magicsock_nat.py (raw-ICMP Python nodes):
   ungranted pair stays on DERP and never asks it for an endpoint.
 * a hand-written ``cap/relay-target`` grant makes untagged nodes ask a relay
   whose own grant names tagged nodes only: the relay refuses every request
-  (``relay_allocate_not_granted``), allocates no endpoint, and they stay on DERP.
+  (``relay_allocate_not_granted``), allocates no endpoint, and they stay on DERP;
+  tailscaled 1.96.4 as such an ungranted client is refused the same way.
 * 3 % random loss on a NAT link: a multi-MiB TCP transfer stays intact.
 
 TCP streams go from the test (a socket created inside node a's namespace)
@@ -34,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import Lab, Namespace, wait_until
-from tests.lab.nat_topology import RELAY_POLICY, FullNode, NatTopology, start_tailscaled_node
+from tests.lab.nat_topology import RELAY_POLICY, FullNode, NatTopology, TailscaledNode, start_tailscaled_node
 
 pytestmark = pytest.mark.interop
 
@@ -498,6 +499,81 @@ def test_relay_refuses_allocations_from_nodes_its_own_grant_does_not_name(lab: L
     print(f"relay: {r[ALLOC_RECV]:.0f} allocation requests, {r[RELAY_ANSWERED]:.0f} answered (c1/c2), "
           f"{r[RELAY_NOT_GRANTED]:.0f} refused as not granted (a/b); a<->b echoed {ungranted.received} bytes "
           f"over DERP, c1<->c2 {granted.received} over the relay")
+
+
+TS_ALLOC_SENT = "magicsock_disco_sent_alloc_udp_relay_endpoint_request"
+TS_ALLOC_ANSWER_RECV = "magicsock_disco_recv_alloc_udp_relay_endpoint_response"
+TS_CMMVIA_RECV = "magicsock_disco_recv_callmemaybevia"
+TS_BIND_SENT = "magicsock_disco_sent_bind_udp_relay_endpoint"
+
+
+def _tailscaled_client_metrics(ts: TailscaledNode, *names: str) -> dict[str, int]:
+    """Some of tailscaled's client metrics from one ``tailscale debug metrics`` (0 when not listed)."""
+    values = dict.fromkeys(names, 0)
+    for line in ts.cli("debug", "metrics").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in values:
+            values[parts[0]] = int(float(parts[1]))
+    return values
+
+
+def test_tailscaled_as_ungranted_client_is_refused_by_our_relay(lab: Lab, tmp_path: Path,
+                                                                 tailscale_binaries) -> None:
+    """tailscaled 1.96.4 holds the hand-written ``cap/relay-target`` from our relay and asks it; our relay refuses.
+
+    Same policy as the full-node scenario above: the relay grants ``cap/relay`` to tag:client only, the
+    untagged tailscaled and our untagged full node ``a`` (both behind hard NATs) believe it serves them.
+    """
+    topo = NatTopology(lab, tmp_path)
+    topo.start_control(policy=SPOOFED_RELAY_TARGET_POLICY)
+    hr = topo.add_host("relay", "public")
+    relay = topo.start_full_node(hr, relay_server_port=RELAY_PORT, advertise_tags=("tag:relay",))
+    ht, ha = topo.add_host("ts", "hard"), topo.add_host("a", "hard")
+    a = topo.start_full_node(ha, socks5_port=SOCKS_PORT)
+    ts = start_tailscaled_node(topo, ht, tailscale_binaries)
+    for n in (relay, a):
+        _wait(n.running, f"{n.host.name} running", topo)
+    _wait(lambda: ts.peer("relay") is not None and ts.peer("a") is not None and a.peer("ts") is not None,
+          "tailscaled sees the relay and a", topo)
+    # tailscaled (userspace networking) hands tailnet TCP to its namespace's loopback: an echo server there.
+    _serve(ht.ns, _echo)
+    stream = EchoStream(_socks5_connect(ha.ns, SOCKS_PORT, ts.ipv4(), SERVICE_PORT))
+
+    def ts_metrics() -> dict[str, int]:
+        return _tailscaled_client_metrics(ts, TS_ALLOC_SENT, TS_ALLOC_ANSWER_RECV, TS_CMMVIA_RECV, TS_BIND_SENT)
+
+    # WireGuard traffic over DERP makes both ends look for a relay path: each asks our relay.
+    _wait(lambda: stream.check() or (ts_metrics()[TS_ALLOC_SENT] >= 1 and a.metric(ALLOC_SENT) >= 1),
+          "tailscaled and a each sent an allocation request to our relay", topo)
+
+    def refusals_add_up() -> bool:
+        before = ts_metrics()[TS_ALLOC_SENT] + a.metric(ALLOC_SENT)
+        r = relay.metric_values(ALLOC_RECV, RELAY_ANSWERED, RELAY_NOT_GRANTED, RELAY_REFUSED, RELAY_NO_SERVER)
+        after = ts_metrics()[TS_ALLOC_SENT] + a.metric(ALLOC_SENT)
+        return (before == after and r[RELAY_NOT_GRANTED] == before and r[ALLOC_RECV] == before
+                and r[RELAY_ANSWERED] + r[RELAY_REFUSED] + r[RELAY_NO_SERVER] == 0)
+
+    _wait(refusals_add_up, "the relay refused every request from tailscaled and a", topo)
+    refused = relay.metric(RELAY_NOT_GRANTED)
+    assert relay.metric(RELAY_ENDPOINTS) == 0, relay.metrics()
+    v = ts_metrics()
+    assert v[TS_ALLOC_ANSWER_RECV] == 0 and v[TS_CMMVIA_RECV] == 0 and v[TS_BIND_SENT] == 0, v
+    assert a.metric_values(ALLOC_ANSWER_RECV, CMMVIA_RECV) == {ALLOC_ANSWER_RECV: 0.0, CMMVIA_RECV: 0.0}
+    # Both stay on DERP, and traffic still flows.
+    assert not (ts.peer("a") or {}).get("PeerRelay") and not (ts.peer("a") or {}).get("CurAddr"), ts.peer("a")
+    assert a.path("ts").startswith("derp"), a.path("ts")
+    out = ts.cli("ping", "--until-direct=false", "--c", "1", "--timeout", "5s", a.ipv4(), timeout=30)
+    assert "via DERP(" in out, out
+    mark = stream.received
+    _wait(lambda: stream.check() or stream.received > mark + 256 * 1024, "a<->tailscaled stream flows over DERP",
+          topo)
+    stream.stop_sending()
+    _wait(lambda: stream.check() or stream.received == stream.sent, "every byte echoed", topo)
+    stream.check()
+    assert a.path("ts").startswith("derp") and not (ts.peer("a") or {}).get("PeerRelay")
+    assert relay.metric(RELAY_ENDPOINTS) == 0
+    print(f"relay refused {refused:.0f} allocation requests (tailscaled and a); {stream.received} bytes echoed "
+          f"over DERP")
 
 
 # -- loss on a NAT link ----------------------------------------------------------------------------------
