@@ -105,6 +105,8 @@ CMM_MAX_WAIT = 3.0
 HELD_INITIATION_MAX_AGE = 5.0
 #: Initiations from unknown DERP senders kept for replay (the newest per sender).
 UNKNOWN_INITIATIONS_MAX = 16
+#: Bound of the (source, VNI) -> UDPPath cache of received peer-relay traffic (cleared when full).
+_RELAY_PATH_CACHE_MAX = 1024
 #: A disco message from a peer re-sends our unanswered initiation at once, if it went
 #: out at least this long ago (which also limits the re-sends to one per second).
 HANDSHAKE_RETRY_AFTER = 1.0
@@ -318,6 +320,8 @@ class MagicSock:
         self._derp_out: list[tuple[int, NodePublic, bytes | bytearray]] = []
         self._events: list[MagicSockEvent] = []
         self._received: list[tuple[NodePublic, bytes]] = []
+        #: (source, VNI) -> UDPPath for received peer-relay WireGuard (one object per relay path, not per packet)
+        self._relay_paths: dict[tuple[AddrPort, int], UDPPath] = {}
         self.derp_map: Any = None
         self.home_derp = 0
         self.local_addresses: tuple[IPAddress, ...] = ()
@@ -524,6 +528,7 @@ class MagicSock:
         direct_to = None  # AddrPort for naked UDP sends
         no_path: _Peer | None = None  # the run's peer when it has no path at all
         relay_to = None  # UDPPath with a VNI
+        relay_header = b""  # its Geneve header, encoded once per run
         region = None
         n_direct = n_relay = n_derp = n_hooked = 0
         hooked = False
@@ -546,6 +551,7 @@ class MagicSock:
                     if udp is not None:
                         if udp.vni is not None:
                             relay_to = udp
+                            relay_header = encode_header(PROTOCOL_WIREGUARD, udp.vni)
                         elif self.drop_direct_udp:
                             hooked = True
                         else:
@@ -558,7 +564,7 @@ class MagicSock:
                     udp_append((payload, direct_to))
                     n_direct += 1
                 elif relay_to is not None:
-                    udp_append((encode_header(PROTOCOL_WIREGUARD, relay_to.vni) + payload, relay_to.addr))
+                    udp_append((relay_header + payload, relay_to.addr))
                     n_relay += 1
                 elif hooked:
                     n_hooked += 1
@@ -809,10 +815,23 @@ class MagicSock:
         wg_batch: list[tuple[Any, Any]] = []
         append = wg_batch.append
         hook = self.drop_direct_udp
+        relay_paths = self._relay_paths
         for data, src in batch:
             # Fast path, naked WireGuard (types 1-4, bytes 1..3 zero), as demux.classify decides it.
             if not hook and len(data) >= 4 and 0 < data[0] < 5 and not data[1] and not data[2] and not data[3]:
                 append((data, src))
+                continue
+            # Fast path, WireGuard from a peer relay: a plain Geneve data header (no control flag, no
+            # options, protocol 0x7A12, byte 7 zero) in front of a WireGuard message, as classify decides it.
+            if len(data) >= 12 and not data[0] and not data[1] and data[2] == 0x7A and data[3] == 0x12 \
+                    and not data[7] and 0 < data[8] < 5:
+                vni = (data[4] << 16) | (data[5] << 8) | data[6]
+                path = relay_paths.get((src, vni))
+                if path is None:
+                    if len(relay_paths) >= _RELAY_PATH_CACHE_MAX:
+                        relay_paths.clear()
+                    path = relay_paths[(src, vni)] = UDPPath(src, vni)
+                append(((data if data.__class__ is memoryview else memoryview(data))[8:], path))
                 continue
             try:
                 c = classify(data)
