@@ -78,24 +78,35 @@ async def test_burst_both_ways_arrives_in_order(offload: bool, monkeypatch: pyte
 
 
 class _FakeSender:
-    """Stands in for UDPSender: accepts datagrams up to ``stop`` and reports ``errors``."""
+    """Stands in for UDPSender: accepts datagrams up to ``stop`` and reports ``errors`` (both for send and send_run)."""
 
-    def __init__(self, stop: int, errors: list) -> None:
-        self.stop, self.errors = stop, errors
+    def __init__(self, stop: int, errors: list, run_stop: int | None = None) -> None:
+        self.stop, self.errors, self.run_stop = stop, errors, run_stop
         self.syscalls = self.datagrams_sent = 0
         self.groups: list[list] = []
+        self.runs: list[tuple] = []
 
     def send(self, datagrams):
         self.groups.append(list(datagrams))
         self.syscalls += 1
-        self.datagrams_sent += self.stop - len(self.errors)
-        return self.stop, self.errors
+        stop = min(self.stop, len(datagrams))
+        self.datagrams_sent += stop - len(self.errors)
+        return stop, self.errors
+
+    def send_run(self, buffer, seg, addr):
+        self.runs.append((bytes(buffer), seg, addr))
+        self.syscalls += 1
+        n = -(-len(buffer) // seg)
+        stop = n if self.run_stop is None else self.run_stop
+        self.datagrams_sent += stop
+        return stop, []
 
 
 def test_unsent_forwards_count_as_send_errors_and_interleaved_flows_are_regrouped() -> None:
     x, y, z = ("192.0.2.1", 1), ("192.0.2.2", 2), ("2001:db8::1", 3)
     full = _FakeSender(stop=2, errors=[(0, OSError("unreachable"))])  # 1 error + 1 left by a full buffer
-    pending = {x: [(b"x1", x), (b"x2", x), (b"x3", x)], z: [(b"z1", z)], y: [(b"y1", y)]}
+    # Pending forwards are runs (buffer, segment size); single datagrams have segment size == length.
+    pending = {x: [(b"x1", 2), (b"x2", 2), (b"x3", 2)], z: [(b"z1", 2)], y: [(b"y1", 2)]}
     ok = _FakeSender(stop=1, errors=[])
     senders = {x: full, z: None, y: ok}  # no socket for z's family
     dropped = {"send_error": 1}
@@ -105,3 +116,21 @@ def test_unsent_forwards_count_as_send_errors_and_interleaved_flows_are_regroupe
     assert full.groups == [[(b"x1", x), (b"x2", x), (b"x3", x)]] and ok.groups == [[(b"y1", y)]]
     assert pending == {} and senders == {}  # nothing outlives the batch
     assert counters.send_syscalls == 2 and counters.datagrams_sent == 1 + 1
+
+
+def test_runs_leave_whole_in_order_with_singles_grouped_around_them() -> None:
+    x, y = ("192.0.2.1", 1), ("192.0.2.2", 2)
+    sx, sy = _FakeSender(stop=99, errors=[]), _FakeSender(stop=99, errors=[], run_stop=1)
+    pending = {
+        x: [(b"a", 1), (b"b", 1), (b"RUNRUNRU", 3), (b"c", 1), (b"RRRR", 2)],
+        # y: the kernel buffer fills during the first run (1 of 3 sent): the rest of y is dropped.
+        y: [(b"yyyyyy", 2), (b"s", 1), (b"zz", 1)],
+    }
+    dropped: dict[str, int] = {}
+    counters = RelayIOCounters()
+    _send_pending(pending, {x: sx, y: sy}, dropped, counters)  # type: ignore[arg-type]
+    assert sx.groups == [[(b"a", x), (b"b", x)], [(b"c", x)]]
+    assert sx.runs == [(b"RUNRUNRU", 3, x), (b"RRRR", 2, x)]
+    assert sy.runs == [(b"yyyyyy", 2, y)] and sy.groups == []
+    assert dropped == {"send_error": 2 + 1 + 2}  # two segments of the run, the single, and the 2-segment "zz"
+    assert counters.datagrams_sent == 2 + 3 + 1 + 2 + 1 and counters.send_syscalls == 5

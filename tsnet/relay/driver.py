@@ -1,12 +1,15 @@
 """Thin trio UDP driver for :class:`tsnet.relay.server.RelayServer`.
 
 Waits for readability, then drains a batch with :class:`tsnet.udpio.UDPReceiver`
-(``UDP_GRO``: one syscall may bring a whole burst of one flow), runs every
-datagram through the sans-IO server and sends the batch's forwards with
-:class:`tsnet.udpio.UDPSender`, grouped per destination so one flow's burst
-leaves in one ``UDP_SEGMENT`` send. The server returns forwarded datagrams as
-the very object it was given; the receiver's datagrams are slices of immutable
-``bytes``, so they stay valid until sent without a copy. The server's timer
+as whole runs (``UDP_GRO``: one syscall may bring a whole burst of one flow,
+handed over unsplit by ``receive_runs``). Each run goes through the sans-IO
+server at once (:meth:`RelayServer.forward_run`: one endpoint lookup and a few
+C-level header comparisons per run, no per-datagram Python work when the run
+is uniform data), and each forwarded run leaves again in one ``UDP_SEGMENT``
+send (:meth:`tsnet.udpio.UDPSender.send_run`). Single datagrams (no GRO) take
+the per-datagram path and are grouped per destination so a burst still leaves
+in one segmented send. Forwards are the very buffers (or slices of them) the
+kernel handed over, immutable ``bytes``: valid until sent, never copied. The server's timer
 (garbage collection) runs off ``trio.current_time()`` so tests can use trio's MockClock.
 
 :func:`open_udp_sockets` opens an SO_REUSEPORT group on one port, one socket per
@@ -29,7 +32,7 @@ import trio
 
 from tsnet.magicsock.addrport import AddrPort
 from tsnet.relay.server import RelayServer
-from tsnet.udpio import UDPReceiver, UDPSender
+from tsnet.udpio import Run, UDPReceiver, UDPSender, run_segments
 
 __all__ = [
     "RECV_BUFFER_SIZE",
@@ -210,39 +213,46 @@ async def _read_loop(
     # Same-family replies leave from this socket (same port; keeps the group's queues independent).
     by_version = {**by_version, _version(sock): own_sender}
     dst_cache: dict[AddrPort, tuple[str, int]] = {}
-    received: list[tuple[Any, AddrPort]] = []
-    # Forwards of one batch by destination sockaddr (insertion-ordered): one flow's datagrams stay
-    # in order and adjacent, so UDPSender can segment them even when two flows interleave.
-    pending: dict[tuple[str, int], list[tuple[Any, tuple[str, int]]]] = {}
+    received: list[Run] = []
+    # Forwards of one batch by destination sockaddr (insertion-ordered), as runs ``(buffer, segment_size)``:
+    # one flow's forwards stay in order, and single datagrams to one destination can still be segmented together.
+    pending: dict[tuple[str, int], list[tuple[Any, int]]] = {}
     pending_sender: dict[tuple[str, int], UDPSender | None] = {}
     while True:
         with trio.move_on_at(server.get_timer()):
             await trio.lowlevel.wait_readable(sock)
         now = trio.current_time()
         server.handle_timer(now)
-        syscalls, errors, coalesced = receiver.syscalls, receiver.errors, receiver.coalesced
-        drained = receiver.receive(received, batch)
+        syscalls, errors, coalesced, datagrams = receiver.syscalls, receiver.errors, receiver.coalesced, receiver.datagrams
+        drained = receiver.receive_runs(received, batch)
         counters.receive_syscalls += receiver.syscalls - syscalls
         counters.receive_errors += receiver.errors - errors
         counters.receive_coalesced += receiver.coalesced - coalesced
-        counters.datagrams_received += len(received)
+        counters.datagrams_received += receiver.datagrams - datagrams
         receive_datagram = server.receive_datagram
-        for data, src in received:
-            out = receive_datagram(data, src, now)
-            if out is None:
-                continue
-            fwd, dst = out
-            sockaddr = dst_cache.get(dst)
-            if sockaddr is None:
-                sockaddr = dst.to_sockaddr()
-                if len(dst_cache) >= _ADDR_CACHE_MAX:
-                    dst_cache.clear()
-                dst_cache[dst] = sockaddr
-            group = pending.get(sockaddr)
-            if group is None:
-                group = pending[sockaddr] = []
-                pending_sender[sockaddr] = by_version.get(dst.ip.version)
-            group.append((fwd, sockaddr))
+        forward_run = server.forward_run
+        for buf, seg, src in received:
+            if len(buf) <= seg:
+                # One datagram (no GRO): the per-datagram path.
+                res = receive_datagram(buf, src, now)
+                if res is None:
+                    continue
+                forwards: Any = ((res[0], len(res[0]), res[1]),)
+            else:
+                forwards = forward_run(buf, seg, src, now)
+            for fwd, fseg, dst in forwards:
+                # Queued per destination, once per run (inline: this also runs per datagram without GRO).
+                sockaddr = dst_cache.get(dst)
+                if sockaddr is None:
+                    sockaddr = dst.to_sockaddr()
+                    if len(dst_cache) >= _ADDR_CACHE_MAX:
+                        dst_cache.clear()
+                    dst_cache[dst] = sockaddr
+                group = pending.get(sockaddr)
+                if group is None:
+                    group = pending[sockaddr] = []
+                    pending_sender[sockaddr] = by_version.get(dst.ip.version)
+                group.append((fwd, fseg))
         received.clear()  # bounded memory: nothing survives the batch
         if pending:
             _send_pending(pending, pending_sender, server.dropped, counters)
@@ -253,27 +263,60 @@ async def _read_loop(
 
 
 def _send_pending(
-    pending: dict[tuple[str, int], list[tuple[Any, tuple[str, int]]]],
+    pending: dict[tuple[str, int], list[tuple[Any, int]]],
     pending_sender: dict[tuple[str, int], UDPSender | None],
     dropped: dict[str, int],
     counters: RelayIOCounters,
 ) -> None:
-    """Send (and forget) one batch's forwards; every datagram not accepted counts as a ``send_error`` drop."""
+    """Send (and forget) one batch's forwards; every datagram not accepted counts as a ``send_error`` drop.
+
+    Per destination, in order: consecutive single datagrams go out together through
+    :meth:`UDPSender.send` (which segments equal-size ones), each multi-datagram run
+    through :meth:`UDPSender.send_run`. Once the kernel buffer is full, the rest of
+    that destination's forwards are dropped, as UDP would.
+    """
     failed = 0
     for sockaddr, group in pending.items():
         sender = pending_sender[sockaddr]
         if sender is None:
-            failed += len(group)  # no socket of the destination's family
+            failed += sum(run_segments(len(buf), seg) for buf, seg in group)  # no socket of the destination's family
             log.debug("relayserver: no socket for the family of %s", sockaddr)
             continue
         syscalls, sent = sender.syscalls, sender.datagrams_sent
-        stop, errors = sender.send(group)
+        singles: list[tuple[Any, tuple[str, int]]] = []
+        full_at = -1  # index in group of the first forward not (completely) attempted, if the buffer filled up
+        for k, (buf, seg) in enumerate(group):
+            if len(buf) <= seg:
+                singles.append((buf, sockaddr))
+                continue
+            if singles:
+                stop, errors = sender.send(singles)
+                failed += len(errors)
+                if stop < len(singles):
+                    failed += len(singles) - stop
+                    full_at = k
+                    break
+                singles = []
+            stop, errors = sender.send_run(buf, seg, sockaddr)
+            failed += len(errors)
+            if errors:
+                log.debug("relayserver: send to %s failed: %s", sockaddr, errors[0][1])
+            nseg = run_segments(len(buf), seg)
+            if stop < nseg:
+                failed += nseg - stop
+                full_at = k + 1
+                break
+        else:
+            if singles:
+                stop, errors = sender.send(singles)
+                # Hard errors, plus what a full kernel buffer left unsent: dropped like UDP drops.
+                failed += len(errors) + len(singles) - stop
+                if errors:
+                    log.debug("relayserver: send to %s failed: %s", sockaddr, errors[0][1])
+        if full_at >= 0:
+            failed += sum(run_segments(len(buf), seg) for buf, seg in group[full_at:])
         counters.send_syscalls += sender.syscalls - syscalls
         counters.datagrams_sent += sender.datagrams_sent - sent
-        # Hard errors, plus what a full kernel buffer left unsent: dropped like UDP drops.
-        failed += len(errors) + len(group) - stop
-        if errors:
-            log.debug("relayserver: send to %s failed: %s", sockaddr, errors[0][1])
     pending.clear()
     pending_sender.clear()
     if failed:
