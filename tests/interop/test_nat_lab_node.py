@@ -448,8 +448,6 @@ def test_relay_refuses_allocations_from_nodes_its_own_grant_does_not_name(lab: L
     _wait(lambda: all(n.peer("relay") for n in (a, b, c1, c2)) and c1.peer("c2") and c2.peer("c1"),
           "everyone sees the relay and their partner", topo)
     assert a.peer("relay")["tags"] == ["tag:relay"] and a.peer("b")["tags"] == []
-    for n in (relay, a, b, c1, c2):  # nothing asked or answered before any traffic
-        assert n.metric(ALLOC_ANSWER_RECV) == 0
 
     # Both pairs talk over DERP first; that makes each node look for a relay path.
     _serve(h2.ns, _echo)
