@@ -1,4 +1,5 @@
-"""DERP server benchmark: relay throughput, CPU per packet, memory with idle clients.
+"""DERP benchmark: server relay throughput, CPU per packet, memory with idle clients; and the
+client's data path (``--client``).
 
 The server runs in its own process pinned to one core (plain HTTP on 127.0.0.1);
 senders keep a bounded number of packets in flight per pair (closed loop: 1024 for one pair, 384
@@ -6,6 +7,13 @@ each for 100 pairs; a pair whose packets were dropped resumes after 20 ms);
 the load generator runs in this process on the other core with raw sockets and
 pre-built frames, so client-side cost stays small. Server CPU and RSS come from
 /proc. Usage: ``.venv/bin/python benchmarks/derp_bench.py [--seconds 4] [--idle 5000]``.
+
+``--client`` measures our trio :class:`~tsnet.derp.client.DerpClient` instead (what a tsnet node
+uses for DERP): a scripted server in its own process (pinned to one core; plain HTTP or TLS)
+either streams RecvPacket frames as fast as the client reads them (``recv``) or counts the
+SendPacket bytes the client writes (``send``). The client runs in this process on the other core
+with the batch handler (``on_packets``) magicsock uses. Reported: packets/s, Mbit/s, packets per
+socket read (batching) and client CPU per packet.
 """
 
 from __future__ import annotations
@@ -238,16 +246,177 @@ def idle_run(port: int, server_pid: int, server_pub: bytes, count: int) -> dict:
     return {"clients": clients, "rss_mb": rss, "base_mb": base, "setup_s": setup}
 
 
+# -- client data path ----------------------------------------------------------------------
+
+CLIENT_FRAMES_PER_WRITE = 48
+
+
+def scripted_server(mode: str, tls: bool) -> None:
+    """One client: handshake, then stream RecvPackets (``recv``) or count what arrives (``send``).
+
+    Prints the port, then (after the client hangs up) the payload bytes it received.
+    """
+    import ssl
+
+    from tsnet.derp.info import ServerInfo
+    from tsnet.derp.tls import generate_self_signed, server_ssl_context
+
+    priv = NodePrivate.generate()
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.bind((HOST, 0))
+    lsock.listen(1)
+    print(lsock.getsockname()[1], flush=True)
+    conn, _ = lsock.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls:
+        ctx = server_ssl_context(self_signed=generate_self_signed("127.0.0.1"))
+        conn = ctx.wrap_socket(conn, server_side=True)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += conn.recv(65536)
+    rest = buf.split(b"\r\n\r\n", 1)[1]
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
+                 + f.encode_frame(f.ServerKey(priv.public.raw)))
+    reader = f.FrameReader()
+    reader.feed(rest)
+    while (item := reader.next_frame()) is None:
+        reader.feed(conn.recv(65536))
+    client_key = bytes(item[1][:32])
+    conn.sendall(f.encode_frame(f.ServerInfoFrame(seal_to(priv.raw, client_key, ServerInfo().to_json()))))
+    received = len(reader.take_rest())
+    try:
+        if mode == "recv":
+            src = NodePrivate.generate().public.raw
+            chunk = (f.encode_header(f.FrameType.RECV_PACKET, 32 + PACKET) + src + bytes(PACKET)) \
+                * CLIENT_FRAMES_PER_WRITE
+            while True:
+                conn.sendall(chunk)
+        else:
+            rbuf = bytearray(1 << 20)
+            while n := conn.recv_into(rbuf):
+                received += n
+    except (OSError, ssl.SSLError):
+        pass
+    print(received, flush=True)
+
+
+async def client_run(port: int, tls: bool, mode: str, seconds: float) -> dict:
+    import trio
+
+    from tsnet.derp.client import DerpClient, DerpNode
+
+    node = DerpNode("bench", 1, HOST, ipv4=HOST, ipv6="none", derp_port=port, plain_http=not tls,
+                    insecure_for_tests=tls)
+    got = [0, 0]  # packets, handler calls
+
+    def on_packets(batch: list) -> None:
+        got[0] += len(batch)
+        got[1] += 1
+
+    client = DerpClient(NodePrivate.generate(), node, on_packets=on_packets)
+    result: dict = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        with trio.fail_after(10):
+            await client.wait_connected()
+        dst = NodePrivate.generate().public
+        batch = [(dst, bytes(PACKET))] * 64
+        sent = 0
+        warm_end = time.perf_counter() + 0.5
+        t0 = cpu0 = 0.0
+        base = (0, 0, 0, 0)
+        measuring = False
+        while True:
+            now = time.perf_counter()
+            if not measuring and now >= warm_end:
+                measuring = True
+                t0, cpu0 = now, time.process_time()
+                base = (got[0], got[1], client.reads, sent)
+                end = t0 + seconds
+            if measuring and now >= end:
+                break
+            if mode == "recv":
+                await trio.sleep(0.05)
+                continue
+            proto = client._proto
+            if proto is None or proto.pending_frames > 512:
+                await trio.sleep(0.0005)  # the writer is behind: let it drain
+                continue
+            sent += client.send_many(batch)
+            await trio.lowlevel.checkpoint()
+        elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        packets = got[0] - base[0] if mode == "recv" else sent - base[3]
+        result = {
+            "pps": packets / elapsed,
+            "mbps": packets * PACKET * 8 / elapsed / 1e6,
+            "per_read": (packets / max(1, client.reads - base[2])) if mode == "recv" else float("nan"),
+            "cpu_us_per_packet": cpu / packets * 1e6 if packets else float("nan"),
+            "client_cpu_util": cpu / elapsed,
+            "writes": client.writes,
+        }
+        client.close()
+        nursery.cancel_scope.cancel()
+    return result
+
+
+def client_bench(seconds: float) -> int:
+    import trio
+
+    rows = []
+    for tls in (False, True):
+        for mode in ("recv", "send"):
+            proc = subprocess.Popen([sys.executable, __file__, "--scripted-server", mode, "tls" if tls else "plain"],
+                                    stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
+            try:
+                port = int(proc.stdout.readline())
+                r = trio.run(client_run, port, tls, mode, seconds)
+                proc.wait(timeout=30)
+                server_bytes = int(proc.stdout.readline() or 0)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            if mode == "send":
+                r["server_frames"] = server_bytes // (5 + 32 + PACKET)
+            rows.append((("TLS" if tls else "plain HTTP"), mode, r))
+    print()
+    print("DERP client data path (DerpClient with the on_packets batch handler, 1280 B packets; scripted server "
+          "in another process on the other core)")
+    print()
+    print("| transport | direction | packets/s | Mbit/s (payload) | packets per socket read | client CPU µs / packet "
+          "| client core busy |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for transport, mode, r in rows:
+        per_read = "-" if mode == "send" else f"{r['per_read']:.1f}"
+        print(f"| {transport} | {'receive' if mode == 'recv' else 'send'} | {r['pps']:,.0f} | {r['mbps']:,.0f} | "
+              f"{per_read} | {r['cpu_us_per_packet']:.1f} | {r['client_cpu_util'] * 100:.0f}% |")
+    print()
+    print(f"(machine load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve", metavar="PRIVHEX", help=argparse.SUPPRESS)
+    ap.add_argument("--scripted-server", nargs=2, metavar=("MODE", "TLS"), help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--idle", type=int, default=5000)
+    ap.add_argument("--client", action="store_true", help="benchmark the client data path instead of the server")
     args = ap.parse_args()
     if args.serve:
         os.sched_setaffinity(0, {0})
         serve(args.serve)
         return 0
+    if args.scripted_server:
+        if len(os.sched_getaffinity(0)) > 1:
+            os.sched_setaffinity(0, {0})
+        scripted_server(args.scripted_server[0], args.scripted_server[1] == "tls")
+        return 0
+    if args.client:
+        if len(os.sched_getaffinity(0)) > 1:
+            os.sched_setaffinity(0, {1})
+        return client_bench(args.seconds)
     if len(os.sched_getaffinity(0)) > 1:
         os.sched_setaffinity(0, {1})
     raise_nofile(65536)

@@ -33,6 +33,7 @@ from .client_core import (
     ServerInfoReceived,
 )
 from .frames import DerpProtocolError
+from .tls import TLSClientStream
 
 __all__ = [
     "Backoff",
@@ -155,7 +156,7 @@ def client_ssl_context(node: DerpNode) -> tuple[ssl.SSLContext, str | None]:
     return ctx, server_hostname
 
 
-def _check_pin(stream: trio.SSLStream, cert_name: str) -> None:
+def _check_pin(stream: trio.SSLStream | TLSClientStream, cert_name: str) -> None:
     want = cert_name.removeprefix("sha256-raw:").lower()
     der = stream.getpeercert(binary_form=True)
     if der is None or hashlib.sha256(der).hexdigest() != want:
@@ -194,11 +195,12 @@ async def open_derp_node(node: DerpNode) -> tuple[trio.abc.Stream, bytes]:
                 stream = await trio.open_tcp_stream(host, node.port)
                 if not node.plain_http:
                     ctx, sni = client_ssl_context(node)
-                    tls = trio.SSLStream(stream, ctx, server_hostname=sni)
+                    # Our TLS stream hands back every decrypted record per read (trio.SSLStream: one).
+                    tls = TLSClientStream.from_socket_stream(stream, ctx, sni)
+                    stream = tls
                     await tls.do_handshake()
                     if node.cert_name.startswith("sha256-raw:"):
                         _check_pin(tls, node.cert_name)
-                    stream = tls
                 leftover = await _upgrade(stream, node.host_name)
             return stream, leftover
         except _IO_ERRORS as exc:

@@ -1,4 +1,5 @@
-"""TLS helpers: a throwaway self-signed certificate for tests and the server SSL context."""
+"""TLS helpers: a throwaway self-signed certificate for tests, the server SSL context, and the
+client's batching TLS stream (:class:`TLSClientStream`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime
 import hashlib
 import ipaddress
 import os
+import socket
 import ssl
 import tempfile
 from dataclasses import dataclass
@@ -14,8 +16,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+import trio
 
-__all__ = ["SelfSignedCert", "generate_self_signed", "server_ssl_context"]
+__all__ = ["SelfSignedCert", "TLSClientStream", "generate_self_signed", "server_ssl_context"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +86,209 @@ def server_ssl_context(
     else:
         raise ValueError("server_ssl_context needs cert_file and key_file, or self_signed")
     return ctx
+
+
+# --- a batching TLS client stream ------------------------------------------------------------------
+
+#: Ciphertext taken from the socket per wake-up before decrypting (bounds memory per read).
+TLS_RECV_CAP = 512 * 1024
+_RECV_CHUNK = 64 * 1024
+_DEFAULT_RECEIVE = 256 * 1024
+
+
+class TLSClientStream(trio.abc.Stream):
+    """A TLS client stream over a non-blocking socket, built for bulk frame streams (DERP).
+
+    :class:`trio.SSLStream` returns at most one TLS record (16 KiB, a dozen DERP packets)
+    per ``receive_some`` and yields to the scheduler for each. This stream instead drains
+    every ciphertext byte the socket has (up to :data:`TLS_RECV_CAP`) and decrypts every
+    complete record into one result, so a consumer that parses frames gets its whole
+    backlog in one call. The TLS state machine is :class:`ssl.SSLObject` over memory BIOs
+    (sans-IO); this class only moves bytes between it and the socket.
+
+    One task may receive while another sends (as the DERP client does). TLS output that a
+    receive produces (a TLS 1.3 KeyUpdate answer) is sent right away if the socket takes it,
+    else with the next ``send_all``.
+
+    Errors: ``ssl.SSLError`` for TLS failures (handshake, bad record), ``OSError`` for socket
+    errors, ``trio.ClosedResourceError`` after :meth:`aclose`. A clean or abrupt EOF from
+    the server reads as ``b""``.
+    """
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_hostname: str | None) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = ctx.wrap_bio(self._incoming, self._outgoing, server_side=False, server_hostname=server_hostname)
+        self._send_buf = bytearray()  # ciphertext the socket has not taken yet, in order
+        self._socket_eof = False
+        self._closed = False
+        self._sending = False  # a send_all is waiting for the socket: others only append
+        self._read_buf = memoryview(bytearray(0))  # plaintext lands here, then one copy out
+
+    @classmethod
+    def from_socket_stream(cls, stream: trio.SocketStream, ctx: ssl.SSLContext,
+                           server_hostname: str | None) -> TLSClientStream:
+        """Take over a connected :class:`trio.SocketStream`'s socket (the stream is unusable after)."""
+        fd = stream.socket.detach()
+        return cls(socket.socket(fileno=fd), ctx, server_hostname)
+
+    # -- helpers (no awaits: they never interleave with the other task) --
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("TLS stream is closed")
+
+    def _pull_socket(self) -> int:
+        """Move what the socket has into the TLS input; returns bytes moved (EOF is noted)."""
+        moved = 0
+        sock, incoming = self._sock, self._incoming
+        while moved < TLS_RECV_CAP and not self._socket_eof:
+            try:
+                data = sock.recv(_RECV_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                self._socket_eof = True
+                incoming.write_eof()
+                break
+            incoming.write(data)
+            moved += len(data)
+            if len(data) < _RECV_CHUNK:
+                break  # the socket is (almost certainly) empty: skip the EAGAIN syscall
+        return moved
+
+    def _push_socket(self) -> None:
+        """Queue what the TLS object produced and send as much as the socket takes now."""
+        if self._outgoing.pending:
+            self._send_buf += self._outgoing.read()
+        buf = self._send_buf
+        while buf:
+            try:
+                n = self._sock.send(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            del buf[:n]
+
+    async def _flush(self) -> None:
+        self._push_socket()
+        while self._send_buf:
+            await trio.lowlevel.wait_writable(self._sock)
+            self._check_open()
+            self._push_socket()
+
+    # -- stream API --
+
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake (certificate checks per the context)."""
+        self._check_open()
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            await self._flush()
+            if self._socket_eof:
+                raise ssl.SSLEOFError("server closed the connection during the TLS handshake")
+            if not self._pull_socket():
+                await trio.lowlevel.wait_readable(self._sock)
+                self._check_open()
+                self._pull_socket()
+        await self._flush()
+        await trio.lowlevel.checkpoint()
+
+    def getpeercert(self, binary_form: bool = False):  # type: ignore[no-untyped-def]
+        """The server certificate (``ssl.SSLObject.getpeercert``)."""
+        return self._tls.getpeercert(binary_form)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Every decrypted byte available now (at most ``max_bytes``), waiting only if none is."""
+        self._check_open()
+        limit = max_bytes or _DEFAULT_RECEIVE
+        tls, sock, incoming = self._tls, self._sock, self._incoming
+        buf = self._read_buf
+        if len(buf) < limit:
+            buf = self._read_buf = memoryview(bytearray(limit))
+        while True:
+            got = pulled = 0
+            eof = drained = False
+            while True:
+                try:
+                    while got < limit:
+                        # Decrypt straight into our buffer: read(n) alone would allocate n bytes per record.
+                        n = tls.read(limit - got, buf[got:limit])
+                        if not n:
+                            eof = True
+                            break
+                        got += n
+                except ssl.SSLWantReadError:
+                    pass
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    eof = True  # close_notify, or the socket ended without one: both end the stream
+                if got >= limit or eof or drained or self._socket_eof or pulled >= TLS_RECV_CAP:
+                    break
+                # Feed ciphertext a chunk at a time and decrypt in between: a memory BIO holding a
+                # large backlog makes every write copy the whole backlog.
+                try:
+                    data = sock.recv(_RECV_CHUNK)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if not data:
+                    self._socket_eof = True
+                    incoming.write_eof()
+                    continue
+                incoming.write(data)
+                pulled += len(data)
+                drained = len(data) < _RECV_CHUNK  # a short read: the socket is (almost surely) empty
+            if self._outgoing.pending and not self._sending:
+                self._push_socket()  # e.g. a KeyUpdate answer; a waiting send_all carries it otherwise
+            if got:
+                await trio.lowlevel.checkpoint()
+                return bytes(buf[:got])
+            if eof or self._socket_eof:
+                await trio.lowlevel.checkpoint()
+                return b""
+            await trio.lowlevel.wait_readable(sock)
+            self._check_open()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt ``data`` and send it all (waits while the socket buffer is full)."""
+        self._check_open()
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        if data:
+            view = memoryview(data)
+            while view:
+                n = self._tls.write(view)  # memory BIOs take everything, in 16 KiB records
+                view = view[n:]
+        self._sending = True
+        try:
+            await self._flush()
+        finally:
+            self._sending = False
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check_open()
+        if self._send_buf:
+            await trio.lowlevel.wait_writable(self._sock)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        """Send close_notify if the socket takes it now, then close (never waits for the peer)."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._tls.unwrap()
+            except ssl.SSLError:
+                pass
+            try:
+                self._push_socket()
+            except OSError:
+                pass
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+        await trio.lowlevel.checkpoint()
