@@ -202,8 +202,8 @@ class DerpClientProtocol:
         src_keys = self._src_keys
         connected = self.state is ClientState.CONNECTED
         try:
-            while (item := reader.next_frame()) is not None:
-                ftype, payload = item
+            frames = reader.drain()
+            for ftype, payload in frames:
                 if ftype == _RECV_PACKET and connected:
                     if len(payload) >= KEY_LEN:  # v2 frames carry the source key; drop shorter ones
                         raw = payload[:KEY_LEN]  # a read-only memoryview hashes and compares like bytes
@@ -212,7 +212,7 @@ class DerpClientProtocol:
                             if len(src_keys) >= _SRC_KEY_CACHE:
                                 src_keys.clear()
                             src = src_keys[bytes(raw)] = NodePublic(bytes(raw))
-                        append(ReceivedPacket(src, bytes(payload[KEY_LEN:])))
+                        append(ReceivedPacket(src, payload[KEY_LEN:].tobytes()))
                     continue
                 self._frame(ftype, payload, now, events)
                 connected = self.state is ClientState.CONNECTED

@@ -431,31 +431,69 @@ def decode_frame(frame_type: int, payload: bytes | memoryview) -> Frame:
 class FrameReader:
     """Reassembles frames from a byte stream.
 
-    ``feed`` bytes as they arrive, then call ``next_frame`` until it returns None.
-    A declared length over ``max_frame_len`` raises :class:`DerpProtocolError` as
-    soon as the header is seen.
+    ``feed`` bytes as they arrive, then call ``next_frame`` until it returns None (or
+    ``drain`` for all of them at once). A declared length over ``max_frame_len`` raises
+    :class:`DerpProtocolError` as soon as the header is seen.
+
+    Fed chunks are parsed in place: returned payloads are memoryviews into them. Only a
+    frame that straddles two chunks is copied (just that frame), so a large read is never
+    copied as a whole.
     """
 
-    __slots__ = ("_buf", "_pos", "max_frame_len")
+    __slots__ = ("_buf", "_next", "_next_pos", "_pos", "max_frame_len")
 
     def __init__(self, max_frame_len: int = MAX_INFO_LEN) -> None:
-        self._buf = b""
+        self._buf: bytes = b""
         self._pos = 0
+        # The chunk after ``_buf`` when ``_buf`` holds one straddling frame put together by ``feed``.
+        self._next: bytes | None = None
+        self._next_pos = 0
         self.max_frame_len = max_frame_len
 
-    def feed(self, data: bytes) -> None:
-        """Append received bytes."""
-        if self._pos:
-            self._buf = self._buf[self._pos :] + data
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes (``bytes`` are kept without a copy)."""
+        if data.__class__ is not bytes:
+            data = bytes(data)
+        if not data:
+            return
+        if self._next is not None:
+            # Fed again before the last chunk was parsed: merge (only callers that do not drain get here).
+            self._buf = self._buf[self._pos :] + self._next[self._next_pos :]
             self._pos = 0
-        elif self._buf:
-            self._buf += data
+            self._next = None
+        rest = len(self._buf) - self._pos
+        if not rest:
+            self._buf, self._pos = data, 0
+            return
+        # A partial frame is waiting. Copy just that frame together from its two pieces and parse
+        # the rest of ``data`` in place.
+        head = self._buf[self._pos :]
+        self._pos = 0
+        need_hdr = FRAME_HEADER_LEN - rest
+        if need_hdr > 0:
+            if len(data) < need_hdr:
+                self._buf = head + data
+                return
+            hdr = head + data[:need_hdr]
         else:
-            self._buf = bytes(data)
+            hdr = head
+        length = _HDR.unpack_from(hdr)[1]
+        take = FRAME_HEADER_LEN + length - rest  # bytes of ``data`` that complete the frame
+        if take <= 0 or take >= len(data) or length > self.max_frame_len:
+            # Whole frames were left unparsed, the frame is still partial, or it is oversized (the
+            # parser reports that): plain concatenation.
+            self._buf = head + data
+            return
+        self._buf = head + data[:take]
+        self._next = data
+        self._next_pos = take
 
     def take_rest(self) -> bytes:
         """Remove and return every buffered byte not yet returned as a frame."""
         rest = self._buf[self._pos :]
+        if self._next is not None:
+            rest += self._next[self._next_pos :]
+            self._next = None
         self._buf = b""
         self._pos = 0
         return rest
@@ -463,10 +501,23 @@ class FrameReader:
     @property
     def buffered(self) -> int:
         """How many bytes are waiting (a partial frame)."""
-        return len(self._buf) - self._pos
+        n = len(self._buf) - self._pos
+        if self._next is not None:
+            n += len(self._next) - self._next_pos
+        return n
+
+    def _advance_chunk(self) -> bool:
+        """Move on to the chunk after a consumed straddling frame; False if there is none."""
+        if self._next is None or self._pos < len(self._buf):
+            return False
+        self._buf, self._pos = self._next, self._next_pos
+        self._next = None
+        return True
 
     def next_frame(self) -> tuple[int, memoryview] | None:
         """The next whole frame as ``(type, payload)``, or None if more bytes are needed."""
+        if self._next is not None:
+            self._advance_chunk()
         buf, pos = self._buf, self._pos
         if len(buf) - pos < FRAME_HEADER_LEN:
             return None
@@ -480,3 +531,29 @@ class FrameReader:
             return None
         self._pos = end
         return frame_type, memoryview(buf)[pos + FRAME_HEADER_LEN : end]
+
+    def drain(self) -> list[tuple[int, memoryview]]:
+        """Every whole frame buffered now, in order, as ``(type, payload)`` (one call, one tight loop)."""
+        out: list[tuple[int, memoryview]] = []
+        append = out.append
+        unpack = _HDR.unpack_from
+        limit = self.max_frame_len
+        while True:
+            buf, pos = self._buf, self._pos
+            size = len(buf)
+            view = memoryview(buf)
+            while size - pos >= FRAME_HEADER_LEN:
+                frame_type, length = unpack(buf, pos)
+                if length > limit:
+                    self._pos = pos
+                    raise DerpProtocolError(
+                        f"frame type 0x{frame_type:02x} declares {length} bytes, over the limit of {limit}"
+                    )
+                end = pos + FRAME_HEADER_LEN + length
+                if end > size:
+                    break
+                append((frame_type, view[pos + FRAME_HEADER_LEN : end]))
+                pos = end
+            self._pos = pos
+            if not self._advance_chunk():
+                return out
