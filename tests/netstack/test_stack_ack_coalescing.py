@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tests.netstack.netutil import A4, ACK, B4, SYN, parse, parse_tcp, tcp
 from tsnet.netstack.stack import Stack
-from tsnet.netstack.tcp import ACK_STRETCH_SEGMENTS
+from tsnet.netstack.tcp import ACK_STRETCH_SEGMENTS, TCPConnection
 
 MSS = b"\x02\x04\x04\xd8"  # MSS 1240
 SEG = 1240
@@ -108,3 +108,38 @@ def test_unverified_checksums_when_the_input_is_authenticated() -> None:
     assert s.counters.bad_checksum == 0 and s.counters.malformed == 1
     (conn,) = s.connections.values()
     assert conn.receive(100, 0.0) == bytes(bad_tcp[-3:])
+
+
+def _ts(tsval: int, tsecr: int) -> bytes:
+    return b"\x01\x01\x08\x0a" + tsval.to_bytes(4, "big") + tsecr.to_bytes(4, "big")
+
+
+def test_timestamped_segments_take_the_stack_fast_path_with_the_same_outcome(monkeypatch) -> None:
+    """Segments with the usual timestamp layout go straight to TCPConnection.receive_fast; in-order data,
+    an out-of-order segment (general path: SACK) and the hole's repair all end up as the same bytes."""
+    s = Stack([A4], now=0.0)
+    s.tcp_listen(80)
+    s.receive_packet(tcp(B4, A4, 5555, 80, 1000, 0, SYN, options=MSS + _ts(100, 0)), 0.0)
+    (synack,) = [parse_tcp(parse(p)) for p in s.packets_to_send()]
+    una = (synack.seq + 1) & 0xFFFFFFFF
+    s.receive_packet(tcp(B4, A4, 5555, 80, 1001, una, ACK, options=_ts(101, 0)), 0.0)
+    (conn,) = s.connections.values()
+    assert conn.ts_ok
+    calls = []
+    fast = TCPConnection.receive_fast
+
+    def spy(self, *args):  # type: ignore[no-untyped-def]
+        calls.append(fast(self, *args))
+        return calls[-1]
+
+    monkeypatch.setattr(TCPConnection, "receive_fast", spy)
+    seg = lambda i, tsval: tcp(B4, A4, 5555, 80, 1001 + i * SEG, una, ACK, bytes([65 + i]) * SEG,  # noqa: E731
+                               options=_ts(tsval, 0))
+    before = conn.stats.segments_received
+    s.receive_packets([seg(0, 102), seg(1, 103), seg(3, 104)], 0.0)  # 2 is missing
+    assert calls == [True, True, False]  # the out-of-order one needs the general rules
+    acks = [parse_tcp(parse(p)) for p in s.packets_to_send()]
+    assert acks and acks[-1].ack == (1001 + 2 * SEG) & 0xFFFFFFFF  # the hole, at once
+    s.receive_packets([seg(2, 105)], 0.0)
+    assert conn.stats.segments_received == before + 4
+    assert conn.receive(10 * SEG, 0.0) == b"".join(bytes([65 + i]) * SEG for i in range(4))

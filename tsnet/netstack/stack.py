@@ -241,6 +241,10 @@ def _ip_header(src: bytes, dst: bytes, proto: int, payload_len: int, ident: int 
 
 #: version/IHL, total length, fragment field, protocol, source, destination of an IPv4 header
 _V4_FAST = struct.Struct("!BxHxxHxBxx4s4s")
+#: A 32-byte TCP header (after a 20-byte IPv4 header) with the usual timestamp option layout:
+#: ports, seq, ack, flags, window, the option word, TSval, TSecr (data offset and checksum skipped).
+_TCP_TS_AT_20 = struct.Struct("!HHIIxBH4xIII")
+_TS_LAYOUT = tcp_wire.TS_LAYOUT
 
 
 def _pseudo(src: bytes, dst: bytes, proto: int, length: int) -> int:
@@ -529,6 +533,8 @@ class Stack:
         unpack_v4 = _V4_FAST.unpack_from
         from_bytes = int.from_bytes
         verify = self.verify_checksums
+        unpack_tcp_ts = _TCP_TS_AT_20.unpack_from
+        connections = self.connections
         for packet in packets:
             counters.packets_received += 1
             try:
@@ -551,6 +557,16 @@ class Stack:
                             if (r + from_bytes(src, "big") + from_bytes(dst, "big") + PROTO_TCP + tcp_len) % 0xFFFF:
                                 counters.bad_checksum += 1
                                 continue
+                        if n >= 52 and packet[32] == 0x80:
+                            # The common segment of an established connection: parsed here in one
+                            # unpack, no Segment object, straight into the connection's fast path.
+                            sport, dport, seq, ack, flags, window, layout, tsval, tsecr = unpack_tcp_ts(packet, 20)
+                            if layout == _TS_LAYOUT:
+                                conn = connections.get((dst, dport, src, sport))
+                                if conn is not None and conn.receive_fast(seq, ack, flags, window, tsval, tsecr,
+                                                                          memoryview(packet)[52:], now):
+                                    touched[conn] = None
+                                    continue
                         self._tcp_segment(src, dst, memoryview(packet)[20:], now, touched)
                         continue
                 self._receive_one(packet, now, touched)

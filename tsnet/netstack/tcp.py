@@ -1586,31 +1586,57 @@ class TCPConnection:
     def _fast_path(self, seg: Segment, now: float) -> bool:
         """Process a segment at exactly RCV.NXT whose flags are ACK (and maybe PSH); False
         (with nothing changed) if it needs the full rules after all."""
+        if seg.has_ts:
+            return self._fast_fields(seg.ack, seg.window, seg.tsval, seg.tsecr, seg.payload, now)
+        return self._fast_fields(seg.ack, seg.window, None, None, seg.payload, now)
+
+    def receive_fast(self, seq: int, ack: int, flags: int, window: int, tsval: int, tsecr: int,
+                     payload: memoryview, now: float) -> bool:
+        """The common segment, pre-parsed by the stack: ACK (maybe PSH) with the usual timestamp
+        option and no other option, at exactly RCV.NXT of an ESTABLISHED connection.
+
+        Returns False, with nothing changed, when the segment needs the general rules:
+        the caller then parses it and calls :meth:`receive_segment`. Never raises.
+        """
+        if self.state is not _ESTABLISHED or (flags & _FAST_FLAGS_MASK) != ACK or self._ooo \
+                or self._in_recovery or seq != (self.rcv_nxt & _M) or not self.ts_ok:
+            return False
+        try:
+            if not self._fast_fields(ack, window, tsval, tsecr, payload, now):
+                return False
+        except Exception:  # as in receive_segment: counted, the segment is dropped
+            self.internal_errors += 1
+            self.stats.dropped += 1
+        self.stats.segments_received += 1
+        return True
+
+    def _fast_fields(self, seg_ack: int, window: int, tsval: int | None, tsecr: int | None,
+                     payload: memoryview, now: float) -> bool:
+        """The fast path on the segment's fields (``tsval``/``tsecr`` None: no timestamp option)."""
         rnxt = self.rcv_nxt
         ts_ok = self.ts_ok
-        if ts_ok and (not seg.has_ts or ((seg.tsval - self._ts_recent) & _M) >= _HALF):
+        if ts_ok and (tsval is None or ((tsval - self._ts_recent) & _M) >= _HALF):
             return False
-        payload = seg.payload
         plen = len(payload)
         if plen > self.rcv_adv - rnxt or self._persist_deadline is not None or self.snd_wl1 > rnxt:
             return False
         una = self.snd_una
         snd_max = self.snd_max
-        ack = _unwrap(seg.ack, una)
+        ack = _unwrap(seg_ack, una)
         if ack < una or ack > snd_max or (ack == una and not plen and snd_max > una):
             return False  # old, impossible, or possibly a duplicate ACK
         self._last_rcv_time = now
         if ts_ok and rnxt <= self._last_ack_sent:
-            self._ts_recent = seg.tsval
+            self._ts_recent = tsval
             self._ts_recent_time = now
-        wnd = seg.window << self.snd_wscale
+        wnd = window << self.snd_wscale
         self.snd_wnd = wnd
         if wnd > self.max_snd_wnd:
             self.max_snd_wnd = wnd
         self.snd_wl1 = rnxt
         self.snd_wl2 = ack
         if ack > una:
-            self._ack_new(seg, ack, now)
+            self._ack_new(tsecr, ack, now)
         if plen:
             self._rcvbuf.append(payload)
             self.rcv_nxt = rnxt + plen
@@ -1625,7 +1651,7 @@ class TCPConnection:
                 self._unacked_segs += 1
             if self._unacked_segs >= (_ACK_STRETCH if self.coalesce_acks else 4):
                 self._ack_now = True
-            self._rcv_rtt_update(seg, rnxt + plen, now)
+            self._rcv_rtt_update(tsecr, rnxt + plen, now)
         # _output only if it has work: an ACK owed, or data/FIN not sent yet (a pure
         # receiver skips two calls per segment).
         if self._ack_now or self.snd_nxt < self._buf_seq + len(self._sndbuf) + (self._fin_seq is not None):
@@ -1724,7 +1750,7 @@ class TCPConnection:
             self._rack_update(ack, had_sacked, now)
         cc = self._cc
         if ack > una:
-            self._ack_new(seg, ack, now)
+            self._ack_new(seg.tsecr if seg.has_ts else None, ack, now)
             if self._rack and not self._in_recovery and self._rk_lost_to > self.snd_una:
                 self._rack_enter_recovery(now)
             # Our FIN acknowledged?
@@ -1770,9 +1796,10 @@ class TCPConnection:
                 self.snd_nxt = self.snd_una
         return True
 
-    def _ack_new(self, seg: Segment, ack: int, now: float) -> None:
+    def _ack_new(self, tsecr: int | None, ack: int, now: float) -> None:
         """SND.UNA advances to ``ack``: free the buffer, sample RTT, grow cwnd or
-        continue recovery, restart the retransmission timer."""
+        continue recovery, restart the retransmission timer. ``tsecr``: the segment's
+        echoed timestamp, None without a timestamp option."""
         una = self.snd_una
         cc = self._cc
         acked = ack - una
@@ -1791,10 +1818,10 @@ class TCPConnection:
         self._persist_backoff = 0
         # RTT sample: timestamps (RFC 7323 RTTM) or the one timed segment (Karn's rule).
         rtt = None
-        if self.ts_ok and seg.has_ts and seg.tsecr:
+        if self.ts_ok and tsecr:
             floor = self._ts_floor
-            if floor is None or ((seg.tsecr - floor) & _M) < _HALF:
-                rtt = ((self._ts_now(now) - seg.tsecr) & _M) / _TS_HZ
+            if floor is None or ((tsecr - floor) & _M) < _HALF:
+                rtt = ((self._ts_now(now) - tsecr) & _M) / _TS_HZ
                 self._rtt_sample(rtt, True)
         elif self._rtt_seq is not None and ack >= self._rtt_seq:
             rtt = now - self._rtt_time
@@ -1817,7 +1844,7 @@ class TCPConnection:
                 # probe's), it repaired a real loss: reduce the window once (RFC 8985 §7.4).
                 self._tlp_high = None
                 if self._tlp_rxt and not self._in_recovery and not (
-                        self.ts_ok and seg.has_ts and ((seg.tsecr - self._tlp_ts) & _M) >= _HALF):
+                        self.ts_ok and tsecr is not None and ((tsecr - self._tlp_ts) & _M) >= _HALF):
                     cc.on_congestion(self.snd_max - una, now)
                     cc.cwnd = max(cc.ssthresh, self.send_mss)
         if self._in_recovery:
@@ -1905,7 +1932,7 @@ class TCPConnection:
                         self._unacked_segs += 1  # small segment: ACK after the delay
                     if self._unacked_segs >= (_ACK_STRETCH if self.coalesce_acks else 4):
                         self._ack_now = True
-                self._rcv_rtt_update(seg, rnxt, now)
+                self._rcv_rtt_update(seg.tsecr if seg.has_ts else None, rnxt, now)
             if fin or (self._ooo_fin is not None and self._ooo_fin == self.rcv_nxt):
                 self._take_fin(now)
         else:
@@ -1916,13 +1943,13 @@ class TCPConnection:
                 self._ooo_fin = seq + plen
             self._ack_now = True
 
-    def _rcv_rtt_update(self, seg: Segment, rnxt: int, now: float) -> None:
-        """Receiver-side RTT estimate for autotuning: from the echoed timestamp, or the
-        time it takes a window's worth of data to arrive."""
+    def _rcv_rtt_update(self, tsecr: int | None, rnxt: int, now: float) -> None:
+        """Receiver-side RTT estimate for autotuning: from the echoed timestamp ``tsecr``
+        (None: no timestamp option), or the time it takes a window's worth of data to arrive."""
         if self.ts_ok:
-            if not (seg.has_ts and seg.tsecr):
+            if not tsecr:
                 return
-            r = ((self._ts_now(now) - seg.tsecr) & _M) / _TS_HZ
+            r = ((self._ts_now(now) - tsecr) & _M) / _TS_HZ
         else:
             mark = self._rcv_rtt_seq
             if mark is None:

@@ -54,7 +54,8 @@ class BadSegment(ValueError):
 
 
 _HDR_TS = struct.Struct("!HHIIBBHHHIII")  # header + the usual aligned timestamp option
-_TS_LAYOUT = 0x0101080A  # NOP NOP kind=8 len=10, the layout nearly every stack sends
+TS_LAYOUT = 0x0101080A  # NOP NOP kind=8 len=10, the layout nearly every stack sends
+_TS_LAYOUT = TS_LAYOUT
 _new_segment = object.__new__
 
 
