@@ -332,7 +332,7 @@ class UDPReceiver:
     e.g. ICMP errors reported on the socket; truncated buffers).
     """
 
-    __slots__ = ("sock", "gro", "map_address", "datagrams", "syscalls", "coalesced", "errors", "_runs")
+    __slots__ = ("sock", "gro", "map_address", "datagrams", "syscalls", "coalesced", "errors")
 
     def __init__(self, sock: socket.socket, *, gro: bool = True,
                  map_address: Callable[[Any], Any] | None = None) -> None:
@@ -344,7 +344,6 @@ class UDPReceiver:
         self.syscalls = 0
         self.coalesced = 0
         self.errors = 0
-        self._runs: list[Run] = []  # scratch for receive(): runs of one call, split afterwards
 
     def receive(self, out: list[tuple[Buffer, Any]], limit: int) -> bool:
         """Append received datagrams to ``out`` until the socket is empty or ``limit`` datagrams were added.
@@ -356,21 +355,7 @@ class UDPReceiver:
         """
         if not self.gro:
             return self._receive_plain(out, limit)
-        runs = self._runs
-        try:
-            drained = self._receive_gro_runs(runs, limit)
-            append = out.append
-            for data, seg, addr in runs:
-                n = len(data)
-                if n <= seg:
-                    append((data, addr))
-                    continue
-                view = memoryview(data)
-                for off in range(0, n, seg):
-                    append((view[off:off + seg], addr))
-        finally:
-            runs.clear()
-        return drained
+        return self._receive_gro(out, limit, True)
 
     def receive_runs(self, out: list[Run], limit: int) -> bool:
         """Like :meth:`receive`, but append each receive syscall's buffer whole: ``(buffer, segment_size, address)``.
@@ -384,7 +369,7 @@ class UDPReceiver:
         same return value and counters.
         """
         if self.gro:
-            return self._receive_gro_runs(out, limit)
+            return self._receive_gro(out, limit, False)
         singles: list[tuple[Buffer, Any]] = []
         drained = self._receive_plain(singles, limit)
         out += [(data, len(data) or 1, addr) for data, addr in singles]
@@ -413,7 +398,8 @@ class UDPReceiver:
         finally:
             self.datagrams += count
 
-    def _receive_gro_runs(self, out: list[Run], limit: int) -> bool:
+    def _receive_gro(self, out: list[Any], limit: int, split: bool) -> bool:
+        """Shared by :meth:`receive` (``split``: one ``(slice, address)`` per datagram) and :meth:`receive_runs`."""
         recvmsg = self.sock.recvmsg
         map_address = self.map_address
         append = out.append
@@ -441,12 +427,18 @@ class UDPReceiver:
                     if level == SOL_UDP and kind == UDP_GRO:
                         seg = int.from_bytes(value[:4], sys.byteorder)
                 if seg <= 0 or seg >= n:
-                    append((data, n or 1, addr))
+                    append((data, addr) if split else (data, n or 1, addr))
                     count += 1
                     continue
                 self.coalesced += 1
-                append((data, seg, addr))
-                count += -(-n // seg)
+                if split:
+                    view = memoryview(data)
+                    for off in range(0, n, seg):
+                        append((view[off:off + seg], addr))
+                        count += 1
+                else:
+                    append((data, seg, addr))
+                    count += -(-n // seg)
             return False
         finally:
             self.datagrams += count
