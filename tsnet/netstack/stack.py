@@ -533,6 +533,7 @@ class Stack:
         unpack_v4 = _V4_FAST.unpack_from
         from_bytes = int.from_bytes
         verify = self.verify_checksums
+        residue = checksum.residue
         unpack_tcp_ts = _TCP_TS_AT_20.unpack_from
         connections = self.connections
         for packet in packets:
@@ -551,7 +552,7 @@ class Stack:
                         counters.tcp_segments += 1
                         if verify:
                             tcp_len = n - 20
-                            r = from_bytes(packet, "big") % 0xFFFF
+                            r = residue(packet)
                             if tcp_len & 1:
                                 r <<= 8  # pad the odd segment with a zero byte (the header's part is 0)
                             if (r + from_bytes(src, "big") + from_bytes(dst, "big") + PROTO_TCP + tcp_len) % 0xFFFF:

@@ -49,6 +49,8 @@ ACK_STRETCH_SEGMENTS = 32
 _ACK_STRETCH = 2 * ACK_STRETCH_SEGMENTS  # in _unacked_segs units (2 per full segment)
 _WRAP = 1 << 32
 _pack_hdr = HEADER.pack
+_FOLD_1, _FOLD_2, _MASK_1, _MASK_2 = checksum.FOLD_1, checksum.FOLD_2, checksum.MASK_1, checksum.MASK_2
+_FOLD_MIN_BYTES = checksum.FOLD_MIN_BYTES
 _partial = checksum.partial
 _from_bytes = int.from_bytes
 _finish = checksum.finish
@@ -760,7 +762,11 @@ class TCPConnection:
         # integer is reduced first and the small terms added after (adding them first
         # would copy the whole big integer once more); an odd length pads with a zero
         # byte, i.e. times 256, done on the residue instead of shifting the big integer.
-        r = _from_bytes(pkt, "big") % 0xFFFF
+        x = _from_bytes(pkt, "big")
+        if tcp_len >= _FOLD_MIN_BYTES:  # (checksum.residue, inlined: this runs per segment)
+            x = (x >> _FOLD_1) + (x & _MASK_1)
+            x = (x >> _FOLD_2) + (x & _MASK_2)
+        r = x % 0xFFFF
         if tcp_len & 1:
             r <<= 8
         ck = 0xFFFF - ((r + self._ck_base + tcp_len * self._ck_len_factor) % 0xFFFF)
