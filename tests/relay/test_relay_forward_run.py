@@ -76,7 +76,7 @@ KINDS = ["data", "data_lax", "disco_data", "unbound", "unknown", "control", "con
 
 @st.composite
 def runs(draw):
-    seg = draw(st.sampled_from([1, 5, 8, 9, 20, 64, 300, 1288]) | st.integers(1, 400))
+    seg = draw(st.sampled_from([1, 5, 8, 9, 16, 20, 40, 64, 300, 1288]) | st.integers(1, 400))
     count = draw(st.integers(1, 12))
     # Mostly data with the odd other segment, as real runs look; sometimes anything goes.
     kind = st.sampled_from(["data"] * 6 + KINDS) if draw(st.booleans()) else st.sampled_from(KINDS)
@@ -155,3 +155,27 @@ def test_single_datagrams_and_bad_segment_size() -> None:
     assert srv.dropped == {**before, "short": 1}
     with pytest.raises(ValueError):
         srv.forward_run(pkt, 0, A_ADDR, 1.0)
+
+
+def test_rebind_between_runs_moves_the_forwarding() -> None:
+    # forward_run caches the bound sides; a rebind (Bind, Challenge, Answer from a new address) must reset that.
+    srv, ep, ha, hb = bound_relay_pair(RELAY, A_ADDR, B_ADDR, 0.0)
+    data = ha.wrap_wireguard(b"\x04\x00\x00\x00" + bytes(28)) * 3
+    seg = len(data) // 3
+    assert srv.forward_run(data, seg, A_ADDR, 1.0) == [(data, seg, B_ADDR)]
+    new_addr = AddrPort.parse("198.51.100.1:9999")
+    other = [k for k in ep.client_disco if k != ha.boxes.public_key][0]
+    bind = encode_header(PROTOCOL_DISCO, ep.vni, control=True) + ha.boxes.seal(
+        srv.disco_public, d.BindUDPRelayEndpoint(ep.vni, 42, other))
+    [(challenge, _, to)] = srv.forward_run(bind, len(bind), new_addr, 2.0)
+    assert to == new_addr
+    _, ch = ha.boxes.open_message(bytes(challenge)[8:])
+    answer = encode_header(PROTOCOL_DISCO, ep.vni, control=True) + ha.boxes.seal(
+        srv.disco_public, d.BindUDPRelayEndpointAnswer(ep.vni, 42, other, ch.challenge))
+    assert srv.forward_run(answer, len(answer), new_addr, 2.0) == []
+    back = hb.wrap_wireguard(b"\x04\x00\x00\x00" + bytes(28)) * 3
+    assert srv.forward_run(back, seg, B_ADDR, 3.0) == [(back, seg, new_addr)]
+    assert srv.forward_run(data, seg, new_addr, 3.0) == [(data, seg, B_ADDR)]
+    before = srv.dropped.get("unknown_source", 0)
+    assert srv.forward_run(data, seg, A_ADDR, 3.0) == []
+    assert srv.dropped["unknown_source"] == before + 3

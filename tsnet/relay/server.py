@@ -98,6 +98,25 @@ class SessionInfo:
     state: EndpointState
 
 
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """Both bound sides of an open endpoint with their counter keys, cached for the run path."""
+
+    b0: AddrPort
+    b1: AddrPort
+    same: bool  # both sides bound to one address: receive_datagram then always picks side 0
+    key0: tuple[str, str]  # forwarded_* key for side 0 -> side 1
+    key1: tuple[str, str]
+
+    @staticmethod
+    def of(ep: _Endpoint) -> _Route | None:
+        """The route of ``ep``, None unless both sides are bound."""
+        b0, b1 = ep.bound
+        if b0 is None or b1 is None:
+            return None
+        return _Route(b0, b1, b0 == b1, (_family(b0), _family(b1)), (_family(b1), _family(b0)))
+
+
 @dataclass(slots=True)
 class _Endpoint:
     client_disco: tuple[DiscoPublic, DiscoPublic]
@@ -110,6 +129,8 @@ class _Endpoint:
     packets_rx: list[int] = field(default_factory=lambda: [0, 0])
     bytes_rx: list[int] = field(default_factory=lambda: [0, 0])
     closed: bool = False
+    #: the bound sides for forward_run; reset whenever ``bound`` changes
+    route: _Route | None = None
 
     @property
     def state(self) -> EndpointState:
@@ -127,6 +148,28 @@ def _family(ap: AddrPort) -> str:
 def _addrport_binary(ap: AddrPort) -> bytes:
     # Go netip.AddrPort.AppendBinary: 4 or 16 address bytes, then the port little-endian.
     return ap.ip.packed + _U16LE.pack(ap.port)
+
+
+def _same_headers(buf: bytes | bytearray | memoryview, start: int, seg: int, count: int, hdr: bytes) -> bool:
+    """Whether the ``count`` segments of ``seg`` bytes from ``start`` all begin with the 8 bytes ``hdr``.
+
+    Every segment must hold at least 8 bytes. When ``seg`` is a multiple of 8 (always so for WireGuard
+    over Geneve: 8 + 16n bytes) the headers are one strided column of 64-bit words: a single
+    ``tobytes`` gathers them all. Otherwise one strided byte column per header byte.
+    """
+    span = (count - 1) * seg + GENEVE_HEADER_LEN
+    if seg % 8 == 0:
+        view = memoryview(buf)[start:start + span]
+        if view.format == "B" and view.c_contiguous:
+            return view.cast("Q")[::seg // 8].tobytes() == hdr * count
+    if isinstance(buf, (bytes, bytearray)):
+        raw, base = buf, start
+    else:
+        raw, base = bytes(memoryview(buf)[start:start + span]), 0  # (rare: a copy to get byte-strided slices)
+    for i in range(GENEVE_HEADER_LEN):
+        if raw[base + i:base + span:seg].count(hdr[i]) != count:
+            return False
+    return True
 
 
 class RelayServer:
@@ -239,19 +282,25 @@ class RelayServer:
             if (data[2] << 8) | data[3] != PROTOCOL_DISCO:
                 return self._drop("control_not_disco")
             return self._handle_control(ep, memoryview(data)[GENEVE_HEADER_LEN:], src, now)
-        b0, b1 = ep.bound
-        if b0 is None or b1 is None:
-            return self._drop("not_bound")
-        if src == b0:
-            side, dst = 0, b1
-        elif src == b1:
-            side, dst = 1, b0
+        route = ep.route
+        if route is None:
+            route = ep.route = _Route.of(ep)
+            if route is None:
+                return self._drop("not_bound")
+        # Which side sent it: an identity test first (the driver hands over cached source objects).
+        if src is route.b0:
+            side, dst, key = 0, route.b1, route.key0
+        elif src is route.b1:
+            side, dst, key = (0, route.b1, route.key0) if route.same else (1, route.b0, route.key1)
+        elif src == route.b0:
+            side, dst, key = 0, route.b1, route.key0
+        elif src == route.b1:
+            side, dst, key = 1, route.b0, route.key1
         else:
             return self._drop("unknown_source")
         ep.last_seen[side] = now
         ep.packets_rx[side] += 1
         ep.bytes_rx[side] += n
-        key = (_family(src), _family(dst))
         self.forwarded_packets[key] = self.forwarded_packets.get(key, 0) + 1
         self.forwarded_bytes[key] = self.forwarded_bytes.get(key, 0) + n
         return data, dst
@@ -319,10 +368,12 @@ class RelayServer:
 
         Counts them and returns ``(stop, destination)``; None (nothing counted) if the first would not be forwarded.
         """
-        first_len = min(seg, end - start)
+        first_len = seg if end - start > seg else end - start
         if first_len < GENEVE_HEADER_LEN:
             return None
-        hdr = bytes(buf[start:start + GENEVE_HEADER_LEN])
+        hdr = buf[start:start + GENEVE_HEADER_LEN]
+        if type(hdr) is not bytes:
+            hdr = bytes(hdr)
         if first_len >= 20 and hdr[1] == 0x01 and hdr[0] & 0xC0 == 0 and hdr[4:8] == b"\x21\x12\xa4\x42":
             return None  # looks like STUN: the per-datagram path counts it
         if hdr[1] & CONTROL_FLAG:
@@ -330,37 +381,37 @@ class RelayServer:
         ep = self._by_vni.get((hdr[4] << 16) | (hdr[5] << 8) | hdr[6])
         if ep is None or ep.closed:
             return None
-        b0, b1 = ep.bound
-        if b0 is None or b1 is None:
-            return None
-        if src == b0:
-            side, dst = 0, b1
-        elif src == b1:
-            side, dst = 1, b0
+        route = ep.route
+        if route is None:
+            route = ep.route = _Route.of(ep)
+            if route is None:
+                return None
+        if src is route.b0:
+            side, dst, key = 0, route.b1, route.key0
+        elif src is route.b1:
+            side, dst, key = (0, route.b1, route.key0) if route.same else (1, route.b0, route.key1)
+        elif src == route.b0:
+            side, dst, key = 0, route.b1, route.key0
+        elif src == route.b1:
+            side, dst, key = 1, route.b0, route.key1
         else:
             return None
         # Every later segment must start with the very same 8 bytes: then it has the same VNI, is data
-        # too, and (all but the last have the first one's length) gets the same STUN verdict. One strided
-        # slice per header byte checks all segments at C speed; a mismatch (rare) is then located one by one.
+        # too, and (all but the last have the first one's length) gets the same STUN verdict. The check
+        # runs at C speed over all segments at once; a mismatch (rare) is then located one by one.
         stop = end
         packets = -(-(end - start) // seg)
-        if packets > 1:
-            for i in range(GENEVE_HEADER_LEN):
-                column = buf[start + i:end:seg]
-                if isinstance(column, memoryview):
-                    column = column.tobytes()
-                if column.count(hdr[i]) != packets:
-                    stop = start + seg
-                    while stop < end and buf[stop:stop + GENEVE_HEADER_LEN] == hdr:
-                        stop += seg
-                    break
-        stop = min(stop, end)
+        if packets > 1 and not _same_headers(buf, start, seg, packets, hdr):
+            stop = start + seg
+            while stop < end and buf[stop:stop + GENEVE_HEADER_LEN] == hdr:
+                stop += seg
+            if stop > end:
+                stop = end
+            packets = -(-(stop - start) // seg)
         size = stop - start
-        packets = -(-size // seg)
         ep.last_seen[side] = now
         ep.packets_rx[side] += packets
         ep.bytes_rx[side] += size
-        key = (_family(src), _family(dst))
         self.forwarded_packets[key] = self.forwarded_packets.get(key, 0) + packets
         self.forwarded_bytes[key] = self.forwarded_bytes.get(key, 0) + size
         return stop, dst
@@ -408,6 +459,7 @@ class RelayServer:
         for secret in secrets:
             if hmac.compare_digest(self._mac(secret, msg.vni, msg.generation, msg.remote_key, src), msg.challenge):
                 ep.bound[side] = src
+                ep.route = None
                 ep.last_seen[side] = now
                 ep.in_progress_generation[side] = 0
                 return None
