@@ -161,6 +161,10 @@ def ipv6_header(src: bytes, dst: bytes, next_header: int, payload_len: int, hop_
     return _V6.pack(0x60000000, payload_len, next_header, hop_limit, src, dst)
 
 
+#: Lengths remembered per header template.
+_HEADER_CACHE_SIZE = 8
+
+
 class IPv4HeaderTemplate:
     """Prebuilt IPv4 header for one (src, dst, proto) flow: only length and checksum vary.
 
@@ -168,11 +172,22 @@ class IPv4HeaderTemplate:
     the checksum residue of everything but the total length is precomputed.
     """
 
-    __slots__ = ("_base", "_residue")
+    __slots__ = ("_base", "_residue", "_cache")
 
     def __init__(self, src: bytes, dst: bytes, proto: int, ttl: int = DEFAULT_TTL) -> None:
         self._base = bytearray(_V4.pack(0x45, 0, 0, 0, 0x4000, ttl, proto, 0, src, dst))
         self._residue = checksum.partial(self._base)
+        self._cache: dict[int, bytes] = {}
+
+    def header(self, payload_len: int) -> bytes:
+        """The header for ``payload_len`` as immutable bytes, from a small per-length cache
+        (a bulk flow repeats one or two lengths: full segments and pure ACKs)."""
+        hdr = self._cache.get(payload_len)
+        if hdr is None:
+            if len(self._cache) >= _HEADER_CACHE_SIZE:
+                self._cache.clear()
+            hdr = self._cache[payload_len] = bytes(self.build(payload_len))
+        return hdr
 
     def build(self, payload_len: int) -> bytearray:
         """A fresh header for a payload of ``payload_len`` bytes."""
@@ -189,10 +204,20 @@ class IPv4HeaderTemplate:
 class IPv6HeaderTemplate:
     """Prebuilt IPv6 header for one flow: only the payload length varies."""
 
-    __slots__ = ("_base",)
+    __slots__ = ("_base", "_cache")
 
     def __init__(self, src: bytes, dst: bytes, next_header: int, hop_limit: int = DEFAULT_TTL) -> None:
         self._base = bytearray(_V6.pack(0x60000000, 0, next_header, hop_limit, src, dst))
+        self._cache: dict[int, bytes] = {}
+
+    def header(self, payload_len: int) -> bytes:
+        """The header for ``payload_len`` as immutable bytes (cached per length, as for IPv4)."""
+        hdr = self._cache.get(payload_len)
+        if hdr is None:
+            if len(self._cache) >= _HEADER_CACHE_SIZE:
+                self._cache.clear()
+            hdr = self._cache[payload_len] = bytes(self.build(payload_len))
+        return hdr
 
     def build(self, payload_len: int) -> bytearray:
         """A fresh header for a payload of ``payload_len`` bytes."""

@@ -191,7 +191,7 @@ class TCPConnection:
     __slots__ = (
         "local_ip", "local_port", "remote_ip", "remote_port", "state", "options", "stats",
         "app_changed", "error", "internal_errors", "outbox", "changed", "coalesce_acks",
-        "_iphdr", "_pseudo", "_ck_base", "_ck_len_factor", "_passive", "_was_established",
+        "_iphdr", "_pseudo", "_passive", "_was_established",
         # send side
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "max_snd_wnd",
         "_sndbuf", "_buf_seq", "_fin_seq", "_shut_wr", "_app_closed",
@@ -245,20 +245,13 @@ class TCPConnection:
         self.outbox = outbox
         self.changed = changed
         v4 = len(local_ip) == 4
-        # The TCP checksum is summed over the whole IP packet (one big-int conversion):
-        # a valid IPv4 header sums to 0 mod 0xFFFF, so only the pseudo-header and the
-        # TCP length are added; an IPv6 header contributes its constant part plus the
-        # payload length, which cancels the pseudo-header's length.
+        # _pseudo: the pseudo-header's residue without its length (added per segment).
         if v4:
             self._iphdr = IPv4HeaderTemplate(self.local_ip, self.remote_ip, PROTO_TCP)
             self._pseudo = checksum.pseudo_header_v4(self.local_ip, self.remote_ip, PROTO_TCP)
-            self._ck_base = self._pseudo
-            self._ck_len_factor = 1
         else:
             self._iphdr = IPv6HeaderTemplate(self.local_ip, self.remote_ip, PROTO_TCP)
             self._pseudo = checksum.pseudo_header_v6(self.local_ip, self.remote_ip, PROTO_TCP)
-            self._ck_base = (self._pseudo - checksum.partial(self._iphdr.build(0))) % 0xFFFF
-            self._ck_len_factor = 0
         self._passive = False
         self._was_established = False
         # Our MSS from the MTU; the peer's default when its SYN has no MSS option (RFC 9293 §3.7.1).
@@ -746,32 +739,33 @@ class TCPConnection:
         return opts
 
     def _emit(self, seq: int, flags: int, opts: bytes, payload, window: int) -> None:
-        """Build one IP packet (header template + TCP header + payload) into the outbox."""
+        """Build one IP packet (cached IP header + TCP header + options + payload) into the outbox."""
         hlen = 20 + len(opts)
         plen = len(payload) if payload is not None else 0
         tcp_len = hlen + plen
-        pkt = self._iphdr.build(tcp_len)
-        ipl = len(pkt)
-        pkt += _pack_hdr(self.local_port, self.remote_port, seq & _M, self.rcv_nxt & _M if flags & ACK else 0,
-                         hlen << 2, flags, window, 0, 0)
+        ack = self.rcv_nxt & _M if flags & ACK else 0
+        seq &= _M
+        hdr = _pack_hdr(self.local_port, self.remote_port, seq, ack, hlen << 2, flags, window, 0, 0)
+        # The checksum from residues of the parts: pseudo-header (precomputed, plus the length),
+        # header and options, payload. The header is an even number of bytes, so the payload's
+        # words line up; an odd payload is padded with a zero byte, i.e. times 256. Packet-sized
+        # payloads are folded before the modulo (see checksum.residue, inlined: this runs per segment).
+        r = _from_bytes(hdr, "big") + self._pseudo + tcp_len
         if opts:
-            pkt += opts
+            r += _from_bytes(opts, "big")
         if plen:
-            pkt += payload
-        # Checksum over the whole packet in one pass (see _ck_base): no slicing. The big
-        # integer is reduced first and the small terms added after (adding them first
-        # would copy the whole big integer once more); an odd length pads with a zero
-        # byte, i.e. times 256, done on the residue instead of shifting the big integer.
-        x = _from_bytes(pkt, "big")
-        if tcp_len >= _FOLD_MIN_BYTES:  # (checksum.residue, inlined: this runs per segment)
-            x = (x >> _FOLD_1) + (x & _MASK_1)
-            x = (x >> _FOLD_2) + (x & _MASK_2)
-        r = x % 0xFFFF
-        if tcp_len & 1:
-            r <<= 8
-        ck = 0xFFFF - ((r + self._ck_base + tcp_len * self._ck_len_factor) % 0xFFFF)
-        pkt[ipl + 16] = ck >> 8
-        pkt[ipl + 17] = ck & 0xFF
+            x = _from_bytes(payload, "big")
+            if plen >= _FOLD_MIN_BYTES:
+                x = (x >> _FOLD_1) + (x & _MASK_1)
+                x = (x >> _FOLD_2) + (x & _MASK_2)
+            r += x % 0xFFFF << 8 if plen & 1 else x
+        ck = 0xFFFF - r % 0xFFFF
+        hdr = _pack_hdr(self.local_port, self.remote_port, seq, ack, hlen << 2, flags, window, ck, 0)
+        iph = self._iphdr.header(tcp_len)
+        if plen:
+            pkt = b"".join((iph, hdr, opts, payload)) if opts else b"".join((iph, hdr, payload))
+        else:
+            pkt = iph + hdr + opts
         self.outbox.append(pkt)
         st = self.stats
         st.segments_sent += 1
