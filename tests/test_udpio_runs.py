@@ -193,3 +193,54 @@ def test_receive_is_unchanged_by_the_run_refactoring(socks, monkeypatch) -> None
     assert [d for d, _ in got] == [d for d, _ in items]
     monkeypatch.setattr(udpio, "ENABLE_GRO", False)
     assert not UDPReceiver(rx).gro
+
+
+@pytest.mark.parametrize("sizes,seg", [
+    ([3000, 1000], 1000),  # two runs of one flow
+    ([1288 * 30, 1288 * 30, 1288, 500], 1288),  # more than one sendmsg can take, then a single, then a short one
+    ([400] * 70, 400),  # single datagrams of the segment size: more than MAX_SEGMENTS
+    ([64, 10], 8),
+])
+def test_send_runs_sends_the_concatenation(socks, sizes, seg) -> None:
+    tx, rx = make(socks), make(socks)
+    raw = bytes(k % 251 for k in range(sum(sizes)))
+    buffers, off = [], 0
+    for k, size in enumerate(sizes):
+        part = raw[off:off + size]
+        buffers.append([bytes, bytearray, memoryview][k % 3](part))
+        off += size
+    expected = [raw[k:k + seg] for k in range(0, len(raw), seg)]
+    sender = UDPSender(tx)
+    assert sender.send_runs(buffers, seg, rx.getsockname()) == (len(expected), [])
+    assert drain_plain(rx, len(expected)) == expected
+    per_send = min(MAX_SEGMENTS, MAX_GSO_BYTES // seg)
+    assert sender.datagrams_sent == len(expected)
+    assert sender.syscalls == -(-len(expected) // per_send)
+    # Without GSO: the same datagrams, one by one.
+    plain = UDPSender(tx, gso=False)
+    assert plain.send_runs(buffers, seg, rx.getsockname()) == (len(expected), [])
+    assert drain_plain(rx, len(expected)) == expected and plain.syscalls == len(expected)
+
+
+def test_send_runs_contract(socks) -> None:
+    tx, rx = make(socks), make(socks)
+    sender = UDPSender(tx)
+    with pytest.raises(ValueError):
+        sender.send_runs([b"x" * 15, b"y" * 10], 10, rx.getsockname())  # not whole segments before the last
+    with pytest.raises(ValueError):
+        sender.send_runs([b"", b"y" * 10], 10, rx.getsockname())
+    assert sender.send_runs([b"a" * 10, b""], 10, rx.getsockname()) == (1, [])  # an empty last buffer adds nothing
+    assert sender.send_runs([], 10, rx.getsockname()) == (0, [])
+    assert drain_plain(rx, 1) == [b"a" * 10]
+    # Buffer full on the second chunk: stop counts segments across buffers.
+    flaky = FlakySocket(tx, sendmsg_errors={2: BlockingIOError(errno.EAGAIN, "full")})
+    s2 = UDPSender(flaky)  # type: ignore[arg-type]
+    bufs = [b"r" * (100 * 40), b"s" * (100 * 40)]
+    assert s2.send_runs(bufs, 100, rx.getsockname()) == (MAX_SEGMENTS, [])
+    assert drain_plain(rx, MAX_SEGMENTS) == [b"r" * 100] * 40 + [b"s" * 100] * (MAX_SEGMENTS - 40)
+    # EIO: GSO off, the chunk resent one by one, indices across buffers.
+    flaky = FlakySocket(tx, sendmsg_errors={1: OSError(errno.EIO, "no csum")}, sendto_errors={3: OSError(errno.EMSGSIZE, "x")})
+    s3 = UDPSender(flaky)  # type: ignore[arg-type]
+    assert s3.send_runs([b"a" * 20, b"b" * 20], 10, rx.getsockname()) == (4, [(2, flaky.sendto_errors[3])])
+    assert not s3.gso
+    assert drain_plain(rx, 3) == [b"a" * 10, b"a" * 10, b"b" * 10]

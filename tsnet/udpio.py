@@ -246,19 +246,61 @@ class UDPSender:
             return self._send_each(((buffer, addr),), 0, 1)
         view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
         total = -(-n // segment_size)
-        if not self.gso:
-            return self._send_run_each(view, segment_size, addr, 0, total)
         # Segments per sendmsg: kernel segment-count limit and one IP datagram of payload.
-        chunk = max(1, min(MAX_SEGMENTS, MAX_GSO_BYTES // segment_size))
-        cmsg = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", segment_size))]
+        per = max(1, min(MAX_SEGMENTS, MAX_GSO_BYTES // segment_size))
+        if total <= per:
+            return self._send_chunks([(total, [view])], segment_size, addr)
+        step = per * segment_size
+        return self._send_chunks([(min(per, total - k // segment_size), [view[k:k + step]])
+                                  for k in range(0, n, step)], segment_size, addr)
+
+    def send_runs(self, buffers: Sequence[Buffer], segment_size: int, addr: Any) -> tuple[int, list[SendError]]:
+        """:meth:`send_run` for the concatenation of ``buffers``, without joining them (they become iovecs).
+
+        Every buffer but the last must hold a whole number of segments (ValueError
+        otherwise): e.g. several runs of one flow, or a run followed by single
+        datagrams of the same size. Indices count segments across all buffers.
+        """
+        if len(buffers) == 1:
+            return self.send_run(buffers[0], segment_size, addr)
+        if segment_size < 1:
+            raise ValueError("segment_size must be at least 1")
+        per = max(1, min(MAX_SEGMENTS, MAX_GSO_BYTES // segment_size))
+        chunks: list[tuple[int, list[memoryview]]] = []
+        iov: list[memoryview] = []
+        count = 0  # segments in iov
+        last = len(buffers) - 1
+        for k, buf in enumerate(buffers):
+            n = len(buf)
+            if k < last and (n == 0 or n % segment_size):
+                raise ValueError("every buffer but the last must hold a whole number of segments")
+            view = buf if isinstance(buf, memoryview) else memoryview(buf)
+            off = 0
+            while off < n:  # (an empty last buffer adds nothing to the concatenation)
+                take = min(-(-(n - off) // segment_size), per - count)
+                end = min(n, off + take * segment_size)
+                iov.append(view[off:end])
+                count += take
+                off = end
+                if count == per:
+                    chunks.append((count, iov))
+                    iov, count = [], 0
+        if count:
+            chunks.append((count, iov))
+        return self._send_chunks(chunks, segment_size, addr)
+
+    def _send_chunks(self, chunks: list[tuple[int, list[memoryview]]], seg: int, addr: Any
+                     ) -> tuple[int, list[SendError]]:
+        """One ``sendmsg`` with ``UDP_SEGMENT`` per ``(segments, iovecs)`` chunk; same contract as :meth:`send_run`."""
+        cmsg = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", seg))]
         sendmsg = self.sock.sendmsg
         errors: list[SendError] = []
-        i = 0
-        while i < total:
-            j = min(total, i + chunk)
-            if j - i == 1 or not self.gso:
-                # A lone last segment, or GSO just turned off: plain sends for the rest of this chunk.
-                stop, errs = self._send_run_each(view, segment_size, addr, i, j)
+        i = 0  # index of the chunk's first segment in the run
+        for count, iov in chunks:
+            j = i + count
+            if count == 1 or not self.gso:
+                # A lone segment, or no (more) GSO on this socket: plain sends for this chunk.
+                stop, errs = self._send_segments(iov, seg, addr, i)
                 errors += errs
                 if stop < j:
                     return stop, errors
@@ -266,31 +308,31 @@ class UDPSender:
                 continue
             self.syscalls += 1
             try:
-                sendmsg([view[i * segment_size:j * segment_size]], cmsg, 0, addr)
+                sendmsg(iov, cmsg, 0, addr)
             except BlockingIOError:
                 return i, errors
             except OSError as exc:
                 self._gso_failed(exc)
-                stop, errs = self._send_run_each(view, segment_size, addr, i, j)
+                stop, errs = self._send_segments(iov, seg, addr, i)
             except (TypeError, ValueError):
-                stop, errs = self._send_run_each(view, segment_size, addr, i, j)  # let each report the bad address
+                stop, errs = self._send_segments(iov, seg, addr, i)  # let each report the bad address
             else:
                 self._einval_run = 0
                 self.gso_sends += 1
-                self.datagrams_sent += j - i
+                self.datagrams_sent += count
                 i = j
                 continue
             errors += errs
             if stop < j:
                 return stop, errors
             i = j
-        return total, errors
+        return i, errors
 
-    def _send_run_each(self, view: memoryview, seg: int, addr: Any, i: int, end: int) -> tuple[int, list[SendError]]:
-        """Segments ``i:end`` of a run, one ``sendto`` each (rare: fallbacks and a lone last segment)."""
-        items = [(view[k * seg:(k + 1) * seg], addr) for k in range(i, end)]
+    def _send_segments(self, iov: list[memoryview], seg: int, addr: Any, first: int) -> tuple[int, list[SendError]]:
+        """The segments of one chunk, one ``sendto`` each (fallbacks, a lone segment); indices from ``first``."""
+        items = [(v[k:k + seg], addr) for v in iov for k in range(0, max(len(v), 1), seg)]
         stop, errors = self._send_each(items, 0, len(items))
-        return i + stop, [(i + k, exc) for k, exc in errors]
+        return first + stop, [(first + k, exc) for k, exc in errors]
 
     def _send_each(self, datagrams: Sequence[tuple[Buffer, Any]], i: int, end: int) -> tuple[int, list[SendError]]:
         """Plain ``sendto`` for ``datagrams[i:end]`` (same contract as :meth:`send`, limited to ``end``)."""

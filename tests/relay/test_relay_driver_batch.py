@@ -94,9 +94,12 @@ class _FakeSender:
         return stop, self.errors
 
     def send_run(self, buffer, seg, addr):
-        self.runs.append((bytes(buffer), seg, addr))
+        return self.send_runs([buffer], seg, addr)
+
+    def send_runs(self, buffers, seg, addr):
+        self.runs.append((b"|".join(bytes(b) for b in buffers), seg, addr))
         self.syscalls += 1
-        n = -(-len(buffer) // seg)
+        n = sum(-(-len(b) // seg) for b in buffers)
         stop = n if self.run_stop is None else self.run_stop
         self.datagrams_sent += stop
         return stop, []
@@ -122,15 +125,18 @@ def test_runs_leave_whole_in_order_with_singles_grouped_around_them() -> None:
     x, y = ("192.0.2.1", 1), ("192.0.2.2", 2)
     sx, sy = _FakeSender(stop=99, errors=[]), _FakeSender(stop=99, errors=[], run_stop=1)
     pending = {
-        x: [(b"a", 1), (b"b", 1), (b"RUNRUNRU", 3), (b"c", 1), (b"RRRR", 2)],
-        # y: the kernel buffer fills during the first run (1 of 3 sent): the rest of y is dropped.
+        # Runs of one segment size continue each other (and a single of that size, and a shorter last one);
+        # a run with a partial last segment, or another size, starts a new send.
+        x: [(b"a", 1), (b"b", 1), (b"RUNRUN", 3), (b"ABCDEF", 3), (b"sss", 3), (b"t", 1), (b"u", 1),
+            (b"RRRRR", 2), (b"QQQQ", 2), (b"c", 1)],
+        # y: the kernel buffer fills during the first send (1 segment sent): the rest of y is dropped.
         y: [(b"yyyyyy", 2), (b"s", 1), (b"zz", 1)],
     }
     dropped: dict[str, int] = {}
     counters = RelayIOCounters()
     _send_pending(pending, {x: sx, y: sy}, dropped, counters)  # type: ignore[arg-type]
-    assert sx.groups == [[(b"a", x), (b"b", x)], [(b"c", x)]]
-    assert sx.runs == [(b"RUNRUNRU", 3, x), (b"RRRR", 2, x)]
-    assert sy.runs == [(b"yyyyyy", 2, y)] and sy.groups == []
-    assert dropped == {"send_error": 2 + 1 + 2}  # two segments of the run, the single, and the 2-segment "zz"
-    assert counters.datagrams_sent == 2 + 3 + 1 + 2 + 1 and counters.send_syscalls == 5
+    assert sx.groups == [[(b"a", x), (b"b", x)], [(b"u", x)]]
+    assert sx.runs == [(b"RUNRUN|ABCDEF|sss|t", 3, x), (b"RRRRR", 2, x), (b"QQQQ|c", 2, x)]
+    assert sy.runs == [(b"yyyyyy|s", 2, y)] and sy.groups == []
+    assert dropped == {"send_error": 3 + 2}  # 3 of the run's 4 segments (with "s"), and the 2-segment "zz"
+    assert counters.datagrams_sent == 2 + 6 + 1 + 3 + 3 + 1 and counters.send_syscalls == 6

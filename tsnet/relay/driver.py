@@ -271,9 +271,12 @@ def _send_pending(
     """Send (and forget) one batch's forwards; every datagram not accepted counts as a ``send_error`` drop.
 
     Per destination, in order: consecutive single datagrams go out together through
-    :meth:`UDPSender.send` (which segments equal-size ones), each multi-datagram run
-    through :meth:`UDPSender.send_run`. Once the kernel buffer is full, the rest of
-    that destination's forwards are dropped, as UDP would.
+    :meth:`UDPSender.send` (which segments equal-size ones); a multi-datagram run goes
+    through :meth:`UDPSender.send_runs` together with whatever directly follows and
+    continues it (more runs of the same segment size, single datagrams of that size,
+    one shorter last one), so a flow's runs from several receives share one
+    ``UDP_SEGMENT`` send. Once the kernel buffer is full, the rest of that
+    destination's forwards are dropped, as UDP would.
     """
     failed = 0
     for sockaddr, group in pending.items():
@@ -284,27 +287,46 @@ def _send_pending(
             continue
         syscalls, sent = sender.syscalls, sender.datagrams_sent
         singles: list[tuple[Any, tuple[str, int]]] = []
-        full_at = -1  # index in group of the first forward not (completely) attempted, if the buffer filled up
-        for k, (buf, seg) in enumerate(group):
-            if len(buf) <= seg:
+        full_at = -1  # index in group of the first forward not attempted, if the kernel buffer filled up
+        k, count = 0, len(group)
+        while k < count:
+            buf, seg = group[k]
+            n = len(buf)
+            if n <= seg:
                 singles.append((buf, sockaddr))
+                k += 1
                 continue
             if singles:
                 stop, errors = sender.send(singles)
-                failed += len(errors)
+                failed += len(errors) + len(singles) - stop
                 if stop < len(singles):
-                    failed += len(singles) - stop
                     full_at = k
                     break
                 singles = []
-            stop, errors = sender.send_run(buf, seg, sockaddr)
-            failed += len(errors)
+            # The run, plus what follows that continues it (only after whole segments).
+            bufs = [buf]
+            segments = -(-n // seg)
+            whole = n % seg == 0
+            j = k + 1
+            while whole and j < count:
+                nxt, nseg = group[j]
+                m = len(nxt)
+                if (nseg != seg) if m > nseg else (m > seg or not m):
+                    break  # another segment size, or a single that cannot be one of these segments
+                bufs.append(nxt)
+                segments += -(-m // seg)
+                whole = m % seg == 0
+                j += 1
+            if len(bufs) == 1:
+                stop, errors = sender.send_run(buf, seg, sockaddr)
+            else:
+                stop, errors = sender.send_runs(bufs, seg, sockaddr)
+            failed += len(errors) + segments - stop
             if errors:
                 log.debug("relayserver: send to %s failed: %s", sockaddr, errors[0][1])
-            nseg = run_segments(len(buf), seg)
-            if stop < nseg:
-                failed += nseg - stop
-                full_at = k + 1
+            k = j
+            if stop < segments:
+                full_at = j
                 break
         else:
             if singles:
