@@ -328,3 +328,28 @@ async def test_magicsock_driver_hands_a_derp_batch_to_the_core_and_pumps_once():
     assert seen == [(3, src, b"one"), (3, src, b"two")]
     assert pumps == [2]  # once, after the whole batch
     assert driver.counters["derp_received"] == 2 and driver.counters["derp_receive_batches"] == 1
+
+
+async def test_writer_gives_up_on_a_stalled_write_but_not_while_idle(autojump_clock):
+    import trio.testing
+
+    from tsnet.derp.client import WRITE_TIMEOUT
+
+    client = DerpClient(NodePrivate.generate(), plain_node(1))
+    proto = connected()
+    stalled, _peer = trio.testing.lockstep_stream_pair()  # nobody reads the other end
+    start = trio.current_time()
+    timed_out = False
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(client._writer, stalled, proto)
+            await trio.sleep(3 * WRITE_TIMEOUT)  # idle: no deadline is armed while nothing is queued
+            assert client.writes == 0
+            proto.send_packet(NodePrivate.generate().public, b"stuck", trio.current_time())
+            client._wake.set()
+            await trio.sleep_forever()
+    except* trio.TooSlowError:
+        timed_out = True
+    assert timed_out
+    assert trio.current_time() - start == pytest.approx(4 * WRITE_TIMEOUT)
+    assert client.writes == 1

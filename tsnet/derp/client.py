@@ -49,6 +49,7 @@ __all__ = [
 log = logging.getLogger("tsnet.derp.client")
 
 CONNECT_TIMEOUT = 10.0
+WRITE_TIMEOUT = 10.0
 RECV_SIZE = 256 * 1024
 NON_HOME_IDLE = 60.0
 IDLE_SWEEP = 15.0
@@ -472,15 +473,20 @@ class DerpClient:
                         raise DerpProtocolError("DERP ping timed out")
 
     async def _writer(self, stream: trio.abc.Stream, proto: DerpClientProtocol) -> None:
-        while True:
-            data = proto.data_to_send()
-            if data:
-                self.writes += 1
-                with trio.fail_after(10):
+        # One cancel scope for the task's life; its deadline is armed only while a write is under way.
+        with trio.CancelScope() as scope:
+            while True:
+                data = proto.data_to_send()
+                if data:
+                    self.writes += 1
+                    scope.deadline = trio.current_time() + WRITE_TIMEOUT
                     await stream.send_all(data)
-                continue
-            await self._wake.wait()
-            self._wake = trio.Event()
+                    continue
+                scope.deadline = math.inf
+                await self._wake.wait()
+                self._wake = trio.Event()
+        if scope.cancelled_caught:
+            raise trio.TooSlowError(f"DERP write stalled for {WRITE_TIMEOUT:g} s")
 
 
 @dataclass(frozen=True, slots=True)
