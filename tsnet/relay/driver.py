@@ -175,9 +175,17 @@ async def serve_relay(
     # coalescing when a datagram is queued, so data sent right after start must already see GRO.
     receivers = {s: _receiver(s) for s in socks}
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(_timer_loop, server)
         for sock in socks:
             nursery.start_soon(_read_loop, server, receivers[sock], senders[sock], by_version, batch, counters)
         task_status.started()
+
+
+async def _timer_loop(server: RelayServer) -> None:
+    """The server's timer (garbage collection) in a task of its own: readers then wait without a cancel scope."""
+    while True:
+        await trio.sleep_until(server.get_timer())
+        server.handle_timer(trio.current_time())
 
 
 def _version(sock: socket.socket) -> int:
@@ -218,11 +226,11 @@ async def _read_loop(
     # one flow's forwards stay in order, and single datagrams to one destination can still be segmented together.
     pending: dict[tuple[str, int], list[tuple[Any, int]]] = {}
     pending_sender: dict[tuple[str, int], UDPSender | None] = {}
+    wait_readable = trio.lowlevel.wait_readable
+    current_time = trio.current_time
     while True:
-        with trio.move_on_at(server.get_timer()):
-            await trio.lowlevel.wait_readable(sock)
-        now = trio.current_time()
-        server.handle_timer(now)
+        await wait_readable(sock)
+        now = current_time()
         syscalls, errors, coalesced, datagrams = receiver.syscalls, receiver.errors, receiver.coalesced, receiver.datagrams
         drained = receiver.receive_runs(received, batch)
         counters.receive_syscalls += receiver.syscalls - syscalls
