@@ -140,3 +140,34 @@ def test_runs_leave_whole_in_order_with_singles_grouped_around_them() -> None:
     assert sy.runs == [(b"yyyyyy|s", 2, y)] and sy.groups == []
     assert dropped == {"send_error": 3 + 2}  # 3 of the run's 4 segments (with "s"), and the 2-segment "zz"
     assert counters.datagrams_sent == 2 + 6 + 1 + 3 + 3 + 1 and counters.send_syscalls == 6
+
+
+async def test_gro_run_with_foreign_datagrams_is_forwarded_around_them() -> None:
+    """A client's segmented burst with a stranger VNI and a STUN-sized odd one inside: the rest arrives, in order."""
+    relay_sock = open_udp_socket("127.0.0.1", 0)
+    ca, cb = open_udp_socket("127.0.0.1", 0), open_udp_socket("127.0.0.1", 0)
+    relay = AddrPort.from_sockaddr(relay_sock.getsockname())
+    a_addr, b_addr = AddrPort.from_sockaddr(ca.getsockname()), AddrPort.from_sockaddr(cb.getsockname())
+    srv, ep, ha, _hb = bound_relay_pair(relay, a_addr, b_addr, trio.current_time())
+    burst = [ha.wrap_wireguard(b"\x04\x00\x00\x00" + i.to_bytes(4, "big") + bytes(PAYLOAD)) for i in range(40)]
+    size = len(burst[0])
+    foreign = bytearray(burst[7])
+    foreign[4:7] = (ep.vni + 100).to_bytes(3, "big")  # same size, another VNI: dropped as unknown_vni
+    burst[7] = bytes(foreign)
+    expected = [p for i, p in enumerate(burst) if i != 7]
+    counters = RelayIOCounters()
+    got: list[bytes] = []
+    done = trio.Event()
+    with relay_sock, ca, cb:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(serve_relay, srv, relay_sock, counters=counters))
+            nursery.start_soon(_collect, cb, len(expected), got, done)
+            sender = UDPSender(ca)
+            assert sender.send([(p, relay.to_sockaddr()) for p in burst]) == (len(burst), [])
+            assert sender.syscalls == 1 and all(len(p) == size for p in burst)  # one segmented send
+            with trio.fail_after(5):
+                await done.wait()
+            nursery.cancel_scope.cancel()
+    assert got == expected
+    assert srv.dropped.get("unknown_vni") == 1
+    assert counters.receive_coalesced >= 1 and counters.send_syscalls <= 4  # the two stretches, not 39 sends
