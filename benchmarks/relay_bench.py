@@ -17,6 +17,10 @@ datagrams: the per-datagram path (split into slices, ``receive_datagram`` each,
 regroup per destination: what the driver did before the run path) against
 ``RelayServer.forward_run`` (one lookup and strided header checks per run).
 
+The latency rows bounce one datagram at a time A -> relay -> B -> relay -> A
+with blocking clients and compare with A -> B -> A without the relay: half the
+difference is what one traversal of the relay (wakeup, core, send) costs.
+
 Run: .venv/bin/python benchmarks/relay_bench.py [--packets N]
 """
 
@@ -238,6 +242,44 @@ async def loopback(n: int, burst: int = 32, batched_clients: bool = False
     return sent, received, elapsed, relay.counters, relay.cpu
 
 
+def latency(rounds: int) -> tuple[float, float, float]:
+    """Median and p99 round-trip time A -> relay -> B -> relay -> A (one datagram in flight, blocking clients),
+    and the same round trip without the relay (A -> B -> A) as the clients' own share, in microseconds."""
+    relay_sock = open_udp_socket("127.0.0.1", 0)
+    relay_addr = AddrPort.from_sockaddr(relay_sock.getsockname())
+    ca, cb = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    for c in (ca, cb):
+        c.bind(("127.0.0.1", 0))
+        c.settimeout(2.0)
+    a_addr, b_addr = AddrPort.from_sockaddr(ca.getsockname()), AddrPort.from_sockaddr(cb.getsockname())
+    clients = []
+
+    def make_server(now: float):
+        srv, _ep, ha, hb = bound_relay_pair(relay_addr, a_addr, b_addr, now)
+        clients.append((ha, hb))
+        return srv
+
+    def rtts(to_b, to_a) -> list[float]:
+        out = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            ca.sendto(a_pkt, to_b)
+            cb.recv(4096)
+            cb.sendto(b_pkt, to_a)
+            ca.recv(4096)
+            out.append((time.perf_counter() - t0) * 1e6)
+        out.sort()
+        return out
+
+    with relay_sock, ca, cb, RelayThread(make_server, relay_sock):
+        ha, hb = clients[0]
+        a_pkt = ha.wrap_wireguard(b"\x04\x00\x00\x00" + bytes(SIZE - 4))
+        b_pkt = hb.wrap_wireguard(b"\x04\x00\x00\x00" + bytes(SIZE - 4))
+        via = rtts(relay_addr.to_sockaddr(), relay_addr.to_sockaddr())
+        direct = rtts(cb.getsockname(), ca.getsockname())
+    return via[len(via) // 2], via[len(via) * 99 // 100], direct[len(direct) // 2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--packets", type=int, default=100_000)
@@ -257,6 +299,13 @@ def main() -> None:
         us = cpu / max(1, io.datagrams_sent) * 1e6
         print(f"{label:34} {sent:7d} {received:7d} {pps:8.0f} {pps * (SIZE + 8) * 8 / 1e6:7.1f} {rx:9.3f} {tx:9.3f}"
               f" {us:11.2f}")
+    print()
+    med, p99, direct = latency(max(200, args.packets // 50))
+    print(f"{'relay latency, one datagram in flight':40} {'us':>8}")
+    print(f"{'round trip via relay (median)':40} {med:8.1f}")
+    print(f"{'round trip via relay (p99)':40} {p99:8.1f}")
+    print(f"{'round trip without relay (median)':40} {direct:8.1f}")
+    print(f"{'relay share per traversal (median)':40} {(med - direct) / 2:8.1f}")
 
 
 if __name__ == "__main__":
