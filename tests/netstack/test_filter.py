@@ -806,3 +806,21 @@ def test_arbitrary_rule_text_never_raises_unless_strict(entries: list[str]) -> N
         src_ips=tuple(entries),
         dst_ports=tuple(tailcfg.NetPortRange(ip=e, ports=tailcfg.PortRange(0, 10)) for e in entries))], LOCAL)
     FilterState(f).check_inbound(tcp(PEER4, ME4, 1, 2))
+
+
+def test_outbound_batch_tcp_shortcut_agrees_with_note_outbound() -> None:
+    """note_outbound_batch inlines the common IPv4 TCP case; it must decide exactly as note_outbound."""
+    good = tcp(ME4, PEER4, 1, 2, ACK)
+    frag_mf = bytearray(good)
+    frag_mf[6] |= 0x20
+    frag_off = bytearray(good)
+    frag_off[7] = 1
+    too_long = bytearray(good)
+    too_long[3] += 8  # total length beyond the packet
+    cases = [good, tcp(ME4, "224.0.0.5", 1, 2, ACK), tcp(ME4, "169.254.1.1", 1, 2, ACK),
+             bytes(frag_mf), bytes(frag_off), bytes(too_long), good[:39]]
+    for packet in cases:
+        one, batch = state_for(), state_for()
+        expected = one.note_outbound(packet).accepted
+        assert batch.note_outbound_batch([packet]) == ([packet] if expected else []), packet.hex()
+        assert batch.outbound_drops == one.outbound_drops

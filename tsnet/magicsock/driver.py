@@ -278,9 +278,13 @@ class MagicSockDriver:
         run_key: NodePublic | None = None
         run: list[bytes | bytearray | memoryview] = []
         last_dst = b""
+        key = None
         for packet in packets:
-            ver = packet[0] >> 4 if packet else 0
-            dst = bytes(packet[16:20]) if ver == 4 else bytes(packet[24:40]) if ver == 6 else b""
+            if packet.__class__ is bytes and packet[:1] == b"\x45":
+                dst = packet[16:20]  # (the common case: a slice of bytes is bytes, no conversion)
+            else:
+                ver = packet[0] >> 4 if packet else 0
+                dst = bytes(packet[16:20]) if ver == 4 else bytes(packet[24:40]) if ver == 6 else b""
             if dst != last_dst:
                 last_dst = dst
                 try:
@@ -417,18 +421,26 @@ class MagicSockDriver:
         counters = self.counters
         cache = self._sockaddr_cache
         by_family: dict[int, tuple[list[tuple[bytes | bytearray, tuple[str, int]]], list[AddrPort]]] = {}
+        last_dest: Any = None
+        items_append = dests_append = None
+        sockaddr: Any = None
         for payload, dest in datagrams:
-            sockaddr = cache.get(dest)
-            if sockaddr is None:
-                if len(cache) > 4096:
-                    cache.clear()
-                sockaddr = cache[dest] = (str(dest.ip), dest.port)
-            fam = 6 if dest.ip.version == 6 else 4
-            group = by_family.get(fam)
-            if group is None:
-                group = by_family[fam] = ([], [])
-            group[0].append((payload, sockaddr))
-            group[1].append(dest)
+            # A burst to one peer repeats one AddrPort object: look it up once per run (hashing an
+            # AddrPort hashes its ipaddress object in Python, too slow to do per datagram).
+            if dest is not last_dest:
+                last_dest = dest
+                sockaddr = cache.get(dest)
+                if sockaddr is None:
+                    if len(cache) > 4096:
+                        cache.clear()
+                    sockaddr = cache[dest] = (str(dest.ip), dest.port)
+                fam = 6 if dest.ip.version == 6 else 4
+                group = by_family.get(fam)
+                if group is None:
+                    group = by_family[fam] = ([], [])
+                items_append, dests_append = group[0].append, group[1].append
+            items_append((payload, sockaddr))  # type: ignore[misc]
+            dests_append(dest)  # type: ignore[misc]
         for fam, (items, dests) in by_family.items():
             sock = self.sockets.get(fam)
             if sock is None:

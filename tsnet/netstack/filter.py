@@ -1092,6 +1092,14 @@ class FilterState:
             if deny:
                 drops[Reason.NO_FILTER] += 1
                 continue
+            if packet.__class__ is bytes and len(packet) >= 40 and packet[0] == 0x45 and packet[9] == _PROTO_TCP \
+                    and packet[6] & 0x3F | packet[7] == 0:
+                # TCP from our own stack (IPv4, no options, not a fragment): only _outbound's unicast check
+                # applies; it is inlined here because this runs once per packet sent.
+                d0 = packet[16]
+                if d0 & 0xF0 != 0xE0 and d0 != 169 and 40 <= (packet[2] << 8 | packet[3]) <= len(packet):
+                    out.append(packet)
+                    continue
             try:
                 result = _outbound(packet if type(packet) is bytes else bytes(packet), flows, capacity)
             except Exception:
