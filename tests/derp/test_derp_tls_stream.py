@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 
 import pytest
@@ -69,6 +70,8 @@ async def test_one_receive_returns_every_waiting_record_not_just_one():
         assert data == payload
         assert max(sizes) > 16384  # trio.SSLStream would hand these over one record at a time
         assert client.getpeercert(binary_form=True) == CERT.cert_der
+        # The socket taken over from trio keeps TCP_NODELAY: small frames (ACKs, pongs) are not held back.
+        assert client._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         await client.aclose()
         n.cancel_scope.cancel()
 
