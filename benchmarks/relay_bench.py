@@ -18,7 +18,7 @@ regroup per destination: what the driver did before the run path) against
 ``RelayServer.forward_run`` (one lookup and strided header checks per run).
 
 The latency rows bounce one datagram at a time A -> relay -> B -> relay -> A
-with blocking clients and compare with A -> B -> A without the relay: half the
+with blocking clients (in a separate process) and compare with A -> B -> A without the relay: half the
 difference is what one traversal of the relay (wakeup, core, send) costs.
 
 Run: .venv/bin/python benchmarks/relay_bench.py [--packets N]
@@ -29,10 +29,12 @@ from __future__ import annotations
 import argparse
 import functools
 import socket
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import trio
 
@@ -67,7 +69,7 @@ def core_rows(n: int) -> list[tuple[str, float]]:
     a, b = d.DiscoBoxes(DiscoPrivate.generate()), d.DiscoBoxes(DiscoPrivate.generate())
     ping = d.Ping(d.new_tx_id(), NodePrivate.generate().public)
     pkt = a.seal(b.public_key, ping)
-    srv, ep, ha, _hb = bound_relay_pair(AddrPort.parse("192.0.2.1:7000"), A_ADDR, B_ADDR, 0.0)
+    srv, _ep, ha, _hb = bound_relay_pair(AddrPort.parse("192.0.2.1:7000"), A_ADDR, B_ADDR, 0.0)
     wg = ha.wrap_wireguard(b"\x04\x00\x00\x00" + bytes(SIZE - 4))
     view = memoryview(bytearray(wg))
 
@@ -147,7 +149,7 @@ class RelayThread:
             self.cpu = time.thread_time() - t0
             nursery.cancel_scope.cancel()
 
-    def __enter__(self) -> RelayThread:
+    def __enter__(self) -> Self:
         self._thread.start()
         if not self.started.wait(10):
             raise RuntimeError("relay thread did not start")
@@ -227,7 +229,7 @@ async def loopback(n: int, burst: int = 32, batched_clients: bool = False
                     continue
                 done.set()
                 return
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     with relay_sock, ca, cb, RelayThread(make_server, relay_sock) as relay:
         wg = clients[0].wrap_wireguard(b"\x04\x00\x00\x00" + bytes(SIZE - 4))
@@ -242,15 +244,41 @@ async def loopback(n: int, burst: int = 32, batched_clients: bool = False
     return sent, received, elapsed, relay.counters, relay.cpu
 
 
+_LATENCY_CLIENT = """
+import socket, sys, time
+fa, fb, rounds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+relay = ("127.0.0.1", int(sys.argv[4]))
+a_pkt, b_pkt = bytes.fromhex(sys.argv[5]), bytes.fromhex(sys.argv[6])
+ca, cb = socket.socket(fileno=fa), socket.socket(fileno=fb)
+for c in (ca, cb):
+    c.setblocking(True)
+    c.settimeout(2.0)
+def rtts(to_b, to_a):
+    out = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        ca.sendto(a_pkt, to_b)
+        cb.recv(4096)
+        cb.sendto(b_pkt, to_a)
+        ca.recv(4096)
+        out.append((time.perf_counter() - t0) * 1e6)
+    out.sort()
+    return out
+via = rtts(relay, relay)
+direct = rtts(cb.getsockname(), ca.getsockname())
+print(via[len(via) // 2], via[len(via) * 99 // 100], direct[len(direct) // 2])
+"""
+
+
 def latency(rounds: int) -> tuple[float, float, float]:
     """Median and p99 round-trip time A -> relay -> B -> relay -> A (one datagram in flight, blocking clients),
-    and the same round trip without the relay (A -> B -> A) as the clients' own share, in microseconds."""
+    and the same round trip without the relay (A -> B -> A) as the clients' own share, in microseconds.
+
+    The clients run in a separate process, so they never compete with the relay thread for the GIL.
+    """
     relay_sock = open_udp_socket("127.0.0.1", 0)
     relay_addr = AddrPort.from_sockaddr(relay_sock.getsockname())
-    ca, cb = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
-    for c in (ca, cb):
-        c.bind(("127.0.0.1", 0))
-        c.settimeout(2.0)
+    ca, cb = open_udp_socket("127.0.0.1", 0), open_udp_socket("127.0.0.1", 0)
     a_addr, b_addr = AddrPort.from_sockaddr(ca.getsockname()), AddrPort.from_sockaddr(cb.getsockname())
     clients = []
 
@@ -259,25 +287,16 @@ def latency(rounds: int) -> tuple[float, float, float]:
         clients.append((ha, hb))
         return srv
 
-    def rtts(to_b, to_a) -> list[float]:
-        out = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            ca.sendto(a_pkt, to_b)
-            cb.recv(4096)
-            cb.sendto(b_pkt, to_a)
-            ca.recv(4096)
-            out.append((time.perf_counter() - t0) * 1e6)
-        out.sort()
-        return out
-
     with relay_sock, ca, cb, RelayThread(make_server, relay_sock):
         ha, hb = clients[0]
         a_pkt = ha.wrap_wireguard(b"\x04\x00\x00\x00" + bytes(SIZE - 4))
         b_pkt = hb.wrap_wireguard(b"\x04\x00\x00\x00" + bytes(SIZE - 4))
-        via = rtts(relay_addr.to_sockaddr(), relay_addr.to_sockaddr())
-        direct = rtts(cb.getsockname(), ca.getsockname())
-    return via[len(via) // 2], via[len(via) * 99 // 100], direct[len(direct) // 2]
+        out = subprocess.run(
+            [sys.executable, "-c", _LATENCY_CLIENT, str(ca.fileno()), str(cb.fileno()), str(rounds),
+             str(relay_addr.port), a_pkt.hex(), b_pkt.hex()],
+            pass_fds=(ca.fileno(), cb.fileno()), capture_output=True, text=True, timeout=120, check=True)
+    med, p99, direct = (float(x) for x in out.stdout.split())
+    return med, p99, direct
 
 
 def main() -> None:

@@ -5,15 +5,24 @@ from __future__ import annotations
 import errno
 import select
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_udpio import FlakySocket, burst, drain, drain_plain, make, socks  # noqa: F401  (fixture)
+from tests.test_udpio import FlakySocket, burst, drain, drain_plain, make
 from tsnet import udpio
 from tsnet.udpio import MAX_GSO_BYTES, MAX_SEGMENTS, UDPReceiver, UDPSender, run_segments
+
+
+@pytest.fixture
+def socks() -> Iterator[list[socket.socket]]:
+    made: list[socket.socket] = []
+    yield made
+    for s in made:
+        s.close()
 
 
 def drain_runs(receiver: UDPReceiver, expected: int) -> list[tuple[bytes, int, Any]]:
@@ -239,7 +248,8 @@ def test_send_runs_contract(socks) -> None:
     assert s2.send_runs(bufs, 100, rx.getsockname()) == (MAX_SEGMENTS, [])
     assert drain_plain(rx, MAX_SEGMENTS) == [b"r" * 100] * 40 + [b"s" * 100] * (MAX_SEGMENTS - 40)
     # EIO: GSO off, the chunk resent one by one, indices across buffers.
-    flaky = FlakySocket(tx, sendmsg_errors={1: OSError(errno.EIO, "no csum")}, sendto_errors={3: OSError(errno.EMSGSIZE, "x")})
+    flaky = FlakySocket(tx, sendmsg_errors={1: OSError(errno.EIO, "no csum")},
+                        sendto_errors={3: OSError(errno.EMSGSIZE, "x")})
     s3 = UDPSender(flaky)  # type: ignore[arg-type]
     assert s3.send_runs([b"a" * 20, b"b" * 20], 10, rx.getsockname()) == (4, [(2, flaky.sendto_errors[3])])
     assert not s3.gso

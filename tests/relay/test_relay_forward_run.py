@@ -134,7 +134,7 @@ def test_foreign_segments_split_the_run_around_them() -> None:
 
 def test_bind_inside_a_run_gets_its_challenge_in_order() -> None:
     srv, ep, ha, _hb = bound_relay_pair(RELAY, A_ADDR, B_ADDR, 0.0)
-    other = [k for k in ep.client_disco if k != ha.boxes.public_key][0]
+    other = next(k for k in ep.client_disco if k != ha.boxes.public_key)
     bind = encode_header(PROTOCOL_DISCO, ep.vni, control=True) + ha.boxes.seal(
         srv.disco_public, d.BindUDPRelayEndpoint(ep.vni, 9, other))
     size = len(bind)
@@ -164,7 +164,7 @@ def test_rebind_between_runs_moves_the_forwarding() -> None:
     seg = len(data) // 3
     assert srv.forward_run(data, seg, A_ADDR, 1.0) == [(data, seg, B_ADDR)]
     new_addr = AddrPort.parse("198.51.100.1:9999")
-    other = [k for k in ep.client_disco if k != ha.boxes.public_key][0]
+    other = next(k for k in ep.client_disco if k != ha.boxes.public_key)
     bind = encode_header(PROTOCOL_DISCO, ep.vni, control=True) + ha.boxes.seal(
         srv.disco_public, d.BindUDPRelayEndpoint(ep.vni, 42, other))
     [(challenge, _, to)] = srv.forward_run(bind, len(bind), new_addr, 2.0)

@@ -231,7 +231,8 @@ async def _read_loop(
     while True:
         await wait_readable(sock)
         now = current_time()
-        syscalls, errors, coalesced, datagrams = receiver.syscalls, receiver.errors, receiver.coalesced, receiver.datagrams
+        syscalls, errors = receiver.syscalls, receiver.errors
+        coalesced, datagrams = receiver.coalesced, receiver.datagrams
         drained = receiver.receive_runs(received, batch)
         counters.receive_syscalls += receiver.syscalls - syscalls
         counters.receive_errors += receiver.errors - errors

@@ -368,7 +368,7 @@ class RelayServer:
 
         Counts them and returns ``(stop, destination)``; None (nothing counted) if the first would not be forwarded.
         """
-        first_len = seg if end - start > seg else end - start
+        first_len = seg if end - start > seg else end - start  # noqa: FURB136 (no call: this runs per run)
         if first_len < GENEVE_HEADER_LEN:
             return None
         hdr = buf[start:start + GENEVE_HEADER_LEN]
@@ -405,8 +405,7 @@ class RelayServer:
             stop = start + seg
             while stop < end and buf[stop:stop + GENEVE_HEADER_LEN] == hdr:
                 stop += seg
-            if stop > end:
-                stop = end
+            stop = min(stop, end)
             packets = -(-(stop - start) // seg)
         size = stop - start
         ep.last_seen[side] = now
