@@ -824,3 +824,19 @@ def test_outbound_batch_tcp_shortcut_agrees_with_note_outbound() -> None:
         expected = one.note_outbound(packet).accepted
         assert batch.note_outbound_batch([packet]) == ([packet] if expected else []), packet.hex()
         assert batch.outbound_drops == one.outbound_drops
+
+
+def test_inbound_batch_tcp_shortcut_agrees_with_check_inbound() -> None:
+    """filter_inbound inlines the common IPv4 TCP case; it must decide exactly as check_inbound."""
+    good = tcp(PEER4, ME4, 1, 22, ACK)
+    frag = bytearray(good)
+    frag[6] |= 0x20
+    cases = [good, tcp(PEER4, ME4, 1, 22, SYN), tcp(PEER4, ME4, 1, 22, SYN | ACK), tcp(PEER4, "100.64.9.9", 1, 22, ACK),
+             bytes(frag), good[:39], tcp(OTHER4, ME4, 1, 23, ACK)]
+    for rules in ((rule((PEER4,), (("*", 22, 22),)),), ()):
+        for packet in cases:
+            one, batch = state_for(*rules), state_for(*rules)
+            expected = one.check_inbound(packet).accepted
+            accepted, _ = batch.filter_inbound([packet])
+            assert (accepted == [packet]) == expected, packet.hex()
+            assert batch.drops == one.drops

@@ -1144,8 +1144,17 @@ class FilterState:
         accepted: list[bytes | bytearray | memoryview] = []
         rejects: list[bytes] = []
         check = self._filter.check_inbound
+        fast4 = self._filter._fast4_hosts
         flows, drops = self._flows, self.drops
         for packet in packets:
+            if packet.__class__ is bytes and len(packet) >= 40 and packet[0] == 0x45 and fast4:
+                # check_inbound's first case, inlined (this runs per packet received): a TCP segment
+                # other than a bare SYN, unfragmented IPv4 without options, to one of our addresses.
+                total, frag, proto, dst, tcp_flags = _V4_FAST(packet)
+                if proto == _PROTO_TCP and not frag & 0x3FFF and 40 <= total <= len(packet) \
+                        and tcp_flags & 0x12 != 0x02 and dst in fast4:
+                    accepted.append(packet)
+                    continue
             result = check(packet, flows)
             if result.accepted:
                 accepted.append(packet)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from . import checksum
 from .congestion import CongestionControl, make_controller
 from .ip import PROTO_TCP, IPv4HeaderTemplate, IPv6HeaderTemplate
+from .recvbuf import SMALL_PAYLOAD as _VIEW_MIN
 from .recvbuf import ReceiveBuffer
 from .tcp_wire import ACK, FIN, HEADER, PSH, RST, SYN, Segment, sack_option, syn_options, ts_option
 
@@ -200,7 +201,7 @@ class TCPConnection:
         # receive side
         "irs", "rcv_nxt", "rcv_adv", "_rcvbuf", "recv_buffer_size", "_ooo", "_ooo_stamp",
         "_ooo_fin", "_dsack", "_fin_received", "_rcv_full", "_unacked_segs", "_ack_now", "_last_ack_sent",
-        "_rcv_space_time", "_rcv_space_copied", "_rcv_rtt", "_rcv_rtt_seq", "_rcv_rtt_time",
+        "_rcv_space_time", "_rcv_space_copied", "_rcv_rtt", "_rcv_rtt_seq", "_rcv_rtt_time", "_rcv_rtt_tsecr",
         # timestamps
         "_ts_offset", "_ts_recent", "_ts_recent_time", "_ts_floor",
         # RTT / timers
@@ -314,6 +315,7 @@ class TCPConnection:
         self._rcv_rtt: float | None = None
         self._rcv_rtt_seq: int | None = None
         self._rcv_rtt_time = 0.0
+        self._rcv_rtt_tsecr: int | None = None  # the echoed timestamp of the last receiver RTT sample
         self._ts_offset = ts_offset & _M
         self._ts_recent = 0
         self._ts_recent_time = now
@@ -1638,7 +1640,12 @@ class TCPConnection:
         if ack > una:
             self._ack_new(tsecr, ack, now)
         if plen:
-            self._rcvbuf.append(payload)
+            if plen >= _VIEW_MIN and payload.__class__ is memoryview and payload.obj.__class__ is bytes:
+                rb = self._rcvbuf  # (ReceiveBuffer.append's common case, inlined: this runs per segment)
+                rb._chunks.append(payload)
+                rb._size += plen
+            else:
+                self._rcvbuf.append(payload)
             self.rcv_nxt = rnxt + plen
             self.stats.bytes_received += plen
             self._notify()
@@ -1651,7 +1658,8 @@ class TCPConnection:
                 self._unacked_segs += 1
             if self._unacked_segs >= (_ACK_STRETCH if self.coalesce_acks else 4):
                 self._ack_now = True
-            self._rcv_rtt_update(tsecr, rnxt + plen, now)
+            if tsecr is None or tsecr != self._rcv_rtt_tsecr:  # one sample per echoed timestamp
+                self._rcv_rtt_update(tsecr, rnxt + plen, now)
         # _output only if it has work: an ACK owed, or data/FIN not sent yet (a pure
         # receiver skips two calls per segment).
         if self._ack_now or self.snd_nxt < self._buf_seq + len(self._sndbuf) + (self._fin_seq is not None):
@@ -1947,8 +1955,11 @@ class TCPConnection:
         """Receiver-side RTT estimate for autotuning: from the echoed timestamp ``tsecr``
         (None: no timestamp option), or the time it takes a window's worth of data to arrive."""
         if self.ts_ok:
-            if not tsecr:
+            # Only the first segment echoing a timestamp is a sample: later ones echoing the same
+            # value only add the time they queued behind it (Linux samples the same way).
+            if not tsecr or tsecr == self._rcv_rtt_tsecr:
                 return
+            self._rcv_rtt_tsecr = tsecr
             r = ((self._ts_now(now) - tsecr) & _M) / _TS_HZ
         else:
             mark = self._rcv_rtt_seq
