@@ -32,7 +32,9 @@ __all__ = ["DerpServer"]
 
 log = logging.getLogger("tsnet.derp.server")
 
-RECV_SIZE = 256 * 1024
+#: Per-read size: 64 KiB, because ``recv(n)`` allocates n bytes up front and from 128 KiB glibc uses
+#: mmap for that (~20 µs per read even when one packet is waiting).
+RECV_SIZE = 64 * 1024
 _CHALLENGE_RE = re.compile(rb"^[A-Za-z0-9._:-]{0,64}$")
 
 VerifyCallback = Callable[[NodePublic, str], "bool | Awaitable[bool]"]
