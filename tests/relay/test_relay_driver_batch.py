@@ -116,7 +116,8 @@ def test_unsent_forwards_count_as_send_errors_and_interleaved_flows_are_regroupe
     counters = RelayIOCounters()
     _send_pending(pending, senders, dropped, counters)  # type: ignore[arg-type]
     assert dropped["send_error"] == 1 + 2 + 1  # before; x: an error and an unsent one; z: no socket
-    assert full.groups == [[(b"x1", x), (b"x2", x), (b"x3", x)]] and ok.groups == [[(b"y1", y)]]
+    assert full.groups == [[(b"x1", x), (b"x2", x), (b"x3", x)]]
+    assert ok.runs == [(b"y1", 2, y)] and ok.groups == []  # a lone forward goes straight to send_run
     assert pending == {} and senders == {}  # nothing outlives the batch
     assert counters.send_syscalls == 2 and counters.datagrams_sent == 1 + 1
 

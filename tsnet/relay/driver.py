@@ -226,6 +226,8 @@ async def _read_loop(
     # one flow's forwards stay in order, and single datagrams to one destination can still be segmented together.
     pending: dict[tuple[str, int], list[tuple[Any, int]]] = {}
     pending_sender: dict[tuple[str, int], UDPSender | None] = {}
+    last_dst: AddrPort | None = None
+    last_sockaddr: tuple[str, int] = ("", 0)
     wait_readable = trio.lowlevel.wait_readable
     current_time = trio.current_time
     while True:
@@ -251,12 +253,16 @@ async def _read_loop(
                 forwards = forward_run(buf, seg, src, now)
             for fwd, fseg, dst in forwards:
                 # Queued per destination, once per run (inline: this also runs per datagram without GRO).
-                sockaddr = dst_cache.get(dst)
-                if sockaddr is None:
-                    sockaddr = dst.to_sockaddr()
-                    if len(dst_cache) >= _ADDR_CACHE_MAX:
-                        dst_cache.clear()
-                    dst_cache[dst] = sockaddr
+                if dst is last_dst:
+                    sockaddr = last_sockaddr  # (the server hands out the same object per bound side)
+                else:
+                    sockaddr = dst_cache.get(dst)
+                    if sockaddr is None:
+                        sockaddr = dst.to_sockaddr()
+                        if len(dst_cache) >= _ADDR_CACHE_MAX:
+                            dst_cache.clear()
+                        dst_cache[dst] = sockaddr
+                    last_dst, last_sockaddr = dst, sockaddr
                 group = pending.get(sockaddr)
                 if group is None:
                     group = pending[sockaddr] = []
@@ -298,6 +304,14 @@ def _send_pending(
         singles: list[tuple[Any, tuple[str, int]]] = []
         full_at = -1  # index in group of the first forward not attempted, if the kernel buffer filled up
         k, count = 0, len(group)
+        if count == 1:
+            # The common case of a quiet relay: one datagram or one run for this destination.
+            buf, seg = group[0]
+            stop, errors = sender.send_run(buf, seg, sockaddr)
+            failed += len(errors) + run_segments(len(buf), seg) - stop
+            if errors:
+                log.debug("relayserver: send to %s failed: %s", sockaddr, errors[0][1])
+            k = count
         while k < count:
             buf, seg = group[k]
             n = len(buf)
