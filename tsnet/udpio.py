@@ -369,7 +369,8 @@ class UDPReceiver:
 
     Datagrams are ``bytes`` or read-only :class:`memoryview` slices of an
     immutable ``bytes`` buffer, so they stay valid after the call and may be
-    kept. Attributes (counters): ``datagrams``, ``syscalls``, ``coalesced``
+    kept. :meth:`receive_runs` hands over the coalesced buffers unsplit instead,
+    for forwarders. Attributes (counters): ``datagrams``, ``syscalls``, ``coalesced``
     (buffers that held more than one datagram), ``errors`` (failed receives,
     e.g. ICMP errors reported on the socket; truncated buffers).
     """

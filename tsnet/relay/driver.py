@@ -6,11 +6,13 @@ handed over unsplit by ``receive_runs``). Each run goes through the sans-IO
 server at once (:meth:`RelayServer.forward_run`: one endpoint lookup and a few
 C-level header comparisons per run, no per-datagram Python work when the run
 is uniform data), and each forwarded run leaves again in one ``UDP_SEGMENT``
-send (:meth:`tsnet.udpio.UDPSender.send_run`). Single datagrams (no GRO) take
-the per-datagram path and are grouped per destination so a burst still leaves
-in one segmented send. Forwards are the very buffers (or slices of them) the
-kernel handed over, immutable ``bytes``: valid until sent, never copied. The server's timer
-(garbage collection) runs off ``trio.current_time()`` so tests can use trio's MockClock.
+send (:meth:`tsnet.udpio.UDPSender.send_run`; a flow's consecutive runs of one
+batch share a send, :meth:`~tsnet.udpio.UDPSender.send_runs`). Single datagrams
+(no GRO) take the per-datagram path and are grouped per destination so a burst
+still leaves in one segmented send. Forwards are the very buffers (or slices of
+them) the kernel handed over, immutable ``bytes``: valid until sent, never
+copied. The server's timer (garbage collection) runs in a task of its own off
+``trio.current_time()``, so tests can use trio's MockClock.
 
 :func:`open_udp_sockets` opens an SO_REUSEPORT group on one port, one socket per
 CPU the process may really use (:func:`usable_cpu_count`): the kernel spreads
