@@ -1,4 +1,4 @@
-"""TLSClientStream: the DERP client's batching TLS stream, against trio's TLS server side."""
+"""BatchTLSStream: the DERP client's batching TLS stream, against trio's TLS server side."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import ssl
 import pytest
 import trio
 
-from tsnet.derp.tls import TLSClientStream, generate_self_signed, server_ssl_context
+from tsnet.derp.tls import BatchTLSStream, generate_self_signed, server_ssl_context
 
 CERT = generate_self_signed("127.0.0.1")
 
@@ -34,9 +34,9 @@ async def serve_one(handler, task_status=trio.TASK_STATUS_IGNORED):
         await trio.aclose_forcefully(tls)
 
 
-async def connect(port: int, ctx: ssl.SSLContext | None = None, sni: str | None = None) -> TLSClientStream:
+async def connect(port: int, ctx: ssl.SSLContext | None = None, sni: str | None = None) -> BatchTLSStream:
     tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = TLSClientStream.from_socket_stream(tcp, ctx or insecure_context(), sni)
+    tls = BatchTLSStream.from_socket_stream(tcp, ctx or insecure_context(), sni)
     await tls.do_handshake()
     return tls
 
@@ -136,7 +136,7 @@ async def test_certificate_verification_failure_raises_ssl_error():
     async with trio.open_nursery() as n:
         port = await n.start(serve_one, handler)
         tcp = await trio.open_tcp_stream("127.0.0.1", port)
-        client = TLSClientStream.from_socket_stream(tcp, ssl.create_default_context(), "derp.example")
+        client = BatchTLSStream.from_socket_stream(tcp, ssl.create_default_context(), "derp.example")
         with trio.fail_after(10), pytest.raises(ssl.SSLError):
             await client.do_handshake()
         await client.aclose()
@@ -153,8 +153,34 @@ async def test_handshake_against_a_server_that_hangs_up_raises():
     async with trio.open_nursery() as n:
         n.start_soon(hang_up)
         tcp = await trio.open_tcp_stream("127.0.0.1", port)
-        client = TLSClientStream.from_socket_stream(tcp, insecure_context(), None)
+        client = BatchTLSStream.from_socket_stream(tcp, insecure_context(), None)
         with trio.fail_after(10), pytest.raises((ssl.SSLError, OSError)):
             await client.do_handshake()
         await client.aclose()
     await listener.aclose()
+
+
+async def test_server_side_handshakes_on_first_read_and_talks_to_trio_ssl_clients():
+    payload = os.urandom(200_000)
+    result: list[bytes] = []
+
+    async def serve(task_status=trio.TASK_STATUS_IGNORED):
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        task_status.started(listener.socket.getsockname()[1])
+        tcp = await listener.accept()
+        await listener.aclose()
+        server = BatchTLSStream.from_socket_stream(tcp, server_ssl_context(self_signed=CERT), server_side=True)
+        data, _ = await receive_exactly(server, len(payload))  # no explicit do_handshake
+        result.append(data)
+        await server.send_all(data[::-1])
+        await server.aclose()
+
+    async with trio.open_nursery() as n:
+        port = await n.start(serve)
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        client = trio.SSLStream(tcp, insecure_context(), server_hostname="127.0.0.1")
+        with trio.fail_after(20):
+            await client.send_all(payload)
+            back, _ = await receive_exactly(client, len(payload))
+        assert result == [payload] and back == payload[::-1]
+        await trio.aclose_forcefully(client)

@@ -33,7 +33,7 @@ from .client_core import (
     ServerInfoReceived,
 )
 from .frames import DerpProtocolError
-from .tls import TLSClientStream
+from .tls import BatchTLSStream
 
 __all__ = [
     "Backoff",
@@ -160,7 +160,7 @@ def client_ssl_context(node: DerpNode) -> tuple[ssl.SSLContext, str | None]:
     return ctx, server_hostname
 
 
-def _check_pin(stream: trio.SSLStream | TLSClientStream, cert_name: str) -> None:
+def _check_pin(stream: trio.SSLStream | BatchTLSStream, cert_name: str) -> None:
     want = cert_name.removeprefix("sha256-raw:").lower()
     der = stream.getpeercert(binary_form=True)
     if der is None or hashlib.sha256(der).hexdigest() != want:
@@ -200,7 +200,7 @@ async def open_derp_node(node: DerpNode) -> tuple[trio.abc.Stream, bytes]:
                 if not node.plain_http:
                     ctx, sni = client_ssl_context(node)
                     # Our TLS stream hands back every decrypted record per read (trio.SSLStream: one).
-                    tls = TLSClientStream.from_socket_stream(stream, ctx, sni)
+                    tls = BatchTLSStream.from_socket_stream(stream, ctx, sni)
                     stream = tls
                     await tls.do_handshake()
                     if node.cert_name.startswith("sha256-raw:"):

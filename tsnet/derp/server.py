@@ -26,6 +26,7 @@ from . import stun
 from .client_core import PeerGoneEvent, PeerPresentEvent, ServerInfoReceived
 from .frames import DerpProtocolError
 from .server_core import ConnState, DerpServerCore, ServerConn
+from .tls import BatchTLSStream
 from .websocket import WebSocketStream, handshake_response, wants_websocket
 
 __all__ = ["DerpServer"]
@@ -388,7 +389,9 @@ class DerpServer:
         async def handle(stream: trio.abc.Stream) -> None:
             remote = _remote_of(stream)
             if ssl_context is not None:
-                stream = trio.SSLStream(stream, ssl_context, server_side=True)
+                # Every waiting TLS record per read (trio.SSLStream hands over one 16 KiB record at a time);
+                # the handshake runs on the first read, under serve_stream's timeouts.
+                stream = BatchTLSStream.from_socket_stream(stream, ssl_context, server_side=True)
             try:
                 await self.serve_stream(stream, remote)
             except* Exception as group:  # one bad connection must never take the listener down

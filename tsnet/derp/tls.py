@@ -1,5 +1,5 @@
 """TLS helpers: a throwaway self-signed certificate for tests, the server SSL context, and the
-client's batching TLS stream (:class:`TLSClientStream`)."""
+batching TLS stream both DERP ends use (:class:`BatchTLSStream`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 import trio
 
-__all__ = ["SelfSignedCert", "TLSClientStream", "generate_self_signed", "server_ssl_context"]
+__all__ = ["BatchTLSStream", "SelfSignedCert", "generate_self_signed", "server_ssl_context"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +96,8 @@ _RECV_CHUNK = 64 * 1024
 _DEFAULT_RECEIVE = 256 * 1024
 
 
-class TLSClientStream(trio.abc.Stream):
-    """A TLS client stream over a non-blocking socket, built for bulk frame streams (DERP).
+class BatchTLSStream(trio.abc.Stream):
+    """A TLS stream over a non-blocking socket, built for bulk frame streams (DERP).
 
     :class:`trio.SSLStream` returns at most one TLS record (16 KiB, a dozen DERP packets)
     per ``receive_some`` and yields to the scheduler for each. This stream instead drains
@@ -106,21 +106,27 @@ class TLSClientStream(trio.abc.Stream):
     backlog in one call. The TLS state machine is :class:`ssl.SSLObject` over memory BIOs
     (sans-IO); this class only moves bytes between it and the socket.
 
-    One task may receive while another sends (as the DERP client does). TLS output that a
-    receive produces (a TLS 1.3 KeyUpdate answer) is sent right away if the socket takes it,
-    else with the next ``send_all``.
+    One task may receive while another sends (as the DERP client and server do). TLS output
+    that a receive produces (a TLS 1.3 KeyUpdate answer) is sent right away if the socket
+    takes it, else with the next ``send_all``.
+
+    The client side calls :meth:`do_handshake` explicitly (to check a pinned certificate
+    before using the stream); otherwise the first receive or send runs the handshake.
 
     Errors: ``ssl.SSLError`` for TLS failures (handshake, bad record), ``OSError`` for socket
     errors, ``trio.ClosedResourceError`` after :meth:`aclose`. A clean or abrupt EOF from
-    the server reads as ``b""``.
+    the peer reads as ``b""``.
     """
 
-    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_hostname: str | None) -> None:
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_hostname: str | None = None, *,
+                 server_side: bool = False) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._tls = ctx.wrap_bio(self._incoming, self._outgoing, server_side=False, server_hostname=server_hostname)
+        self._tls = ctx.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                 server_hostname=None if server_side else server_hostname)
+        self._handshook = False
         self._send_buf = bytearray()  # ciphertext the socket has not taken yet, in order
         self._socket_eof = False
         self._closed = False
@@ -129,10 +135,10 @@ class TLSClientStream(trio.abc.Stream):
 
     @classmethod
     def from_socket_stream(cls, stream: trio.SocketStream, ctx: ssl.SSLContext,
-                           server_hostname: str | None) -> TLSClientStream:
+                           server_hostname: str | None = None, *, server_side: bool = False) -> BatchTLSStream:
         """Take over a connected :class:`trio.SocketStream`'s socket (the stream is unusable after)."""
         fd = stream.socket.detach()
-        return cls(socket.socket(fileno=fd), ctx, server_hostname)
+        return cls(socket.socket(fileno=fd), ctx, server_hostname, server_side=server_side)
 
     # -- helpers (no awaits: they never interleave with the other task) --
 
@@ -181,8 +187,11 @@ class TLSClientStream(trio.abc.Stream):
     # -- stream API --
 
     async def do_handshake(self) -> None:
-        """Run the TLS handshake (certificate checks per the context)."""
+        """Run the TLS handshake (certificate checks per the context); a no-op once done."""
         self._check_open()
+        if self._handshook:
+            await trio.lowlevel.checkpoint()
+            return
         while True:
             try:
                 self._tls.do_handshake()
@@ -196,6 +205,7 @@ class TLSClientStream(trio.abc.Stream):
                 await trio.lowlevel.wait_readable(self._sock)
                 self._check_open()
                 self._pull_socket()
+        self._handshook = True
         await self._flush()
         await trio.lowlevel.checkpoint()
 
@@ -206,6 +216,8 @@ class TLSClientStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Every decrypted byte available now (at most ``max_bytes``), waiting only if none is."""
         self._check_open()
+        if not self._handshook:
+            await self.do_handshake()
         limit = max_bytes or _DEFAULT_RECEIVE
         tls, sock, incoming = self._tls, self._sock, self._incoming
         buf = self._read_buf
@@ -256,6 +268,8 @@ class TLSClientStream(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt ``data`` and send it all (waits while the socket buffer is full)."""
         self._check_open()
+        if not self._handshook:
+            await self.do_handshake()
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this stream")
         if data:
