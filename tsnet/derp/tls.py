@@ -200,7 +200,7 @@ class BatchTLSStream(trio.abc.Stream):
                 pass
             await self._flush()
             if self._socket_eof:
-                raise ssl.SSLEOFError("server closed the connection during the TLS handshake")
+                raise ssl.SSLEOFError("peer closed the connection during the TLS handshake")
             if not self._pull_socket():
                 await trio.lowlevel.wait_readable(self._sock)
                 self._check_open()
@@ -210,7 +210,7 @@ class BatchTLSStream(trio.abc.Stream):
         await trio.lowlevel.checkpoint()
 
     def getpeercert(self, binary_form: bool = False):  # type: ignore[no-untyped-def]
-        """The server certificate (``ssl.SSLObject.getpeercert``)."""
+        """The peer's certificate (``ssl.SSLObject.getpeercert``)."""
         return self._tls.getpeercert(binary_form)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
