@@ -45,14 +45,17 @@ class _Key:
     """32 bytes with a typed text prefix. Immutable and hashable."""
 
     PREFIX: ClassVar[str] = ""
-    __slots__ = ("_raw",)
+    __slots__ = ("_raw", "_hash")
     _raw: bytes
+    _hash: int
 
     def __init__(self, raw: bytes) -> None:
         raw = bytes(raw)
         if len(raw) != KEY_LEN:
             raise ValueError(f"{type(self).__name__}: expected {KEY_LEN} raw bytes, got {len(raw)}")
         object.__setattr__(self, "_raw", raw)
+        # Keys are dict keys on per-packet paths (peers by node key, DERP sources): hash once.
+        object.__setattr__(self, "_hash", hash((type(self).__name__, raw)))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
@@ -118,7 +121,7 @@ class _Key:
         return hmac.compare_digest(self._raw, other._raw)  # type: ignore[attr-defined]
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, self._raw))
+        return self._hash
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self})"
