@@ -321,7 +321,7 @@ async def test_magicsock_driver_hands_a_derp_batch_to_the_core_and_pumps_once():
     assert driver.regions.on_packets == driver._receive_derp_batch
     seen: list[tuple[int, NodePublic, bytes]] = []
     pumps = []
-    driver.core.receive_derp = lambda region, src, data, now: seen.append((region, src, data))  # type: ignore
+    driver.core.receive_derp_batch = lambda items, now: seen.extend(items)  # type: ignore[method-assign]
     driver._pump = lambda: pumps.append(len(seen))  # type: ignore[method-assign]
     src = NodePrivate.generate().public
     driver._receive_derp_batch(3, [ReceivedPacket(src, b"one"), ReceivedPacket(src, b"two")])

@@ -107,6 +107,13 @@ HELD_INITIATION_MAX_AGE = 5.0
 UNKNOWN_INITIATIONS_MAX = 16
 #: Bound of the (source, VNI) -> UDPPath cache of received peer-relay traffic (cleared when full).
 _RELAY_PATH_CACHE_MAX = 1024
+#: Bound of the (region, sender) -> _DerpSource cache of received DERP WireGuard (cleared when full).
+_DERP_SOURCE_CACHE_MAX = 1024
+#: disco.looks_like_disco, inlined on the DERP receive path (0x54: the magic's first byte, never a
+#: WireGuard message type, so WireGuard datagrams are told apart by one byte).
+_DISCO_MAGIC = disco.MAGIC
+_DISCO_MAGIC_LEN = len(disco.MAGIC)
+_DISCO_HEADER_LEN = disco.HEADER_LEN
 #: A disco message from a peer re-sends our unanswered initiation at once, if it went
 #: out at least this long ago (which also limits the re-sends to one per second).
 HANDSHAKE_RETRY_AFTER = 1.0
@@ -322,6 +329,8 @@ class MagicSock:
         self._received: list[tuple[NodePublic, bytes]] = []
         #: (source, VNI) -> UDPPath for received peer-relay WireGuard (one object per relay path, not per packet)
         self._relay_paths: dict[tuple[AddrPort, int], UDPPath] = {}
+        #: (region, sender) -> _DerpSource for received DERP WireGuard (one object per sender, not per packet)
+        self._derp_sources: dict[tuple[int, NodePublic], _DerpSource] = {}
         self.derp_map: Any = None
         self.home_derp = 0
         self.local_addresses: tuple[IPAddress, ...] = ()
@@ -868,25 +877,81 @@ class MagicSock:
 
     def receive_derp(self, region: int, src: NodePublic, data: bytes | bytearray | memoryview, now: float) -> None:
         """A packet that DERP region ``region`` delivered from node ``src``. Never raises."""
-        try:
-            st = self.peers.get(src)
-            if st is not None:
+        self.receive_derp_batch(((region, src, data),), now)
+
+    def receive_derp_batch(self, items: Iterable[tuple[int, NodePublic, bytes | bytearray | memoryview]],
+                           now: float) -> None:
+        """Packets from DERP as ``(region, sender, packet)``, e.g. all of one DERP socket read. Never raises.
+
+        Same effect as :meth:`receive_derp` per item in order, but runs of WireGuard
+        datagrams go to the WireGuard core in one call (sharing its per-run bookkeeping)
+        and the decrypted packets are collected once per batch. Before a disco message the
+        pending run is processed and its output routed, so disco sees the state that
+        per-item processing would have left.
+        """
+        peers_get = self.peers.get
+        sources = self._derp_sources
+        wg_run: list[tuple[Any, Any]] = []
+        append = wg_run.append
+        n_wg = 0
+        # The sender and region of the latest item that joined wg_run, its _Peer and _DerpSource.
+        last_src: NodePublic | None = None
+        last_region = 0
+        last_st: Any = None
+        source: Any = None
+        for region, src, data in items:
+            try:
+                if len(data) >= _DISCO_HEADER_LEN and data[0] == 0x54 and data[:_DISCO_MAGIC_LEN] == _DISCO_MAGIC:
+                    # Disco: the WireGuard run before it first (and its output routed), as if one by one.
+                    last_src = None
+                    if wg_run:
+                        self.wg.receive_datagrams(wg_run, now)
+                        wg_run = []
+                        append = wg_run.append
+                        self._flush_wg(now)
+                    st = peers_get(src)
+                    if st is not None:
+                        st.ep.last_derp_region_heard = region
+                        if st.held_initiation is not None:
+                            self._release_held(st, now)  # it reached us over DERP: that is a path back
+                    self._receive_disco(memoryview(data), DerpPath(region), now, derp_src=src)
+                    continue
+                if src is last_src and region == last_region:
+                    # More WireGuard from the same sender: its peer, region and source are known already.
+                    if last_st.held_initiation is not None:
+                        self._release_held(last_st, now)
+                    append((data, source))
+                    n_wg += 1
+                    continue
+                st = peers_get(src)
+                if st is None:
+                    self._count("derp_from_unknown_peer")
+                    if len(data) == _INITIATION_SIZE and data[0] == 1:
+                        self._keep_unknown_initiation(region, src, bytes(data), now)
+                    continue
                 st.ep.last_derp_region_heard = region
                 if st.held_initiation is not None:
-                    self._release_held(st, now)  # it reached us over DERP: that is a path back
-            if disco.looks_like_disco(data):
-                self._receive_disco(memoryview(data), DerpPath(region), now, derp_src=src)
-                return
-            if st is None:
-                self._count("derp_from_unknown_peer")
-                if len(data) == _INITIATION_SIZE and data[0] == 1:
-                    self._keep_unknown_initiation(region, src, bytes(data), now)
-                return
-            self._count("wg_received_derp")
-            self.wg.receive_datagram(data, _DerpSource(region, src), now)
+                    self._release_held(st, now)
+                source = sources.get((region, src))
+                if source is None:
+                    if len(sources) >= _DERP_SOURCE_CACHE_MAX:
+                        sources.clear()
+                    source = sources[(region, src)] = _DerpSource(region, src)
+                append((data, source))
+                n_wg += 1
+                last_src, last_region, last_st = src, region, st
+            except Exception:  # the safety net: junk must never take the node down
+                log.debug("magicsock: error handling DERP packet from %s", src.short(), exc_info=True)
+                self._count("derp_internal_error")
+        if not n_wg:
+            return
+        try:
+            self._count("wg_received_derp", n_wg)
+            if wg_run:
+                self.wg.receive_datagrams(wg_run, now)
             self._after_wg_receive(now)
         except Exception:
-            log.debug("magicsock: error handling DERP packet from %s", src.short(), exc_info=True)
+            log.debug("magicsock: error handling a DERP batch", exc_info=True)
             self._count("derp_internal_error")
 
     def _keep_unknown_initiation(self, region: int, src: NodePublic, data: bytes, now: float) -> None:

@@ -6,7 +6,7 @@
   one :meth:`~MagicSock.receive_udp_batch` call; no task switch per packet.
 * DERP: a :class:`tsnet.derp.client.DerpRegions` (one connection per region in
   use, home region marked preferred). Every packet of one DERP socket read goes to
-  :meth:`~MagicSock.receive_derp` in one synchronous call from the region's reader
+  :meth:`~MagicSock.receive_derp_batch` in one synchronous call from the region's reader
   task, followed by one pump, so replies (TCP ACKs) leave as one coalesced write.
 * The core's timer is a cancel-scope deadline moved after every core call.
 * Sends are synchronous (:class:`tsnet.udpio.UDPSender` on the non-blocking
@@ -391,10 +391,7 @@ class MagicSockDriver:
         """Every packet of one DERP read (called from the region's reader task), then one pump."""
         self.counters["derp_received"] += len(packets)
         self.counters["derp_receive_batches"] += 1
-        now = trio.current_time()
-        receive = self.core.receive_derp
-        for ev in packets:
-            receive(region_id, ev.src, ev.packet, now)
+        self.core.receive_derp_batch([(region_id, ev.src, ev.packet) for ev in packets], trio.current_time())
         self._pump()
 
     async def _derp_reader(self) -> None:
