@@ -894,10 +894,9 @@ class MagicSock:
         wg_run: list[tuple[Any, Any]] = []
         append = wg_run.append
         n_wg = 0
-        # The sender and region of the latest item that joined wg_run, its _Peer and _DerpSource.
+        # The sender and region of the latest item that joined wg_run, and its _DerpSource.
         last_src: NodePublic | None = None
         last_region = 0
-        last_st: Any = None
         source: Any = None
         for region, src, data in items:
             try:
@@ -917,9 +916,9 @@ class MagicSock:
                     self._receive_disco(memoryview(data), DerpPath(region), now, derp_src=src)
                     continue
                 if src is last_src and region == last_region:
-                    # More WireGuard from the same sender: its peer, region and source are known already.
-                    if last_st.held_initiation is not None:
-                        self._release_held(last_st, now)
+                    # More WireGuard from the same sender: its peer, region and source are known already,
+                    # and its held initiation was dealt with at the run's first item (only _flush_wg holds
+                    # one, and it does not run inside a run).
                     append((data, source))
                     n_wg += 1
                     continue
@@ -939,7 +938,7 @@ class MagicSock:
                     source = sources[(region, src)] = _DerpSource(region, src)
                 append((data, source))
                 n_wg += 1
-                last_src, last_region, last_st = src, region, st
+                last_src, last_region = src, region
             except Exception:  # the safety net: junk must never take the node down
                 log.debug("magicsock: error handling DERP packet from %s", src.short(), exc_info=True)
                 self._count("derp_internal_error")
