@@ -6,7 +6,10 @@ receiving core (demux + open), on each path kind:
 
 * direct: naked WireGuard over UDP (trusted path: no DERP copy);
 * peer relay: Geneve-wrapped WireGuard (the relay's forwarding is not counted);
-* DERP: WireGuard handed to DERP (no UDP path at all).
+* DERP: WireGuard handed to DERP (the peers have no endpoints, so no UDP path at
+  all), received one ``receive_derp`` call per packet;
+* DERP batch: the same, received in one ``receive_derp_batch`` call per batch (what the
+  driver does with one DERP socket read).
 
 Part 2 (trio, wall clock): two MagicSockDrivers on loopback with our DERP
 server; ICMP echo round trips (raw IPv4 packets, echoed by the peer's
@@ -58,9 +61,12 @@ def core_pair(kind: str) -> tuple[MagicSock, MagicSock, AddrPort, AddrPort]:
     a = MagicSock(NodePrivate.generate(), DiscoPrivate.generate(), now=0.0)
     b = MagicSock(NodePrivate.generate(), DiscoPrivate.generate(), now=0.0)
     aa, ba = AddrPort.parse("192.0.2.1:41641"), AddrPort.parse("192.0.2.2:41641")
-    a.set_peers([PeerConfig(b.node_key, b.disco_key, (ba,), 1, 133, (ipaddress.ip_network("100.64.0.2/32"),))], 0.0)
-    b.set_peers([PeerConfig(a.node_key, a.disco_key, (aa,), 1, 133, (ipaddress.ip_network("100.64.0.1/32"),))], 0.0)
-    if kind != "derp":
+    # DERP kinds: no endpoints at all, else disco would find the direct path during the handshake.
+    derp = kind.startswith("derp")
+    a_eps, b_eps = ((), ()) if derp else ((aa,), (ba,))
+    a.set_peers([PeerConfig(b.node_key, b.disco_key, b_eps, 1, 133, (ipaddress.ip_network("100.64.0.2/32"),))], 0.0)
+    b.set_peers([PeerConfig(a.node_key, a.disco_key, a_eps, 1, 133, (ipaddress.ip_network("100.64.0.1/32"),))], 0.0)
+    if not derp:
         vni = 7 if kind == "relay" else None
         for m, dest in ((a, ba), (b, aa)):
             ep = m.peers[b.node_key if m is a else a.node_key].ep
@@ -86,6 +92,7 @@ def move(src: MagicSock, dst: MagicSock, src_addr: AddrPort, dst_addr: AddrPort)
 def bench_core(kind: str, packets: int, rounds: int, batch: int) -> tuple[float, float]:
     a, b, aa, ba = core_pair(kind)
     pkt = ipv4_packet(SIZE, "100.64.0.1", "100.64.0.2")
+    via_derp = kind.startswith("derp")
     send_best = recv_best = float("inf")
     for _ in range(rounds):
         gc.collect()
@@ -97,11 +104,15 @@ def bench_core(kind: str, packets: int, rounds: int, batch: int) -> tuple[float,
             t1 = _cpu()
             if udp:
                 b.receive_udp_batch([(d, aa) for d, _ in udp], 1.0)
-            for region, _, data in derp:
-                b.receive_derp(region, a.node_key, data, 1.0)
+            if kind == "derp-batch":
+                b.receive_derp_batch([(region, a.node_key, data) for region, _, data in derp], 1.0)
+            else:
+                for region, _, data in derp:
+                    b.receive_derp(region, a.node_key, data, 1.0)
             got = b.take_packets()
             t2 = _cpu()
             assert len(got) == batch, (kind, len(got))
+            assert (not udp and len(derp) == batch) if via_derp else (len(udp) == batch and not derp), kind
             b.take_udp()
             b.take_derp()
             send_t += t1 - t0
@@ -195,7 +206,7 @@ def main() -> None:
     print(f"magicsock core, {SIZE}-byte packets, batches of {args.batch}, "
           f"process CPU us/packet (best of {args.rounds})")
     print(f"{'path':<12}{'send':>10}{'receive':>10}{'total':>10}{'Mpps':>10}")
-    for kind in ("direct", "relay", "derp"):
+    for kind in ("direct", "relay", "derp", "derp-batch"):
         s, r = bench_core(kind, args.packets, args.rounds, args.batch)
         print(f"{kind:<12}{s:>10.2f}{r:>10.2f}{s + r:>10.2f}{1 / (s + r):>10.3f}")
     print()
