@@ -125,6 +125,7 @@ def test_timestamped_segments_take_the_stack_fast_path_with_the_same_outcome(mon
     s.receive_packet(tcp(B4, A4, 5555, 80, 1001, una, ACK, options=_ts(101, 0)), 0.0)
     (conn,) = s.connections.values()
     assert conn.ts_ok
+    s.batch_segments = False  # this test is about the per-segment fast path
     calls = []
     fast = TCPConnection.receive_fast
 

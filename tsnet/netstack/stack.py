@@ -32,7 +32,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Union
+from typing import Any, Union
 
 from . import checksum
 from . import ip as ipmod
@@ -301,6 +301,9 @@ class Stack:
         self.tcp_options = tcp_options
         self.coalesce_acks = coalesce_acks
         self.verify_checksums = verify_checksums
+        #: hand consecutive in-order segments of one connection over as a run (same outcome as one by one;
+        #: tests switch it off to compare)
+        self.batch_segments = True
         #: PeerAPI port put in TSMP pongs (0: none)
         self.peerapi_port = 0
         self.mtu = mtu
@@ -537,6 +540,12 @@ class Stack:
         residue = checksum.residue
         unpack_tcp_ts = _TCP_TS_AT_20.unpack_from
         connections = self.connections
+        batch_segments = self.batch_segments
+        # Consecutive fast-path segments of one connection are collected into a run and handed over
+        # together (TCPConnection.receive_fast_run); anything else first flushes the run, so every
+        # connection still sees its segments in arrival order.
+        run_conn: TCPConnection | None = None
+        run: list[tuple[Any, ...]] = []
         for packet in packets:
             counters.packets_received += 1
             try:
@@ -565,18 +574,35 @@ class Stack:
                             sport, dport, seq, ack, flags, window, layout, tsval, tsecr = unpack_tcp_ts(packet, 20)
                             if layout == _TS_LAYOUT:
                                 conn = connections.get((dst, dport, src, sport))
-                                if conn is not None and conn.receive_fast(seq, ack, flags, window, tsval, tsecr,
-                                                                          memoryview(packet)[52:], now):
-                                    touched[conn] = None
-                                    continue
+                                if conn is not None:
+                                    if batch_segments:
+                                        if conn is not run_conn:
+                                            if run:
+                                                self._flush_run(run_conn, run, now, touched)  # type: ignore[arg-type]
+                                            run_conn, run = conn, []
+                                        run.append((seq, ack, flags, window, tsval, tsecr, memoryview(packet)[52:],
+                                                    src, dst, packet))
+                                        continue
+                                    if conn.receive_fast(seq, ack, flags, window, tsval, tsecr,
+                                                         memoryview(packet)[52:], now):
+                                        touched[conn] = None
+                                        continue
+                        if run:
+                            self._flush_run(run_conn, run, now, touched)  # type: ignore[arg-type]
+                            run_conn, run = None, []
                         self._tcp_segment(src, dst, memoryview(packet)[20:], now, touched)
                         continue
+                if run:
+                    self._flush_run(run_conn, run, now, touched)  # type: ignore[arg-type]
+                    run_conn, run = None, []
                 self._receive_one(packet, now, touched)
             except (MalformedPacket, BadSegment, struct.error, IndexError, ValueError):
                 counters.malformed += 1
             except Exception:
                 counters.internal_errors += 1
                 log.exception("netstack: error while handling a packet (dropped)")
+        if run:
+            self._flush_run(run_conn, run, now, touched)  # type: ignore[arg-type]
         for conn in touched:
             try:
                 if conn.coalesce_acks:
@@ -585,6 +611,28 @@ class Stack:
             except Exception:
                 counters.internal_errors += 1
                 log.exception("netstack: error while re-arming a connection")
+
+    def _flush_run(self, conn: TCPConnection, run: list[tuple[Any, ...]], now: float,
+                   touched: dict[TCPConnection, None]) -> None:
+        """Hand a run of pre-parsed segments of ``conn`` over: whole stretches where the connection
+        takes them together, the others one by one (fast path, else the general rules)."""
+        touched[conn] = None
+        i, n = 0, len(run)
+        while i < n:
+            try:
+                k = conn.receive_fast_run(run, i, now)
+                if k:
+                    i += k
+                    continue
+                item = run[i]
+                i += 1
+                if not conn.receive_fast(item[0], item[1], item[2], item[3], item[4], item[5], item[6], now):
+                    self._tcp_segment(item[7], item[8], memoryview(item[9])[20:], now, touched)
+            except (MalformedPacket, BadSegment, struct.error, IndexError, ValueError):
+                self.counters.malformed += 1
+            except Exception:
+                self.counters.internal_errors += 1
+                log.exception("netstack: error while handling a packet (dropped)")
 
     def _receive_one(self, packet: bytes | bytearray | memoryview, now: float,
                      touched: dict[TCPConnection, None]) -> None:

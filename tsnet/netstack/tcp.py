@@ -1612,6 +1612,114 @@ class TCPConnection:
         self.stats.segments_received += 1
         return True
 
+    def receive_fast_run(self, items: list, start: int, now: float) -> int:
+        """Consume a run of consecutive pre-parsed segments ``items[start:]`` in one step; returns how many.
+
+        Each item is ``(seq, ack, flags, window, tsval, tsecr, payload, ...)`` as for :meth:`receive_fast`.
+        This is what a bulk receiver sees between two of its ACKs: in-order data segments that all
+        carry the same ACK while we have nothing to send. Their per-segment effects are applied as
+        :meth:`receive_fast` would apply them one by one (the same buffer, window, timestamp, ACK
+        and timer outcome), with the bookkeeping done once. The run stops at the first segment
+        that does not fit that shape, and after the one that makes an ACK due (which is sent);
+        0 means the caller must take ``items[start]`` one at a time. Never raises.
+        """
+        if self.state is not _ESTABLISHED or self._ooo or self._in_recovery or not self.ts_ok \
+                or self._persist_deadline is not None:
+            return 0
+        if self.snd_nxt < self._buf_seq + len(self._sndbuf) + (self._fin_seq is not None):
+            return 0  # we have data to send: ACKs ride on it, segment by segment
+        rnxt = self.rcv_nxt
+        if self.snd_wl1 > rnxt:
+            return 0
+        first = items[start]
+        ack_raw = first[1]
+        una = self.snd_una
+        ack = _unwrap(ack_raw, una)
+        if ack < una or ack > self.snd_max:
+            return 0
+        # Walk the run on locals: what the per-segment path would check and change.
+        space = self.rcv_adv - rnxt
+        last_ack_sent = self._last_ack_sent
+        ts_recent = self._ts_recent
+        ts_recent_set = False
+        full = self._rcv_full
+        our_mss = self._our_mss
+        unacked = self._unacked_segs
+        threshold = _ACK_STRETCH if self.coalesce_acks else 4
+        rtt_tsecr = self._rcv_rtt_tsecr
+        rtt_samples: list[tuple[int, int]] = []
+        max_wnd = self.max_snd_wnd
+        wscale = self.snd_wscale
+        expect = rnxt & _M
+        pos = rnxt
+        total = 0
+        n = 0
+        last_window = 0
+        ack_due = False
+        for i in range(start, len(items)):
+            seq, a, flags, window, tsval, tsecr, payload = items[i][:7]
+            plen = len(payload)
+            if seq != expect or a != ack_raw or (flags & _FAST_FLAGS_MASK) != ACK or not plen \
+                    or ((tsval - ts_recent) & _M) >= _HALF or total + plen > space:
+                break
+            if pos <= last_ack_sent:
+                ts_recent = tsval
+                ts_recent_set = True
+            wnd = window << wscale
+            if wnd > max_wnd:
+                max_wnd = wnd
+            last_window = window
+            if plen >= full:
+                if plen > full and plen <= our_mss:
+                    full = plen
+                unacked += 2
+            else:
+                unacked += 1
+            if tsecr != rtt_tsecr:
+                rtt_samples.append((tsecr, pos + plen))
+                rtt_tsecr = tsecr
+            total += plen
+            pos += plen
+            expect = pos & _M
+            n += 1
+            if unacked >= threshold:
+                ack_due = True
+                break
+        if n < 2 and not (n == 1 and ack_due):
+            return 0  # nothing gained over the per-segment path
+        try:
+            self._last_rcv_time = now
+            if ts_recent_set:
+                self._ts_recent = ts_recent
+                self._ts_recent_time = now
+            self.snd_wnd = last_window << wscale
+            self.max_snd_wnd = max_wnd
+            self.snd_wl1 = pos - (len(items[start + n - 1][6]))
+            self.snd_wl2 = ack
+            if ack > una:
+                self._ack_new(first[5], ack, now)  # only the first segment moves SND.UNA
+            rcvbuf = self._rcvbuf
+            for i in range(start, start + n):
+                rcvbuf.append(items[i][6])
+            self.rcv_nxt = pos
+            self.stats.bytes_received += total
+            self._notify()
+            self._rcv_full = full
+            self._unacked_segs = unacked
+            if ack_due:
+                self._ack_now = True
+            for tsecr, at in rtt_samples:
+                self._rcv_rtt_update(tsecr, at, now)
+            if self._ack_now:
+                self._output(now)
+            if self._unacked_segs and not self._ack_now and self._delack_deadline is None:
+                self._delack_deadline = now + self.options.delayed_ack
+        except Exception:  # as in receive_segment: counted, the segments are dropped
+            self.internal_errors += 1
+            self.stats.dropped += n
+        self.stats.segments_received += n
+        return n
+
     def _fast_fields(self, seg_ack: int, window: int, tsval: int | None, tsecr: int | None,
                      payload: memoryview, now: float) -> bool:
         """The fast path on the segment's fields (``tsval``/``tsecr`` None: no timestamp option)."""
