@@ -176,7 +176,8 @@ def test_mixed_batch_matches_per_item_processing() -> None:
     c = p["c_data"]
     items = (c[:3] + p["c_ping"] + c[3:5] + p["s_init"] + p["c_junk"][:3] + p["a_init"] + p["d_init"]
              + p["c_keepalive"] + c[5:6] + c[5:6]  # a replay
-             + p["s_junk"] + p["a_ping"] + p["d_response"] + p["d_ping"] + p["s_ping"] + c[6:] + p["c_junk"][3:] + p["c_data_region2"])
+             + p["s_junk"] + p["a_ping"] + p["d_response"] + p["d_ping"] + p["s_ping"] + c[6:] + p["c_junk"][3:]
+             + p["c_data_region2"])
     got, want = _batch_vs_single(scene, items)
     assert got == want
     # And the outcome is the expected one, not merely the same.
@@ -202,10 +203,13 @@ def test_receive_derp_is_a_batch_of_one_and_never_raises() -> None:
     b = scene.twins[0]
     b.receive_derp(REGION, scene.c.node_key, memoryview(scene.first_c_data[0]), NOW)
     assert [peer for peer, _ in b.take_packets()] == [scene.c.node_key]
-    b.receive_derp_batch([(REGION, scene.c.node_key, None)], NOW)  # type: ignore[list-item]
-    assert b.counters["derp_internal_error"] == 1
+    # Items that are not even (region, key, bytes): counted, and the rest of the batch still goes through.
+    b.receive_derp_batch([(REGION, scene.c.node_key, None), (REGION, None, None),  # type: ignore[list-item]
+                          (REGION, scene.c.node_key, scene.first_c_data[0])], NOW)
+    assert b.counters["derp_internal_error"] == 2
+    assert b.wg.counters.drop_replayed == 1  # the third item was processed (a replay of the first packet)
     b.receive_derp_batch([], NOW)
-    assert b.counters["wg_received_derp"] == 2  # the initiation during setup, then the packet
+    assert b.counters["wg_received_derp"] == 3  # the initiation during setup, the packet, its replay
 
 
 def test_derp_sources_are_cached_and_bounded() -> None:
@@ -225,7 +229,7 @@ KINDS = ["c_data", "c_data_region2", "c_keepalive", "c_ping", "a_init", "a_ping"
          "s_init", "s_ping", "c_junk", "s_junk"]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 20)), min_size=1, max_size=30))
 def test_any_batch_matches_per_item_processing(picks: list[tuple[str, int]]) -> None:
     scene = Scene()

@@ -940,7 +940,7 @@ class MagicSock:
                 n_wg += 1
                 last_src, last_region = src, region
             except Exception:  # the safety net: junk must never take the node down
-                log.debug("magicsock: error handling DERP packet from %s", src.short(), exc_info=True)
+                log.debug("magicsock: error handling DERP packet from %s", src, exc_info=True)
                 self._count("derp_internal_error")
         if not n_wg:
             return
