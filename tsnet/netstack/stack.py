@@ -571,19 +571,18 @@ class Stack:
                         if n >= 52 and packet[32] == 0x80:
                             # The common segment of an established connection: parsed here in one
                             # unpack, no Segment object, straight into the connection's fast path.
-                            sport, dport, seq, ack, flags, window, layout, tsval, tsecr = unpack_tcp_ts(packet, 20)
-                            if layout == _TS_LAYOUT:
-                                conn = connections.get((dst, dport, src, sport))
+                            h = unpack_tcp_ts(packet, 20)  # sport, dport, seq, ack, flags, window, layout, tsval, tsecr
+                            if h[6] == _TS_LAYOUT:
+                                conn = connections.get((dst, h[1], src, h[0]))
                                 if conn is not None:
                                     if batch_segments:
                                         if conn is not run_conn:
                                             if run:
                                                 self._flush_run(run_conn, run, now, touched)  # type: ignore[arg-type]
                                             run_conn, run = conn, []
-                                        run.append((seq, ack, flags, window, tsval, tsecr, memoryview(packet)[52:],
-                                                    src, dst, packet))
+                                        run.append((h, packet))
                                         continue
-                                    if conn.receive_fast(seq, ack, flags, window, tsval, tsecr,
+                                    if conn.receive_fast(h[2], h[3], h[4], h[5], h[7], h[8],
                                                          memoryview(packet)[52:], now):
                                         touched[conn] = None
                                         continue
@@ -624,10 +623,10 @@ class Stack:
                 if k:
                     i += k
                     continue
-                item = run[i]
+                h, packet = run[i]
                 i += 1
-                if not conn.receive_fast(item[0], item[1], item[2], item[3], item[4], item[5], item[6], now):
-                    self._tcp_segment(item[7], item[8], memoryview(item[9])[20:], now, touched)
+                if not conn.receive_fast(h[2], h[3], h[4], h[5], h[7], h[8], memoryview(packet)[52:], now):
+                    self._tcp_segment(conn.remote_ip, conn.local_ip, memoryview(packet)[20:], now, touched)
             except (MalformedPacket, BadSegment, struct.error, IndexError, ValueError):
                 self.counters.malformed += 1
             except Exception:

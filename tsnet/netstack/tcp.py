@@ -1615,7 +1615,9 @@ class TCPConnection:
     def receive_fast_run(self, items: list, start: int, now: float) -> int:
         """Consume a run of consecutive pre-parsed segments ``items[start:]`` in one step; returns how many.
 
-        Each item is ``(seq, ack, flags, window, tsval, tsecr, payload, ...)`` as for :meth:`receive_fast`.
+        Each item is ``(header, packet)``: an IPv4 packet with a 20-byte IP header and a 32-byte TCP
+        header in the usual timestamp layout, and that TCP header unpacked as ``(sport, dport, seq,
+        ack, flags, window, option word, tsval, tsecr)``; the payload starts at byte 52.
         This is what a bulk receiver sees between two of its ACKs: in-order data segments that all
         carry the same ACK while we have nothing to send. Their per-segment effects are applied as
         :meth:`receive_fast` would apply them one by one (the same buffer, window, timestamp, ACK
@@ -1631,8 +1633,8 @@ class TCPConnection:
         rnxt = self.rcv_nxt
         if self.snd_wl1 > rnxt:
             return 0
-        first = items[start]
-        ack_raw = first[1]
+        first = items[start][0]
+        ack_raw = first[3]
         una = self.snd_una
         ack = _unwrap(ack_raw, una)
         if ack < una or ack > self.snd_max:
@@ -1657,8 +1659,9 @@ class TCPConnection:
         last_window = 0
         ack_due = False
         for i in range(start, len(items)):
-            seq, a, flags, window, tsval, tsecr, payload = items[i][:7]
-            plen = len(payload)
+            h, packet = items[i]
+            _sp, _dp, seq, a, flags, window, _layout, tsval, tsecr = h
+            plen = len(packet) - 52
             if seq != expect or a != ack_raw or (flags & _FAST_FLAGS_MASK) != ACK or not plen \
                     or ((tsval - ts_recent) & _M) >= _HALF or total + plen > space:
                 break
@@ -1694,13 +1697,21 @@ class TCPConnection:
                 self._ts_recent_time = now
             self.snd_wnd = last_window << wscale
             self.max_snd_wnd = max_wnd
-            self.snd_wl1 = pos - (len(items[start + n - 1][6]))
+            self.snd_wl1 = pos - (len(items[start + n - 1][1]) - 52)
             self.snd_wl2 = ack
             if ack > una:
-                self._ack_new(first[5], ack, now)  # only the first segment moves SND.UNA
+                self._ack_new(first[8], ack, now)  # only the first segment moves SND.UNA
             rcvbuf = self._rcvbuf
+            chunks = rcvbuf._chunks  # (ReceiveBuffer.append's common case, inlined)
+            viewed = 0
             for i in range(start, start + n):
-                rcvbuf.append(items[i][6])
+                packet = items[i][1]  # bytes (the stack's fast path takes nothing else)
+                if len(packet) - 52 >= _VIEW_MIN:
+                    chunks.append(memoryview(packet)[52:])
+                    viewed += len(packet) - 52
+                else:
+                    rcvbuf.append(memoryview(packet)[52:])
+            rcvbuf._size += viewed
             self.rcv_nxt = pos
             self.stats.bytes_received += total
             self._notify()
