@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import trio
 
@@ -162,12 +162,17 @@ class RelayThread:
         self._stop_w.close()
 
 
+def loopback_sockets() -> tuple[Any, AddrPort, Any, Any, AddrPort, AddrPort]:
+    """The relay's socket and two clients' sockets on 127.0.0.1, with their addresses."""
+    relay_sock = open_udp_socket("127.0.0.1", 0)
+    ca, cb = open_udp_socket("127.0.0.1", 0), open_udp_socket("127.0.0.1", 0)
+    return (relay_sock, AddrPort.from_sockaddr(relay_sock.getsockname()), ca, cb,
+            AddrPort.from_sockaddr(ca.getsockname()), AddrPort.from_sockaddr(cb.getsockname()))
+
+
 async def loopback(n: int, burst: int = 32, batched_clients: bool = False
                    ) -> tuple[int, int, float, RelayIOCounters, float]:
-    relay_sock = open_udp_socket("127.0.0.1", 0)
-    relay_addr = AddrPort.from_sockaddr(relay_sock.getsockname())
-    ca, cb = open_udp_socket("127.0.0.1", 0), open_udp_socket("127.0.0.1", 0)
-    a_addr, b_addr = AddrPort.from_sockaddr(ca.getsockname()), AddrPort.from_sockaddr(cb.getsockname())
+    relay_sock, relay_addr, ca, cb, a_addr, b_addr = loopback_sockets()
     clients = []
 
     def make_server(now: float):
@@ -276,10 +281,7 @@ def latency(rounds: int) -> tuple[float, float, float]:
 
     The clients run in a separate process, so they never compete with the relay thread for the GIL.
     """
-    relay_sock = open_udp_socket("127.0.0.1", 0)
-    relay_addr = AddrPort.from_sockaddr(relay_sock.getsockname())
-    ca, cb = open_udp_socket("127.0.0.1", 0), open_udp_socket("127.0.0.1", 0)
-    a_addr, b_addr = AddrPort.from_sockaddr(ca.getsockname()), AddrPort.from_sockaddr(cb.getsockname())
+    relay_sock, relay_addr, ca, cb, a_addr, b_addr = loopback_sockets()
     clients = []
 
     def make_server(now: float):

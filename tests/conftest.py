@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,3 +35,12 @@ def lab() -> Iterator[Lab]:
 def tailscale_binaries() -> TailscaleBinaries:
     """Real tailscaled/tailscale 1.96.4 (downloaded once into the cache). Fails loudly if unavailable."""
     return ensure_tailscale_binaries()
+
+
+@pytest.fixture
+def socks() -> Iterator[list[socket.socket]]:
+    """Sockets a test makes (append them); all closed at teardown."""
+    made: list[socket.socket] = []
+    yield made
+    for s in made:
+        s.close()

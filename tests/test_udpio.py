@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import select
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,14 +24,6 @@ def udp(family: int = socket.AF_INET) -> socket.socket:
     s.bind((HOSTS[family], 0))
     s.setblocking(False)
     return s
-
-
-@pytest.fixture
-def socks() -> Iterator[list[socket.socket]]:
-    made: list[socket.socket] = []
-    yield made
-    for s in made:
-        s.close()
 
 
 def make(socks: list[socket.socket], family: int = socket.AF_INET) -> socket.socket:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import select
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,14 +14,6 @@ from hypothesis import strategies as st
 from tests.test_udpio import FlakySocket, burst, drain, drain_plain, make
 from tsnet import udpio
 from tsnet.udpio import MAX_GSO_BYTES, MAX_SEGMENTS, UDPReceiver, UDPSender, run_segments
-
-
-@pytest.fixture
-def socks() -> Iterator[list[socket.socket]]:
-    made: list[socket.socket] = []
-    yield made
-    for s in made:
-        s.close()
 
 
 def drain_runs(receiver: UDPReceiver, expected: int) -> list[tuple[bytes, int, Any]]:

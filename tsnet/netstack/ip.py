@@ -165,7 +165,26 @@ def ipv6_header(src: bytes, dst: bytes, next_header: int, payload_len: int, hop_
 _HEADER_CACHE_SIZE = 8
 
 
-class IPv4HeaderTemplate:
+class _CachedHeaders:
+    """``header(payload_len)``: a template's ``build`` as immutable bytes, cached per length
+    (a bulk flow repeats one or two lengths: full segments and pure ACKs)."""
+
+    __slots__ = ()
+    _cache: dict[int, bytes]
+
+    def build(self, payload_len: int) -> bytearray:
+        raise NotImplementedError
+
+    def header(self, payload_len: int) -> bytes:
+        hdr = self._cache.get(payload_len)
+        if hdr is None:
+            if len(self._cache) >= _HEADER_CACHE_SIZE:
+                self._cache.clear()
+            hdr = self._cache[payload_len] = bytes(self.build(payload_len))
+        return hdr
+
+
+class IPv4HeaderTemplate(_CachedHeaders):
     """Prebuilt IPv4 header for one (src, dst, proto) flow: only length and checksum vary.
 
     TCP segments carry DF and ID 0 (RFC 6864 allows any ID on atomic datagrams), so
@@ -179,16 +198,6 @@ class IPv4HeaderTemplate:
         self._residue = checksum.partial(self._base)
         self._cache: dict[int, bytes] = {}
 
-    def header(self, payload_len: int) -> bytes:
-        """The header for ``payload_len`` as immutable bytes, from a small per-length cache
-        (a bulk flow repeats one or two lengths: full segments and pure ACKs)."""
-        hdr = self._cache.get(payload_len)
-        if hdr is None:
-            if len(self._cache) >= _HEADER_CACHE_SIZE:
-                self._cache.clear()
-            hdr = self._cache[payload_len] = bytes(self.build(payload_len))
-        return hdr
-
     def build(self, payload_len: int) -> bytearray:
         """A fresh header for a payload of ``payload_len`` bytes."""
         hdr = self._base[:]
@@ -201,7 +210,7 @@ class IPv4HeaderTemplate:
         return hdr
 
 
-class IPv6HeaderTemplate:
+class IPv6HeaderTemplate(_CachedHeaders):
     """Prebuilt IPv6 header for one flow: only the payload length varies."""
 
     __slots__ = ("_base", "_cache")
@@ -209,15 +218,6 @@ class IPv6HeaderTemplate:
     def __init__(self, src: bytes, dst: bytes, next_header: int, hop_limit: int = DEFAULT_TTL) -> None:
         self._base = bytearray(_V6.pack(0x60000000, 0, next_header, hop_limit, src, dst))
         self._cache: dict[int, bytes] = {}
-
-    def header(self, payload_len: int) -> bytes:
-        """The header for ``payload_len`` as immutable bytes (cached per length, as for IPv4)."""
-        hdr = self._cache.get(payload_len)
-        if hdr is None:
-            if len(self._cache) >= _HEADER_CACHE_SIZE:
-                self._cache.clear()
-            hdr = self._cache[payload_len] = bytes(self.build(payload_len))
-        return hdr
 
     def build(self, payload_len: int) -> bytearray:
         """A fresh header for a payload of ``payload_len`` bytes."""

@@ -116,6 +116,21 @@ class _Route:
             return None
         return _Route(b0, b1, b0 == b1, (_family(b0), _family(b1)), (_family(b1), _family(b0)))
 
+    def side_of(self, src: AddrPort) -> tuple[int, AddrPort, tuple[str, str]] | None:
+        """``(side, destination, counter key)`` for a datagram from ``src``; None for a stranger.
+
+        Identity first: the driver hands over cached source objects.
+        """
+        if src is self.b0:
+            return 0, self.b1, self.key0
+        if src is self.b1:
+            return (0, self.b1, self.key0) if self.same else (1, self.b0, self.key1)
+        if src == self.b0:
+            return 0, self.b1, self.key0
+        if src == self.b1:
+            return 1, self.b0, self.key1
+        return None
+
 
 @dataclass(slots=True)
 class _Endpoint:
@@ -287,17 +302,10 @@ class RelayServer:
             route = ep.route = _Route.of(ep)
             if route is None:
                 return self._drop("not_bound")
-        # Which side sent it: an identity test first (the driver hands over cached source objects).
-        if src is route.b0:
-            side, dst, key = 0, route.b1, route.key0
-        elif src is route.b1:
-            side, dst, key = (0, route.b1, route.key0) if route.same else (1, route.b0, route.key1)
-        elif src == route.b0:
-            side, dst, key = 0, route.b1, route.key0
-        elif src == route.b1:
-            side, dst, key = 1, route.b0, route.key1
-        else:
+        found = route.side_of(src)
+        if found is None:
             return self._drop("unknown_source")
+        side, dst, key = found
         ep.last_seen[side] = now
         ep.packets_rx[side] += 1
         ep.bytes_rx[side] += n
@@ -386,16 +394,10 @@ class RelayServer:
             route = ep.route = _Route.of(ep)
             if route is None:
                 return None
-        if src is route.b0:
-            side, dst, key = 0, route.b1, route.key0
-        elif src is route.b1:
-            side, dst, key = (0, route.b1, route.key0) if route.same else (1, route.b0, route.key1)
-        elif src == route.b0:
-            side, dst, key = 0, route.b1, route.key0
-        elif src == route.b1:
-            side, dst, key = 1, route.b0, route.key1
-        else:
+        found = route.side_of(src)
+        if found is None:
             return None
+        side, dst, key = found
         # Every later segment must start with the very same 8 bytes: then it has the same VNI, is data
         # too, and (all but the last have the first one's length) gets the same STUN verdict. The check
         # runs at C speed over all segments at once; a mismatch (rare) is then located one by one.
