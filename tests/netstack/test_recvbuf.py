@@ -54,3 +54,17 @@ def test_take_returns_the_bytes_in_order(appends, takes) -> None:
         assert len(buf) == len(expected) - len(got)
     got += buf.take(len(buf))
     assert got == expected and len(buf) == 0
+
+
+def test_consumed_chunks_are_released_and_the_list_compacted() -> None:
+    buf = ReceiveBuffer()
+    packets = [bytes([i % 251]) * 1000 for i in range(500)]
+    for p in packets:
+        buf.append(memoryview(p))
+    got = bytearray()
+    while len(buf) > 1000:
+        got += buf.take(1000)
+        assert all(c is None for c in buf._chunks[:buf._head])  # consumed: no packet kept alive
+        assert buf._head < 64 or 2 * buf._head < len(buf._chunks)  # compacted as it goes
+    got += buf.take(10_000)
+    assert got == b"".join(packets) and len(buf._chunks) == 0
