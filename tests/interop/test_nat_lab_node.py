@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -360,15 +361,22 @@ NARROW_RELAY_POLICY = """{
 """
 
 
-def test_relay_granted_to_other_nodes_only_is_not_used_by_ungranted_nodes(lab: Lab, tmp_path: Path) -> None:
-    """The grant names tag:client nodes only: c1<->c2 use the relay, untagged a<->b stay on DERP."""
-    topo = NatTopology(lab, tmp_path)
-    topo.start_control(policy=NARROW_RELAY_POLICY)
+def _tagged_relay_and_clients(topo: NatTopology) -> tuple[Any, tuple[Any, Any], tuple[Any, Any]]:
+    """A public relay node tagged tag:relay, and c1 (SOCKS5) and c2 (forward to the service) tagged
+    tag:client, each behind a hard NAT: ``(relay, (host c1, c1), (host c2, c2))``."""
     hr = topo.add_host("relay", "public")
     relay = topo.start_full_node(hr, relay_server_port=RELAY_PORT, advertise_tags=("tag:relay",))
     h1, h2 = topo.add_host("c1", "hard"), topo.add_host("c2", "hard")
     c2 = topo.start_full_node(h2, forwards=(f"{FWD_PORT}=127.0.0.1:{SERVICE_PORT}",), advertise_tags=("tag:client",))
     c1 = topo.start_full_node(h1, socks5_port=SOCKS_PORT, advertise_tags=("tag:client",))
+    return relay, (h1, c1), (h2, c2)
+
+
+def test_relay_granted_to_other_nodes_only_is_not_used_by_ungranted_nodes(lab: Lab, tmp_path: Path) -> None:
+    """The grant names tag:client nodes only: c1<->c2 use the relay, untagged a<->b stay on DERP."""
+    topo = NatTopology(lab, tmp_path)
+    topo.start_control(policy=NARROW_RELAY_POLICY)
+    relay, (h1, c1), (h2, c2) = _tagged_relay_and_clients(topo)
     ha, hb = topo.add_host("a", "hard"), topo.add_host("b", "hard")
     b = topo.start_python_node(hb)
     a = topo.start_python_node(ha, ping="b")
@@ -437,11 +445,7 @@ def test_relay_refuses_allocations_from_nodes_its_own_grant_does_not_name(lab: L
     """
     topo = NatTopology(lab, tmp_path)
     topo.start_control(policy=SPOOFED_RELAY_TARGET_POLICY)
-    hr = topo.add_host("relay", "public")
-    relay = topo.start_full_node(hr, relay_server_port=RELAY_PORT, advertise_tags=("tag:relay",))
-    h1, h2 = topo.add_host("c1", "hard"), topo.add_host("c2", "hard")
-    c2 = topo.start_full_node(h2, forwards=(f"{FWD_PORT}=127.0.0.1:{SERVICE_PORT}",), advertise_tags=("tag:client",))
-    c1 = topo.start_full_node(h1, socks5_port=SOCKS_PORT, advertise_tags=("tag:client",))
+    relay, (h1, c1), (h2, c2) = _tagged_relay_and_clients(topo)
     a, b = _full_pair(topo, "hard", "hard")
     for n in (relay, c1, c2):
         _wait(n.running, f"{n.host.name} running", topo)
