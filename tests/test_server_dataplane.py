@@ -134,6 +134,8 @@ async def test_ping_and_metrics(pair, nursery):
     assert m["tsnet_running"] == 1.0 and m["tsnet_packets_in"] > 0 and m["tsnet_control_logged_in"] == 1.0
     assert m["tsnet_wireguard_tx_bytes"] > 0 and m["tsnet_peers_path_direct"] + m["tsnet_peers_path_derp"] == 1
     assert m["tsnet_startup_running_seconds"] >= m["tsnet_startup_login_seconds"] > 0
+    # The peer-relay client side is reported too (no relay is granted here, so none is asked).
+    assert m["tsnet_relay_client_servers"] == 0.0 and m.get("tsnet_relay_client_allocate_sent", 0.0) == 0.0
 
 
 async def test_magicdns_over_the_netstack_udp_and_tcp(pair):

@@ -1195,6 +1195,10 @@ class Server:
                 out[f"tsnet_magicsock_{k}"] = float(v)
             for k, v in driver.core.counters.items():
                 out[f"tsnet_magicsock_core_{k}"] = float(v)
+            # The peer-relay client side: allocations asked for and answered, binds, relay paths found.
+            for k, v in driver.core.relay.counters.items():
+                out[f"tsnet_relay_client_{k}"] = float(v)
+            out["tsnet_relay_client_servers"] = float(len(driver.core.relay.servers))
             rx = tx = 0
             now = trio.current_time()
             for key in list(driver.core.peers):

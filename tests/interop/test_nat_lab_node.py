@@ -464,6 +464,9 @@ def test_relay_refuses_allocations_from_nodes_its_own_grant_does_not_name(lab: L
     # The ungranted nodes do ask: a first request and its retry 3 s later (no answer came), from each side.
     _wait(lambda: ungranted.check() or (a.metric(ALLOC_SENT) >= 2 and b.metric(ALLOC_SENT) >= 2),
           "a and b each sent an allocation request and its retry to the relay", topo)
+    # The relay client's own counters (exported by the node) see the same requests.
+    assert a.metric("tsnet_relay_client_allocate_sent") >= 1 and b.metric("tsnet_relay_client_allocate_sent") >= 1
+    assert a.metric("tsnet_relay_client_servers") == 1  # the relay: its hand-written cap/relay-target
 
     def refusals_add_up() -> bool:
         # Every request the relay received was answered (the granted pair) or refused as not granted, and
