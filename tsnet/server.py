@@ -1178,7 +1178,7 @@ class Server:
         return result
 
     def metrics(self) -> dict[str, float]:
-        """Counters and gauges: packets/bytes by path, handshakes, DERP and control state, relay gauge."""
+        """Counters and gauges: packets/bytes by path, handshakes, DERP and control state, peer relay client and server."""
         out: dict[str, float] = {f"tsnet_{k}": float(v) for k, v in self.counters.items()}
         out["tsnet_running"] = 1.0 if self._state == "Running" else 0.0
         if self._client is not None:
