@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.lab import packets
+from tests.magicsock.twocores import TwoCores
 from tsnet.control.server import default_derp_map
 from tsnet.derp import stun
 from tsnet.key import DiscoPrivate, NodePrivate
@@ -29,28 +29,20 @@ STUN_SERVER = AddrPort.parse("192.0.2.1:3478")
 DERP_MAP = default_derp_map("192.0.2.1", 8080, stun_port=3478)
 
 
-class Net:
+class Net(TwoCores):
     """Two cores; UDP between fixed addresses (optionally blocked), DERP region 900, a STUN server."""
 
     def __init__(self, *, block_direct: bool = False) -> None:
-        self.now = 0.0
+        super().__init__()
         self.block_direct = block_direct
-        self.a = MagicSock(NodePrivate.generate(), DiscoPrivate.generate(), now=0.0, rng=random.Random(1))
-        self.b = MagicSock(NodePrivate.generate(), DiscoPrivate.generate(), now=0.0, rng=random.Random(2))
-        self.addr = {id(self.a): AddrPort.parse("198.51.100.1:41641"), id(self.b): AddrPort.parse("203.0.113.1:41641")}
         for m in (self.a, self.b):
             m.set_sockets({4: 41641}, [ipaddress.ip_address("10.0.0.1")], 0.0)
             m.set_derp_map(DERP_MAP, 0.0)
-        self.ip = {id(self.a): "100.64.0.1", id(self.b): "100.64.0.2"}
         self.pump()
         for me, other in ((self.a, self.b), (self.b, self.a)):
             eps = tuple(e.addr for e in other.endpoints if e.type is EndpointType.STUN)
             me.set_peers([PeerConfig(other.node_key, other.disco_key, eps, 900, 133,
                                      (ipaddress.ip_network(self.ip[id(other)] + "/32"),), name="peer")], 0.0)
-        self.received: dict[int, list[bytes]] = {id(self.a): [], id(self.b): []}
-
-    def other(self, m: MagicSock) -> MagicSock:
-        return self.b if m is self.a else self.a
 
     def pump(self) -> None:
         for _ in range(50):
@@ -74,23 +66,6 @@ class Net:
             if not moved:
                 return
 
-    def advance(self, until: float) -> None:
-        while True:
-            timers = [t for t in (self.a.get_timer(), self.b.get_timer()) if t is not None and t <= until]
-            if not timers:
-                self.now = until
-                return
-            self.now = max(self.now, min(timers))
-            for m in (self.a, self.b):
-                t = m.get_timer()
-                if t is not None and t <= self.now:
-                    m.handle_timer(self.now)
-            self.pump()
-
-    def ping(self, src: MagicSock, seq: int) -> None:
-        dst = self.other(src)
-        assert src.send_ip_packet(packets.icmp_echo(self.ip[id(src)], self.ip[id(dst)], 1, seq), self.now)
-        self.pump()
 
 
 def test_netcheck_sets_endpoints_and_home() -> None:
@@ -107,7 +82,7 @@ def test_netcheck_sets_endpoints_and_home() -> None:
 
 def test_derp_first_then_direct_and_status() -> None:
     net = Net()
-    net.ping(net.a, 1)
+    net.echo(net.a, 1)
     # Delivered (request and reply) while no path was trusted: DERP carried it.
     assert net.b.counters["wg_received_derp"] > 0
     assert len(net.received[id(net.b)]) == 1
@@ -115,13 +90,13 @@ def test_derp_first_then_direct_and_status() -> None:
     assert st.kind == "direct" and st.addr == "203.0.113.1:41641" and st.trusted
     assert any(isinstance(e, PathChanged) and e.new == "203.0.113.1:41641" for e in net.a.take_events())
     derp = net.a.counters["wg_sent_derp"]
-    net.ping(net.a, 2)
+    net.echo(net.a, 2)
     assert net.a.counters["wg_sent_derp"] == derp
     assert len(net.received[id(net.b)]) == 2
     # Heartbeats keep it trusted while traffic continues.
     for i in range(10):
         net.advance(net.now + 1.0)
-        net.ping(net.a, 3 + i)
+        net.echo(net.a, 3 + i)
     assert net.a.peer_status(net.b.node_key, net.now).kind == "direct"
     # Idle long enough and trust expires: the status says DERP (plus the untrusted direct path).
     net.advance(net.now + 60)
@@ -132,7 +107,7 @@ def test_derp_first_then_direct_and_status() -> None:
 def test_blocked_direct_stays_on_derp() -> None:
     net = Net(block_direct=True)
     for i in range(20):
-        net.ping(net.a, i)
+        net.echo(net.a, i)
         net.advance(net.now + 1.0)
     assert len(net.received[id(net.b)]) == 20
     assert net.a.peer_status(net.b.node_key, net.now).kind == "derp"
@@ -141,12 +116,12 @@ def test_blocked_direct_stays_on_derp() -> None:
 
 def test_wireguard_from_an_unknown_source_is_routed_by_key() -> None:
     net = Net()
-    net.ping(net.a, 1)
+    net.echo(net.a, 1)
     assert net.a.peer_status(net.b.node_key, net.now).kind == "direct"
     # a's NAT rebinds: the same session now arrives from a new address nobody pinged.
     net.addr[id(net.a)] = AddrPort.parse("198.51.100.1:50000")
     before = len(net.received[id(net.b)])
-    net.ping(net.a, 2)
+    net.echo(net.a, 2)
     assert len(net.received[id(net.b)]) == before + 1
 
 

@@ -17,14 +17,13 @@ before WireGuard's own 5 s retry.
 from __future__ import annotations
 
 import ipaddress
-import random
 from collections.abc import Callable
 
 import pytest
 
-from tests.lab import packets
+from tests.magicsock.twocores import TwoCores
 from tsnet.control.server import default_derp_map
-from tsnet.key import DiscoPrivate, NodePrivate
+from tsnet.key import NodePrivate
 from tsnet.magicsock.addrport import AddrPort
 from tsnet.magicsock.conn import HELD_INITIATION_MAX_AGE, DiscoPingResult, MagicSock, PeerConfig
 
@@ -32,23 +31,15 @@ DERP_MAP = default_derp_map("192.0.2.1", 8080, stun_port=3478)
 REKEY_TIMEOUT = 5.0
 
 
-class Net:
+class Net(TwoCores):
     """Two cores on fixed UDP addresses and DERP region 900; no STUN; ``drop`` filters deliveries."""
 
     def __init__(self) -> None:
-        self.now = 0.0
-        self.a = MagicSock(NodePrivate.generate(), DiscoPrivate.generate(), now=0.0, rng=random.Random(1))
-        self.b = MagicSock(NodePrivate.generate(), DiscoPrivate.generate(), now=0.0, rng=random.Random(2))
-        self.addr = {id(self.a): AddrPort.parse("198.51.100.1:41641"), id(self.b): AddrPort.parse("203.0.113.1:41641")}
-        self.ip = {id(self.a): "100.64.0.1", id(self.b): "100.64.0.2"}
+        super().__init__()
         for m in (self.a, self.b):
             m.set_sockets({4: 41641}, [], 0.0)
-        self.received: dict[int, list[bytes]] = {id(self.a): [], id(self.b): []}
         #: (sender, "udp" | "derp", payload) -> True to lose the datagram
         self.drop: Callable[[MagicSock, str, bytes], bool] = lambda m, via, data: False
-
-    def other(self, m: MagicSock) -> MagicSock:
-        return self.b if m is self.a else self.a
 
     def config_of(self, m: MagicSock, *, home_derp: int = 900, endpoints: bool = True) -> PeerConfig:
         eps = (self.addr[id(m)],) if endpoints else ()
@@ -73,24 +64,6 @@ class Net:
                     self.received[id(m)].append(pkt)
             if not moved:
                 return
-
-    def advance(self, until: float) -> None:
-        while True:
-            timers = [t for t in (self.a.get_timer(), self.b.get_timer()) if t is not None and t <= until]
-            if not timers:
-                self.now = until
-                return
-            self.now = max(self.now, min(timers))
-            for m in (self.a, self.b):
-                t = m.get_timer()
-                if t is not None and t <= self.now:
-                    m.handle_timer(self.now)
-            self.pump()
-
-    def echo(self, src: MagicSock, seq: int) -> None:
-        dst = self.other(src)
-        assert src.send_ip_packet(packets.icmp_echo(self.ip[id(src)], self.ip[id(dst)], 1, seq), self.now)
-        self.pump()
 
     def echo_requests_at(self, m: MagicSock) -> int:
         return len(self.received[id(m)])
