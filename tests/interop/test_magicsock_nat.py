@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import Lab, wait_until
+from tests.lab import Lab
 from tests.lab.nat_topology import RELAY_POLICY, NatTopology, PyNode, start_tailscaled_node
 
 pytestmark = pytest.mark.interop
@@ -24,17 +24,7 @@ TIMEOUT = 25.0
 
 
 def _wait(cond, what: str, topo: NatTopology, timeout: float = TIMEOUT) -> None:
-    def check() -> bool:
-        dead = [p for p in topo.lab.processes if p.poll() is not None]
-        if dead:
-            raise AssertionError(f"process died: {dead[0]}")
-        return bool(cond())
-
-    try:
-        wait_until(check, timeout, what, interval=0.1)
-    except Exception:
-        print(topo.logs()[-20000:])
-        raise
+    topo.wait(cond, what, timeout)
 
 
 def _pair(lab: Lab, tmp_path: Path, kind_a: str, kind_b: str) -> tuple[NatTopology, PyNode, PyNode]:

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab import Lab, Namespace, wait_until
+from tests.lab import Lab, Namespace
 from tests.lab.nat_topology import RELAY_POLICY, FullNode, NatTopology, TailscaledNode, start_tailscaled_node
 
 pytestmark = pytest.mark.interop
@@ -50,17 +50,7 @@ SERVICE_PORT = 9000  # b's namespace-local server behind the forward
 def _wait(cond: Callable[[], object], what: str, topo: NatTopology, timeout: float = TIMEOUT,
           allow_dead: tuple[object, ...] = ()) -> None:
     """Poll ``cond`` (bounded); fail at once if an unexpected lab process died, printing the logs."""
-    def check() -> bool:
-        dead = [p for p in topo.lab.processes if p.poll() is not None and p not in allow_dead]
-        if dead:
-            raise AssertionError(f"process died: {dead[0]}")
-        return bool(cond())
-
-    try:
-        wait_until(check, timeout, what, interval=0.1)
-    except Exception:
-        print(topo.logs()[-30000:])
-        raise
+    topo.wait(cond, what, timeout, allow_dead=allow_dead)
 
 
 # -- TCP helpers (blocking sockets inside lab namespaces) ---------------------------------------------------

@@ -220,6 +220,21 @@ class NatTopology:
     def logs(self) -> str:
         return self.lab.process_logs()
 
+    def wait(self, cond: Any, what: str, timeout: float, *, allow_dead: tuple[object, ...] = ()) -> None:
+        """Poll ``cond`` (bounded); fail at once if a lab process died (other than ``allow_dead``),
+        printing the tail of every process's log when it fails."""
+        def check() -> bool:
+            dead = [p for p in self.lab.processes if p.poll() is not None and p not in allow_dead]
+            if dead:
+                raise AssertionError(f"process died: {dead[0]}")
+            return bool(cond())
+
+        try:
+            wait_until(check, timeout, what, interval=0.1)
+        except Exception:
+            print(self.logs()[-30000:])
+            raise
+
 
 @dataclass
 class FullNode:
