@@ -44,7 +44,6 @@ import signal
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -111,6 +110,17 @@ def run_sink(port: int) -> None:
         threading.Thread(target=_serve_conn, args=(conn,), daemon=True).start()
 
 
+def recv_exact(s: socket.socket, n: int, closed: str) -> bytes:
+    """Exactly ``n`` bytes from ``s``; OSError(``closed``) if the peer closes first."""
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise OSError(closed)
+        data += chunk
+    return data
+
+
 def socks_connect(proxy: tuple[str, int], host: str, port: int, timeout: float) -> socket.socket:
     """A TCP connection to ``host:port`` through a SOCKS5 proxy (no authentication)."""
     s = socket.create_connection(proxy, timeout=timeout)
@@ -118,12 +128,7 @@ def socks_connect(proxy: tuple[str, int], host: str, port: int, timeout: float) 
     if s.recv(2) != b"\x05\x00":
         raise OSError("SOCKS5: no acceptable method")
     s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack(">H", port))
-    head = b""
-    while len(head) < 10:
-        chunk = s.recv(10 - len(head))
-        if not chunk:
-            raise OSError("SOCKS5: proxy closed during CONNECT")
-        head += chunk
+    head = recv_exact(s, 10, "SOCKS5: proxy closed during CONNECT")
     if head[1] != 0:
         raise OSError(f"SOCKS5: CONNECT failed, reply code {head[1]}")
     return s
@@ -183,12 +188,7 @@ def run_client(proxy: tuple[str, int], host: str, port: int, mode: str, seconds:
             # End marker, then wait for the server's byte count: bytes still buffered along the way (our
             # socket, the proxy, the nodes) are counted only once they have arrived.
             s.sendall(b"\xff")
-            reply = b""
-            while len(reply) < 8:
-                chunk = s.recv(8 - len(reply))
-                if not chunk:
-                    raise OSError("upload: no byte count from the server")
-                reply += chunk
+            reply = recv_exact(s, 8, "upload: no byte count from the server")
             end = time.perf_counter()
             got = struct.unpack(">Q", reply)[0] - warm
             return {"mbit_s": got * 8 / (end - measuring_from) / 1e6, "bytes": got}
