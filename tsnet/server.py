@@ -258,18 +258,6 @@ def _parse_icmp4_echo_reply(pkt: bytes | memoryview) -> tuple[int, int] | None:
     return ident, seq
 
 
-def _packet_dst_raw(pkt: bytes | bytearray | memoryview) -> bytes:
-    """The destination address bytes of an IP packet (4 or 16 bytes; empty if not IPv4/IPv6)."""
-    if not pkt:
-        return b""
-    version = pkt[0] >> 4
-    if version == 4:
-        return bytes(pkt[16:20])
-    if version == 6:
-        return bytes(pkt[24:40])
-    return b""
-
-
 # --- the server ------------------------------------------------------------------------------------
 
 
@@ -372,7 +360,6 @@ class Server:
         self._loopback_lock: trio.Lock | None = None
         self._self_ips: frozenset[IPAddress] = frozenset()
         #: packed addresses the netstack owns (ours + MagicDNS): packets to them loop back locally
-        self._local_packed: frozenset[bytes] = frozenset()
         self.counters: dict[str, int] = {
             "packets_in": 0, "packets_out": 0,
             "filter_dropped": 0, "no_route": 0, "netmaps": 0, "lite_updates": 0,
@@ -722,7 +709,6 @@ class Server:
             driver.set_netmap(nm)
         addresses = [a.ip for a in nm.addresses]
         self._self_ips = frozenset(addresses)
-        self._local_packed = frozenset(ip.packed for ip in addresses) | {QUAD100_V4.packed, QUAD100_V6.packed}
         if addresses:
             self._ensure_netstack(addresses)
         self._update_filter(nm)
@@ -811,29 +797,21 @@ class Server:
             self._net.deliver(accepted)
 
     def _send_packets(self, packets: Sequence[bytes | bytearray | memoryview]) -> None:
-        """Netstack output: loop back packets for our own addresses, note flows, encrypt the rest."""
+        """Netstack output: note flows, encrypt and send.
+
+        Packets to our own addresses (and MagicDNS's) never get here: the stack owns all of them
+        and loops such packets back itself (``Stack.packets_to_send``).
+        """
         driver = self._driver
-        if driver is None:
+        if driver is None or not packets:
             return
-        own = self._local_packed
-        loop: list[Any] = []
-        out: list[Any] = []
-        for pkt in packets:
-            # (_packet_dst_raw inlined for the common IPv4 bytes packet: this runs once per packet sent)
-            if (pkt[16:20] if pkt.__class__ is bytes and pkt[:1] == b"\x45" else _packet_dst_raw(pkt)) in own:
-                loop.append(bytes(pkt))
-            else:
-                out.append(pkt)
-        if out:
-            filt = self._filter
-            if filt is not None:
-                out = filt.note_outbound_batch(out)  # remembers UDP flows so their replies get in
-            self.counters["packets_out"] += len(out)
-            sent = driver.send_ip_packets(out)
-            self.counters["no_route"] += len(out) - sent
-        if loop and self._net is not None:
-            # Deliver on the next scheduler tick, not from inside the stack's own output call.
-            trio.lowlevel.current_trio_token().run_sync_soon(self._net.deliver, loop)
+        out: Sequence[bytes | bytearray | memoryview] = packets
+        filt = self._filter
+        if filt is not None:
+            out = filt.note_outbound_batch(out)  # remembers UDP flows so their replies get in
+        self.counters["packets_out"] += len(out)
+        sent = driver.send_ip_packets(out)
+        self.counters["no_route"] += len(out) - sent
 
     async def _serve_dns(self, net: Any) -> None:
         """MagicDNS at 100.100.100.100:53 and [fd7a:115c:a1e0::53]:53, UDP and TCP, on the netstack."""
