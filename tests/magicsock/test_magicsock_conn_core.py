@@ -249,3 +249,54 @@ def test_hard_nat_with_configured_port_adds_stun4localport() -> None:
     assert types["198.51.100.7:41641"] is EndpointType.STUN4_LOCAL_PORT
     assert types["198.51.100.7:1000"] is EndpointType.STUN
     assert m.last_report is not None and m.last_report.hard_nat
+
+
+# --- cryptokey routing on receive -----------------------------------------------
+
+
+def _ipv6_udp(src: str, dst: str) -> bytes:
+    """An IPv6 UDP packet (checksum left zero: only the source check is under test here)."""
+    payload = b"\x30\x39\x00\x35\x00\x0cspoo"
+    return (b"\x60\x00\x00\x00" + len(payload).to_bytes(2, "big") + b"\x11\x40"
+            + ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed + payload)
+
+
+def test_inner_source_must_route_back_to_the_sending_peer() -> None:
+    """A peer may only use source addresses that the AllowedIPs table (longest prefix) gives to it."""
+    net = Net()
+    a, b = net.a, net.b
+    sub = ipaddress.ip_network
+    # b's view: a owns 100.64.0.1/32, fd7a::1/128 and the subnet 10.0.0.0/8, except 10.1.2.3,
+    # which a third node owns (a longer prefix); 10.9.0.0/16 also belongs to that third node.
+    third = NodePrivate.generate().public
+    eps = tuple(e.addr for e in a.endpoints if e.type is EndpointType.STUN)
+    b.set_peers([
+        PeerConfig(a.node_key, a.disco_key, eps, 900, 133,
+                   (sub("100.64.0.1/32"), sub("fd7a:115c:a1e0::1/128"), sub("10.0.0.0/8")), name="a"),
+        PeerConfig(third, DiscoPrivate.generate().public, (), 900, 133,
+                   (sub("10.1.2.3/32"), sub("10.9.0.0/16")), name="third"),
+    ], net.now)
+    a.set_peers([PeerConfig(b.node_key, b.disco_key, (), 900, 133, (sub("0.0.0.0/0"), sub("::/0")), name="b")],
+                net.now)
+
+    def deliver(pkt: bytes) -> bool:
+        before = len(net.received[id(b)])
+        assert a.send_ip_packet(pkt, net.now)
+        net.pump()
+        got = net.received[id(b)][before:]
+        assert got in ([], [pkt])
+        return bool(got)
+
+    cases = [
+        ("100.64.0.1", True),   # a's own address
+        ("10.200.0.7", True),   # in a's subnet route
+        ("100.64.0.2", False),  # b's own address
+        ("100.64.0.9", False),  # nobody's
+        ("10.1.2.3", False),    # inside a's /8, but the third node's /32 is the longer match
+        ("10.9.4.4", False),    # the third node's /16 beats a's /8
+    ]
+    for src, allowed in cases * 2:  # twice: the second round goes through the per-address cache
+        assert deliver(packets.udp(src, "100.64.0.2", 5, 6, b"x")) is allowed, src
+    assert deliver(_ipv6_udp("fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2"))
+    assert not deliver(_ipv6_udp("fd7a:115c:a1e0::5", "fd7a:115c:a1e0::2"))
+    assert b.counters["wg_source_not_allowed"] == 2 * 4 + 1

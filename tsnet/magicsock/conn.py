@@ -109,6 +109,8 @@ UNKNOWN_INITIATIONS_MAX = 16
 _RELAY_PATH_CACHE_MAX = 1024
 #: Bound of the (region, sender) -> _DerpSource cache of received DERP WireGuard (cleared when full).
 _DERP_SOURCE_CACHE_MAX = 1024
+#: Bound of the inner-source -> peer cache for sources that only a prefix route covers (cleared when full).
+_SRC_PREFIX_CACHE_MAX = 4096
 #: disco.looks_like_disco, inlined on the DERP receive path (0x54: the magic's first byte, never a
 #: WireGuard message type, so WireGuard datagrams are told apart by one byte).
 _DISCO_MAGIC = disco.MAGIC
@@ -323,6 +325,10 @@ class MagicSock:
         self.peers: dict[NodePublic, _Peer] = {}
         self._routes: dict[IPAddress, NodePublic] = {}
         self._prefix_routes: list[tuple[IPNetwork, NodePublic]] = []
+        # The same table for checking inner source addresses on receive: exact routes keyed by the
+        # packed address (as it sits in a packet), and prefix lookups remembered per address (bounded).
+        self._src_routes: dict[bytes, NodePublic] = {}
+        self._src_prefix_cache: dict[bytes, NodePublic | None] = {}
         self._udp_out: list[tuple[bytes | bytearray, AddrPort]] = []
         self._derp_out: list[tuple[int, NodePublic, bytes | bytearray]] = []
         self._events: list[MagicSockEvent] = []
@@ -419,6 +425,8 @@ class MagicSock:
                     prefixes.append((net, key))
         prefixes.sort(key=lambda x: -x[0].prefixlen)  # longest prefix first
         self._routes, self._prefix_routes = routes, prefixes
+        self._src_routes = {ip.packed: key for ip, key in routes.items()}
+        self._src_prefix_cache = {}
         self._update_relay_servers()
         # A known relay server restarted (new disco key) or came back online: rediscover without the 30 s wait.
         if any(k in old_servers and (old_servers[k] != d or k in came_online) for k, d in self.relay.servers.items()):
@@ -978,13 +986,48 @@ class MagicSock:
             self._flush_wg(now)
 
     def _after_wg_receive(self, now: float) -> None:
+        # Cryptokey routing on receive, as WireGuard requires: a decrypted packet is only accepted if
+        # its inner source address routes back (longest prefix over every peer's AllowedIPs) to the
+        # peer whose key sealed it. Otherwise any peer could speak with another node's address and
+        # be judged by that node's rights in the packet filter.
+        routes = self._src_routes
+        received = self._received
+        ok_peer: NodePublic | None = None  # the last (peer, source) pair that passed: runs skip the lookup
+        ok_src = b""
         for peer, packet in self.wg.packets_received():
-            if len(packet) > 9 and packet[9] == IPPROTO_TSMP and packet[0] >> 4 == 4:
+            # WireGuard delivers only IPv4 (>= 20 bytes) or IPv6 (>= 40 bytes) packets.
+            v4 = packet[0] >> 4 == 4
+            src = packet[12:16] if v4 else packet[8:24]
+            if peer is not ok_peer or src != ok_src:
+                owner = routes.get(src)
+                if owner is None:
+                    owner = self._src_owner_by_prefix(src)
+                if owner is not peer and owner != peer:
+                    self._count("wg_source_not_allowed")
+                    continue
+                ok_peer, ok_src = peer, src
+            if v4 and packet[9] == IPPROTO_TSMP:
                 # TSMP (disco key adverts): 1.96.4 ignores them unless TS_USE_CACHED_NETMAP.
                 self._count("tsmp_dropped")
                 continue
-            self._received.append((peer, packet))
+            received.append((peer, packet))
         self._flush_wg(now)  # handshake responses, keepalives
+
+    def _src_owner_by_prefix(self, src: bytes) -> NodePublic | None:
+        """The peer whose AllowedIPs prefix (longest first) holds the packed address ``src``, if any."""
+        cache = self._src_prefix_cache
+        if src in cache:
+            return cache[src]
+        ip = ipaddress.ip_address(src)
+        owner = None
+        for net, key in self._prefix_routes:
+            if ip.version == net.version and ip in net:
+                owner = key
+                break
+        if len(cache) >= _SRC_PREFIX_CACHE_MAX:
+            cache.clear()
+        cache[bytes(src)] = owner
+        return owner
 
     def take_packets(self) -> list[tuple[NodePublic, bytes]]:
         """Decrypted inner IP packets as ``(peer, packet)``."""
