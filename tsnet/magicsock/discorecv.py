@@ -9,7 +9,8 @@ or drops it and counts why. Rules:
 * Geneve control packets must be a ``BindUDPRelayEndpointChallenge`` from a relay
   server disco key we are handshaking with (:meth:`DiscoReceiver.expect_relay_server`).
 * Everything else must come from a netmap peer's disco key.
-* Ping/Pong: any path.
+* Ping/Pong: any path. A ping over DERP must come from a DERP source that is a
+  known peer with the box sender's disco key (its pong goes to that node).
 * CallMeMaybe, CallMeMaybeVia, Allocate request/response: DERP only; the DERP
   source node key must be a known peer whose disco key equals the box sender.
   CallMeMaybeVia also needs the relay client enabled and the peer's capability
@@ -137,6 +138,18 @@ class DiscoReceiver:
                 self._drop("relay_handshake_not_challenge")
                 return None
             return self._accept(ReceivedDisco(sender, msg, path, (), relay_handshake=True))
+        if isinstance(msg, disco.Ping) and isinstance(path, DerpPath):
+            # tailscaled answers a DERP ping only to a DERP source in its peer map, over DERP to that
+            # node. Anyone can send us DERP frames (a replayed capture, a node outside our netmap):
+            # the pong goes to the node DERP vouches for, whose disco key must be the box's sender.
+            peer = self._peers.get(derp_src) if derp_src is not None else None
+            if peer is None:
+                self._drop("derp_source_not_a_peer")
+                return None
+            if peer.disco_key != sender:
+                self._drop("derp_source_disco_mismatch")
+                return None
+            return self._accept(ReceivedDisco(sender, msg, path, (peer.node_key,)))
         if isinstance(msg, (disco.Ping, disco.Pong)):
             return self._accept(ReceivedDisco(sender, msg, path, nodes))
         if isinstance(msg, _DERP_ONLY):

@@ -30,6 +30,7 @@ from tsnet.relay.client import (
     RelayBindHandshake,
     RelayHandshakeFailed,
     RelayPathReady,
+    sorted_pair,
 )
 
 __all__ = ["CAP_RELAY", "CAP_RELAY_TARGET", "cap_granted", "RelayReady", "RelayManager"]
@@ -152,6 +153,13 @@ class RelayManager:
     def _start_handshake(
         self, peer: NodePublic, peer_disco: DiscoPublic, ep: disco.UDPRelayEndpoint, now: float
     ) -> list[tuple[bytes, AddrPort]]:
+        # The endpoint must join exactly us and this peer (tailscaled binds with RemoteKey = the peer's
+        # netmap disco key, so a relay server refuses anything else). Without this check a peer could hand
+        # us an endpoint pairing us with a third node, and the path proved with that node would carry
+        # this peer's WireGuard.
+        if sorted_pair(*ep.client_disco) != sorted_pair(self.boxes.public_key, peer_disco):
+            self._count("endpoint_not_for_us")
+            return []
         if not self._dedupe.accept(peer_disco, ep):
             self._count("endpoint_duplicate")
             return []
@@ -181,11 +189,14 @@ class RelayManager:
     def handle_disco(
         self, vni: int, sender: DiscoPublic, msg: disco.Message, src: AddrPort, control: bool, now: float
     ) -> tuple[list[tuple[bytes, AddrPort]], list[RelayReady]] | None:
-        """Feed a Geneve-wrapped disco message. None if no handshake wants it."""
+        """Feed a Geneve-wrapped disco message. None if no handshake wants it (a pong counts as wanted
+        only if it answers one of the handshake's own pings)."""
         found = self.active_handshake(vni, sender, control)
         if found is None:
             return None
         peer, hs = found
+        if isinstance(msg, disco.Pong) and not hs.wants_pong(msg.tx_id):
+            return None  # e.g. a heartbeat through an installed relay path: the peer's endpoint takes it
         out = [(d.data, d.to) for d in hs.receive_disco(sender, msg, src, control, now)]
         return out, self._collect(peer, hs)
 

@@ -7,10 +7,13 @@ One :class:`RelayBindHandshake` per (relay endpoint, generation):
 * The **first** valid ``Challenge`` (VNI and remote key checked) fixes the relay
   address; the handshake answers it and immediately sends a ping to the peer
   through the relay (Geneve, not control, boxed to the peer's disco key).
-* A relayed ping from the peer is answered with a pong and, while handshaking,
-  with one more ping of our own (at most 10 pings per handshake).
-* The first pong matching one of our pings completes the handshake with
-  :class:`RelayPathReady` (relay addr:port, VNI, server key, latency).
+* A relayed ping from the peer is answered with a pong and, while handshaking
+  and if it came from that relay address, with one more ping of our own (at
+  most 10 pings per handshake).
+* The first pong matching one of our pings, from the relay address whose
+  challenge we answered, completes the handshake with :class:`RelayPathReady`
+  (relay addr:port, VNI, server key, latency). Pings and pongs from any other
+  address never draw our pings nor become the path.
 * The handshake gives up after min(bind lifetime, 30 s): :class:`RelayHandshakeFailed`.
 
 Allocation (:class:`RelayAllocation`): the request goes over DERP to the relay
@@ -195,18 +198,26 @@ class RelayBindHandshake:
             return [Datagram(self._control(answer), src), *self._ping(src, now)]
         if sender != self.peer_disco:
             return []
+        # Only the address whose challenge we answered is the relay path: our side is bound there.
+        # A ping or pong from anywhere else (another VNI user, a replayed capture) must neither
+        # draw our pings nor become the path.
+        from_relay = src == self.relay_addr
         if isinstance(msg, disco.Ping):
             out = [Datagram(self._to_peer(disco.Pong(msg.tx_id, src)), src)]
-            if self.state is HandshakeState.ANSWER_SENT:
+            if self.state is HandshakeState.ANSWER_SENT and from_relay:
                 out += self._ping(src, now)
             return out
         if isinstance(msg, disco.Pong):
             sent_at = self._sent_pings.get(msg.tx_id)
-            if sent_at is None:
+            if sent_at is None or not from_relay:
                 return []
             self.state = HandshakeState.DONE
             self.result = RelayPathReady(src, self.vni, self.endpoint.server_disco, now - sent_at)
         return []
+
+    def wants_pong(self, tx_id: bytes) -> bool:
+        """Whether a pong with ``tx_id`` answers one of this handshake's pings."""
+        return tx_id in self._sent_pings
 
     def get_timer(self) -> float | None:
         if self.state in (HandshakeState.BIND_SENT, HandshakeState.ANSWER_SENT):

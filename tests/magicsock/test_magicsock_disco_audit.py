@@ -1,0 +1,165 @@
+"""Disco acceptance rules checked against tailscaled 1.96.4, through the MagicSock core.
+
+Each test drives one node's core with hand-made disco packets from its peers (and
+from strangers) and asserts what the node sends back and which paths it learns.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from tsnet.key import DiscoPrivate, NodePrivate
+from tsnet.magicsock import disco as d
+from tsnet.magicsock.addrport import AddrPort
+from tsnet.magicsock.conn import MagicSock, PathChanged, PeerConfig
+from tsnet.magicsock.endpoint import DERP_MAGIC_IP, UDPPath
+from tsnet.relay.geneve import PROTOCOL_DISCO, encode_header
+
+A_ADDR = AddrPort.parse("203.0.113.10:41641")
+B_ADDR = AddrPort.parse("203.0.113.20:41641")
+NEW_ADDR = AddrPort.parse("198.51.100.77:5000")
+RELAY_ADDR = AddrPort.parse("192.0.2.3:40000")
+#: magic + sender key + nonce + tag + a pong's plaintext (type, version, TxID, 18-byte source)
+PONG_PACKET_LEN = 6 + 32 + 24 + 16 + 2 + 12 + 18
+
+
+class Node:
+    """Our core with two peers, A and B; the test holds A's and B's disco keys."""
+
+    def __init__(self) -> None:
+        self.me = MagicSock(NodePrivate.generate(), DiscoPrivate.generate(), now=0.0)
+        self.a_node, self.b_node = NodePrivate.generate().public, NodePrivate.generate().public
+        self.a, self.b = d.DiscoBoxes(DiscoPrivate.generate()), d.DiscoBoxes(DiscoPrivate.generate())
+        self.stranger = d.DiscoBoxes(DiscoPrivate.generate())
+        self.me.set_peers([
+            PeerConfig(self.a_node, self.a.public_key, (A_ADDR,), 1, 133,
+                       (ipaddress.ip_network("100.64.0.10/32"),), name="a"),
+            PeerConfig(self.b_node, self.b.public_key, (B_ADDR,), 1, 133,
+                       (ipaddress.ip_network("100.64.0.20/32"),), name="b"),
+        ], 0.0)
+
+    def seal(self, boxes: d.DiscoBoxes, msg: d.Message) -> bytes:
+        return boxes.seal(self.me.disco_key, msg)
+
+    @property
+    def ep_a(self):  # noqa: ANN201
+        return self.me.peers[self.a_node].ep
+
+    def drain(self) -> tuple[list, list, list]:
+        return self.me.take_udp(), self.me.take_derp(), self.me.take_events()
+
+    def ping_a(self, now: float) -> bytes:
+        """Have our node ping A (like ``tailscale ping``); returns the TxID of its UDP ping to A_ADDR."""
+        self.me.ping(self.a_node, now)
+        udp, _derp, _ = self.drain()
+        [pkt] = [data for data, to in udp if to == A_ADDR]
+        sender, msg = self.a.open_message(pkt)
+        assert sender == self.me.disco_key and isinstance(msg, d.Ping)
+        return msg.tx_id
+
+
+def test_derp_ping_is_answered_only_to_the_peer_derp_vouches_for() -> None:
+    n = Node()
+    ping = n.seal(n.a, d.Ping(d.new_tx_id(), n.a_node))
+    # A node outside our netmap relays A's ping to us over DERP: no pong, and no DERP region
+    # learned for A.
+    n.me.receive_derp(7, NodePrivate.generate().public, ping, 1.0)
+    assert n.drain() == ([], [], [])
+    assert n.ep_a.last_derp_region_heard == 0
+    # Peer B forwards A's (sealed) ping: B's disco key is not the sender's either.
+    n.me.receive_derp(7, n.b_node, ping, 1.0)
+    assert n.drain()[1] == []
+    assert n.me.disco.dropped == {"derp_source_not_a_peer": 1, "derp_source_disco_mismatch": 1}
+    # A itself: the pong goes back over DERP in that region, to A, reporting the DERP "address".
+    n.me.receive_derp(7, n.a_node, ping, 1.0)
+    _udp, derp, _ = n.drain()
+    [(region, to, pkt)] = derp
+    assert (region, to) == (7, n.a_node)
+    _, pong = n.a.open_message(pkt)
+    assert isinstance(pong, d.Pong) and pong.src == AddrPort(DERP_MAGIC_IP, 7)
+    assert n.ep_a.last_derp_region_heard == 7
+
+
+def test_pong_counts_only_for_a_ping_we_sent_to_that_peer() -> None:
+    n = Node()
+    tx = n.ping_a(1.0)
+    # Random TxID from A; A's TxID echoed by B (another peer's disco key), even from A's address.
+    n.me.receive_udp(n.seal(n.a, d.Pong(d.new_tx_id(), NEW_ADDR)), A_ADDR, 1.01)
+    n.me.receive_udp(n.seal(n.b, d.Pong(tx, NEW_ADDR)), A_ADDR, 1.01)
+    assert n.ep_a.best is None and n.drain()[2] == []
+    # The real pong from A sets the path.
+    n.me.receive_udp(n.seal(n.a, d.Pong(tx, NEW_ADDR)), A_ADDR, 1.02)
+    assert n.ep_a.best is not None and n.ep_a.best.path == UDPPath(A_ADDR)
+    assert any(isinstance(e, PathChanged) for e in n.drain()[2])
+    # Each TxID is good for one pong: a replay does not extend trust.
+    trust = n.ep_a.trust_until
+    n.me.receive_udp(n.seal(n.a, d.Pong(tx, NEW_ADDR)), A_ADDR, 3.0)
+    assert n.ep_a.trust_until == trust
+
+
+def test_pong_credits_the_address_pinged_not_the_pong_source() -> None:
+    # tailscaled ranks the address it sent the ping to (a multi-homed peer may answer from
+    # another address); the source of the pong is never learned as a path.
+    n = Node()
+    tx = n.ping_a(1.0)
+    n.me.receive_udp(n.seal(n.a, d.Pong(tx, NEW_ADDR)), NEW_ADDR, 1.02)
+    assert n.ep_a.best is not None and n.ep_a.best.path == UDPPath(A_ADDR)
+    assert NEW_ADDR not in n.ep_a.candidates
+
+
+def test_unauthenticated_packets_from_a_new_address_teach_nothing() -> None:
+    n = Node()
+    forged = bytearray(n.seal(n.a, d.Ping(d.new_tx_id(), n.a_node)))
+    forged[-1] ^= 1  # A's key in the header, but the box does not open
+    n.me.receive_udp(bytes(forged), NEW_ADDR, 1.0)
+    n.me.receive_udp(n.seal(n.stranger, d.Ping(d.new_tx_id())), NEW_ADDR, 1.0)  # not a peer's key
+    n.me.receive_udp(b"\x04\x00\x00\x00" + bytes(60), NEW_ADDR, 1.0)  # WireGuard for no session
+    n.me.receive_udp(b"\x01\x00\x00\x00" + bytes(144), NEW_ADDR, 1.0)  # an initiation that does not open
+    assert n.drain()[0] == []
+    assert set(n.ep_a.candidates) == {A_ADDR}
+    assert all(NEW_ADDR != p.addr for st in n.me.peers.values() for p in st.sources)
+    # A genuine ping from the new address makes it a candidate and gets a pong there.
+    n.me.receive_udp(n.seal(n.a, d.Ping(d.new_tx_id(), n.a_node)), NEW_ADDR, 1.0)
+    [(pkt, to)] = n.drain()[0]
+    assert to == NEW_ADDR and isinstance(n.a.open_message(pkt)[1], d.Pong)
+    assert NEW_ADDR in n.ep_a.candidates
+
+
+def test_call_me_maybe_counts_only_over_derp_from_its_owner() -> None:
+    n = Node()
+    cmm = n.seal(n.a, d.CallMeMaybe((NEW_ADDR,)))
+    n.me.receive_udp(cmm, A_ADDR, 1.0)  # direct UDP: tailscaled ignores it
+    n.me.receive_udp(encode_header(PROTOCOL_DISCO, 5) + cmm, RELAY_ADDR, 1.0)  # through a peer relay
+    n.me.receive_derp(1, n.b_node, cmm, 1.0)  # over DERP, but from B's node key
+    assert NEW_ADDR not in n.ep_a.candidates and n.drain()[0] == []
+    assert n.me.disco.dropped == {"derp_only_message_not_via_derp": 2, "derp_source_disco_mismatch": 1}
+    n.me.receive_derp(1, n.a_node, cmm, 1.0)
+    assert NEW_ADDR in n.ep_a.candidates
+    pinged = {to for _data, to in n.drain()[0]}
+    assert pinged == {A_ADDR, NEW_ADDR}  # every candidate at once
+
+
+def test_padded_ping_gets_a_small_pong_and_a_repeat_gets_none() -> None:
+    n = Node()
+    ping = n.seal(n.a, d.Ping(d.new_tx_id(), n.a_node, padding=1200))
+    n.me.receive_udp(ping, NEW_ADDR, 1.0)
+    [(pkt, to)] = n.drain()[0]
+    assert to == NEW_ADDR and len(pkt) == PONG_PACKET_LEN < len(ping)  # never an amplifier
+    # The same ping again from the same address (a duplicate or a replay): no second pong.
+    n.me.receive_udp(ping, NEW_ADDR, 1.5)
+    assert n.drain()[0] == []
+
+
+def test_geneve_ping_from_a_peer_is_answered_through_the_relay_without_a_candidate() -> None:
+    n = Node()
+    tx = d.new_tx_id()
+    n.me.receive_udp(encode_header(PROTOCOL_DISCO, 5) + n.seal(n.a, d.Ping(tx, n.a_node)), RELAY_ADDR, 1.0)
+    [(pkt, to)] = n.drain()[0]
+    assert to == RELAY_ADDR and pkt[:8] == encode_header(PROTOCOL_DISCO, 5)  # O bit clear, same VNI
+    _, pong = n.a.open_message(pkt[8:])
+    assert isinstance(pong, d.Pong) and pong.tx_id == tx and pong.src == RELAY_ADDR
+    assert RELAY_ADDR not in n.ep_a.candidates
+    # The same ping with the control bit set is a relay handshake message: dropped.
+    n.me.receive_udp(encode_header(PROTOCOL_DISCO, 5, control=True) + n.seal(n.a, d.Ping(tx, n.a_node)),
+                     RELAY_ADDR, 1.0)
+    assert n.drain()[0] == []
