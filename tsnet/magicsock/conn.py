@@ -71,7 +71,7 @@ from tsnet.magicsock.endpoint import (
     UDPPath,
 )
 from tsnet.magicsock.netcheck import NetcheckReport, StunProber, stun_targets
-from tsnet.magicsock.relaymanager import CAP_RELAY, CAP_RELAY_TARGET, RelayManager, RelayReady, cap_granted
+from tsnet.magicsock.relaymanager import CAP_RELAY, CAP_RELAY_TARGET, RelayManager, RelayReady, cap_granted, relay_roles
 from tsnet.magicsock.tsmp import IPPROTO_TSMP
 from tsnet.relay.geneve import PROTOCOL_DISCO, PROTOCOL_WIREGUARD, encode_header
 from tsnet.relay.server import RelayError, RelayServer
@@ -318,6 +318,8 @@ class MagicSock:
         self.relay = RelayManager(self.boxes, self.node_key)
         #: a peer relay server this node runs (allocations over DERP are answered with it)
         self.relay_server: RelayServer | None = None
+        #: False when our node has the ``disable-relay-server`` attribute: allocation requests are refused
+        self.relay_server_enabled = True
         self.packet_filter: tuple[Any, ...] = ()
         self.self_ips: tuple[IPAddress, ...] = ()
         self.drop_direct_udp = drop_direct_udp
@@ -471,7 +473,7 @@ class MagicSock:
     def _update_relay_servers(self) -> None:
         """Relay candidates: relay-capable peers our packet filter grants ``cap/relay-target`` from."""
         servers = {}
-        if self.self_ips:
+        if self.self_ips and self.disco.relay_client_enabled:  # no candidates under disable-relay-client
             for key, st in self.peers.items():
                 cfg = st.config
                 if cfg.cap >= RELAY_CAPABLE_CAP_VERSION and cfg.disco_key is not None and cap_granted(
@@ -485,11 +487,16 @@ class MagicSock:
             st.ep.relay_servers_available = any(k != key for k in servers)
 
     def set_netmap(self, netmap: Any, now: float) -> None:
-        """Apply a control :class:`~tsnet.control.netmap.NetworkMap`: DERP map (when changed) and peers."""
+        """Apply a control :class:`~tsnet.control.netmap.NetworkMap`: DERP map (when changed), peers, packet
+        filter (relay grants) and our node attributes (``disable-relay-client``/``only-tcp-443``: no relay
+        client; ``disable-relay-server``: allocation requests refused)."""
         if netmap.derp_map is not None and netmap.derp_map != self.derp_map:
             self.set_derp_map(netmap.derp_map, now)
         self.packet_filter = tuple(netmap.packet_filter or ())
         self.self_ips = tuple(a.ip for a in netmap.addresses)
+        attrs = [*(getattr(netmap, "cap_map", None) or ()),
+                 *(getattr(getattr(netmap, "self_node", None), "capabilities", None) or ())]
+        self.disco.relay_client_enabled, self.relay_server_enabled = relay_roles(attrs)
         self.set_peers(peers_from_netmap(netmap), now)
 
     # --- sending --------------------------------------------------------------
@@ -771,6 +778,9 @@ class MagicSock:
         st = self.peers.get(src)
         if server is None or st is None:
             self._count("relay_allocate_no_server")
+            return
+        if not self.relay_server_enabled:
+            self._count("relay_allocate_server_disabled")
             return
         if not cap_granted(self.packet_filter, CAP_RELAY, self._host_ips(st.config), self.self_ips):
             self._count("relay_allocate_not_granted")

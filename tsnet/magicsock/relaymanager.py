@@ -33,10 +33,35 @@ from tsnet.relay.client import (
     sorted_pair,
 )
 
-__all__ = ["CAP_RELAY", "CAP_RELAY_TARGET", "cap_granted", "RelayReady", "RelayManager"]
+__all__ = [
+    "CAP_RELAY",
+    "CAP_RELAY_TARGET",
+    "NODE_ATTR_DISABLE_RELAY_CLIENT",
+    "NODE_ATTR_ONLY_TCP_443",
+    "NODE_ATTR_DISABLE_RELAY_SERVER",
+    "relay_roles",
+    "cap_granted",
+    "RelayReady",
+    "RelayManager",
+]
 
 CAP_RELAY = "tailscale.com/cap/relay"
 CAP_RELAY_TARGET = "tailscale.com/cap/relay-target"
+#: Self node attributes (``Node.CapMap``, or the legacy ``Capabilities`` list) that switch relay roles off.
+NODE_ATTR_DISABLE_RELAY_CLIENT = "disable-relay-client"
+NODE_ATTR_ONLY_TCP_443 = "only-tcp-443"
+NODE_ATTR_DISABLE_RELAY_SERVER = "disable-relay-server"
+
+
+def relay_roles(node_attrs: Iterable[str]) -> tuple[bool, bool]:
+    """``(client_enabled, server_enabled)`` for a self node with these attributes.
+
+    As tailscaled: ``disable-relay-client`` or ``only-tcp-443`` stop allocating on relay
+    servers and make CallMeMaybeVia ignored; ``disable-relay-server`` stops serving.
+    """
+    attrs = set(node_attrs)
+    client = NODE_ATTR_DISABLE_RELAY_CLIENT not in attrs and NODE_ATTR_ONLY_TCP_443 not in attrs
+    return client, NODE_ATTR_DISABLE_RELAY_SERVER not in attrs
 
 
 def _ip_matches(spec: str, ip: IPAddress) -> bool:

@@ -1,0 +1,103 @@
+"""Our node's attributes switch peer relay roles off, as in tailscaled 1.96.4:
+``disable-relay-client`` and ``only-tcp-443`` (no relay candidates, CallMeMaybeVia ignored) and
+``disable-relay-server`` (allocation requests refused)."""
+
+from __future__ import annotations
+
+import ipaddress
+from types import SimpleNamespace
+
+import pytest
+
+from tsnet.control import tailcfg
+from tsnet.key import DiscoPrivate, NodePrivate
+from tsnet.magicsock import disco as d
+from tsnet.magicsock.addrport import AddrPort
+from tsnet.magicsock.conn import MagicSock
+from tsnet.magicsock.relaymanager import CAP_RELAY, CAP_RELAY_TARGET, relay_roles
+from tsnet.relay.client import sorted_pair
+from tsnet.relay.server import RelayServer
+
+RELAY_ADDR = AddrPort.parse("192.0.2.3:40000")
+
+
+def _grant_all() -> tuple[tailcfg.FilterRule, ...]:
+    return (tailcfg.FilterRule(src_ips=("*",), cap_grant=(
+        tailcfg.CapGrant(dsts=("0.0.0.0/0", "::/0"), cap_map={CAP_RELAY: None, CAP_RELAY_TARGET: None}),)),)
+
+
+class Setup:
+    """Our core with peers A (a relay-capable node, so a relay candidate) and B, all relay caps granted."""
+
+    def __init__(self) -> None:
+        self.me = MagicSock(NodePrivate.generate(), DiscoPrivate.generate(), now=0.0)
+        self.me.relay_server = RelayServer(DiscoPrivate.generate(), now=0.0)
+        self.me.relay_server.set_addr_ports(static=[RELAY_ADDR])
+        self.a_node, self.b_node = NodePrivate.generate().public, NodePrivate.generate().public
+        self.a, self.b = d.DiscoBoxes(DiscoPrivate.generate()), d.DiscoBoxes(DiscoPrivate.generate())
+
+    def netmap(self, cap_map=None, capabilities=None) -> SimpleNamespace:  # noqa: ANN001
+        def peer(key, boxes, ip, name):  # noqa: ANN001, ANN202
+            return SimpleNamespace(key=key, disco_key=boxes.public_key, endpoints=(), addresses=(),
+                                   allowed_ips=(ipaddress.ip_network(ip + "/32"),), home_derp=1, cap=133,
+                                   name=name, online=True)
+        return SimpleNamespace(
+            derp_map=None, packet_filter=_grant_all(), addresses=(ipaddress.ip_interface("100.64.0.1/32"),),
+            cap_map=cap_map or {}, self_node=SimpleNamespace(capabilities=capabilities),
+            peers=(peer(self.a_node, self.a, "100.64.0.2", "a"), peer(self.b_node, self.b, "100.64.0.3", "b")))
+
+    def call_me_maybe_via_from_a(self) -> None:
+        server = DiscoPrivate.generate().public
+        ep = d.UDPRelayEndpoint(server, sorted_pair(self.me.disco_key, self.a.public_key), 1, 9, 30 * 10**9,
+                                300 * 10**9, (AddrPort.parse("192.0.2.50:7000"),))
+        self.me.receive_derp(1, self.a_node, self.a.seal(self.me.disco_key, d.CallMeMaybeVia(ep)), 1.0)
+
+    def allocate_request_from_a(self) -> list:
+        req = d.AllocateUDPRelayEndpointRequest(sorted_pair(self.a.public_key, self.b.public_key), 4)
+        self.me.receive_derp(1, self.a_node, self.a.seal(self.me.disco_key, req), 1.0)
+        return self.me.take_derp()
+
+
+def test_relay_roles() -> None:
+    assert relay_roles([]) == (True, True)
+    assert relay_roles(["disable-relay-client"]) == (False, True)
+    assert relay_roles(["only-tcp-443", "something-else"]) == (False, True)
+    assert relay_roles(["disable-relay-server"]) == (True, False)
+
+
+def test_without_attributes_both_roles_work() -> None:
+    s = Setup()
+    s.me.set_netmap(s.netmap(), 0.0)
+    assert set(s.me.relay.servers) == {s.a_node, s.b_node}
+    s.call_me_maybe_via_from_a()
+    assert [to for _data, to in s.me.take_udp()] == [AddrPort.parse("192.0.2.50:7000")]  # our Bind
+    [(region, to, pkt)] = s.allocate_request_from_a()
+    assert (region, to) == (1, s.a_node)
+    assert isinstance(s.a.open_message(pkt)[1], d.AllocateUDPRelayEndpointResponse)
+
+
+@pytest.mark.parametrize("attr", ["disable-relay-client", "only-tcp-443"])
+@pytest.mark.parametrize("legacy", [False, True])
+def test_relay_client_attributes(attr: str, legacy: bool) -> None:
+    s = Setup()
+    nm = s.netmap(capabilities=(attr,)) if legacy else s.netmap(cap_map={attr: None})
+    s.me.set_netmap(nm, 0.0)
+    assert s.me.relay.servers == {}
+    assert not any(st.ep.relay_servers_available for st in s.me.peers.values())
+    s.call_me_maybe_via_from_a()
+    assert s.me.take_udp() == []
+    assert s.me.disco.dropped == {"relay_client_disabled": 1}
+    # The server role is untouched.
+    assert len(s.allocate_request_from_a()) == 1
+    # Control lifts the attribute: candidates again.
+    s.me.set_netmap(s.netmap(), 2.0)
+    assert set(s.me.relay.servers) == {s.a_node, s.b_node}
+
+
+def test_disable_relay_server_refuses_allocations() -> None:
+    s = Setup()
+    s.me.set_netmap(s.netmap(cap_map={"disable-relay-server": None}), 0.0)
+    assert s.allocate_request_from_a() == []
+    assert s.me.counters["relay_allocate_server_disabled"] == 1
+    assert s.me.relay_server.endpoint_gauge() == {"connecting": 0, "open": 0}
+    assert set(s.me.relay.servers) == {s.a_node, s.b_node}  # still a relay client
