@@ -193,3 +193,35 @@ def test_a_third_key_cannot_join_or_hijack_an_endpoint() -> None:
     assert srv.dropped == {"control_unknown_sender": 1}
     assert set(srv.sessions()[0].bound) == {A_ADDR, B_ADDR}
     assert srv.receive_datagram(encode_header(PROTOCOL_WIREGUARD, ep.vni) + WG, OTHER_ADDR, 1.0) is None
+
+
+def test_superseded_handshake_stops_accepting_its_server_challenges() -> None:
+    me, peer, server = _keys()
+    rm = RelayManager(me, NodePrivate.generate().public)
+    peer_node = NodePrivate.generate().public
+    rm.handle_call_me_maybe_via(peer_node, peer.public_key, d.CallMeMaybeVia(_endpoint(server, me, peer, 1)), 0.0)
+    # The server re-announces the endpoint with a newer Lamport id: the old handshake is replaced.
+    rm.handle_call_me_maybe_via(peer_node, peer.public_key, d.CallMeMaybeVia(_endpoint(server, me, peer, 2)), 1.0)
+    # magicsock accepts a server's Geneve control messages while a handshake with it runs: one
+    # "expected" per handshake started, one "finished" per handshake ended (here: the replaced one).
+    assert len(rm.expected_servers) - len(rm.finished_servers) == 1
+    rm.handle_timer(31.0)  # the remaining one times out
+    assert len(rm.expected_servers) - len(rm.finished_servers) == 0
+    assert rm.counters["handshake_failed"] == 1
+
+
+def test_allocate_response_only_from_a_server_we_asked() -> None:
+    me, peer, _server = _keys()
+    rm = RelayManager(me, NodePrivate.generate().public)
+    relay_node, other_node = NodePrivate.generate().public, NodePrivate.generate().public
+    peer_node = NodePrivate.generate().public
+    rm.set_servers({relay_node: DiscoPrivate.generate().public})  # our only granted candidate
+    [(to, req)] = rm.discover(peer_node, peer.public_key, 0.0)
+    assert to == relay_node
+    server = d.DiscoBoxes(DiscoPrivate.generate())
+    resp = d.AllocateUDPRelayEndpointResponse(req.generation, _endpoint(server, me, peer))
+    # The same answer from a node we never asked (not a granted relay candidate): ignored.
+    assert rm.handle_allocate_response(other_node, resp, 0.1) == ([], [])
+    assert rm.counters["allocate_response_unmatched"] == 1
+    msgs, binds = rm.handle_allocate_response(relay_node, resp, 0.1)
+    assert msgs == [(peer_node, d.CallMeMaybeVia(resp.endpoint))] and [t for _b, t in binds] == [SERVER_ADDR]

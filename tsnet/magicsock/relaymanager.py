@@ -194,6 +194,9 @@ class RelayManager:
             self._count("endpoint_not_for_us")
             return []
         lst = self._handshakes.setdefault(ep.vni, [])
+        for _p, h in lst:
+            if h.endpoint.server_disco == ep.server_disco:
+                self.finished_servers.append(h.endpoint.server_disco)  # superseded: its challenges end too
         lst[:] = [(p, h) for p, h in lst if h.endpoint.server_disco != ep.server_disco]
         lst.append((peer, hs))
         self.expected_servers.append(ep.server_disco)
