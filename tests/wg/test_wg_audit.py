@@ -9,7 +9,6 @@ staging while a handshake is pending. All timing uses explicit ``now``.
 
 from __future__ import annotations
 
-
 from tests.wg.wgutil import Clock, CountingRng, Net, events_of, ipv4, key, make_pair
 from tsnet.wg import HandshakeCompleted, Limits, PacketReceived, WireGuard
 from tsnet.wg.cookie import LABEL_MAC1
@@ -288,6 +287,34 @@ def test_only_a_packet_under_the_new_keys_confirms_them() -> None:
     net.pump()
     assert peer_of(b, a).current is pending and peer_of(b, a).next is None
     assert packets(b) == [ipv4(b"new keys")]
+
+
+def test_confirmed_responder_session_erases_our_own_unanswered_initiation() -> None:
+    # Once a session we answered is confirmed, our own pending initiation is superseded: its
+    # ephemeral secret and index must go (wireguard-go overwrites that state on consuming the
+    # peer's initiation), so a late response to it is refused instead of replacing the new session.
+    limits = Limits()
+    net, a, b = make_pair(limits)
+    net.drop = lambda src, dst, p: src == B_ADDR and p[0] == TYPE_RESPONSE
+    a.initiate_handshake(b.public_key, net.clock.now)
+    net.pump()
+    late_response = wire_from(net, B_ADDR, TYPE_RESPONSE)[-1]
+    assert a.handshake_pending(b.public_key, net.clock.now)
+    net.drop = None
+    net.clock.advance(limits.rekey_timeout + 1)  # no retransmission: a's timers are not run here
+    b.initiate_handshake(a.public_key, net.clock.now)
+    net.pump()
+    assert events_of(a, HandshakeCompleted) == [HandshakeCompleted(b.public_key, False)]
+    assert peer_of(a, b).handshake is None and a._handshakes == {}  # noqa: SLF001
+    assert peer_of(a, b).timer_retransmit is None
+    current = peer_of(a, b).current
+    a.receive_datagram(late_response, B_ADDR, net.clock.now)
+    assert a.counters.drop_unknown_index == 1 and peer_of(a, b).current is current
+    a.send_packet(b.public_key, ipv4(b"on the confirmed session"), net.clock.now)
+    b.send_packet(a.public_key, ipv4(b"and back"), net.clock.now)
+    net.pump()
+    assert packets(b) == [ipv4(b"on the confirmed session")]
+    assert packets(a) == [ipv4(b"and back")]
 
 
 # -- index table ---------------------------------------------------------------------------

@@ -850,6 +850,11 @@ class WireGuard:
 
     def _confirm_next(self, peer: Peer, now: float) -> None:
         """The first authenticated transport message on "next": it becomes current."""
+        if peer.handshake is not None:
+            # A fresh session now exists, so our own unanswered initiation is superseded: erase its
+            # ephemeral secret now rather than keep it (and its index) until the next attempt or key wipe.
+            self._handshakes.pop(peer.handshake.local_index, None)
+            peer.handshake = None
         self._drop_keypair(peer.previous)
         peer.previous = peer.current
         peer.current = peer.next
