@@ -1,6 +1,9 @@
-"""Our node's attributes switch peer relay roles off, as in tailscaled 1.96.4:
-``disable-relay-client`` and ``only-tcp-443`` (no relay candidates, CallMeMaybeVia ignored) and
-``disable-relay-server`` (allocation requests refused)."""
+"""Who may take part in peer relays, as in tailscaled 1.96.4.
+
+Our node's attributes switch roles off: ``disable-relay-client`` and ``only-tcp-443`` (no relay
+candidates, CallMeMaybeVia ignored), ``disable-relay-server`` (allocation requests refused).
+Grants (``cap/relay-target``, ``cap/relay``) are judged between the nodes' own primary addresses.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from tsnet.key import DiscoPrivate, NodePrivate
 from tsnet.magicsock import disco as d
 from tsnet.magicsock.addrport import AddrPort
 from tsnet.magicsock.conn import MagicSock
-from tsnet.magicsock.relaymanager import CAP_RELAY, CAP_RELAY_TARGET, relay_roles
+from tsnet.magicsock.relaymanager import CAP_RELAY, CAP_RELAY_TARGET, node_has_cap, relay_roles
 from tsnet.relay.client import sorted_pair
 from tsnet.relay.server import RelayServer
 
@@ -101,3 +104,43 @@ def test_disable_relay_server_refuses_allocations() -> None:
     assert s.me.counters["relay_allocate_server_disabled"] == 1
     assert s.me.relay_server.endpoint_gauge() == {"connecting": 0, "open": 0}
     assert set(s.me.relay.servers) == {s.a_node, s.b_node}  # still a relay client
+
+
+# --- who is granted: the nodes' own primary addresses, as tailscaled's nodeHasCap ----------------
+
+
+def _rule(cap: str, src: str, dst: str) -> tailcfg.FilterRule:
+    return tailcfg.FilterRule(src_ips=(src,), cap_grant=(tailcfg.CapGrant(dsts=(dst,), cap_map={cap: None}),))
+
+
+def test_node_has_cap_judges_the_first_same_family_pair() -> None:
+    p4, p6 = ipaddress.ip_address("100.64.0.2"), ipaddress.ip_address("fd7a:115c:a1e0::2")
+    s4, s6 = ipaddress.ip_address("100.64.0.1"), ipaddress.ip_address("fd7a:115c:a1e0::1")
+    assert node_has_cap([_rule(CAP_RELAY, "100.64.0.2", "100.64.0.1/32")], CAP_RELAY, [p4, p6], [s4, s6])
+    # Granted only between the v6 addresses, or across families: the v4 pair decides, so no.
+    assert not node_has_cap([_rule(CAP_RELAY, "fd7a:115c:a1e0::2", "fd7a:115c:a1e0::1/128")], CAP_RELAY,
+                            [p4, p6], [s4, s6])
+    assert not node_has_cap([_rule(CAP_RELAY, "100.64.0.2", "fd7a:115c:a1e0::1/128")], CAP_RELAY, [p4, p6], [s4, s6])
+    # A v6-only node is judged on v6.
+    assert node_has_cap([_rule(CAP_RELAY, "fd7a:115c:a1e0::2", "::/0")], CAP_RELAY, [p6], [s4, s6])
+    assert not node_has_cap([_rule(CAP_RELAY, "*", "*")], CAP_RELAY, [p6], [s4])  # no common family
+
+
+def test_a_subnet_routers_host_route_does_not_make_it_granted() -> None:
+    s = Setup()
+    nm = s.netmap()
+    # A is a subnet router: besides its own address it routes the host 10.9.9.9. Grants from that
+    # host (to us, both caps) are not grants from A.
+    a = nm.peers[0]
+    a.addresses = (ipaddress.ip_interface("100.64.0.2/32"),)
+    a.allowed_ips = (ipaddress.ip_network("10.9.9.9/32"), ipaddress.ip_network("100.64.0.2/32"))
+    nm.packet_filter = (_rule(CAP_RELAY_TARGET, "10.9.9.9", "*"), _rule(CAP_RELAY, "10.9.9.9", "*"))
+    s.me.set_netmap(nm, 0.0)
+    assert s.me.relay.servers == {}
+    assert s.allocate_request_from_a() == []
+    assert s.me.counters["relay_allocate_not_granted"] == 1
+    # Granted from A's own address: a candidate, and its allocations are answered.
+    nm.packet_filter = (_rule(CAP_RELAY_TARGET, "100.64.0.2", "*"), _rule(CAP_RELAY, "100.64.0.2", "*"))
+    s.me.set_netmap(nm, 1.0)
+    assert set(s.me.relay.servers) == {s.a_node}
+    assert len(s.allocate_request_from_a()) == 1

@@ -71,7 +71,14 @@ from tsnet.magicsock.endpoint import (
     UDPPath,
 )
 from tsnet.magicsock.netcheck import NetcheckReport, StunProber, stun_targets
-from tsnet.magicsock.relaymanager import CAP_RELAY, CAP_RELAY_TARGET, RelayManager, RelayReady, cap_granted, relay_roles
+from tsnet.magicsock.relaymanager import (
+    CAP_RELAY,
+    CAP_RELAY_TARGET,
+    RelayManager,
+    RelayReady,
+    node_has_cap,
+    relay_roles,
+)
 from tsnet.magicsock.tsmp import IPPROTO_TSMP
 from tsnet.relay.geneve import PROTOCOL_DISCO, PROTOCOL_WIREGUARD, encode_header
 from tsnet.relay.server import RelayError, RelayServer
@@ -159,6 +166,8 @@ class PeerConfig:
     name: str = ""
     #: control's view of the node's connection (None: not said); a relay server going offline drops its paths
     online: bool | None = None
+    #: the node's own tailnet addresses in netmap order, for relay grant checks (empty: its single-IP AllowedIPs)
+    addresses: tuple[IPAddress, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +293,7 @@ def peers_from_netmap(netmap: Any) -> list[PeerConfig]:
                 continue
         allowed = p.allowed_ips or tuple(ipaddress.ip_network(a, strict=False) for a in p.addresses)
         out.append(PeerConfig(p.key, p.disco_key, tuple(eps), p.home_derp, p.cap, tuple(allowed), p.name,
-                              getattr(p, "online", None)))
+                              getattr(p, "online", None), tuple(a.ip for a in p.addresses)))
     return out
 
 
@@ -468,6 +477,10 @@ class MagicSock:
 
     @staticmethod
     def _host_ips(cfg: PeerConfig) -> list[IPAddress]:
+        # The node's own addresses, as tailscaled judges grants: a subnet router's single-host
+        # routes are not the router.
+        if cfg.addresses:
+            return list(cfg.addresses)
         return [n.network_address for n in cfg.allowed_ips if n.prefixlen == n.max_prefixlen]
 
     def _update_relay_servers(self) -> None:
@@ -476,7 +489,7 @@ class MagicSock:
         if self.self_ips and self.disco.relay_client_enabled:  # no candidates under disable-relay-client
             for key, st in self.peers.items():
                 cfg = st.config
-                if cfg.cap >= RELAY_CAPABLE_CAP_VERSION and cfg.disco_key is not None and cap_granted(
+                if cfg.cap >= RELAY_CAPABLE_CAP_VERSION and cfg.disco_key is not None and node_has_cap(
                         self.packet_filter, CAP_RELAY_TARGET, self._host_ips(cfg), self.self_ips):
                     servers[key] = cfg.disco_key
         if servers.keys() != self.relay.servers.keys():
@@ -782,7 +795,7 @@ class MagicSock:
         if not self.relay_server_enabled:
             self._count("relay_allocate_server_disabled")
             return
-        if not cap_granted(self.packet_filter, CAP_RELAY, self._host_ips(st.config), self.self_ips):
+        if not node_has_cap(self.packet_filter, CAP_RELAY, self._host_ips(st.config), self.self_ips):
             self._count("relay_allocate_not_granted")
             return
         try:

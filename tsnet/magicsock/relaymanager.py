@@ -2,7 +2,8 @@
 
 * :func:`cap_granted` evaluates a packet filter's CapGrants (who may use whom
   as a relay: ``tailscale.com/cap/relay-target`` on clients,
-  ``tailscale.com/cap/relay`` on the relay node).
+  ``tailscale.com/cap/relay`` on the relay node); :func:`node_has_cap` applies
+  it between two nodes' primary addresses, as tailscaled does.
 * :class:`RelayManager` is the client side: allocations on every candidate
   relay node over DERP, CallMeMaybeVia to the peer, the bind handshakes
   (:class:`tsnet.relay.client.RelayBindHandshake`) and, when one proves a path,
@@ -41,6 +42,7 @@ __all__ = [
     "NODE_ATTR_DISABLE_RELAY_SERVER",
     "relay_roles",
     "cap_granted",
+    "node_has_cap",
     "RelayReady",
     "RelayManager",
 ]
@@ -92,6 +94,21 @@ def cap_granted(rules: Iterable[Any], cap: str, src: Iterable[IPAddress], dst: I
             has = cap in (g.cap_map or {}) or cap in (g.caps or ())
             if has and any(_ip_matches(d, ip) for d in (g.dsts or ()) for ip in dsts):
                 return True
+    return False
+
+
+def node_has_cap(rules: Iterable[Any], cap: str, src: Iterable[IPAddress], dst: Iterable[IPAddress]) -> bool:
+    """tailscaled's ``nodeHasCap``: whether ``cap`` is granted from one node to another.
+
+    ``src`` and ``dst`` are the nodes' own addresses in netmap order. Only one pair is judged:
+    the source's first address that has a destination address of the same family, with the
+    first such destination address, so a grant must cover the nodes' primary addresses.
+    """
+    dsts = list(dst)
+    for s in src:
+        for d in dsts:
+            if s.version == d.version:
+                return cap_granted(rules, cap, (s,), (d,))
     return False
 
 
