@@ -561,3 +561,49 @@ def test_default_staging_queue_keeps_the_newest_128_in_order() -> None:
     net.drop = None
     net.tick(net.clock.now + 6)
     assert packets(b) == [ipv4(b"%d" % i) for i in range(72, 200)]
+
+
+# -- initiation timestamps ---------------------------------------------------------------------
+
+
+def test_initiating_to_many_peers_at_once_keeps_timestamps_at_the_wall_clock() -> None:
+    # Timestamps only need to grow per peer. Bumping them device-wide ran them ahead of the wall
+    # clock by 2^24 ns per peer initiated in the same instant, and a node restarted with the same
+    # key within that lead had its initiations dropped as replays.
+    clock = Clock()
+    wall = [1_700_000_000.0]
+    net = Net(clock)
+    a = net.add(A_ADDR, WireGuard(key(1), now=clock.now, rng=CountingRng(1), wall_clock=lambda: wall[0]))
+    b = net.add(B_ADDR, WireGuard(key(2), now=clock.now, rng=CountingRng(2)))
+    b.add_peer(a.public_key, endpoint=A_ADDR)
+    for i in range(200):
+        a.add_peer(key(1000 + i).public)  # no endpoint: the initiations go nowhere
+        a.initiate_handshake(key(1000 + i).public, clock.now)
+    a.add_peer(b.public_key, endpoint=B_ADDR)
+    a.initiate_handshake(b.public_key, clock.now)
+    net.pump()
+    assert a.counters.handshakes_completed == 1
+    # The same node key restarts one second later (fresh device state, same wall clock source).
+    wall[0] += 1.0
+    clock.advance(1.0)
+    del net.devices[A_ADDR]
+    a2 = net.add(A_ADDR, WireGuard(key(1), now=clock.now, rng=CountingRng(11), wall_clock=lambda: wall[0]))
+    a2.add_peer(b.public_key, endpoint=B_ADDR)
+    a2.initiate_handshake(b.public_key, clock.now)
+    net.pump()
+    assert b.counters.drop_replayed_initiation == 0
+    assert a2.counters.handshakes_completed == 1
+
+
+def test_initiation_timestamps_grow_per_peer_even_within_one_clock_step() -> None:
+    clock = Clock()
+    net = Net(clock)
+    a = net.add(A_ADDR, WireGuard(key(1), now=clock.now, rng=CountingRng(1), wall_clock=lambda: 1_700_000_000.0))
+    b = net.add(B_ADDR, WireGuard(key(2), now=clock.now, rng=CountingRng(2)))
+    a.add_peer(b.public_key, endpoint=B_ADDR)
+    b.add_peer(a.public_key, endpoint=A_ADDR)
+    for _ in range(3):  # a frozen wall clock: each initiation still carries a newer timestamp
+        clock.advance(6)
+        a.initiate_handshake(b.public_key, clock.now)
+        net.pump()
+    assert b.counters.initiations_received == 3 and b.counters.drop_replayed_initiation == 0

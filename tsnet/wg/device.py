@@ -148,7 +148,7 @@ class WireGuard:
             threshold=self.limits.under_load_handshakes_per_second, hold=self.limits.under_load_duration, now=now
         )
         self._rate_limiter = RateLimiter(rate=self.limits.handshake_rate_per_second, burst=self.limits.handshake_rate_burst)
-        self._last_timestamp = b""
+        self._wall_floor = b""  # highest TAI64N label the wall clock has given (never bumped)
 
     @property
     def public_key(self) -> NodePublic:
@@ -817,7 +817,7 @@ class WireGuard:
             remote_static=peer.raw,
             ephemeral=self._new_ephemeral(),
             sender_index=local_index,
-            timestamp=self._timestamp(),
+            timestamp=self._timestamp(peer),
             static_static=peer.static_static,
         )
         peer.cookies.add_macs(msg, now)
@@ -909,16 +909,27 @@ class WireGuard:
     def _jitter(self) -> float:
         return _U32.unpack(self._rng(4))[0] / 2**32 * self.limits.rekey_timeout_jitter
 
-    def _timestamp(self) -> bytes:
-        """TAI64N of the wall clock, forced strictly above the last one we sent."""
+    def _timestamp(self, peer: Peer) -> bytes:
+        """TAI64N of the wall clock for an initiation to ``peer``, strictly above the last one it got from us.
+
+        The bump is per peer: a device-wide one would push every timestamp ahead of the wall clock
+        by one 2^24 ns step per peer initiated within the same step, and a restart of the node key
+        inside that lead would then see its initiations dropped as replays. A wall clock stepping
+        back is covered by never going below the highest wall-clock label seen.
+        """
         ts = tai64n(self._wall_clock())
-        if ts <= self._last_timestamp:
-            seconds, nanos = _TAI64N.unpack(self._last_timestamp)
+        if ts < self._wall_floor:
+            ts = self._wall_floor
+        else:
+            self._wall_floor = ts
+        last = peer.last_timestamp_sent
+        if ts <= last:
+            seconds, nanos = _TAI64N.unpack(last)
             nanos += 1 << 24
             if nanos >= 1_000_000_000:
                 seconds, nanos = seconds + 1, 0
             ts = _TAI64N.pack(seconds, nanos)
-        self._last_timestamp = ts
+        peer.last_timestamp_sent = ts
         return ts
 
     # -- events and timers ---------------------------------------------------

@@ -88,6 +88,7 @@ class Peer:
         "keepalive_again",
         "last_handshake",
         "last_initiation_consumed",
+        "last_timestamp_sent",
         "last_handshake_sent",
         "next",
         "persistent_keepalive",
@@ -134,7 +135,8 @@ class Peer:
 
         self.handshake_attempts = 0
         self.last_handshake_sent: float | None = None  # initiation or response, for REKEY_TIMEOUT spacing
-        self.greatest_timestamp = b""
+        self.greatest_timestamp = b""  # newest initiation timestamp accepted from the peer
+        self.last_timestamp_sent = b""  # newest initiation timestamp we sent to the peer
         self.last_initiation_consumed: float | None = None
         self.last_handshake: float | None = None
         self.want_last_minute_handshake = False
