@@ -163,3 +163,35 @@ def test_geneve_ping_from_a_peer_is_answered_through_the_relay_without_a_candida
     n.me.receive_udp(encode_header(PROTOCOL_DISCO, 5, control=True) + n.seal(n.a, d.Ping(tx, n.a_node)),
                      RELAY_ADDR, 1.0)
     assert n.drain()[0] == []
+
+
+def test_call_me_maybe_via_on_a_trusted_direct_path_still_binds_but_keeps_direct() -> None:
+    n = Node()
+    tx = n.ping_a(1.0)
+    n.me.receive_udp(n.seal(n.a, d.Pong(tx, NEW_ADDR)), A_ADDR, 1.01)
+    assert n.ep_a.is_trusted(1.01) and n.ep_a.best.path == UDPPath(A_ADDR)
+    n.drain()
+    server = d.DiscoBoxes(DiscoPrivate.generate())
+    pair = tuple(sorted((n.me.disco_key, n.a.public_key), key=lambda k: k.raw))
+    ep = d.UDPRelayEndpoint(server.public_key, pair, 1, 9, 30 * 10**9, 300 * 10**9, (RELAY_ADDR,))
+    # A asks (it lacks a good path of its own): we bind too, as tailscaled does, or A's relay
+    # handshake could never complete.
+    n.me.receive_derp(1, n.a_node, n.seal(n.a, d.CallMeMaybeVia(ep)), 1.1)
+    [(bind, to)] = n.drain()[0]
+    assert to == RELAY_ADDR and bind[:8] == encode_header(PROTOCOL_DISCO, 9, control=True)
+    ch = d.BindUDPRelayEndpointChallenge(9, server.open_message(bind[8:])[1].generation, n.a.public_key, bytes(32))
+    n.me.receive_udp(encode_header(PROTOCOL_DISCO, 9, control=True) + server.seal(n.me.disco_key, ch), RELAY_ADDR, 1.2)
+    udp = n.drain()[0]
+    [ping] = [data for data, _to in udp if not data[1] & 0x80]
+    relay_tx = n.a.open_message(ping[8:])[1].tx_id
+    n.me.receive_udp(encode_header(PROTOCOL_DISCO, 9) + n.seal(n.a, d.Pong(relay_tx, RELAY_ADDR)), RELAY_ADDR, 1.25)
+    # The relay path is proved, but the trusted direct path stays.
+    assert n.me.relay.counters["handshake_ok"] == 1
+    assert n.ep_a.best.path == UDPPath(A_ADDR)
+    # Later the direct path has lapsed and the relay path is in use (trusted): a CallMeMaybeVia for
+    # that same relay server is skipped, so our bound side does not move under live traffic.
+    n.ep_a.handle_relay_path_ready(UDPPath(RELAY_ADDR, 9), server.public_key, 0.01, 20.0)
+    assert n.ep_a.is_trusted(20.0) and n.ep_a.best.path == UDPPath(RELAY_ADDR, 9)
+    ep2 = d.UDPRelayEndpoint(server.public_key, pair, 2, 9, 30 * 10**9, 300 * 10**9, (RELAY_ADDR,))
+    n.me.receive_derp(1, n.a_node, n.seal(n.a, d.CallMeMaybeVia(ep2)), 20.5)
+    assert n.drain()[0] == [] and n.me.counters["relay_cmmvia_skipped"] == 1

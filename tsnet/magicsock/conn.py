@@ -1102,8 +1102,10 @@ class MagicSock:
             st = self.peers.get(r.nodes[0])
             if st is not None:
                 best = st.ep.best
-                if st.ep.is_trusted(now) and best is not None and (
-                        best.path.is_direct or best.relay_server_disco == msg.endpoint.server_disco):
+                # As tailscaled: skip only when our trusted path already goes through this relay server
+                # (a new bind could move our side and blackhole it). On a trusted direct path we still
+                # bind, so the peer (which asked) can get the relay path it is missing.
+                if st.ep.is_trusted(now) and best is not None and best.relay_server_disco == msg.endpoint.server_disco:
                     self._count("relay_cmmvia_skipped")
                     return
                 out = self.relay.handle_call_me_maybe_via(r.nodes[0], r.sender, msg, now)
