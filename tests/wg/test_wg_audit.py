@@ -607,3 +607,32 @@ def test_initiation_timestamps_grow_per_peer_even_within_one_clock_step() -> Non
         a.initiate_handshake(b.public_key, clock.now)
         net.pump()
     assert b.counters.initiations_received == 3 and b.counters.drop_replayed_initiation == 0
+
+
+# -- key erasure ---------------------------------------------------------------------------------
+
+
+def test_key_erasure_counts_from_the_newest_session_and_takes_handshake_state_too() -> None:
+    limits = Limits()
+    net, a, b = make_pair(limits)
+    establish(net, a, b)
+    t0 = net.clock.now
+    net.tick(t0 + 400)
+    a.initiate_handshake(b.public_key, net.clock.now)  # a new session at t0 + 400 re-arms the wipe
+    net.pump()
+    assert a.counters.handshakes_completed == 2
+    capture(net)
+    net.tick(t0 + limits.zero_keys_after + 1)
+    assert peer_of(a, b).current is not None  # 540 s after the first session, but not after the newest
+    # Leave an initiation in flight at the moment of the wipe: its secret goes as well.
+    net.tick(t0 + 400 + limits.zero_keys_after - 1)
+    a.initiate_handshake(b.public_key, net.clock.now)
+    assert peer_of(a, b).handshake is not None
+    net.clock.now = t0 + 400 + limits.zero_keys_after
+    a.handle_timer(net.clock.now)
+    b.handle_timer(net.clock.now)
+    for dev, other in ((a, b), (b, a)):
+        peer = peer_of(dev, other)
+        assert peer.previous is None and peer.current is None and peer.next is None
+        assert dev._keypairs == {}  # noqa: SLF001
+    assert peer_of(a, b).handshake is None and a._handshakes == {}  # noqa: SLF001
