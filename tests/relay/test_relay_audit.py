@@ -225,3 +225,14 @@ def test_allocate_response_only_from_a_server_we_asked() -> None:
     assert rm.counters["allocate_response_unmatched"] == 1
     msgs, binds = rm.handle_allocate_response(relay_node, resp, 0.1)
     assert msgs == [(peer_node, d.CallMeMaybeVia(resp.endpoint))] and [t for _b, t in binds] == [SERVER_ADDR]
+
+
+def test_handshake_sends_at_most_ten_pings_however_many_it_receives() -> None:
+    me, peer, server = _keys()
+    hs, _tx = _answered(me, peer, server)  # the first ping went out with the answer
+    ours = 1
+    for i in range(30):
+        out = hs.receive_datagram(_geneve(peer, me, d.Ping(d.new_tx_id())), SERVER_ADDR, 0.2 + i * 0.01)
+        assert isinstance(peer.open_message(out[0].data[8:])[1], d.Pong)  # every ping gets its pong
+        ours += len(out) - 1
+    assert ours == 10
