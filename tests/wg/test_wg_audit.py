@@ -64,6 +64,21 @@ def with_mac1(msg: bytearray, receiver_public: bytes) -> bytes:
     return bytes(msg)
 
 
+def test_default_limits_are_the_protocol_constants() -> None:
+    # wireguard-go device/constants.go and the WireGuard paper, section 6.
+    lim = Limits()
+    assert (lim.rekey_after_messages, lim.reject_after_messages) == (REKEY_AFTER_MESSAGES, REJECT_AFTER_MESSAGES)
+    assert (lim.rekey_after_time, lim.reject_after_time, lim.rekey_attempt_time) == (120.0, 180.0, 90.0)
+    assert (lim.rekey_timeout, lim.keepalive_timeout, lim.cookie_refresh_time) == (5.0, 10.0, 120.0)
+    assert 0.333 <= lim.rekey_timeout_jitter < 0.334
+    assert lim.handshake_initiation_min_interval == 0.020
+    assert lim.max_handshake_retries == 18  # 20 initiations in all before giving up
+    assert lim.zero_keys_after == 540.0 and lim.new_handshake_after == 15.0
+    assert (lim.handshake_rate_per_second, lim.handshake_rate_burst) == (20.0, 5)
+    assert (lim.max_staged_packets, lim.mtu) == (128, 1280)
+    assert lim.reject_after_time - lim.keepalive_timeout - lim.rekey_timeout == 165.0  # last-minute rekey age
+
+
 # -- handshake: initiations ------------------------------------------------------------
 
 
@@ -636,3 +651,21 @@ def test_key_erasure_counts_from_the_newest_session_and_takes_handshake_state_to
         assert peer.previous is None and peer.current is None and peer.next is None
         assert dev._keypairs == {}  # noqa: SLF001
     assert peer_of(a, b).handshake is None and a._handshakes == {}  # noqa: SLF001
+
+
+def test_forged_far_ahead_counter_does_not_slide_the_window_in_either_receive_path() -> None:
+    for batched in (False, True):
+        net, a, b = make_pair()
+        establish(net, a, b)
+        genuine = seal_with(a, b, [1, 2, 3])
+        forged = bytearray(genuine[2])
+        forged[8:16] = (1 + 100 * WINDOW_SIZE).to_bytes(8, "little")  # the tag no longer verifies
+        dgrams = [bytes(forged), genuine[0], genuine[1], genuine[2]]
+        if batched:
+            b.receive_datagrams([(d, A_ADDR) for d in dgrams], net.clock.now)
+        else:
+            for d in dgrams:
+                b.receive_datagram(d, A_ADDR, net.clock.now)
+        assert packets(b) == [ipv4(b"c1"), ipv4(b"c2"), ipv4(b"c3")]
+        assert b.counters.drop_data_invalid == 1 and b.counters.drop_replayed == 0
+        assert peer_of(b, a).current.replay.highest == 3  # type: ignore[union-attr]
