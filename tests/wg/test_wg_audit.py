@@ -245,6 +245,25 @@ def test_every_initiation_attempt_uses_a_fresh_index_and_ephemeral() -> None:
     assert list(a._handshakes) == [inits[-1][1]]  # noqa: SLF001
 
 
+def test_giving_up_drops_and_counts_the_staged_packets_then_new_data_starts_afresh() -> None:
+    limits = Limits()
+    net, a, b = make_pair(limits)
+    capture(net)
+    for i in range(3):
+        a.send_packet(b.public_key, ipv4(b"%d" % i), net.clock.now)
+    a.send_keepalive(b.public_key, net.clock.now)  # staged too, but not a packet anyone sent
+    start = net.clock.now
+    net.tick(start + limits.rekey_attempt_time + 3 * (limits.rekey_timeout + limits.rekey_timeout_jitter))
+    assert a.counters.initiations_sent == limits.max_handshake_retries + 2 == 20
+    assert a.counters.handshakes_failed == 1
+    assert a.counters.drop_staged_handshake_failed == 3
+    assert a.peer_status(b.public_key).staged_packets == 0
+    assert a.counters.total_dropped() == 0  # a send-side drop, not a receive-side one
+    sent = a.counters.initiations_sent
+    net.tick(net.clock.now + 60)
+    assert a.counters.initiations_sent == sent  # nothing retries on its own after giving up
+
+
 # -- key confirmation ------------------------------------------------------------------
 
 

@@ -976,6 +976,7 @@ class WireGuard:
             if peer.handshake_attempts > limits.max_handshake_retries:
                 # Give up: drop what waited for this handshake; wipe keys eventually.
                 peer.timer_passive_keepalive = None
+                self.counters.drop_staged_handshake_failed += sum(1 for p in peer.staged if p)  # not keepalives
                 peer.staged.clear()
                 if peer.handshake is not None:
                     self._handshakes.pop(peer.handshake.local_index, None)

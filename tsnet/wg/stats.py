@@ -46,6 +46,7 @@ class Counters:
     drop_internal_error: int = 0  # a bug caught by the receive path's safety net
     # Dropped on send.
     drop_staged_overflow: int = 0
+    drop_staged_handshake_failed: int = 0  # staged packets discarded when a handshake gave up (REKEY_ATTEMPT_TIME)
     drop_no_endpoint: int = 0
     send_unknown_peer: int = 0
 
@@ -57,7 +58,7 @@ class Counters:
         return sum(v for k, v in asdict(self).items() if k.startswith("drop_") and k not in _SEND_DROPS)
 
 
-_SEND_DROPS = frozenset({"drop_staged_overflow", "drop_no_endpoint"})
+_SEND_DROPS = frozenset({"drop_staged_overflow", "drop_staged_handshake_failed", "drop_no_endpoint"})
 
 
 @dataclass(frozen=True, slots=True)
