@@ -195,3 +195,17 @@ def test_call_me_maybe_via_on_a_trusted_direct_path_still_binds_but_keeps_direct
     ep2 = d.UDPRelayEndpoint(server.public_key, pair, 2, 9, 30 * 10**9, 300 * 10**9, (RELAY_ADDR,))
     n.me.receive_derp(1, n.a_node, n.seal(n.a, d.CallMeMaybeVia(ep2)), 20.5)
     assert n.drain()[0] == [] and n.me.counters["relay_cmmvia_skipped"] == 1
+
+
+def test_pings_from_many_addresses_keep_per_peer_state_bounded() -> None:
+    # A captured ping of A's replayed from spoofed sources opens like a genuine one (disco has no
+    # replay window; tailscaled dedupes only per address): the status-only source set stays bounded,
+    # and runtime candidates age out after 45 s as tailscaled's do.
+    n = Node()
+    ping = n.seal(n.a, d.Ping(d.new_tx_id(), n.a_node))
+    for i in range(200):
+        n.me.receive_udp(ping, AddrPort.parse(f"198.51.{i // 250}.{i % 250 + 1}:{1000 + i}"), 1.0)
+    n.drain()
+    assert len(n.me.peers[n.a_node].sources) <= 32
+    n.ep_a.send_plan(50.0)  # a send 49 s later runs discovery, which drops expired candidates
+    assert set(n.ep_a.candidates) == {A_ADDR}

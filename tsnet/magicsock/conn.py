@@ -114,6 +114,8 @@ HELD_INITIATION_MAX_AGE = 5.0
 UNKNOWN_INITIATIONS_MAX = 16
 #: Bound of the (source, VNI) -> UDPPath cache of received peer-relay traffic (cleared when full).
 _RELAY_PATH_CACHE_MAX = 1024
+#: Bound of a peer's remembered UDP sources (status only): replayed pings from spoofed addresses must not grow it.
+_PEER_SOURCES_MAX = 32
 #: Bound of the (region, sender) -> _DerpSource cache of received DERP WireGuard (cleared when full).
 _DERP_SOURCE_CACHE_MAX = 1024
 #: Bound of the inner-source -> peer cache for sources that only a prefix route covers (cleared when full).
@@ -812,7 +814,7 @@ class MagicSock:
         new = str(a.new.path) if a.new else None
         st.last_change = now
         self._count("path_changes")
-        if a.new is not None:
+        if a.new is not None and len(st.sources) < _PEER_SOURCES_MAX:
             st.sources.add(a.new.path)
             if st.held_initiation is not None:
                 self._release_held(st, now)
@@ -1079,7 +1081,7 @@ class MagicSock:
             st = self.peers.get(key)
             if st is None:
                 return
-            if isinstance(path, UDPPath):
+            if isinstance(path, UDPPath) and len(st.sources) < _PEER_SOURCES_MAX:
                 st.sources.add(path)
             self._do(st, st.ep.handle_ping(msg, path, now), now)
             self._maybe_retry_handshake(st, now)
