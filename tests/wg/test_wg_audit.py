@@ -3,8 +3,9 @@
 Each test proves one rule that the older device tests did not pin down:
 handshake acceptance (replay, mac1, cookies, which responses count), key
 confirmation, index uniqueness, counter and time limits at their real default
-values, keepalive semantics, the replay window seen through the device, and
-staging while a handshake is pending. All timing uses explicit ``now``.
+values, keepalive semantics, the replay window seen through the device,
+staging while a handshake is pending, initiation timestamps and key erasure.
+All timing uses explicit ``now``.
 """
 
 from __future__ import annotations
