@@ -19,6 +19,7 @@ from tsnet.magicsock.addrport import AddrPort
 from tsnet.magicsock.conn import MagicSock
 from tsnet.magicsock.relaymanager import CAP_RELAY, CAP_RELAY_TARGET, node_has_cap, relay_roles
 from tsnet.relay.client import sorted_pair
+from tsnet.relay.geneve import PROTOCOL_DISCO, encode_header
 from tsnet.relay.server import RelayServer
 
 RELAY_ADDR = AddrPort.parse("192.0.2.3:40000")
@@ -97,13 +98,28 @@ def test_relay_client_attributes(attr: str, legacy: bool) -> None:
     assert set(s.me.relay.servers) == {s.a_node, s.b_node}
 
 
-def test_disable_relay_server_refuses_allocations() -> None:
+def test_disable_relay_server_refuses_allocations_and_ends_sessions() -> None:
     s = Setup()
-    s.me.set_netmap(s.netmap(cap_map={"disable-relay-server": None}), 0.0)
+    s.me.set_netmap(s.netmap(), 0.0)
+    [(_region, _to, pkt)] = s.allocate_request_from_a()
+    ep = s.a.open_message(pkt)[1].endpoint
+    srv = s.me.relay_server
+    assert srv.endpoint_gauge() == {"connecting": 1, "open": 0}
+    # Control gives our node the attribute: the session ends at once and nothing new is allocated.
+    s.me.set_netmap(s.netmap(cap_map={"disable-relay-server": None}), 1.0)
+    assert srv.endpoint_gauge() == {"connecting": 0, "open": 0}
+    bind = d.BindUDPRelayEndpoint(ep.vni, 1, s.b.public_key)
+    hdr = encode_header(PROTOCOL_DISCO, ep.vni, control=True)
+    assert srv.receive_datagram(hdr + s.a.seal(srv.disco_public, bind), AddrPort.parse("198.51.100.1:1"), 1.0) is None
+    assert srv.dropped == {"unknown_vni": 1}
     assert s.allocate_request_from_a() == []
     assert s.me.counters["relay_allocate_server_disabled"] == 1
-    assert s.me.relay_server.endpoint_gauge() == {"connecting": 0, "open": 0}
+    assert srv.endpoint_gauge() == {"connecting": 0, "open": 0}
     assert set(s.me.relay.servers) == {s.a_node, s.b_node}  # still a relay client
+    # Lifted again: allocations are answered (a fresh endpoint).
+    s.me.set_netmap(s.netmap(), 2.0)
+    [(_region, _to, pkt)] = s.allocate_request_from_a()
+    assert s.a.open_message(pkt)[1].endpoint.lamport_id == ep.lamport_id + 1
 
 
 # --- who is granted: the nodes' own primary addresses, as tailscaled's nodeHasCap ----------------

@@ -236,3 +236,15 @@ def test_handshake_sends_at_most_ten_pings_however_many_it_receives() -> None:
         assert isinstance(peer.open_message(out[0].data[8:])[1], d.Pong)  # every ping gets its pong
         ours += len(out) - 1
     assert ours == 10
+
+
+def test_close_all_ends_open_sessions_at_once() -> None:
+    srv, a, b, ep = _server_pair()
+    _bind(srv, a, b, ep, A_ADDR, 1, 0.0)
+    _bind(srv, b, a, ep, B_ADDR, 1, 0.0)
+    data = encode_header(PROTOCOL_WIREGUARD, ep.vni) + WG
+    assert srv.receive_datagram(data, A_ADDR, 1.0) is not None
+    assert srv.close_all() == [ep.vni]
+    assert srv.receive_datagram(data, A_ADDR, 1.0) is None
+    assert srv.forward_run(data * 3, len(data), A_ADDR, 1.0) == []
+    assert srv.endpoint_gauge() == {"connecting": 0, "open": 0} and srv.sessions() == []

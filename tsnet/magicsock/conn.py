@@ -504,14 +504,17 @@ class MagicSock:
     def set_netmap(self, netmap: Any, now: float) -> None:
         """Apply a control :class:`~tsnet.control.netmap.NetworkMap`: DERP map (when changed), peers, packet
         filter (relay grants) and our node attributes (``disable-relay-client``/``only-tcp-443``: no relay
-        client; ``disable-relay-server``: allocation requests refused)."""
+        client; ``disable-relay-server``: allocation requests refused and open relay sessions closed)."""
         if netmap.derp_map is not None and netmap.derp_map != self.derp_map:
             self.set_derp_map(netmap.derp_map, now)
         self.packet_filter = tuple(netmap.packet_filter or ())
         self.self_ips = tuple(a.ip for a in netmap.addresses)
         attrs = [*(getattr(netmap, "cap_map", None) or ()),
                  *(getattr(getattr(netmap, "self_node", None), "capabilities", None) or ())]
+        was_serving = self.relay_server_enabled
         self.disco.relay_client_enabled, self.relay_server_enabled = relay_roles(attrs)
+        if was_serving and not self.relay_server_enabled and self.relay_server is not None:
+            self.relay_server.close_all()  # tailscaled stops its relay server: its sessions end too
         self.set_peers(peers_from_netmap(netmap), now)
 
     # --- sending --------------------------------------------------------------

@@ -500,6 +500,21 @@ class RelayServer:
             log.debug("relayserver: closed endpoint vni=%d", vni)
         return expired
 
+    def close_all(self) -> list[int]:
+        """Close every endpoint at once (the node lost its relay server role); returns their VNIs.
+
+        Datagrams for them are dropped from now on (``unknown_vni``), as if the server had stopped.
+        """
+        closed = list(self._by_vni)
+        for ep in self._by_vni.values():
+            ep.closed = True
+            ep.route = None
+        self._by_vni.clear()
+        self._by_pair.clear()
+        if closed:
+            log.info("relayserver: closed all %d endpoints", len(closed))
+        return closed
+
     def _is_expired(self, ep: _Endpoint, now: float) -> bool:
         if ep.bound[0] is None or ep.bound[1] is None:
             return now - ep.allocated_at > self.bind_lifetime
