@@ -788,13 +788,19 @@ class Server:
         if filt is None:  # no netmap yet: nothing is allowed in
             counters["filter_dropped"] += len(batch)
             return
-        accepted, rejects = filt.filter_inbound(batch)
-        counters["filter_dropped"] += len(batch) - len(accepted)
+        net = self._net
+        if net is not None:
+            # The stack asks the filter about each packet as it parses it (one pass over the batch).
+            dropped = filt.dropped
+            net.deliver(batch, filt)
+            counters["filter_dropped"] += filt.dropped - dropped
+            rejects = filt.take_rejects()
+        else:
+            accepted, rejects = filt.filter_inbound(batch)
+            counters["filter_dropped"] += len(batch) - len(accepted)
         if rejects and self._driver is not None:
             # A denied TCP SYN gets a TSMP reject, so the peer fails fast instead of retrying.
             self._driver.send_ip_packets(rejects)
-        if accepted and self._net is not None:
-            self._net.deliver(accepted)
 
     def _send_packets(self, packets: Sequence[bytes | bytearray | memoryview]) -> None:
         """Netstack output: note flows, encrypt and send.

@@ -1004,7 +1004,8 @@ class FilterState:
     changes apply to the next packet without breaking replies to flows already open.
     """
 
-    __slots__ = ("_filter", "_deny", "_flows", "capacity", "drops", "accepted", "rejects", "outbound_drops")
+    __slots__ = ("_filter", "_deny", "_flows", "capacity", "drops", "dropped", "accepted", "rejects", "outbound_drops",
+                 "_pending_rejects")
 
     def __init__(self, packet_filter: PacketFilter | None = None, *, capacity: int = DEFAULT_FLOW_CAPACITY) -> None:
         if capacity < 1:
@@ -1015,12 +1016,15 @@ class FilterState:
         self.capacity = capacity
         #: Inbound packets dropped, by reason (every drop reason is a key).
         self.drops: dict[Reason, int] = dict.fromkeys(DROP_REASONS, 0)
+        #: Inbound packets dropped, all reasons together.
+        self.dropped = 0
         #: Inbound packets accepted.
         self.accepted = 0
         #: TSMP rejects built (by :meth:`reject_for` and :meth:`filter_inbound`).
         self.rejects = 0
         #: Outbound packets that failed the sanity checks, by reason.
         self.outbound_drops: dict[Reason, int] = dict.fromkeys(DROP_REASONS, 0)
+        self._pending_rejects: list[bytes] = []
 
     @property
     def filter(self) -> PacketFilter:
@@ -1031,6 +1035,13 @@ class FilterState:
         """Swap in a new filter (e.g. after a netmap update); flows and counters stay."""
         self._filter = packet_filter
         self._deny = packet_filter.is_deny_all
+
+    @property
+    def fast_tcp4_hosts(self) -> frozenset[bytes]:
+        """Our IPv4 addresses (packed) to which every non-SYN TCP segment is accepted, the filter's
+        first rule. A caller that has parsed an unfragmented IPv4 TCP packet without options may
+        accept such a segment itself (and add it to :attr:`accepted`) instead of calling :meth:`admit`."""
+        return self._filter._fast4_hosts
 
     @property
     def flow_count(self) -> int:
@@ -1062,7 +1073,30 @@ class FilterState:
             self.accepted += 1
         else:
             self.drops[result.reason] += 1
+            self.dropped += 1
         return result
+
+    def admit(self, packet: bytes | bytearray | memoryview) -> bool:
+        """Judge one packet from a peer as :meth:`filter_inbound` does: True to let it in.
+
+        The TSMP reject a denied packet causes waits for :meth:`take_rejects`. Never raises.
+        """
+        result = self._filter.check_inbound(packet, self._flows)
+        if result.accepted:
+            self.accepted += 1
+            return True
+        self.drops[result.reason] += 1
+        self.dropped += 1
+        if result is _D_NO_RULE or result is _D_JAILED:
+            reject = self._reject(packet if type(packet) is bytes else bytes(packet), result is _D_JAILED)
+            if reject is not None:
+                self._pending_rejects.append(reject)
+        return False
+
+    def take_rejects(self) -> list[bytes]:
+        """The TSMP rejects that :meth:`admit` produced since the last call, to send to their peers."""
+        out, self._pending_rejects = self._pending_rejects, []
+        return out
 
     def note_outbound(self, packet: bytes | bytearray | memoryview) -> FilterResult:
         """Record a packet we are about to send (UDP/SCTP flows, so replies get in).
@@ -1142,10 +1176,9 @@ class FilterState:
         The rejects go back out through WireGuard to the sender like any packet of ours.
         """
         accepted: list[bytes | bytearray | memoryview] = []
-        rejects: list[bytes] = []
-        check = self._filter.check_inbound
+        admit = self.admit
         fast4 = self._filter._fast4_hosts
-        flows, drops = self._flows, self.drops
+        fast = 0
         for packet in packets:
             if packet.__class__ is bytes and len(packet) >= 40 and packet[0] == 0x45 and fast4:
                 # check_inbound's first case, inlined (this runs per packet received): a TCP segment
@@ -1154,15 +1187,9 @@ class FilterState:
                 if proto == _PROTO_TCP and not frag & 0x3FFF and 40 <= total <= len(packet) \
                         and tcp_flags & 0x12 != 0x02 and dst in fast4:
                     accepted.append(packet)
+                    fast += 1
                     continue
-            result = check(packet, flows)
-            if result.accepted:
+            if admit(packet):
                 accepted.append(packet)
-                continue
-            drops[result.reason] += 1
-            if result is _D_NO_RULE or result is _D_JAILED:
-                reject = self._reject(packet if type(packet) is bytes else bytes(packet), result is _D_JAILED)
-                if reject is not None:
-                    rejects.append(reject)
-        self.accepted += len(accepted)
-        return accepted, rejects
+        self.accepted += fast
+        return accepted, self.take_rejects()

@@ -29,7 +29,7 @@ from typing import Any, Union
 
 import trio
 
-from .stack import Listener, Stack, UDPEndpoint
+from .stack import InboundFilter, Listener, Stack, UDPEndpoint
 from .tcp import TCPConnection, TCPState
 
 __all__ = ["NetStack", "TCPListener", "TCPStream", "UDPSocket"]
@@ -95,11 +95,14 @@ class NetStack:
 
     # -- packets in / out ----------------------------------------------------------------------------------------------
 
-    def deliver(self, packets: list[bytes | bytearray | memoryview]) -> None:
-        """Feed a batch of IP packets (from WireGuard / magicsock). Synchronous; never raises on bad packets."""
+    def deliver(self, packets: list[bytes | bytearray | memoryview], inbound_filter: InboundFilter | None = None) -> None:
+        """Feed a batch of IP packets (from WireGuard / magicsock). Synchronous; never raises on bad packets.
+
+        ``inbound_filter`` judges each packet first (see :meth:`Stack.receive_packets`).
+        """
         if not packets:
             return
-        self.stack.receive_packets(packets, trio.current_time())
+        self.stack.receive_packets(packets, trio.current_time(), inbound_filter)
         self._flush()
 
     def _flush(self) -> None:

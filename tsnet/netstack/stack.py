@@ -32,7 +32,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 from . import checksum
 from . import ip as ipmod
@@ -90,6 +90,17 @@ _ICMP6_ERROR_MAX = 1280
 def max_udp_payload(version: int, mtu: int = 1280) -> int:
     """Largest UDP payload we send unfragmented: 1252 (v4) / 1232 (v6) at MTU 1280."""
     return mtu - (28 if version == 4 else 48)
+
+
+class InboundFilter(Protocol):
+    """What :meth:`Stack.receive_packets` needs of a packet filter (:class:`tsnet.netstack.filter.FilterState`)."""
+
+    accepted: int
+
+    @property
+    def fast_tcp4_hosts(self) -> frozenset[bytes]: ...
+
+    def admit(self, packet: bytes | bytearray | memoryview) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -528,9 +539,22 @@ class Stack:
         """Process one IP packet. Never raises."""
         self.receive_packets((packet,), now)
 
-    def receive_packets(self, packets: Iterable[bytes | bytearray | memoryview], now: float) -> None:
-        """Process a batch of IP packets; each touched connection's timer is re-armed once. Never raises."""
+    def receive_packets(self, packets: Iterable[bytes | bytearray | memoryview], now: float,
+                        inbound_filter: InboundFilter | None = None) -> None:
+        """Process a batch of IP packets; each touched connection's timer is re-armed once. Never raises.
+
+        ``inbound_filter`` (packets from peers) judges each packet before the stack sees it: a
+        packet it refuses is dropped without counting as received. Segments that its first rule
+        accepts anyway (non-SYN TCP to ``fast_tcp4_hosts``) are recognised here from the header
+        the fast path parses, without a call per packet.
+        """
         self._last_now = now
+        admit = None
+        fast4: frozenset[bytes] = frozenset()
+        if inbound_filter is not None:
+            admit = inbound_filter.admit
+            fast4 = inbound_filter.fast_tcp4_hosts
+        admitted_fast = refused = 0
         touched: dict[TCPConnection, None] = {}
         counters = self.counters
         addresses = self._addresses
@@ -553,6 +577,12 @@ class Stack:
                 if n >= 40 and packet[0] == 0x45 and type(packet) is bytes:
                     _vihl, total, frag, proto, src, dst = unpack_v4(packet)
                     if proto == PROTO_TCP and total == n and not frag & 0x3FFF and dst in addresses:
+                        if admit is not None:
+                            if packet[33] & 0x12 != 0x02 and dst in fast4:  # flags: not a bare SYN
+                                admitted_fast += 1
+                            elif not admit(packet):
+                                refused += 1
+                                continue
                         # Fast path for the bulk of traffic: unfragmented IPv4 TCP, no IP options,
                         # no padding. Both checksums come from two big-integer residues: the
                         # header's, and the whole packet's, which is the header's plus the TCP
@@ -591,6 +621,9 @@ class Stack:
                             run_conn, run = None, []
                         self._tcp_segment(src, dst, memoryview(packet)[20:], now, touched)
                         continue
+                if admit is not None and not admit(packet):
+                    refused += 1
+                    continue
                 if run:
                     self._flush_run(run_conn, run, now, touched)  # type: ignore[arg-type]
                     run_conn, run = None, []
@@ -602,6 +635,9 @@ class Stack:
                 log.exception("netstack: error while handling a packet (dropped)")
         if run:
             self._flush_run(run_conn, run, now, touched)  # type: ignore[arg-type]
+        if inbound_filter is not None:
+            inbound_filter.accepted += admitted_fast
+            counters.packets_received -= refused
         for conn in touched:
             try:
                 if conn.coalesce_acks:
