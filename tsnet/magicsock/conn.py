@@ -861,11 +861,13 @@ class MagicSock:
         append = wg_batch.append
         hook = self.drop_direct_udp
         relay_paths = self._relay_paths
-        for data, src in batch:
+        for item in batch:
+            data = item[0]
             # Fast path, naked WireGuard (types 1-4, bytes 1..3 zero), as demux.classify decides it.
             if not hook and len(data) >= 4 and 0 < data[0] < 5 and not data[1] and not data[2] and not data[3]:
-                append((data, src))
+                append(item)  # the (datagram, source) pair as it came: no new tuple per packet
                 continue
+            src = item[1]
             # Fast path, WireGuard from a peer relay: a plain Geneve data header (no control flag, no
             # options, protocol 0x7A12, byte 7 zero) in front of a WireGuard message, as classify decides it.
             if len(data) >= 12 and not data[0] and not data[1] and data[2] == 0x7A and data[3] == 0x12 \
@@ -1022,7 +1024,8 @@ class MagicSock:
         received = self._received
         ok_peer: NodePublic | None = None  # the last (peer, source) pair that passed: runs skip the lookup
         ok_src = b""
-        for peer, packet in self.wg.packets_received():
+        for item in self.wg.packets_received():
+            peer, packet = item
             # WireGuard delivers only IPv4 (>= 20 bytes) or IPv6 (>= 40 bytes) packets.
             v4 = packet[0] >> 4 == 4
             src = packet[12:16] if v4 else packet[8:24]
@@ -1038,7 +1041,7 @@ class MagicSock:
                 # TSMP (disco key adverts): 1.96.4 ignores them unless TS_USE_CACHED_NETMAP.
                 self._count("tsmp_dropped")
                 continue
-            received.append((peer, packet))
+            received.append(item)
         self._flush_wg(now)  # handshake responses, keepalives
 
     def _src_owner_by_prefix(self, src: bytes) -> NodePublic | None:

@@ -1703,15 +1703,16 @@ class TCPConnection:
                 self._ack_new(first[8], ack, now)  # only the first segment moves SND.UNA
             rcvbuf = self._rcvbuf
             chunks = rcvbuf._chunks  # (ReceiveBuffer.append's common case, inlined)
-            viewed = 0
+            small = 0  # payload bytes that went through rcvbuf.append (which counts them itself)
+            view_min = _VIEW_MIN + 52
             for i in range(start, start + n):
                 packet = items[i][1]  # bytes (the stack's fast path takes nothing else)
-                if len(packet) - 52 >= _VIEW_MIN:
+                if len(packet) >= view_min:
                     chunks.append(memoryview(packet)[52:])
-                    viewed += len(packet) - 52
                 else:
+                    small += len(packet) - 52
                     rcvbuf.append(memoryview(packet)[52:])
-            rcvbuf._size += viewed
+            rcvbuf._size += total - small
             self.rcv_nxt = pos
             self.stats.bytes_received += total
             self._notify()

@@ -355,7 +355,8 @@ class WireGuard:
         run_bytes = run_data = 0
         for data, addr in datagrams:
             try:
-                if len(data) >= KEEPALIVE_SIZE:
+                size = len(data)
+                if size >= KEEPALIVE_SIZE:
                     msg_type, receiver, counter = unpack_header(data)
                     kp = get_keypair(receiver) if msg_type == TYPE_TRANSPORT else None
                     # Unknown, expired or unconfirmed sessions take the general path below.
@@ -381,7 +382,7 @@ class WireGuard:
                             run_peer = peer
                             run_bytes = run_data = 0
                         run_addr = addr
-                        run_bytes += len(data)
+                        run_bytes += size
                         n = len(plaintext)
                         if not n:
                             counters.keepalives_received += 1
