@@ -85,15 +85,31 @@ def test_duplicate_key_last_writer_is_active():
     assert [e.packet for e in second.take(ReceivedPacket)] == [b"3"]
 
 
-def test_duplicates_with_no_active_connection_drop_as_dup_client():
+def test_duplicates_survivor_follows_derpers_send_history():
+    # derper's history starts with the connection that was active when the second one arrived and
+    # then records each later registration and each duplicate that speaks (adjacent repeats collapsed).
     core = make_core()
     key = NodePrivate.generate()
-    c1, c2, c3, peer = Pair(core, key), Pair(core, key), Pair(core, key), Pair(core)
-    pump_all([c1, c2, c3, peer])
-    c3.conn.connection_lost()  # the active one leaves; two remain, neither has spoken
-    peer.proto.send_packet(key.public, b"x", 0.0)
-    pump_all([c1, c2, peer])
-    assert core.counters.drops["dup_client"] == 1
+    c1, c2, c3, c4, peer = Pair(core, key), Pair(core, key), Pair(core, key), Pair(core, key), Pair(core)
+    pump_all([c1, c2, c3, c4, peer])  # history [c1, c3, c4]; c2 registered but is not in it
+    c2.proto.note_preferred(True, 0.0)  # c2 speaks: active, history [c1, c3, c4, c2]
+    dups = [c1, c2, c3, c4]
+
+    def receiver(payload):
+        peer.proto.send_packet(key.public, payload, 0.0)
+        pump_all(dups + [peer])
+        got = [p for p in dups if p.take(ReceivedPacket)]
+        assert len(got) == 1
+        return got[0]
+
+    assert receiver(b"a") is c2
+    c2.conn.connection_lost()
+    assert receiver(b"b") is c4
+    c4.conn.connection_lost()
+    assert receiver(b"c") is c3
+    c3.conn.connection_lost()  # one left: a plain connection again
+    assert receiver(b"d") is c1 and not c1.conn.is_dup
+    assert not core.counters.drops["dup_client"] and not peer.take(PeerGoneEvent)
 
 
 def test_slow_consumer_queue_drops_oldest_and_counts():

@@ -37,6 +37,7 @@ from .frames import (
 from .info import ClientInfo, ServerInfo, open_from, seal_to
 
 __all__ = [
+    "MAX_QUEUED_PONGS",
     "ClientState",
     "DerpClientProtocol",
     "DerpEvent",
@@ -56,6 +57,8 @@ _HDR = struct.Struct(">BI")
 _RECV_PACKET = int(FrameType.RECV_PACKET)
 _SEND_PACKET = int(FrameType.SEND_PACKET)
 _SRC_KEY_CACHE = 1024
+#: Pongs queued for one write at most: a server flooding Pings while not reading cannot grow our buffer.
+MAX_QUEUED_PONGS = 64
 
 
 class ClientState(enum.Enum):
@@ -170,6 +173,8 @@ class DerpClientProtocol:
         self._out: list[bytes | bytearray] = []
         self._out_bytes = 0
         self._frames = 0
+        self._queued_pongs = 0
+        self.dropped_pongs = 0
         # Raw source key -> NodePublic: a transfer brings thousands of frames from the same few peers,
         # so building (and hashing) a key object per frame is wasted work. Bounded: cleared when full.
         self._src_keys: dict[bytes, NodePublic] = {}
@@ -264,7 +269,11 @@ class DerpClientProtocol:
             frame = decode_frame(ftype, payload)
             match frame:
                 case Ping(data):
-                    self._write(encode_frame(Pong(data)), now)
+                    if self._queued_pongs < MAX_QUEUED_PONGS:
+                        self._queued_pongs += 1
+                        self._write(encode_frame(Pong(data)), now)
+                    else:
+                        self.dropped_pongs += 1  # pinging faster than we write: ignored, as derper does
                 case Pong(data):
                     if self._pings.pop(data, None) is not None:
                         events.append(PongReceived(data))
@@ -359,6 +368,7 @@ class DerpClientProtocol:
         self._out = []
         self._out_bytes = 0
         self._frames = 0
+        self._queued_pongs = 0
         return out
 
     # -- timers ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ destination; the driver flushes each destination's queue with one write.
 from __future__ import annotations
 
 import enum
+import hmac
 import random
 import struct
 from collections import Counter, deque
@@ -374,6 +375,10 @@ class DerpServerCore:
         self._by_key: dict[bytes, list[ServerConn]] = {}
         # key -> the connection packets go to; None while duplicates exist and none is active.
         self._route: dict[bytes, ServerConn | None] = {}
+        # Keys connected more than once -> their connections in the order they last became active,
+        # adjacent repeats collapsed (derper's send history). When the active one leaves, the most
+        # recent survivor in it takes over, so a duplicate set is never left without a receiver.
+        self._dup_history: dict[bytes, list[ServerConn]] = {}
         self._forwarders: dict[bytes, MeshLink] = {}
         self._sent_to: dict[bytes, set[bytes]] = {}  # src key -> dst keys it sent to (for PeerGone)
         self._fwd_sent_to: dict[bytes, set[bytes]] = {}
@@ -484,10 +489,18 @@ class DerpServerCore:
             self.counters.clients += 1
             self._announce_present(conn)
         else:
+            history = self._dup_history.get(key)
+            if history is None:
+                # derper starts the history with the previously active connection only.
+                prev = self._route.get(key)
+                self._dup_history[key] = [prev] if prev is not None else []
+            else:
+                history.append(conn)
             conns.append(conn)
             self.counters.dup_client_conns += 1
             for c in conns:
                 c.is_dup = True
+            self._announce_present(conn)  # derper announces every registration, duplicates too
         self._route[key] = conn  # newest connection is the active one
         conn._sent_to = self._sent_to.setdefault(key, set())
         conn._push_ctrl(self._server_info_frame(key))
@@ -497,13 +510,16 @@ class DerpServerCore:
         return _HDR.pack(FrameType.SERVER_INFO, len(sealed)) + sealed
 
     def _presence_frame(self, conn: ServerConn) -> bytes:
-        flags = PeerPresentFlags.REGULAR
-        if conn.can_mesh:
-            flags = PeerPresentFlags.MESH_PEER
+        # As derper: the special bits alone; REGULAR only when none of them applies.
+        flags = PeerPresentFlags.NONE
         if conn.info is not None and conn.info.is_prober:
             flags |= PeerPresentFlags.PROBER
+        if conn.can_mesh:
+            flags |= PeerPresentFlags.MESH_PEER
         if conn.not_ideal:
             flags |= PeerPresentFlags.NOT_IDEAL
+        if not flags:
+            flags = PeerPresentFlags.REGULAR
         body = bytes(conn.key)  # type: ignore[arg-type]
         if conn.remote is not None:
             try:
@@ -526,11 +542,20 @@ class DerpServerCore:
         conns = self._by_key[key]
         conns.remove(conn)
         if conns:
+            history = self._dup_history.get(key, [])
             if len(conns) == 1:
                 conns[0].is_dup = False
                 self._route[key] = conns[0]
-            elif self._route.get(key) is conn:
-                self._route[key] = None  # no active duplicate until one of them speaks
+                self._dup_history.pop(key, None)
+                return
+            kept: list[ServerConn] = []
+            for c in history:
+                if c is not conn and (not kept or kept[-1] is not c):
+                    kept.append(c)
+            history[:] = kept
+            if self._route.get(key) is conn:
+                # The most recent survivor to register or speak takes over (None if none has).
+                self._route[key] = kept[-1] if kept else None
             return
         del self._by_key[key]
         del self._route[key]
@@ -561,7 +586,8 @@ class DerpServerCore:
         info = ClientInfo.from_json(plain)
         conn.key = key
         conn.info = info
-        conn.can_mesh = bool(self.mesh_key and info.mesh_key and info.mesh_key == self.mesh_key)
+        # Constant-time comparison: the mesh key is a shared secret and must not leak byte by byte.
+        conn.can_mesh = bool(self.mesh_key and info.mesh_key and hmac.compare_digest(info.mesh_key, self.mesh_key))
         if self.verify_clients and not conn.can_mesh:
             conn.state = ConnState.VERIFYING
             self._verify.append(conn)
@@ -613,8 +639,8 @@ class DerpServerCore:
             if conn.state is ConnState.VERIFYING:
                 conn._rx = buf[pos:]
                 return
-        if conn.is_dup and self._route.get(conn.key) is not conn:  # type: ignore[arg-type]
-            self._route[conn.key] = conn  # type: ignore[index]  # last writer is active
+        if conn.is_dup and pos < n:  # a frame after the handshake (the ClientInfo itself does not count)
+            self._note_dup_activity(conn)
         mv = memoryview(buf)
         route = self._route
         src = conn.key
@@ -630,6 +656,7 @@ class DerpServerCore:
         relayed_bytes = 0
         # Locals instead of globals/attributes: this loop runs once per frame.
         max_frame = MAX_CLIENT_FRAME
+        max_send = KEY_LEN + MAX_PACKET_SIZE  # a SendPacket's limit; only ForwardPacket may be longer
         conn_cls = ServerConn
         missing = _MISSING
         disco_magic = DISCO_MAGIC
@@ -638,8 +665,9 @@ class DerpServerCore:
         hdr = b""
         while n - pos >= 5:
             ftype, length = unpack(buf, pos)
-            if length > max_frame:
-                raise DerpProtocolError(f"frame type 0x{ftype:02x} declares {length} bytes (limit {MAX_CLIENT_FRAME})")
+            if length > max_send and (length > max_frame or ftype != FrameType.FORWARD_PACKET):
+                limit = MAX_CLIENT_FRAME if ftype == FrameType.FORWARD_PACKET else max_send
+                raise DerpProtocolError(f"frame type 0x{ftype:02x} declares {length} bytes (limit {limit})")
             end = pos + 5 + length
             if end > n:
                 break
@@ -680,7 +708,7 @@ class DerpServerCore:
                 else:
                     self._route_slow(conn, dst, target, mv[pos + 37 : end], now)
             elif ftype == FrameType.FORWARD_PACKET:
-                self._forwarded(conn, mv[pos + 5 : end])
+                self._forwarded(conn, mv[pos + 5 : end], now)
             else:
                 self._control_frame(conn, ftype, mv[pos + 5 : end], now)
                 if conn.closed:
@@ -692,6 +720,14 @@ class DerpServerCore:
         counters.bytes_received += nbytes
         counters.packets_relayed += relayed
         counters.bytes_relayed += relayed_bytes - KEY_LEN * relayed
+
+    def _note_dup_activity(self, conn: ServerConn) -> None:
+        # derper's default policy, "last writer is active": whichever duplicate sent last gets the traffic.
+        key = conn.key
+        self._route[key] = conn  # type: ignore[index]
+        history = self._dup_history.get(key)  # type: ignore[arg-type]
+        if history is not None and (not history or history[-1] is not conn):
+            history.append(conn)
 
     def _route_slow(self, conn: ServerConn, dst: bytes, target, packet: memoryview, now: float) -> None:
         counters = self.counters
@@ -709,7 +745,7 @@ class DerpServerCore:
         if len(packet) >= _DISCO_MIN_LEN and packet[:6] == DISCO_MAGIC:
             self._not_here(conn, dst, now)
 
-    def _forwarded(self, conn: ServerConn, payload: memoryview) -> None:
+    def _forwarded(self, conn: ServerConn, payload: memoryview, now: float) -> None:
         if not conn.can_mesh:
             raise DerpProtocolError("ForwardPacket from a connection without the mesh key")
         if len(payload) < 2 * KEY_LEN:
@@ -719,10 +755,16 @@ class DerpServerCore:
         packet = payload[2 * KEY_LEN :]
         self.counters.packets_forwarded_in += 1
         target = self._route.get(dst)
-        if target is None:
-            self.counters.drops[DropReason.UNKNOWN_DEST_ON_FWD.value] += 1
-            return
         disco = len(packet) >= _DISCO_MIN_LEN and packet[:6] == DISCO_MAGIC
+        if target is None:
+            if dst in self._by_key:  # connected more than once, none active
+                self.counters.drops[DropReason.DUP_CLIENT.value] += 1
+                return
+            self.counters.drops[DropReason.UNKNOWN_DEST_ON_FWD.value] += 1
+            if disco:
+                # Tells the forwarding server its route is stale (it drops its forwarder for dst).
+                self._not_here(conn, dst, now)
+            return
         target._push_packet((_HDR.pack(FrameType.RECV_PACKET, KEY_LEN + len(packet)) + src, packet), disco)
         self._fwd_sent_to.setdefault(src, set()).add(dst)
         self.counters.packets_relayed += 1
@@ -748,6 +790,8 @@ class DerpServerCore:
                 raise DerpProtocolError("WatchConns with a payload")
             if not conn.can_mesh:
                 raise DerpProtocolError("WatchConns without the mesh key")
+            if conn.key == self.public_key:
+                return  # a mesh link that reached ourselves: nothing to watch (as derper)
             conn.watcher = True
             self._watchers.add(conn)
             for key, conns in self._by_key.items():
@@ -762,9 +806,8 @@ class DerpServerCore:
                 self._close(victim, "closed by ClosePeer")
         elif ftype == FrameType.PONG or ftype == FrameType.KEEP_ALIVE:
             pass
-        elif ftype == FrameType.CLIENT_INFO:
-            raise DerpProtocolError("second ClientInfo")
-        # Everything else (including server-to-client types) is skipped by length.
+        # Everything else is skipped by length, as derper does: server-to-client types, unknown
+        # types, and a second ClientInfo (a connection's key is fixed by its first one).
 
 
 class _Missing:

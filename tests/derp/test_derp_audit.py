@@ -1,0 +1,459 @@
+"""Audit of the DERP server and client cores against derper / tailscaled's rules.
+
+Each test names the rule it checks. Areas: identity (the ClientInfo box proves the claimed key; a
+connection can only ever send as that key; a second ClientInfo changes nothing), privileged frames
+(WatchConns / ClosePeer / ForwardPacket need the mesh key, compared in constant time; mesh peers skip
+verification; a mesh link to ourselves watches nothing), frame limits (64 KiB packets, ClientInfo
+56 B..256 KiB, NotePreferred exactly 1 B, Ping 8..1000 B), unknown and server-to-client frame types
+skipped, PeerGone reasons (NotHere also answers a stale mesh forward), NotePreferred bookkeeping,
+PeerPresent flags as derper sets them, ServerInfo contents, and on the client: the server key proof
+(ServerKey magic, pinned key, ServerInfo box), Ping answered with the same 8 bytes, bounded Pong
+queue, malformed frames closing the connection with a clear error.
+"""
+
+import json
+import struct
+
+import pytest
+
+from derp_helpers import Pair, pump_all
+from tsnet.derp import frames as f
+from tsnet.derp import server_core
+from tsnet.derp.client_core import (
+    MAX_QUEUED_PONGS,
+    ClientState,
+    DerpClientProtocol,
+    HealthChanged,
+    KeepAliveReceived,
+    PeerGoneEvent,
+    PeerPresentEvent,
+    ReceivedPacket,
+    RestartingEvent,
+    ServerInfoReceived,
+)
+from tsnet.derp.info import ClientInfo, ServerInfo, open_from, seal_to
+from tsnet.derp.server_core import ConnState, DerpServerCore
+from tsnet.key import NodePrivate
+
+DISCO = f.DISCO_MAGIC + bytes(56)  # 62 bytes: shaped like disco
+MESH_KEY = b"M" * 32
+
+
+def make_core(**kw):
+    return DerpServerCore(NodePrivate.generate().raw, **kw)
+
+
+def raw_client_info(core, claimed_key: bytes, sealing_private: bytes, server_public: bytes | None = None,
+                    body: bytes | None = None) -> bytes:
+    sealed = seal_to(sealing_private, server_public or core.public_key, body or ClientInfo().to_json())
+    return f.encode_frame(f.ClientInfoFrame(claimed_key, sealed))
+
+
+# --- identity ----------------------------------------------------------------------------------------
+
+
+def test_client_info_box_must_open_with_the_claimed_key():
+    core = make_core()
+    victim, attacker = NodePrivate.generate(), NodePrivate.generate()
+    # Claims the victim's key but can only seal with its own private key.
+    conn = core.accept(0.0, ("127.0.0.1", 1))
+    conn.receive_data(raw_client_info(core, victim.public.raw, attacker.raw), 0.0)
+    assert conn.closed and "authenticate" in conn.close_reason
+    assert not core.is_connected(victim.public.raw) and core.counters.clients == 0
+    # Sealed by the right key but to some other server: also refused.
+    other_server = NodePrivate.generate()
+    conn = core.accept(0.0, ("127.0.0.1", 2))
+    conn.receive_data(raw_client_info(core, victim.public.raw, victim.raw, other_server.public.raw), 0.0)
+    assert conn.closed and not core.is_connected(victim.public.raw)
+    # The genuine holder gets in, and ServerInfo is sealed to it.
+    conn = core.accept(0.0, ("127.0.0.1", 3))
+    conn.data_to_send(0.0)
+    conn.receive_data(raw_client_info(core, victim.public.raw, victim.raw), 0.0)
+    assert conn.state is ConnState.ACTIVE and conn.key == victim.public.raw
+    out = conn.data_to_send(0.0)
+    assert out[0] == f.FrameType.SERVER_INFO
+    assert json.loads(open_from(victim.raw, core.public_key, out[5:])) == {"version": 2}
+
+
+def test_relayed_packets_carry_the_senders_authenticated_key_and_nothing_else_can_set_it():
+    core = make_core(mesh_key=MESH_KEY)
+    a, b = Pair(core), Pair(core)
+    spoofed = NodePrivate.generate().public
+    pump_all([a, b])
+    a.proto.send_packet(b.pub, b"hello", 0.0)
+    pump_all([a, b])
+    assert b.take(ReceivedPacket) == [ReceivedPacket(a.pub, b"hello")]
+    # A RecvPacket written by a client (with a source of its choosing) is not relayed: skipped.
+    a.conn.receive_data(f.encode_frame(f.RecvPacket(spoofed.raw, b"forged")), 0.0)
+    pump_all([a, b])
+    assert not b.take(ReceivedPacket) and not a.conn.closed
+    # ForwardPacket names its source, so only a mesh-key connection may send it.
+    a.conn.receive_data(f.encode_frame(f.ForwardPacket(spoofed.raw, b.pub.raw, b"forged")), 0.0)
+    pump_all([b])
+    assert a.conn.closed and "mesh key" in a.conn.close_reason and not b.take(ReceivedPacket)
+
+
+def test_second_client_info_is_skipped_and_does_not_change_the_key():
+    core = make_core()
+    a, b = Pair(core), Pair(core)
+    pump_all([a, b])
+    other = NodePrivate.generate()
+    a.conn.receive_data(raw_client_info(core, other.public.raw, other.raw), 0.0)  # valid box, other key
+    assert not a.conn.closed and a.conn.key == a.pub.raw and not core.is_connected(other.public.raw)
+    a.proto.send_packet(b.pub, b"still me", 0.0)
+    pump_all([a, b])
+    assert b.take(ReceivedPacket) == [ReceivedPacket(a.pub, b"still me")]
+
+
+# --- privileged frames -----------------------------------------------------------------------------
+
+
+def test_privileged_frames_need_the_mesh_key():
+    core = make_core(mesh_key=MESH_KEY)
+    target = Pair(core)
+    pump_all([target])
+    for frame in (f.WatchConns(), f.ClosePeer(target.pub.raw), f.ForwardPacket(bytes(32), target.pub.raw, b"x")):
+        wrong = Pair(core, mesh_key=b"N" * 32)  # a mesh key, but the wrong one
+        pump_all([wrong])
+        assert not wrong.conn.can_mesh
+        wrong.conn.receive_data(f.encode_frame(frame), 0.0)
+        assert wrong.conn.closed and "mesh key" in wrong.conn.close_reason
+    assert not target.conn.closed and not core._watchers
+    # Without a server mesh key nobody is privileged, whatever the client sends.
+    bare = make_core()
+    p = Pair(bare, mesh_key=MESH_KEY)
+    pump_all([p])
+    assert not p.conn.can_mesh
+
+
+def test_mesh_key_is_compared_in_constant_time(monkeypatch):
+    calls = []
+    real = server_core.hmac.compare_digest
+
+    def spy(x, y):
+        calls.append((bytes(x), bytes(y)))
+        return real(x, y)
+
+    monkeypatch.setattr(server_core.hmac, "compare_digest", spy)
+    core = make_core(mesh_key=MESH_KEY)
+    p = Pair(core, mesh_key=MESH_KEY)
+    pump_all([p])
+    assert p.conn.can_mesh and calls == [(MESH_KEY, MESH_KEY)]
+
+
+def test_mesh_peers_skip_client_verification_others_wait_for_it():
+    core = make_core(mesh_key=MESH_KEY, verify_clients=True)
+    mesh, plain = Pair(core, mesh_key=MESH_KEY), Pair(core)
+    pump_all([mesh, plain])
+    assert mesh.conn.state is ConnState.ACTIVE and mesh.take(ServerInfoReceived)
+    assert plain.conn.state is ConnState.VERIFYING and not plain.take(ServerInfoReceived)
+    assert core.take_verify_requests() == [plain.conn]
+
+
+def test_watch_conns_from_our_own_key_watches_nothing():
+    core = make_core(mesh_key=MESH_KEY)
+    early = Pair(core)
+    me = Pair(core, NodePrivate(core.private_key), mesh_key=MESH_KEY)
+    pump_all([early, me])
+    me.proto.watch_conns(0.0)
+    pump_all([me])
+    assert not me.conn.closed and not me.conn.watcher and not me.take(PeerPresentEvent)
+    Pair(core).pump()
+    me.pump()
+    assert not me.take(PeerPresentEvent)
+
+
+def test_close_peer_closes_every_connection_of_the_key():
+    core = make_core(mesh_key=MESH_KEY)
+    key = NodePrivate.generate()
+    d1, d2, admin = Pair(core, key), Pair(core, key), Pair(core, mesh_key=MESH_KEY)
+    pump_all([d1, d2, admin])
+    admin.proto.close_peer(key.public.raw, 0.0)
+    pump_all([admin])
+    assert d1.conn.closed and d2.conn.closed and not core.is_connected(key.public.raw)
+
+
+# --- frame limits and unknown types ------------------------------------------------------------------
+
+
+def test_packet_size_limit_is_64_kib_for_send_and_forward():
+    core = make_core(mesh_key=MESH_KEY)
+    a, b = Pair(core), Pair(core)
+    pump_all([a, b])
+    biggest = bytes(f.MAX_PACKET_SIZE)
+    a.proto.send_packet(b.pub, biggest, 0.0)
+    pump_all([a, b])
+    assert [len(e.packet) for e in b.take(ReceivedPacket)] == [f.MAX_PACKET_SIZE]
+    a.conn.receive_data(f.encode_header(f.FrameType.SEND_PACKET, 32 + f.MAX_PACKET_SIZE + 1) + b.pub.raw, 0.0)
+    assert a.conn.closed and "declares" in a.conn.close_reason  # refused at the header, before the body
+    mesh = Pair(core, mesh_key=MESH_KEY)
+    pump_all([mesh])
+    mesh.conn.receive_data(f.encode_frame(f.ForwardPacket(bytes(32), b.pub.raw, biggest)), 0.0)
+    assert not mesh.conn.closed
+    mesh.conn.receive_data(f.encode_header(f.FrameType.FORWARD_PACKET, 64 + f.MAX_PACKET_SIZE + 1), 0.0)
+    assert mesh.conn.closed
+
+
+@pytest.mark.parametrize(
+    "body_len, ok",
+    [(f.KEY_LEN + f.NONCE_LEN - 1, False), (f.MAX_CLIENT_INFO_LEN + 1, False)],
+)
+def test_client_info_length_limits(body_len, ok):
+    core = make_core()
+    conn = core.accept(0.0)
+    conn.receive_data(f.encode_header(f.FrameType.CLIENT_INFO, body_len) + bytes(min(body_len, 100)), 0.0)
+    if body_len < 100:
+        assert conn.closed and "short" in conn.close_reason
+    else:
+        assert conn.closed and "exceeds" in conn.close_reason  # refused at the header
+    assert core.counters.protocol_errors == 1
+
+
+@pytest.mark.parametrize(
+    "frame, reason",
+    [
+        (f.encode_header(f.FrameType.NOTE_PREFERRED, 2) + b"\x01\x01", "NotePreferred"),
+        (f.encode_header(f.FrameType.NOTE_PREFERRED, 0), "NotePreferred"),
+        (f.encode_header(f.FrameType.PING, 7) + bytes(7), "Ping"),
+        (f.encode_header(f.FrameType.PING, 1001) + bytes(1001), "Ping"),
+        (f.encode_header(f.FrameType.WATCH_CONNS, 1) + b"\x00", "WatchConns"),
+        (f.encode_header(f.FrameType.CLOSE_PEER, 31) + bytes(31), "ClosePeer"),
+        (f.encode_header(f.FrameType.SEND_PACKET, 31) + bytes(31), "destination"),
+    ],
+)
+def test_malformed_control_frames_close_only_that_connection(frame, reason):
+    core = make_core(mesh_key=MESH_KEY)
+    bad, other = Pair(core, mesh_key=MESH_KEY), Pair(core)
+    pump_all([bad, other])
+    bad.conn.receive_data(frame, 0.0)
+    assert bad.conn.closed and reason in bad.conn.close_reason and not other.conn.closed
+
+
+def test_unknown_and_server_to_client_frame_types_are_skipped():
+    core = make_core()
+    a, b = Pair(core), Pair(core)
+    pump_all([a, b])
+    skipped = [0x00, 0x01, 0x03, 0x05, 0x06, 0x08, 0x09, 0x0B, 0x0F, 0x13, 0x14, 0x15, 0x16, 0x7F, 0xFF]
+    wire = b"".join(f.encode_header(t, 40) + bytes(40) for t in skipped)
+    a.conn.receive_data(wire + f.encode_frame(f.SendPacket(b.pub.raw, b"after")), 0.0)
+    pump_all([a, b])
+    assert not a.conn.closed and b.take(ReceivedPacket) == [ReceivedPacket(a.pub, b"after")]
+    assert core.counters.protocol_errors == 0
+
+
+def test_server_answers_ping_with_the_first_8_bytes_and_ignores_a_flood():
+    core = make_core()
+    a = Pair(core)
+    pump_all([a])
+    a.conn.receive_data(f.encode_header(f.FrameType.PING, 20) + b"12345678" + bytes(12), 0.0)
+    assert a.conn.data_to_send(0.0) == f.encode_frame(f.Pong(b"12345678"))
+    a.conn.receive_data(f.encode_frame(f.Ping(b"abcdefgh")) * 500, 0.0)
+    out = a.conn.data_to_send(0.0)
+    assert 0 < len(out) // 13 <= 64 and core.counters.got_ping == 501  # answered up to a bound
+
+
+# --- PeerGone / NotePreferred / PeerPresent / ServerInfo ----------------------------------------------
+
+
+def test_forwarded_disco_to_an_absent_key_answers_not_here_to_the_forwarding_server():
+    core = make_core(mesh_key=MESH_KEY)
+    mesh = Pair(core, mesh_key=MESH_KEY)
+    pump_all([mesh])
+    src, gone = NodePrivate.generate().public, NodePrivate.generate().public
+    for _ in range(5):
+        mesh.conn.receive_data(f.encode_frame(f.ForwardPacket(src.raw, gone.raw, DISCO)), 0.0)
+    mesh.conn.receive_data(f.encode_frame(f.ForwardPacket(src.raw, gone.raw, b"\x04wireguard")), 0.0)
+    mesh.pump()
+    # Rate-limited like a local sender's (burst 3, then 1/s); WireGuard gets no answer.
+    assert mesh.take(PeerGoneEvent) == [PeerGoneEvent(gone, f.PeerGoneReason.NOT_HERE)] * 3
+    assert core.counters.drops["unknown_dest_on_fwd"] == 6
+
+
+def test_forward_to_a_key_with_duplicates_none_active_counts_dup_client():
+    core = make_core(mesh_key=MESH_KEY)
+    key = NodePrivate.generate()
+    d1, d2, d3, mesh = Pair(core, key), Pair(core, key), Pair(core, key), Pair(core, mesh_key=MESH_KEY)
+    pump_all([d1, d2, d3, mesh])
+    core._route[key.public.raw] = None  # the "disable fighters" state derper can be switched to
+    mesh.conn.receive_data(f.encode_frame(f.ForwardPacket(bytes(32), key.public.raw, DISCO)), 0.0)
+    mesh.pump()
+    assert core.counters.drops["dup_client"] == 1 and not mesh.take(PeerGoneEvent)
+
+
+def test_peer_gone_disconnected_only_when_the_last_connection_of_a_key_goes():
+    core = make_core()
+    key = NodePrivate.generate()
+    d1, d2, peer = Pair(core, key), Pair(core, key), Pair(core)
+    pump_all([d1, d2, peer])
+    d2.proto.send_packet(peer.pub, b"hi", 0.0)
+    pump_all([d1, d2, peer])
+    d2.conn.connection_lost()
+    pump_all([peer])
+    assert not peer.take(PeerGoneEvent)
+    d1.conn.connection_lost()
+    pump_all([peer])
+    assert peer.take(PeerGoneEvent) == [PeerGoneEvent(key.public, f.PeerGoneReason.DISCONNECTED)]
+
+
+def test_note_preferred_counts_home_connections():
+    core = make_core()
+    home = Pair(core, preferred=True)
+    pump_all([home])
+    assert home.conn.preferred and core.counters.home_connections == 1
+    home.proto.note_preferred(False, 0.0)
+    home.pump()
+    assert core.counters.home_connections == 0
+    home.proto.note_preferred(True, 0.0)
+    home.pump()
+    home.conn.connection_lost()
+    assert core.counters.home_connections == 0
+
+
+def test_peer_present_flags_as_derper_sets_them():
+    core = make_core(mesh_key=MESH_KEY)
+    watcher = Pair(core, mesh_key=MESH_KEY)
+    pump_all([watcher])
+    watcher.proto.watch_conns(0.0)
+    pump_all([watcher])
+    regular = Pair(core)
+    prober = Pair(core, is_prober=True)
+    mesh = Pair(core, mesh_key=MESH_KEY)
+    not_ideal = Pair(core)
+    not_ideal.conn = core.accept(0.0, ("10.1.2.3", 9), not_ideal=True)
+    pump_all([regular, prober, mesh, not_ideal, watcher])
+    flags = {e.peer: e.flags for e in watcher.take(PeerPresentEvent)}
+    PF = f.PeerPresentFlags
+    assert flags == {
+        regular.pub: PF.REGULAR,
+        prober.pub: PF.PROBER,
+        mesh.pub: PF.MESH_PEER,
+        not_ideal.pub: PF.NOT_IDEAL,
+    }
+
+
+def test_every_registration_is_announced_to_watchers_duplicates_too():
+    core = make_core(mesh_key=MESH_KEY)
+    watcher = Pair(core, mesh_key=MESH_KEY)
+    pump_all([watcher])
+    watcher.proto.watch_conns(0.0)
+    key = NodePrivate.generate()
+    d1, d2 = Pair(core, key), Pair(core, key)
+    pump_all([watcher, d1, d2, watcher])
+    assert [e.peer for e in watcher.take(PeerPresentEvent)] == [key.public, key.public]
+
+
+def test_server_info_contents_and_token_bucket_fields():
+    core = make_core()
+    p = Pair(core)
+    pump_all([p])
+    assert p.take(ServerInfoReceived)[0].info == ServerInfo(version=2)
+    limited = make_core(server_info=ServerInfo(token_bucket_bytes_per_second=5000, token_bucket_bytes_burst=70000))
+    assert json.loads(limited.server_info_json) == {
+        "version": 2, "TokenBucketBytesPerSecond": 5000, "TokenBucketBytesBurst": 70000,
+    }
+    q = Pair(limited)
+    pump_all([q])
+    info = q.take(ServerInfoReceived)[0].info
+    assert (info.token_bucket_bytes_per_second, info.token_bucket_bytes_burst) == (5000, 70000)
+
+
+# --- client ------------------------------------------------------------------------------------------
+
+SERVER = NodePrivate.generate()
+
+
+def fresh_client(**kw):
+    return DerpClientProtocol(NodePrivate.generate(), 0.0, **kw)
+
+
+def connected_client():
+    proto = fresh_client()
+    proto.receive_data(f.encode_frame(f.ServerKey(SERVER.public.raw)), 0.0)
+    proto.data_to_send()
+    sealed = seal_to(SERVER.raw, proto.public_key.raw, ServerInfo().to_json())
+    assert proto.receive_data(f.encode_frame(f.ServerInfoFrame(sealed)), 0.0)
+    return proto
+
+
+def test_client_checks_server_key_frame_magic_length_and_pin():
+    bad_magic = f.encode_header(f.FrameType.SERVER_KEY, 40) + b"DERP\x00\x00\x00\x00" + SERVER.public.raw
+    short = f.encode_header(f.FrameType.SERVER_KEY, 39) + f.MAGIC + SERVER.public.raw[:31]
+    for wire, msg in ((bad_magic, "magic"), (short, "SERVER_KEY")):
+        proto = fresh_client()
+        with pytest.raises(f.DerpProtocolError, match=msg):
+            proto.receive_data(wire, 0.0)
+        assert proto.state is ClientState.CLOSED and proto.data_to_send() == b""  # no ClientInfo sent
+    pinned = fresh_client(server_key=NodePrivate.generate().public)
+    with pytest.raises(f.DerpProtocolError, match="expected key"):
+        pinned.receive_data(f.encode_frame(f.ServerKey(SERVER.public.raw)), 0.0)
+    longer = fresh_client()  # extra bytes after the key are allowed (future use)
+    longer.receive_data(f.encode_header(f.FrameType.SERVER_KEY, 48) + f.MAGIC + SERVER.public.raw + bytes(8), 0.0)
+    assert longer.state is ClientState.AWAIT_SERVER_INFO and longer.server_key == SERVER.public
+
+
+def test_client_rejects_server_info_not_sealed_by_the_announced_server_key():
+    proto = fresh_client()
+    proto.receive_data(f.encode_frame(f.ServerKey(SERVER.public.raw)), 0.0)
+    impostor = NodePrivate.generate()
+    sealed = seal_to(impostor.raw, proto.public_key.raw, ServerInfo().to_json())
+    with pytest.raises(f.DerpProtocolError, match="authenticate"):
+        proto.receive_data(f.encode_frame(f.ServerInfoFrame(sealed)), 0.0)
+    assert proto.state is ClientState.CLOSED and proto.receive_data(f.encode_frame(f.KeepAlive()), 0.0) == []
+
+
+def test_client_ignores_relayed_packets_before_server_info():
+    proto = fresh_client()
+    proto.receive_data(f.encode_frame(f.ServerKey(SERVER.public.raw)), 0.0)
+    src = NodePrivate.generate().public
+    assert proto.receive_data(f.encode_frame(f.RecvPacket(src.raw, b"early")), 0.0) == []
+
+
+def test_client_answers_ping_with_the_same_8_bytes_and_surfaces_control_frames():
+    proto = connected_client()
+    peer = NodePrivate.generate().public
+    wire = (
+        f.encode_header(f.FrameType.PING, 12) + b"ABCDEFGH" + b"more"
+        + f.encode_frame(f.KeepAlive())
+        + f.encode_frame(f.PeerGone(peer.raw, f.PeerGoneReason.DISCONNECTED))
+        + f.encode_frame(f.PeerGone(peer.raw, f.PeerGoneReason.NOT_HERE))
+        + f.encode_frame(f.Health("no home"))
+        + f.encode_frame(f.Health(""))
+        + f.encode_frame(f.Restarting(1500, 20000))
+    )
+    events = proto.receive_data(wire, 0.0)
+    assert proto.data_to_send() == f.encode_frame(f.Pong(b"ABCDEFGH"))
+    assert events == [
+        KeepAliveReceived(),
+        PeerGoneEvent(peer, 0),
+        PeerGoneEvent(peer, 1),
+        HealthChanged("no home"),
+        HealthChanged(""),
+        RestartingEvent(1500, 20000),
+    ]
+
+
+def test_client_pong_queue_is_bounded():
+    proto = connected_client()
+    proto.receive_data(f.encode_frame(f.Ping(b"12345678")) * 1000, 0.0)
+    out = proto.data_to_send()
+    assert len(out) == MAX_QUEUED_PONGS * 13 and proto.dropped_pongs == 1000 - MAX_QUEUED_PONGS
+    proto.receive_data(f.encode_frame(f.Ping(b"87654321")), 0.0)  # the bound is per write
+    assert proto.data_to_send() == f.encode_frame(f.Pong(b"87654321"))
+
+
+@pytest.mark.parametrize(
+    "wire, msg",
+    [
+        (f.encode_header(f.FrameType.PEER_GONE, 31) + bytes(31), "PEER_GONE"),
+        (f.encode_header(f.FrameType.PING, 7) + bytes(7), "PING"),
+        (f.encode_header(f.FrameType.RESTARTING, 4) + bytes(4), "RESTARTING"),
+        (f.encode_header(f.FrameType.PEER_PRESENT, 3) + bytes(3), "PEER_PRESENT"),
+        (f.encode_header(f.FrameType.RECV_PACKET, f.MAX_INFO_LEN + 1), "over the limit"),
+    ],
+)
+def test_client_malformed_frames_close_with_a_clear_error(wire, msg):
+    proto = connected_client()
+    with pytest.raises(f.DerpProtocolError, match=msg):
+        proto.receive_data(wire, 0.0)
+    assert proto.state is ClientState.CLOSED and msg in proto.close_reason
+    assert proto.receive_data(f.encode_frame(f.KeepAlive()), 0.0) == []
