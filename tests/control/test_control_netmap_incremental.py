@@ -15,8 +15,9 @@ KEYS = [NodePrivate.generate().public for _ in range(8)]
 
 def node(i: int, *, keyed: bool = True, port: int = 41641, online: bool = True) -> tc.Node:
     # A peer without a key is unusable: snapshots skip it (it changes the shape of the peer list).
+    # (A DERP home, because a peer with neither disco key nor DERP is skipped too.)
     return tc.Node(id=i, stable_id=f"n{i}", name=f"n{i}.tn.test.", user=1, key=KEYS[i] if keyed else None,
-                   addresses=(f"100.64.0.{i}/32",), endpoints=(f"192.0.2.1:{port}",), online=online)
+                   addresses=(f"100.64.0.{i}/32",), endpoints=(f"192.0.2.1:{port}",), online=online, home_derp=900)
 
 
 def reference(session: MapSession) -> tuple[Peer, ...]:

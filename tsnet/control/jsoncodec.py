@@ -134,10 +134,16 @@ def _build_codec(tp: Any) -> Codec:
                     return None
                 if not isinstance(v, dict):
                     raise DecodeError("expected object")
-                try:
-                    return {int(k): val_dec(x) for k, x in v.items()}
-                except ValueError:
-                    raise DecodeError("integer map key expected") from None
+                out = {}
+                for k, x in v.items():
+                    try:
+                        key = int(k)
+                    except ValueError:
+                        raise DecodeError(f"integer map key expected, got {k!r}") from None
+                    # Go's maps of pointers may hold null (Headscale has sent null DERP regions):
+                    # keep it as None for the caller to drop rather than refusing the whole message.
+                    out[key] = None if x is None else val_dec(x)
+                return out
 
             return (lambda v: {str(k): val_enc(x) for k, x in v.items()}), dec_intmap
 
@@ -146,7 +152,7 @@ def _build_codec(tp: Any) -> Codec:
                 return None
             if not isinstance(v, dict):
                 raise DecodeError("expected object")
-            return {str(k): val_dec(x) for k, x in v.items()}
+            return {str(k): None if x is None else val_dec(x) for k, x in v.items()}
 
         return (lambda v: {k: val_enc(x) for k, x in v.items()}), dec_map
     if isinstance(tp, type):

@@ -4,6 +4,12 @@
   into :class:`~tsnet.control.tailcfg.MapResponse` objects.
 * :class:`MapSession` applies full and delta messages of one poll and returns an
   immutable :class:`NetworkMap` after every message that changed something.
+
+Like tailscaled, the session decides which peers the data plane may use: a peer whose node key
+has expired (by control's ``Expired`` flag, or by its ``KeyExpiry`` against control's clock) or
+that offers neither a disco key nor a home DERP region is listed in
+:attr:`NetworkMap.skipped_peers`, not in :attr:`NetworkMap.peers`. When our own key has
+expired, ``peers`` is empty: the node must stop using that key until it logs in again.
 """
 
 from __future__ import annotations
@@ -24,6 +30,20 @@ from . import tailcfg
 __all__ = ["MapFrameDecoder", "MapSession", "MapSessionError", "NetworkMap", "Peer", "parse_endpoint"]
 
 _MAX_FRAME = 64 << 20
+
+# tailscaled trusts control's clock (ControlTime) for expiry checks when ours is off by more than
+# this; smaller differences are noise.
+_MIN_CLOCK_DELTA = _dt.timedelta(minutes=1)
+# A control-adjusted "now" before this (early 2023) means a broken clock: judge no peer expired
+# by time then (control's own Expired flag still counts).
+_EXPIRY_EPOCH = _dt.datetime.fromtimestamp(1673373066, _dt.timezone.utc)
+# Go's zero time.Time, which control sends as KeyExpiry for keys that never expire.
+_ZERO_YEAR = 1
+
+
+def _expiry(value: _dt.datetime | None) -> _dt.datetime | None:
+    """A key expiry time, or None for "never" (absent or Go's zero time)."""
+    return value if value is not None and value.year > _ZERO_YEAR else None
 
 
 class MapSessionError(ValueError):
@@ -91,9 +111,14 @@ class Peer:
         allowed = []
         for a in node.allowed_ips if node.allowed_ips is not None else node.addresses or ():
             try:
-                allowed.append(_network(a))
+                net = _network(a)
             except ValueError:
                 continue
+            # A default route is an exit-node offer. tailscaled routes it only to the exit node the
+            # user chose, and tsnet chooses none: routing it would send every unknown destination
+            # to this peer and let it source packets from any address no other peer owns.
+            if net.prefixlen != 0:
+                allowed.append(net)
         endpoints = []
         for e in node.endpoints or ():
             try:
@@ -130,7 +155,12 @@ class Peer:
 
 @dataclass(frozen=True, slots=True)
 class NetworkMap:
-    """An immutable snapshot of everything control told this node."""
+    """An immutable snapshot of everything control told this node.
+
+    ``peers`` are the peers the data plane may use; ``skipped_peers`` the ones control listed
+    that it must not (expired keys, neither disco key nor DERP home), kept for status.
+    ``self_expired`` is set when our own node key has expired: then ``peers`` is empty.
+    """
 
     self_node: tailcfg.Node
     peers: tuple[Peer, ...]
@@ -142,6 +172,8 @@ class NetworkMap:
     domain: str
     collect_services: bool
     control_time: _dt.datetime | None
+    skipped_peers: tuple[Peer, ...] = ()
+    self_expired: bool = False
 
     @property
     def name(self) -> str:
@@ -209,9 +241,10 @@ class MapFrameDecoder:
 
 def _patch_node(node: tailcfg.Node, change: tailcfg.PeerChange) -> tailcfg.Node:
     updates: dict[str, Any] = {}
-    if change.derp_region is not None:
+    # Zero DERPRegion / Cap mean "unchanged" (Go's omitempty zero values), not "no DERP home".
+    if change.derp_region:
         updates["home_derp"] = change.derp_region
-    if change.cap is not None:
+    if change.cap:
         updates["cap"] = change.cap
     if change.cap_map is not None:
         updates["cap_map"] = change.cap_map
@@ -234,7 +267,12 @@ def _patch_node(node: tailcfg.Node, change: tailcfg.PeerChange) -> tailcfg.Node:
 
 @dataclass(slots=True)
 class MapSession:
-    """State of one long poll on the client. Create a new one for every poll."""
+    """State of one long poll on the client. Create a new one for every poll.
+
+    Time only enters through the ``now`` arguments (local wall-clock time, timezone-aware).
+    Keys expire with no message from control, so a driver asks :meth:`next_expiry` when to
+    call :meth:`refresh` next.
+    """
 
     self_node: tailcfg.Node | None = None
     peers: dict[int, tailcfg.Node] = field(default_factory=dict)
@@ -245,6 +283,8 @@ class MapSession:
     domain: str = ""
     collect_services: bool = False
     control_time: _dt.datetime | None = None
+    #: Control's clock minus ours, when they differ by more than a minute (else zero).
+    clock_delta: _dt.timedelta = _dt.timedelta(0)
     messages: int = 0
     _peer_cache: dict[int, tuple[tailcfg.Node, Peer]] = field(default_factory=dict)
     # The last snapshot's peers (usable ones, by id) and where each sits, so a delta touching a few
@@ -254,23 +294,29 @@ class MapSession:
     _index: dict[int, int] = field(default_factory=dict)
     _dirty: set[int] = field(default_factory=set)
     _rebuild: bool = True
+    # Peers listed but unusable (expired, unreachable), by id; the time used for expiry checks
+    # (control's clock); and the earliest future KeyExpiry among usable peers (may be early, never late).
+    _skipped: dict[int, Peer] = field(default_factory=dict)
+    _control_now: _dt.datetime | None = None
+    _next_peer_expiry: _dt.datetime | None = None
+    _self_expired: bool = False
 
     def apply(self, msg: tailcfg.MapResponse, now: _dt.datetime) -> NetworkMap | None:
         """Apply one message; return the new snapshot, or None for a keep-alive."""
-        if msg.control_time is not None:
+        if msg.control_time is not None and _expiry(msg.control_time) is not None:
             self.control_time = msg.control_time
+            delta = msg.control_time - now
+            self.clock_delta = delta if abs(delta) > _MIN_CLOCK_DELTA else _dt.timedelta(0)
         if _is_keepalive(msg):
             return None
         if self.self_node is None and msg.node is None:
             raise MapSessionError("initial MapResponse lacked node")
         self.messages += 1
+        self._set_now(now)
         if msg.node is not None:
             self.self_node = msg.node
         if msg.derp_map is not None:
-            if msg.derp_map.regions is None and self.derp_map is not None:
-                self.derp_map = replace(msg.derp_map, regions=self.derp_map.regions)
-            else:
-                self.derp_map = msg.derp_map
+            self.derp_map = self._merge_derp_map(msg.derp_map)
         if msg.peers:
             self.peers = {p.id: p for p in msg.peers if p.id is not None}
             self._rebuild = True
@@ -306,10 +352,14 @@ class MapSession:
         if msg.packet_filter is not None:
             self.packet_filters["base"] = msg.packet_filter
         if msg.packet_filters is not None:
+            # "*": null resets every named filter before this message's others apply, wherever it
+            # sits in the object; "*" never names a filter itself.
+            if "*" in msg.packet_filters and msg.packet_filters["*"] is None:
+                self.packet_filters.clear()
             for name, rules in msg.packet_filters.items():
-                if name == "*" and rules is None:
-                    self.packet_filters.clear()
-                elif rules is None:
+                if name == "*":
+                    continue
+                if rules is None:
                     self.packet_filters.pop(name, None)
                 else:
                     self.packet_filters[name] = rules
@@ -317,6 +367,92 @@ class MapSession:
             if profile.id is not None:
                 self.user_profiles[profile.id] = profile
         return self.snapshot()
+
+    def _merge_derp_map(self, new: tailcfg.DERPMap) -> tailcfg.DERPMap:
+        """Fields a DERPMap omits keep their previous values; null regions are dropped."""
+        if new.regions is not None and any(r is None for r in new.regions.values()):
+            new = replace(new, regions={rid: r for rid, r in new.regions.items() if r is not None})
+        old = self.derp_map
+        if old is None:
+            return new
+        if new.regions is None:
+            new = replace(new, regions=old.regions, omit_default_regions=old.omit_default_regions)
+        if new.home_params is None:
+            new = replace(new, home_params=old.home_params)
+        elif new.home_params.region_score is None and old.home_params is not None:
+            new = replace(new, home_params=replace(new.home_params, region_score=old.home_params.region_score))
+        return new
+
+    # -- expiry ---------------------------------------------------------------------------------
+
+    def _set_now(self, now: _dt.datetime) -> None:
+        """Take a new time; mark peers whose key expired since as changed."""
+        control_now = now + self.clock_delta
+        self._control_now = control_now
+        nxt = self._next_peer_expiry
+        if nxt is None or control_now < nxt or self._rebuild:
+            return
+        # Some peer's key may have expired: find which (rare, O(peers)), and the next deadline.
+        soonest = None
+        for node_id, node in self.peers.items():
+            exp = _expiry(node.key_expiry)
+            if exp is None:
+                continue
+            if exp <= control_now:
+                if node_id in self._index:
+                    self._dirty.add(node_id)
+            elif soonest is None or exp < soonest:
+                soonest = exp
+        self._next_peer_expiry = soonest
+
+    def _time_judged(self) -> bool:
+        now = self._control_now
+        return now is not None and now >= _EXPIRY_EPOCH
+
+    def _node_expired(self, node: tailcfg.Node) -> bool:
+        if node.expired:
+            return True
+        exp = _expiry(node.key_expiry)
+        return exp is not None and self._time_judged() and exp <= self._control_now  # type: ignore[operator]
+
+    def _note_expiry(self, node: tailcfg.Node) -> None:
+        exp = _expiry(node.key_expiry)
+        if exp is not None and (self._next_peer_expiry is None or exp < self._next_peer_expiry):
+            self._next_peer_expiry = exp
+
+    def next_expiry(self, now: _dt.datetime) -> _dt.datetime | None:
+        """The local time at which a key (ours or a usable peer's) next expires, or None.
+
+        At that time call :meth:`refresh`. The answer may be early, never late.
+        """
+        control_now = now + self.clock_delta
+        if control_now < _EXPIRY_EPOCH:
+            return None  # a broken clock judges nothing expired (see _set_now)
+        times = []
+        if self.self_node is not None and not self._self_expired:
+            exp = _expiry(self.self_node.key_expiry)
+            if exp is not None:
+                times.append(exp)
+        if self._next_peer_expiry is not None:
+            times.append(self._next_peer_expiry)
+        if not times:
+            return None
+        return max(min(times), control_now) - self.clock_delta
+
+    def refresh(self, now: _dt.datetime) -> NetworkMap | None:
+        """Re-judge key expiry at ``now``; return a new snapshot if it changed anything, else None."""
+        if self.self_node is None:
+            return None
+        self._set_now(now)
+        if not self._dirty and not self._rebuild and self._self_key_expired() == self._self_expired:
+            return None
+        return self.snapshot()
+
+    def _self_key_expired(self) -> bool:
+        assert self.self_node is not None
+        return self._node_expired(self.self_node)
+
+    # -- snapshots ------------------------------------------------------------------------------
 
     def _peer(self, node: tailcfg.Node) -> Peer:
         cached = self._peer_cache.get(node.id)  # type: ignore[arg-type]
@@ -326,15 +462,31 @@ class MapSession:
         self._peer_cache[node.id] = (node, peer)  # type: ignore[index]
         return peer
 
+    def _judge(self, node: tailcfg.Node) -> tuple[Peer | None, Peer | None]:
+        """(usable peer, None), (None, skipped peer) or (None, None) for a peer without key or ID."""
+        try:
+            peer = self._peer(node)
+        except MapSessionError:
+            return None, None
+        if self._node_expired(node):
+            # As tailscaled: an expired peer keeps no endpoints or DERP home, and is not used.
+            return None, replace(peer, expired=True, endpoints=(), home_derp=0)
+        self._note_expiry(node)
+        if peer.disco_key is None and not peer.home_derp and not node.is_wireguard_only:
+            return None, peer  # neither disco nor DERP: no way to reach it
+        return peer, None
+
     def _update_peer_list(self) -> None:
         """Bring ``_peer_list`` up to date: patch the dirty entries in place, or rebuild it."""
         if not self._rebuild:
             for node_id in self._dirty:
                 pos = self._index.get(node_id)
-                try:
-                    peer = self._peer(self.peers[node_id])
-                except MapSessionError:
-                    peer = None
+                node = self.peers.get(node_id)
+                peer, skipped = self._judge(node) if node is not None else (None, None)
+                if skipped is not None:
+                    self._skipped[node_id] = skipped
+                else:
+                    self._skipped.pop(node_id, None)
                 if pos is not None and peer is not None:
                     self._peer_list[pos] = peer
                 elif pos is not None or peer is not None:
@@ -344,11 +496,14 @@ class MapSession:
         if not self._rebuild:
             return
         peers = []
+        self._skipped = {}
+        self._next_peer_expiry = None
         for node_id in sorted(self.peers):
-            try:
-                peers.append(self._peer(self.peers[node_id]))
-            except MapSessionError:
-                continue  # a peer without key is unusable; skip it, keep the rest
+            peer, skipped = self._judge(self.peers[node_id])
+            if peer is not None:
+                peers.append(peer)
+            elif skipped is not None:
+                self._skipped[node_id] = skipped
         for stale in set(self._peer_cache) - set(self.peers):
             del self._peer_cache[stale]
         self._peer_list = peers
@@ -358,21 +513,33 @@ class MapSession:
     def snapshot(self) -> NetworkMap:
         assert self.self_node is not None
         self._update_peer_list()
-        peers = self._peer_list
+        self._self_expired = self._self_key_expired()
+        skipped = tuple(self._skipped[i] for i in sorted(self._skipped))
+        if self._self_expired:
+            # Our key is dead: like tailscaled, use no peer until we log in again.
+            peers: tuple[Peer, ...] = ()
+            skipped = tuple(sorted((*self._peer_list, *skipped), key=lambda p: p.id))
+        else:
+            peers = tuple(self._peer_list)
         rules: list[tailcfg.FilterRule] = []
         for name in sorted(self.packet_filters):
             rules.extend(self.packet_filters[name])
+        cap_map = dict(self.self_node.cap_map or {})
+        for cap in self.self_node.capabilities or ():
+            cap_map.setdefault(cap, None)  # old servers send a list; it means the same as a CapMap key
         return NetworkMap(
             self_node=self.self_node,
-            peers=tuple(peers),
+            peers=peers,
             derp_map=self.derp_map,
             dns_config=self.dns_config,
             packet_filter=tuple(rules),
-            cap_map=MappingProxyType(dict(self.self_node.cap_map or {})),
+            cap_map=MappingProxyType(cap_map),
             user_profiles=MappingProxyType(dict(self.user_profiles)),
             domain=self.domain,
             collect_services=self.collect_services,
             control_time=self.control_time,
+            skipped_peers=skipped,
+            self_expired=self._self_expired,
         )
 
 
