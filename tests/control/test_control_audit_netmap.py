@@ -224,3 +224,45 @@ def test_self_key_expiry_stops_all_peers():
     assert s.apply(tc.MapResponse(node=node(0, expired=True), peers=(node(1),)), NOW).self_expired
     nm = s.apply(tc.MapResponse(node=node(0, key_expiry=NOW + HOUR)), NOW)
     assert not nm.self_expired and [p.id for p in nm.peers] == [1]
+
+
+# -- the client's expiry timer (driver), on trio's mock clock ----------------------------------------
+
+
+async def test_client_expiry_timer_drops_peers_then_ends_the_poll_on_own_expiry(autojump_clock):
+    # Rule (ipnlocal): a timer fires at the next key expiry without any message from control;
+    # a new netmap re-arms it; our own expiry ends the poll so that the client logs in again.
+    import trio
+
+    from tsnet.control.client import ClientConfig, ControlClient, _Signal
+    from tsnet.key import MachinePrivate
+
+    def wall():
+        return NOW + dt.timedelta(seconds=trio.current_time())
+
+    cfg = ClientConfig(control_url="http://127.0.0.1:9", machine_key=MachinePrivate.generate(),
+                       node_key=NodePrivate.generate(), disco_key=D[0], hostname="t", wall_clock=wall)
+    client = ControlClient(cfg)
+    session = MapSession()
+    client.netmap = session.apply(tc.MapResponse(node=node(0, key_expiry=NOW + 2 * HOUR), peers=(
+        node(1, key_expiry=NOW + HOUR), node(2), node(3))), wall())
+    seen = []
+    changed = _Signal()
+
+    def on_netmap(nm):
+        seen.append((trio.current_time(), [p.id for p in nm.peers], nm.self_expired))
+
+    async def control_sends_a_sooner_expiry():
+        await trio.sleep(10)
+        client.netmap = session.apply(tc.MapResponse(peers_changed_patch=(
+            tc.PeerChange(node_id=3, key_expiry=NOW + HOUR / 2),)), wall())
+        changed.fire()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(control_sends_a_sooner_expiry)
+        with trio.CancelScope() as poll_scope:
+            await client._expiry_timer(session, on_netmap, changed, poll_scope, trio.CancelScope())
+            await trio.sleep_forever()
+        assert poll_scope.cancelled_caught  # the timer ended the poll
+    assert seen == [(1800.0, [1, 2], False), (3600.0, [2], False), (7200.0, [], True)]
+    assert client.self_expired() and client.counters["expiry_refreshes"] == 3

@@ -48,7 +48,23 @@ __all__ = [
 log = logging.getLogger("tsnet.control.client")
 
 WATCHDOG_SECONDS = 120.0
+#: The expiry timer re-reads the wall clock at least this often (it may jump, e.g. after suspend).
+EXPIRY_RECHECK_SECONDS = 60.0
 _ZERO_NL = "nlpub:" + "0" * 64
+
+
+class _Signal:
+    """A re-armable wake-up: :meth:`fire` wakes the current waiters and arms a fresh event."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
 
 
 class ControlError(Exception):
@@ -193,6 +209,8 @@ class ClientConfig:
     on_auth_url: Callable[[str], None] = _print_auth_url
     #: Trust for ``GET /key`` over https (default: system roots). ts2021 itself is authenticated by Noise.
     ssl_context: ssl.SSLContext | None = None
+    #: Wall clock (timezone-aware) for key-expiry decisions; tests substitute a fake one.
+    wall_clock: Callable[[], _dt.datetime] = field(default=lambda: _dt.datetime.now(_dt.timezone.utc))
 
 
 class ControlClient:
@@ -219,6 +237,8 @@ class ControlClient:
         self.counters = {"dials": 0, "polls": 0, "map_messages": 0, "keepalives": 0, "key_changes": 0}
         #: True while a map long-poll is open and streaming (health checks read it).
         self.map_connected = False
+        # Control's clock minus ours, from the last poll (expiry is judged on control's clock).
+        self._clock_delta = _dt.timedelta(0)
 
     async def __aenter__(self) -> ControlClient:
         self._nursery_cm = trio.open_nursery()
@@ -447,22 +467,32 @@ class ControlClient:
                 decoder = MapFrameDecoder()
                 session = MapSession()
                 self.map_connected = True
+                changed, timer_scope = _Signal(), trio.CancelScope()
                 try:
-                    async for chunk in resp.iter_chunks():
-                        for msg in decoder.feed(chunk):
-                            watchdog.deadline = trio.current_time() + WATCHDOG_SECONDS
-                            self.counters["map_messages"] += 1
-                            if msg.ping_request is not None:
-                                self._on_ping(msg.ping_request)
-                            nm = session.apply(msg, _dt.datetime.now(_dt.timezone.utc))
-                            if nm is None:
-                                self.counters["keepalives"] += 1
+                    with trio.CancelScope() as poll_scope:
+                        assert self._nursery is not None, "use ControlClient as an async context manager"
+                        self._nursery.start_soon(self._expiry_timer, session, on_netmap, changed, poll_scope, timer_scope)
+                        async for chunk in resp.iter_chunks():
+                            for msg in decoder.feed(chunk):
+                                watchdog.deadline = trio.current_time() + WATCHDOG_SECONDS
+                                self.counters["map_messages"] += 1
+                                if msg.ping_request is not None:
+                                    self._on_ping(msg.ping_request)
+                                nm = session.apply(msg, self.config.wall_clock())
+                                self._clock_delta = session.clock_delta
+                                if nm is None:
+                                    self.counters["keepalives"] += 1
+                                    continue
+                                self.netmap = nm
+                                on_netmap(nm)
+                                changed.fire()
+                                if nm.self_expired:
+                                    break  # run() renews the key and polls again
+                            else:
                                 continue
-                            self.netmap = nm
-                            on_netmap(nm)
-                            if self.self_expired():
-                                return  # run() renews the key and polls again
+                            break
                 finally:
+                    timer_scope.cancel()
                     self.map_connected = False
                     with trio.CancelScope(shield=True):
                         await resp.aclose()
@@ -471,6 +501,43 @@ class ControlClient:
         except (H2Error, OSError, trio.BrokenResourceError, MapSessionError) as exc:
             await self._drop_conn()
             raise ControlError(f"map poll: {exc}") from None
+
+    async def _expiry_timer(
+        self,
+        session: MapSession,
+        on_netmap: Callable[[NetworkMap], object],
+        changed: _Signal,
+        poll_scope: trio.CancelScope,
+        timer_scope: trio.CancelScope,
+    ) -> None:
+        """Re-judge key expiry when a key expires with no word from control (as tailscaled's timer).
+
+        A peer whose key expired leaves the netmap; when our own key expires the peers go and
+        ``poll_scope`` is cancelled so that :meth:`run` logs in with a new key. Runs until
+        ``timer_scope`` is cancelled (the poll's end).
+        """
+        with timer_scope:
+            await self._expiry_loop(session, on_netmap, changed, poll_scope)
+
+    async def _expiry_loop(
+        self, session: MapSession, on_netmap: Callable[[NetworkMap], object], changed: _Signal, poll_scope: trio.CancelScope
+    ) -> None:
+        while True:
+            now = self.config.wall_clock()
+            at = session.next_expiry(now)
+            delay = EXPIRY_RECHECK_SECONDS if at is None else (at - now).total_seconds()
+            with trio.move_on_after(max(0.0, min(delay, EXPIRY_RECHECK_SECONDS))):
+                await changed.wait()
+                continue  # a new netmap: its expiries may differ
+            nm = session.refresh(self.config.wall_clock())
+            if nm is None:
+                continue
+            self.counters["expiry_refreshes"] = self.counters.get("expiry_refreshes", 0) + 1
+            self.netmap = nm
+            on_netmap(nm)
+            if nm.self_expired:
+                poll_scope.cancel()
+                return
 
     # -- control-to-node (PingRequest) ----------------------------------------------------------
 
@@ -534,10 +601,13 @@ class ControlClient:
         return f"HTTP/1.1 {status} {reason}\r\nContent-Length: {len(out)}\r\n\r\n".encode() + out
 
     def self_expired(self, now: _dt.datetime | None = None) -> bool:
+        """Whether our node key has expired (control's flag, or KeyExpiry on control's clock)."""
         nm = self.netmap
         if nm is None:
             return False
-        now = now or _dt.datetime.now(_dt.timezone.utc)
+        if nm.self_expired:
+            return True
+        now = (now or self.config.wall_clock()) + self._clock_delta
         exp = nm.self_node.key_expiry
         return bool(nm.self_node.expired) or (exp is not None and exp.year > 1 and exp <= now)
 
