@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from bisect import bisect_left
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -90,6 +91,9 @@ def _parse_v6(mv: memoryview) -> ParsedIP:
     ip = ParsedIP(6, bytes(src), bytes(dst), nh, mv[40:end], ttl=hop)
     for _ in range(_MAX_V6_EXT_HEADERS):
         if nh in _V6_SIMPLE_EXT:
+            if nh == PROTO_HOPOPTS and pos != 40:
+                # RFC 8200 §4.1: hop-by-hop options may only follow the IPv6 header itself.
+                raise MalformedPacket("hop-by-hop header not first")
             if pos + 8 > end:
                 raise MalformedPacket("truncated extension header")
             nxt = mv[pos]
@@ -123,12 +127,14 @@ def skip_v6_extensions(next_header: int, payload: memoryview) -> tuple[int, memo
     """Walk the extension headers at the start of a reassembled IPv6 payload.
 
     Returns the upper-layer protocol and its payload; raises MalformedPacket if
-    the headers are truncated, too many, or another Fragment header appears.
+    the headers are truncated, too many, or another Fragment or a hop-by-hop header appears.
     """
     pos = 0
     end = len(payload)
     for _ in range(_MAX_V6_EXT_HEADERS):
         if next_header in _V6_SIMPLE_EXT:
+            if next_header == PROTO_HOPOPTS:
+                raise MalformedPacket("hop-by-hop header not first")  # RFC 8200 §4.1: only right after the IPv6 header
             if pos + 8 > end:
                 raise MalformedPacket("truncated extension header")
             nxt = payload[pos]
@@ -227,31 +233,46 @@ class IPv6HeaderTemplate(_CachedHeaders):
         return hdr
 
 
+#: Bookkeeping a stored fragment costs beyond its bytes, counted against the memory bound (like a
+#: kernel's per-buffer truesize), so 8-byte fragments cannot hold far more memory than they are charged.
+FRAGMENT_OVERHEAD = 64
+
+
 @dataclass(slots=True)
 class _Partial:
     deadline: float
-    pieces: list[tuple[int, int, bytes]] = field(default_factory=list)
+    pieces: list[tuple[int, int, bytes]] = field(default_factory=list)  # sorted by offset, disjoint
     total: int | None = None
-    size: int = 0
+    size: int = 0  # payload bytes held
+    charged: int = 0  # what this datagram counts against the memory bound
 
 
 class Reassembler:
     """Bounded, timed reassembly of fragmented datagrams (RFC 791 / RFC 8200 §4.5).
 
-    Overlapping fragments drop the whole datagram (RFC 5722 / RFC 1858 defence).
-    Memory is bounded: above ``high_water`` bytes the oldest datagrams are evicted
-    until usage is below ``low_water``.
+    Overlapping fragments drop the whole datagram (RFC 5722 / RFC 1858 defence), and the
+    fragments of that datagram still to come are dropped too until its reassembly time
+    would have run out (RFC 5722 §4). An exact duplicate of a fragment we hold (the network
+    may duplicate packets) is dropped alone (RFC 8200 §4.5); one with other bytes at the
+    same place is an overlap. A datagram may have at most ``max_fragments`` pieces.
+    Memory is bounded: above ``high_water`` bytes (payload plus :data:`FRAGMENT_OVERHEAD`
+    per fragment) the oldest datagrams are evicted until usage is below ``low_water``.
     """
 
     def __init__(self, timeout: float = 30.0, high_water: int = 4 << 20, low_water: int = 3 << 20,
-                 max_datagram: int = 65535) -> None:
+                 max_datagram: int = 65535, max_fragments: int = 128, max_dead: int = 1024) -> None:
         self.timeout = timeout
         self.high_water = high_water
         self.low_water = low_water
         self.max_datagram = max_datagram
+        self.max_fragments = max_fragments
         self.memory = 0
-        self.dropped = 0
+        self.dropped = 0  # datagrams given up (overlap, inconsistency, too many pieces, timeout, memory)
+        self.duplicates = 0  # exact duplicate fragments ignored
         self._partials: OrderedDict[tuple, _Partial] = OrderedDict()
+        # Datagrams dropped for an overlap or inconsistency -> when to forget them (bounded, oldest first).
+        self._dead: OrderedDict[tuple, float] = OrderedDict()
+        self.max_dead = max_dead
 
     def __len__(self) -> int:
         return len(self._partials)
@@ -259,9 +280,11 @@ class Reassembler:
     def add(self, key: tuple, offset: int, data: bytes | memoryview, more: bool, now: float) -> bytes | None:
         """Add one fragment; return the whole payload once complete, else None."""
         self.expire(now)
+        if key in self._dead:
+            return None
         end = offset + len(data)
         if end > self.max_datagram or (more and len(data) % 8):
-            self._drop(key)
+            self._kill(key, now)
             return None
         part = self._partials.get(key)
         if part is None:
@@ -269,24 +292,38 @@ class Reassembler:
             self._partials[key] = part
         if not more:
             if part.total is not None and part.total != end:
-                self._drop(key)
+                self._kill(key, now)
+                return None
+            if part.pieces and part.pieces[-1][1] > end:
+                self._kill(key, now)  # data beyond the end this fragment declares
                 return None
             part.total = end
         elif part.total is not None and end > part.total:
-            self._drop(key)
+            self._kill(key, now)
             return None
-        for s, e, _ in part.pieces:
-            if offset < e and s < end:
-                self._drop(key)
+        pieces = part.pieces
+        i = bisect_left(pieces, (offset,))
+        if i < len(pieces) and pieces[i][0] == offset and pieces[i][1] == end:
+            if pieces[i][2] == data:
+                self.duplicates += 1
                 return None
-        part.pieces.append((offset, end, bytes(data)))
+            self._kill(key, now)
+            return None
+        if (i > 0 and pieces[i - 1][1] > offset) or (i < len(pieces) and pieces[i][0] < end):
+            self._kill(key, now)
+            return None
+        if len(pieces) >= self.max_fragments:
+            self._kill(key, now)
+            return None
+        pieces.insert(i, (offset, end, bytes(data)))
         part.size += len(data)
-        self.memory += len(data)
+        charge = len(data) + FRAGMENT_OVERHEAD
+        part.charged += charge
+        self.memory += charge
         if part.total is not None and part.size == part.total:
-            part.pieces.sort()
             del self._partials[key]
-            self.memory -= part.size
-            return b"".join(p[2] for p in part.pieces)
+            self.memory -= part.charged
+            return b"".join(p[2] for p in pieces)
         if self.memory > self.high_water:
             while self._partials and self.memory > self.low_water:
                 old_key = next(iter(self._partials))
@@ -296,8 +333,16 @@ class Reassembler:
     def _drop(self, key: tuple) -> None:
         part = self._partials.pop(key, None)
         if part is not None:
-            self.memory -= part.size
+            self.memory -= part.charged
         self.dropped += 1
+
+    def _kill(self, key: tuple, now: float) -> None:
+        """Drop the datagram and refuse its later fragments (RFC 5722 §4) until it would have timed out."""
+        self._drop(key)
+        self._dead[key] = now + self.timeout
+        self._dead.move_to_end(key)  # (keeps the dict in deadline order: ``now`` never goes back)
+        while len(self._dead) > self.max_dead:
+            self._dead.popitem(last=False)
 
     def expire(self, now: float) -> None:
         """Forget datagrams whose reassembly time ran out (oldest are first in the dict)."""
@@ -306,6 +351,12 @@ class Reassembler:
             if part.deadline > now:
                 break
             self._drop(key)
+        dead = self._dead
+        while dead:
+            key, t = next(iter(dead.items()))
+            if t > now:
+                break
+            del dead[key]
 
     def next_deadline(self) -> float | None:
         """When the oldest pending datagram times out."""

@@ -137,6 +137,7 @@ class StackCounters:
     tsmp_pongs: int = 0
     tsmp_rejects: int = 0
     loopback_packets: int = 0  # packets to our own addresses, received without leaving
+    bad_source: int = 0  # source address no host may use (multicast, broadcast, unspecified, loopback)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -237,6 +238,15 @@ def _packed(addr: IPAddressLike | bytes) -> bytes:
             return ipaddress.ip_interface(text).ip.packed
         return ipaddress.ip_address(text).packed
     return addr.packed
+
+
+def _bad_source(src: bytes) -> bool:
+    """A source address no single host may send from (RFC 1122 §3.2.1.3, RFC 4291 §2.5.2 / §2.7):
+    IPv4 0/8, 127/8, 224/4 multicast, 240/4 and the limited broadcast; IPv6 ::, ::1 and ff00::/8."""
+    if len(src) == 4:
+        first = src[0]
+        return first == 0 or first == 127 or first >= 224
+    return src[0] == 0xFF or (not any(src[:15]) and src[15] <= 1)
 
 
 def _dst_of(packet: bytes | bytearray) -> bytes:
@@ -675,10 +685,16 @@ class Stack:
         if ip.dst not in self._addresses:
             self.counters.not_for_us += 1
             return
+        if _bad_source(ip.src) and ip.src not in self._addresses:
+            self.counters.bad_source += 1  # RFC 1122 §3.2.1.3: silently discarded
+            return
         proto = ip.proto
         payload = ip.payload
         whole = True  # the packet in hand is the whole datagram (ICMP errors may quote it)
-        if ip.is_fragment:
+        if ip.is_fragment and ip.version == 6 and ip.frag_offset == 0 and not ip.more_fragments:
+            # An atomic fragment (RFC 6946 §4): a whole datagram, never mixed with pending fragments.
+            proto, payload = ipmod.skip_v6_extensions(proto, payload)
+        elif ip.is_fragment:
             self.counters.fragments += 1
             key = (ip.version, ip.src, ip.dst, proto, ip.frag_id)
             reassembler = self._reassembler if ip.version == 4 else self._reassembler6
@@ -731,6 +747,10 @@ class Stack:
         flags = seg.flags
         if flags & RST:
             return  # never answer a RST
+        if _bad_source(src) and src not in self._addresses:
+            # (the general path checks this too; the IPv4 fast path reaches here without it)
+            counters.bad_source += 1  # no SYN-ACK or RST to a multicast/broadcast source (RFC 1122 §4.2.3.10)
+            return
         listener = self.listeners.get((dst, seg.dport)) or self.listeners.get((None, seg.dport))
         if listener is not None and not listener.closed:
             if flags & ACK:
@@ -800,6 +820,9 @@ class Stack:
         rip = _packed(remote_ip)
         if not 0 < remote_port < 65536:
             raise ValueError(f"bad port {remote_port}")
+        if _bad_source(rip) and rip not in self._addresses:
+            # TCP needs one peer: not a multicast, broadcast or unspecified address (Linux: ENETUNREACH).
+            raise OSError(errno.ENETUNREACH, "cannot connect TCP to a multicast, broadcast or unspecified address")
         lip = self.source_for(rip) if local_ip is None else _packed(local_ip)
         if lip not in self._addresses or len(lip) != len(rip):
             raise OSError(errno.EADDRNOTAVAIL, "local address is not ours or of the wrong family")
@@ -1170,7 +1193,7 @@ class Stack:
             return
         if proto == PROTO_TCP:
             conn = self.connections.get((our_ip, sport, their_ip, dport))
-            if conn is not None and conn.state == TCPState.SYN_SENT:
+            if conn is not None and conn.state == TCPState.SYN_SENT and _quotes_our_syn(quoted, conn):
                 self._safe_abort(conn, now)  # the driver reports CLOSED-without-error while connecting as refused
                 touched[conn] = None
         elif proto == PROTO_UDP:
@@ -1178,6 +1201,15 @@ class Stack:
             if ep is not None and ep.remote == (their_ip, dport):
                 ep.error = ConnectionRefusedError(errno.ECONNREFUSED, "port unreachable")
                 ep._notify()
+
+
+def _quotes_our_syn(quoted: memoryview, conn: TCPConnection) -> bool:
+    """The quoted TCP header carries our SYN's sequence number (RFC 5927 §4.1): a blind forger
+    who knows the 4-tuple but not our ISS cannot fail the connect."""
+    hdr = (quoted[0] & 0x0F) * 4 if quoted[0] >> 4 == 4 else 40  # we send no extension headers
+    if len(quoted) < hdr + 8:
+        return False  # RFC 792 / RFC 4443 quote at least 8 bytes of the transport header
+    return int.from_bytes(quoted[hdr + 4:hdr + 8], "big") == conn.iss & 0xFFFFFFFF
 
 
 def _parse_quoted(quoted: memoryview) -> tuple[int, bytes, bytes, int, int] | None:

@@ -1516,6 +1516,11 @@ class TCPConnection:
             ok = (rnxt <= seq < rnxt + wnd) or (rnxt <= seq + seg_len - 1 < rnxt + wnd)
         if not ok:
             self.stats.dropped += 1
+            if flags & SYN and not flags & RST:
+                # RFC 5961 §4.2: a SYN in a synchronized state gets a (rate-limited) challenge ACK
+                # whatever its sequence number.
+                self._challenge_ack(now)
+                return
             if not flags & RST:
                 if plen and seq + plen <= rnxt and self.sack_ok:
                     self._dsack = (seq, seq + plen)
@@ -1552,7 +1557,9 @@ class TCPConnection:
 
         # Timestamps: remember TS.Recent (RFC 7323 §4.3).
         if self.ts_ok and seg.has_ts and seq <= self._last_ack_sent:
-            if ((seg.tsval - self._ts_recent) & _M) < _HALF:
+            # (After 24 days without an update TS.Recent is no longer valid (RFC 7323 §5.5): the
+            # segment PAWS let through on that ground sets it, even if its TSval looks older.)
+            if ((seg.tsval - self._ts_recent) & _M) < _HALF or now - self._ts_recent_time >= _PAWS_IDLE:
                 self._ts_recent = seg.tsval
                 self._ts_recent_time = now
 
@@ -1826,6 +1833,11 @@ class TCPConnection:
             self._become_established(now)
             self._update_stats()
             self._ack_now = True
+            if seg.payload or flags & FIN:
+                # Data (and FIN) on the SYN-ACK are processed like any other (RFC 9293 §3.10.7.3),
+                # within the window our SYN offered.
+                self.rcv_adv = self.rcv_nxt + min(self.recv_buffer_size, 0xFFFF)
+                self._process_data(seg, self.rcv_nxt, seg.payload, now)
             self._output(now)
         else:
             # Simultaneous open (RFC 9293 §3.5, figure 8).
@@ -1835,14 +1847,12 @@ class TCPConnection:
     def _process_ack(self, seg: Segment, seq: int, ack: int, now: float) -> bool:
         """ACK field processing; False if the segment must be dropped."""
         una = self.snd_una
-        if ack > self.snd_max:
-            # Acks data we never sent (RFC 5961 §5): ACK and drop.
+        if ack > self.snd_max or ack < una - self.max_snd_wnd:
+            # RFC 5961 §5.2: only (SND.UNA - MAX.SND.WND) <= SEG.ACK <= SND.NXT is acceptable (SND.MAX
+            # here: after go-back-N SND.NXT is behind what was sent); anything else, data included, is
+            # dropped with a (rate-limited) challenge ACK. This stops blind data injection.
             self.stats.dropped += 1
-            self._send_ack(now)
-            return False
-        if ack < una - max(self.max_snd_wnd, 65535):
-            self.stats.dropped += 1
-            self._send_ack(now)
+            self._challenge_ack(now)
             return False
         wnd = seg.window << self.snd_wscale
         # Window update (RFC 9293 SND.WL1/WL2 rule).
