@@ -50,6 +50,9 @@ _ALLOW_ALL = (
 )
 _TAGGED_LOGIN = "tagged-devices"
 _NEEDS_AUTH = "this tsnet control server needs an auth key (tailscale up --authkey=...)"
+# The bytes Tailscale's control writes over the start of an expired peer's node key (so that it
+# shows as [bad01]); the rest of the key is kept.
+_EXPIRED_KEY_PREFIX = bytes((109, 167, 116, 213, 215, 116))
 
 
 def _utcnow() -> _dt.datetime:
@@ -703,19 +706,25 @@ class ControlServer:
             except DecodeError:
                 hostinfo = None
         addresses = (f"{node.ipv4}/32", f"{node.ipv6}/128")
+        key = NodePublic.parse(node.node_key)
+        expired = node.expired(now) and not is_self
+        if expired:
+            # As Tailscale's control: an expired peer is sent without endpoints or DERP home and
+            # with a deliberately broken key, so no client can still reach it (even over DERP).
+            key = NodePublic(_EXPIRED_KEY_PREFIX + key.raw[len(_EXPIRED_KEY_PREFIX):])
         return tailcfg.Node(
             id=node.id,
             stable_id=node.stable_id,
             name=self.node_name(node),
             user=node.user_id,
-            key=NodePublic.parse(node.node_key),
+            key=key,
             key_expiry=node.key_expiry,
             machine=MachinePublic.parse(node.machine_key),
             disco_key=DiscoPublic.parse(node.disco_key) if node.disco_key else None,
             addresses=addresses,
             allowed_ips=addresses,
-            endpoints=node.endpoints or None,
-            home_derp=node.home_derp or None,
+            endpoints=None if expired else node.endpoints or None,
+            home_derp=None if expired else node.home_derp or None,
             hostinfo=hostinfo,
             created=node.created,
             cap=node.cap or None,
@@ -724,7 +733,7 @@ class ControlServer:
             last_seen=None if (online or is_self or node.last_seen is None) else node.last_seen,
             machine_authorized=True,
             cap_map=dict(self.config.node_attrs) if is_self and self.config.node_attrs else None,
-            expired=True if node.expired(now) and not is_self else None,
+            expired=True if expired else None,
         )
 
     def dns_config(self) -> tailcfg.DNSConfig:
