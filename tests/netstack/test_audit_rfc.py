@@ -536,3 +536,27 @@ def test_time_wait_four_tuple_reused_only_by_a_newer_syn() -> None:
     assert sa.flags == SYN | ACK and sa.ack == 100_001
     new = s.connections[(bytes([100, 64, 0, 1]), 80, bytes([100, 64, 0, 2]), 6000)]
     assert new is not conn and new.state == S.SYN_RECEIVED
+
+
+def test_unknown_protocol_gets_protocol_unreachable_or_parameter_problem() -> None:
+    """RFC 1122 §3.2.2.1: ICMP protocol unreachable for a transport we do not have; RFC 8200 §4 /
+    RFC 4443 §3.4: ICMPv6 parameter problem code 1 whose pointer is the offset of the Next Header
+    field naming it (gVisor does both). Nothing for "no next header" (59) or for fragments."""
+    s = Stack([A4, A6], now=0.0)
+    gre4 = ipv4(B4, A4, 47, b"gre-payload")
+    s.receive_packet(gre4, 0.0)
+    [r4] = [parse(p) for p in s.packets_to_send()]
+    assert (r4.src, r4.dst, r4.proto) == (A4, B4, 1) and csum(r4.payload) == 0
+    assert r4.payload[:2] == bytes((3, 2)) and r4.payload[8:] == gre4
+    plain = ipv6(B6, A6, 47, b"gre-payload")
+    behind_dstopts = ipv6(B6, A6, 60, struct.pack("!BB6x", 47, 0) + b"gre-payload")
+    for pkt, pointer in ((plain, 6), (behind_dstopts, 40)):
+        s.receive_packet(pkt, 0.0)
+        [r6] = [parse(p) for p in s.packets_to_send()]
+        assert (r6.src, r6.dst, r6.proto) == (A6, B6, 58)
+        assert csum(pseudo(A6, B6, 58, len(r6.payload)) + r6.payload) == 0
+        assert r6.payload[:2] == bytes((4, 1)) and struct.unpack_from("!I", r6.payload, 4)[0] == pointer
+        assert r6.payload[8:] == pkt
+    s.receive_packet(ipv6(B6, A6, 59, b""), 0.0)  # no next header: silently done
+    s.receive_packet(ipv4(B4, A4, 47, b"12345678", ident=3, frag=0x2000), 0.0)  # a fragment: no error
+    assert s.packets_to_send() == []

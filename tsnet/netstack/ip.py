@@ -49,6 +49,9 @@ class ParsedIP:
     more_fragments: bool = False
     is_fragment: bool = False
     ttl: int = 64
+    #: IPv6: offset in the packet of the Next Header field that names ``proto`` (the pointer of an
+    #: ICMPv6 "unrecognized next header" parameter problem); 9 (the protocol field) for IPv4
+    next_header_at: int = 6
 
 
 def parse(packet: bytes | bytearray | memoryview) -> ParsedIP:
@@ -77,7 +80,7 @@ def _parse_v4(mv: memoryview) -> ParsedIP:
         raise MalformedPacket("IPv4 header checksum")
     offset = (frag & 0x1FFF) * 8
     more = bool(frag & 0x2000)
-    return ParsedIP(4, bytes(src), bytes(dst), proto, mv[ihl:total], ident, offset, more, more or offset != 0, ttl)
+    return ParsedIP(4, bytes(src), bytes(dst), proto, mv[ihl:total], ident, offset, more, more or offset != 0, ttl, 9)
 
 
 def _parse_v6(mv: memoryview) -> ParsedIP:
@@ -97,12 +100,14 @@ def _parse_v6(mv: memoryview) -> ParsedIP:
             if pos + 8 > end:
                 raise MalformedPacket("truncated extension header")
             nxt = mv[pos]
+            ip.next_header_at = pos
             pos += (mv[pos + 1] + 1) * 8
             nh = nxt
         elif nh == PROTO_FRAGMENT:
             if pos + 8 > end:
                 raise MalformedPacket("truncated fragment header")
             nxt, _res, off_flags, ident = _V6_FRAG.unpack_from(mv, pos)
+            ip.next_header_at = pos
             pos += 8
             nh = nxt
             ip.frag_id = ident

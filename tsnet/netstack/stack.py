@@ -76,6 +76,7 @@ ICMP6_PARAM_PROBLEM = 4
 ICMP6_ECHO_REQUEST = 128
 ICMP6_ECHO_REPLY = 129
 ICMP6_CODE_PORT_UNREACHABLE = 4
+ICMP6_CODE_UNRECOGNIZED_NEXT_HEADER = 1
 # TSMP (IP protocol 99) message types (wireguard-netstack.md B.1).
 TSMP_REJECT = 0x21
 TSMP_PING = 0x70
@@ -718,6 +719,10 @@ class Stack:
             self._receive_tsmp(ip, payload, now, touched)
         else:
             self.counters.unknown_protocol += 1
+            if whole and not ip.is_fragment and proto != ipmod.PROTO_NONE and proto != PROTO_ICMP \
+                    and proto != PROTO_ICMPV6:
+                # (never an ICMP error about an ICMP message, nor about "no next header": RFC 8200 §4.7)
+                self._send_protocol_unreachable(ip, packet, now)
 
     # -- TCP ---------------------------------------------------------------------------------------------------------
 
@@ -1071,19 +1076,37 @@ class Stack:
 
     def _send_port_unreachable(self, src: bytes, dst: bytes, packet, now: float) -> None:
         """ICMP(v6) port unreachable back to ``src`` quoting the offending packet."""
+        if len(src) == 4:
+            self._send_icmp_error(src, dst, packet, ICMP4_UNREACHABLE, ICMP4_CODE_PORT_UNREACHABLE, 0, now)
+        else:
+            self._send_icmp_error(src, dst, packet, ICMP6_UNREACHABLE, ICMP6_CODE_PORT_UNREACHABLE, 0, now)
+
+    def _send_protocol_unreachable(self, ip: ipmod.ParsedIP, packet, now: float) -> None:
+        """No such transport protocol here: ICMP protocol unreachable (RFC 1122 §3.2.2.1) or ICMPv6
+        parameter problem "unrecognized next header" pointing at the field that named it (RFC 8200 §4,
+        RFC 4443 §3.4), as gVisor does."""
+        if ip.version == 4:
+            self._send_icmp_error(ip.src, ip.dst, packet, ICMP4_UNREACHABLE, ICMP4_CODE_PROTO_UNREACHABLE, 0, now)
+        else:
+            self._send_icmp_error(ip.src, ip.dst, packet, ICMP6_PARAM_PROBLEM, ICMP6_CODE_UNRECOGNIZED_NEXT_HEADER,
+                                  ip.next_header_at, now)
+
+    def _send_icmp_error(self, src: bytes, dst: bytes, packet, kind: int, code: int, rest: int,
+                         now: float) -> None:
+        """An ICMP(v6) error of ``kind``/``code`` (``rest``: the 32-bit field after the checksum)
+        back to ``src``, quoting the offending packet; rate limited."""
         if not any(src) or (src[0] >= 224 if len(src) == 4 else src[0] == 0xFF):
             return  # never to multicast/broadcast/unspecified sources (RFC 1812 §4.3.2.7, RFC 4443 §2.4)
         if not self._icmp_bucket.take(now):
             self.counters.icmp_rate_limited += 1
             return
         quote = bytes(packet)
+        header = _ICMP_HDR.pack(kind, code, 0, rest >> 16, rest & 0xFFFF)
         if len(src) == 4:
-            quote = quote[: _ICMP4_ERROR_MAX - 28]
-            msg = bytearray(_ICMP_HDR.pack(ICMP4_UNREACHABLE, ICMP4_CODE_PORT_UNREACHABLE, 0, 0, 0)) + quote
+            msg = bytearray(header) + quote[: _ICMP4_ERROR_MAX - 28]
             ck = checksum.checksum(msg)
         else:
-            quote = quote[: _ICMP6_ERROR_MAX - 48]
-            msg = bytearray(_ICMP_HDR.pack(ICMP6_UNREACHABLE, ICMP6_CODE_PORT_UNREACHABLE, 0, 0, 0)) + quote
+            msg = bytearray(header) + quote[: _ICMP6_ERROR_MAX - 48]
             ck = checksum.checksum(msg, _pseudo(dst, src, PROTO_ICMPV6, len(msg)))
         msg[2] = ck >> 8
         msg[3] = ck & 0xFF
