@@ -21,7 +21,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -216,63 +216,75 @@ class Policy:
     def _compile_all(self, nodes: list[NodeRecord], logins: dict[int, str]) -> dict[int, tuple[tailcfg.FilterRule, ...]]:
         result: dict[int, list[tailcfg.FilterRule]] = {n.id: [] for n in nodes}
         for rule in self.rules:
-            for dst_node in nodes:
-                host_prefixes = [f"{dst_node.ipv4}/32", f"{dst_node.ipv6}/128"]
-                dst_ports: list[tailcfg.NetPortRange] = []
-                self_only = False
-                for sel, ports in rule.dst:
-                    if sel == "autogroup:self":
-                        if dst_node.tags:
-                            continue
-                        self_only = True
-                        targets = [dst_node.ipv4, dst_node.ipv6]
-                    elif sel == "*":
-                        targets = ["*"]
-                    else:
-                        literal = self._literal(sel)
-                        if literal is not None:
-                            mine = any(ipaddress.ip_address(a) in literal for a in (dst_node.ipv4, dst_node.ipv6))
-                            targets = [str(literal)] if mine else []
-                        elif self._matches(sel, dst_node, logins):
-                            targets = [dst_node.ipv4, dst_node.ipv6]
-                        else:
-                            targets = []
-                    for t in targets:
-                        for pr in ports:
-                            dst_ports.append(tailcfg.NetPortRange(ip=t, ports=pr))
-                if not dst_ports:
-                    continue
-                src = self._src_ips(rule.src, nodes, logins, only_user=dst_node.user_id if self_only else None)
-                if not src:
-                    continue
-                if rule.caps is None:
-                    result[dst_node.id].append(
-                        tailcfg.FilterRule(src_ips=tuple(src), dst_ports=tuple(dst_ports), ip_proto=rule.protos)
-                    )
-                    continue
-                cap_map = {k: list(v) for k, v in rule.caps.items()}
-                result[dst_node.id].append(
-                    tailcfg.FilterRule(src_ips=tuple(src), cap_grant=(tailcfg.CapGrant(dsts=tuple(host_prefixes), cap_map=cap_map),))
-                )
-                if CAP_RELAY in rule.caps:
-                    # Companion grant in each source's filter: "dst_node may be my relay".
-                    for src_node in nodes:
-                        if src_node.id == dst_node.id:
-                            continue
-                        if not any(self._matches(s, src_node, logins) for s in rule.src if self._literal(s) is None):
-                            continue
-                        result[src_node.id].append(
-                            tailcfg.FilterRule(
-                                src_ips=(dst_node.ipv4, dst_node.ipv6),
-                                cap_grant=(
-                                    tailcfg.CapGrant(
-                                        dsts=(f"{src_node.ipv4}/32", f"{src_node.ipv6}/128"),
-                                        cap_map={CAP_RELAY_TARGET: []},
-                                    ),
-                                ),
-                            )
-                        )
+            # autogroup:self limits the sources to the destination's own user only for that
+            # destination: the rule's other destinations keep every source.
+            self_dst = tuple(d for d in rule.dst if d[0] == "autogroup:self")
+            if self_dst and len(self_dst) < len(rule.dst):
+                parts = [replace(rule, dst=self_dst), replace(rule, dst=tuple(d for d in rule.dst if d not in self_dst))]
+            else:
+                parts = [rule]
+            for part in parts:
+                self._compile_rule(part, nodes, logins, result)
         return {k: tuple(v) for k, v in result.items()}
+
+    def _compile_rule(self, rule: _Rule, nodes: list[NodeRecord], logins: dict[int, str],
+                      result: dict[int, list[tailcfg.FilterRule]]) -> None:
+        for dst_node in nodes:
+            host_prefixes = [f"{dst_node.ipv4}/32", f"{dst_node.ipv6}/128"]
+            dst_ports: list[tailcfg.NetPortRange] = []
+            self_only = False
+            for sel, ports in rule.dst:
+                if sel == "autogroup:self":
+                    if dst_node.tags:
+                        continue
+                    self_only = True
+                    targets = [dst_node.ipv4, dst_node.ipv6]
+                elif sel == "*":
+                    targets = ["*"]
+                else:
+                    literal = self._literal(sel)
+                    if literal is not None:
+                        mine = any(ipaddress.ip_address(a) in literal for a in (dst_node.ipv4, dst_node.ipv6))
+                        targets = [str(literal)] if mine else []
+                    elif self._matches(sel, dst_node, logins):
+                        targets = [dst_node.ipv4, dst_node.ipv6]
+                    else:
+                        targets = []
+                for t in targets:
+                    for pr in ports:
+                        dst_ports.append(tailcfg.NetPortRange(ip=t, ports=pr))
+            if not dst_ports:
+                continue
+            src = self._src_ips(rule.src, nodes, logins, only_user=dst_node.user_id if self_only else None)
+            if not src:
+                continue
+            if rule.caps is None:
+                result[dst_node.id].append(
+                    tailcfg.FilterRule(src_ips=tuple(src), dst_ports=tuple(dst_ports), ip_proto=rule.protos)
+                )
+                continue
+            cap_map = {k: list(v) for k, v in rule.caps.items()}
+            result[dst_node.id].append(
+                tailcfg.FilterRule(src_ips=tuple(src), cap_grant=(tailcfg.CapGrant(dsts=tuple(host_prefixes), cap_map=cap_map),))
+            )
+            if CAP_RELAY in rule.caps:
+                # Companion grant in each source's filter: "dst_node may be my relay".
+                for src_node in nodes:
+                    if src_node.id == dst_node.id:
+                        continue
+                    if not any(self._matches(s, src_node, logins) for s in rule.src if self._literal(s) is None):
+                        continue
+                    result[src_node.id].append(
+                        tailcfg.FilterRule(
+                            src_ips=(dst_node.ipv4, dst_node.ipv6),
+                            cap_grant=(
+                                tailcfg.CapGrant(
+                                    dsts=(f"{src_node.ipv4}/32", f"{src_node.ipv6}/128"),
+                                    cap_map={CAP_RELAY_TARGET: []},
+                                ),
+                            ),
+                        )
+                    )
 
     def _filters(self, nodes: list[NodeRecord], logins: dict[int, str]) -> dict[int, tuple[tailcfg.FilterRule, ...]]:
         key = tuple((n.id, n.ipv4, n.ipv6, n.tags, n.user_id) for n in nodes) + tuple(sorted(logins.items()))
@@ -322,6 +334,19 @@ def _fail(text: str, token: str, reason: str, *, after: tuple[str, ...] = ()) ->
             start = pos
     line = _line_of(text, token, start)
     return PolicyError(f"line {line}: {reason}" if line else reason)
+
+
+# Rule fields we implement. Any other (srcPosture, via, ...) narrows access in Tailscale;
+# ignoring it would grant more than the policy says, so it is refused instead.
+_ACL_FIELDS = frozenset({"action", "src", "dst", "proto"})
+_GRANT_FIELDS = frozenset({"src", "dst", "ip", "app"})
+
+
+def _refuse_unknown_fields(text: str, lowered: dict[str, Any], original: dict[str, Any], known: frozenset[str],
+                           what: str) -> None:
+    for name in original:
+        if name.lower() not in known:
+            raise _fail(text, name, f"{what} field {name!r} is not supported by this control server")
 
 
 def _parse_ports(text: str, spec: str, where: str) -> tuple[tailcfg.PortRange, ...]:
@@ -429,6 +454,7 @@ def parse_policy(text: str) -> Policy:
         if not isinstance(rule, dict):
             raise _fail(text, "acls", "each acl must be an object")
         r = {k.lower(): v for k, v in rule.items()}
+        _refuse_unknown_fields(text, r, rule, _ACL_FIELDS, "acl")
         action = r.get("action")
         if action != "accept":
             raise _fail(text, str(action), f"acl action must be \"accept\", got {action!r}")
@@ -457,6 +483,7 @@ def parse_policy(text: str) -> Policy:
         if not isinstance(grant, dict):
             raise _fail(text, "grants", "each grant must be an object")
         g = {k.lower(): v for k, v in grant.items()}
+        _refuse_unknown_fields(text, g, grant, _GRANT_FIELDS, "grant")
         src, dst = g.get("src"), g.get("dst")
         if not isinstance(src, list) or not src or not isinstance(dst, list) or not dst:
             raise _fail(text, "src", "grant needs non-empty src and dst lists")
