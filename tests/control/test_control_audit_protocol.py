@@ -127,3 +127,34 @@ def test_server_sends_expired_peers_unreachable():
             assert str(self_node.key) == store.node(watcher).node_key and self_node.endpoints
         finally:
             store.close()
+
+
+@pytest.mark.parametrize("status,body,reason", [
+    (401, b'{"MachineAuthorized":false}', "refused the auth key"),  # Headscale's bad-key answer
+    (401, b'{"Error":"invalid key: expired"}', "invalid key: expired"),
+    (403, b"forbidden: key revoked\n", "forbidden: key revoked"),
+])
+async def test_register_refusal_by_http_status_is_a_login_error(status, body, reason):
+    # A server that refuses the auth key with 401/403 refused the login: LoginError with its reason
+    # (tsnet.Server turns it into AuthKeyError), not a ControlError that reads as "unreachable".
+    from tsnet.control.client import ClientConfig, ControlClient, ControlError, LoginError
+
+    cfg = ClientConfig(control_url="http://127.0.0.1:9", machine_key=MachinePrivate.generate(),
+                       node_key=NodePrivate.generate(), disco_key=DiscoPrivate.generate().public, hostname="t",
+                       auth_key="tskey-auth-x")
+    client = ControlClient(cfg)
+
+    async def post(path, data):
+        return status, body
+
+    client._post = post
+    with pytest.raises(LoginError, match=f"http {status}.*{reason}"):
+        await client.login()
+
+    async def server_error(path, data):
+        return 500, b"oops"
+
+    client._post = server_error
+    with pytest.raises(ControlError) as info:
+        await client.login()
+    assert not isinstance(info.value, LoginError)

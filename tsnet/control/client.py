@@ -187,6 +187,20 @@ async def fetch_server_key(
     return answer.public_key
 
 
+def _refusal_text(body: bytes) -> str:
+    """The reason in a refused register answer: its RegisterResponse.Error, else its text."""
+    try:
+        resp = tailcfg.decode(tailcfg.RegisterResponse, body)
+    except tailcfg.DecodeError:
+        resp = None
+    if resp is not None and resp.error:
+        return resp.error
+    text = body[:200].decode("utf-8", "replace").strip()
+    if resp is not None or not text:
+        return "the server refused the auth key or credentials (no reason given)"
+    return text
+
+
 def _print_auth_url(url: str) -> None:
     print(f"\nTo authenticate, visit:\n\n\t{url}\n", file=sys.stderr, flush=True)
 
@@ -340,6 +354,10 @@ class ControlClient:
 
     async def _register(self, request: tailcfg.RegisterRequest) -> tailcfg.RegisterResponse:
         status, data = await self._post("/machine/register", tailcfg.dumps(request))
+        if status in (401, 403):
+            # Some servers (Headscale) refuse a bad auth key with 401 and a RegisterResponse body
+            # (perhaps with no Error text): that is a refused login, not an unreachable server.
+            raise LoginError(f"register refused (http {status}): {_refusal_text(data)}")
         if status != 200:
             raise ControlError(f"register request: http {status}: {data[:200].decode('utf-8', 'replace')}")
         try:
