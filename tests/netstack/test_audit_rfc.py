@@ -560,3 +560,30 @@ def test_unknown_protocol_gets_protocol_unreachable_or_parameter_problem() -> No
     s.receive_packet(ipv6(B6, A6, 59, b""), 0.0)  # no next header: silently done
     s.receive_packet(ipv4(B4, A4, 47, b"12345678", ident=3, frag=0x2000), 0.0)  # a fragment: no error
     assert s.packets_to_send() == []
+
+
+@pytest.mark.parametrize("lose", ["syn", "synack"])
+def test_lost_handshake_segment_means_one_segment_initial_window_and_3s_rto(lose: str) -> None:
+    """RFC 5681 §3.1 / RFC 6928 §2: if the SYN or SYN-ACK was lost, the sender's initial window is
+    one segment; RFC 6298 §5.7: without an RTT sample, the RTO starts at 3 s once data flows.
+    (Without timestamps: with them the handshake's last exchange still gives a valid sample.)"""
+    dropped = {"n": 0}
+
+    def fault(direction: str, seg: tcp_wire.Segment, idx: int) -> list[float]:
+        want = (SYN if lose == "syn" else SYN | ACK)
+        if seg.flags == want and not dropped["n"]:
+            dropped["n"] += 1
+            return []
+        return [0.0]
+
+    opts = TCPOptions(timestamps=False, rack=False)
+    p = Pair(a_options=opts, b_options=opts, fault=fault)
+    p.handshake()
+    sender = p.a if lose == "syn" else p.b
+    assert sender.stats.timeouts == 1
+    assert sender.send_mss <= sender.stats.cwnd < 2 * sender.send_mss  # (the SYN's ACK may add a byte)
+    if lose == "syn":  # the SYN-ACK answering the retransmitted SYN is not timed (Karn)
+        assert sender.stats.srtt is None and sender.stats.rto == pytest.approx(3.0)
+    clean = Pair(a_options=opts, b_options=opts)
+    clean.handshake()
+    assert clean.a.stats.cwnd >= 10 * clean.a.send_mss - 1 and clean.b.stats.cwnd >= 10 * clean.b.send_mss - 1

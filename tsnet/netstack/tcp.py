@@ -658,6 +658,12 @@ class TCPConnection:
         self._was_established = True
         if self.state in (TCPState.SYN_SENT, TCPState.SYN_RECEIVED):
             self.state = TCPState.FIN_WAIT_1 if self._shut_wr else TCPState.ESTABLISHED
+            if self.stats.timeouts:
+                # Our SYN or SYN-ACK had to be retransmitted: start with one segment (RFC 5681 §3.1,
+                # RFC 6928 §2) and, without an RTT sample yet, an RTO of at least 3 s (RFC 6298 §5.7).
+                self._cc.cwnd = self.send_mss
+                if self._srtt is None:
+                    self._rto = self._clamped_rto(max(self._rto, 3.0))
         self._retries = 0
         self._progress_time = now
         self._rcv_space_time = now
