@@ -266,3 +266,55 @@ async def test_client_expiry_timer_drops_peers_then_ends_the_poll_on_own_expiry(
         assert poll_scope.cancelled_caught  # the timer ended the poll
     assert seen == [(1800.0, [1, 2], False), (3600.0, [2], False), (7200.0, [], True)]
     assert client.self_expired() and client.counters["expiry_refreshes"] == 3
+
+
+# -- incremental snapshots stay equal to a fresh build, with expiry in play ---------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ids = st.integers(1, 5)
+_minutes = st.integers(-30, 120)
+_ops = st.one_of(
+    st.tuples(st.just("expiry"), _ids, _minutes),        # PeersChangedPatch KeyExpiry
+    st.tuples(st.just("flag"), _ids, st.booleans()),     # PeersChanged with Expired
+    st.tuples(st.just("reach"), _ids, st.booleans()),    # PeersChanged with/without disco and DERP
+    st.tuples(st.just("remove"), _ids),
+    st.tuples(st.just("time"), st.integers(0, 60)),      # the clock moves on; the timer refreshes
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(_ids, _minutes), max_size=5), st.lists(_ops, max_size=15))
+def test_incremental_expiry_matches_a_fresh_build(initial, ops):
+    s = MapSession()
+    now = NOW
+    first = {i: node(i, key_expiry=NOW + dt.timedelta(minutes=m)) for i, m in initial}
+    nm = s.apply(tc.MapResponse(node=node(0), peers=tuple(first.values()) or None), now)
+    for op in ops:
+        if op[0] == "time":
+            now += dt.timedelta(minutes=op[1])
+            refreshed = s.refresh(now)  # None: nothing changed, the last snapshot still holds
+            if refreshed is not None:
+                nm = refreshed
+        elif op[0] == "remove":
+            nm = s.apply(tc.MapResponse(peers_removed=(op[1],)), now)
+        elif op[1] not in s.peers and op[0] == "expiry":
+            continue
+        elif op[0] == "expiry":
+            nm = s.apply(tc.MapResponse(peers_changed_patch=(
+                tc.PeerChange(node_id=op[1], key_expiry=NOW + dt.timedelta(minutes=op[2])),)), now)
+        elif op[0] == "flag":
+            nm = s.apply(tc.MapResponse(peers_changed=(node(op[1], expired=op[2] or None),)), now)
+        else:
+            kw = {} if op[2] else {"disco_key": None, "home_derp": None}
+            nm = s.apply(tc.MapResponse(peers_changed=(node(op[1], **kw),)), now)
+        fresh = MapSession()
+        ref = fresh.apply(tc.MapResponse(node=node(0), peers=tuple(s.peers.values()) or None), now)
+        assert (nm.peers, nm.skipped_peers) == (ref.peers, ref.skipped_peers)
+        nxt = s.next_expiry(now)
+        assert nxt is None or nxt >= now
+        # The timer is never late: no usable peer has a key expiring before the next wake-up.
+        for p in nm.peers:
+            if p.key_expiry is not None and p.key_expiry.year > 1:
+                assert nxt is not None and nxt <= p.key_expiry
