@@ -587,3 +587,65 @@ def test_lost_handshake_segment_means_one_segment_initial_window_and_3s_rto(lose
     clean = Pair(a_options=opts, b_options=opts)
     clean.handshake()
     assert clean.a.stats.cwnd >= 10 * clean.a.send_mss - 1 and clean.b.stats.cwnd >= 10 * clean.b.send_mss - 1
+
+
+def test_routing_header_with_segments_left_is_dropped() -> None:
+    """RFC 8200 §4.4 / RFC 5095: a Routing header with Segments Left > 0 means we are not the
+    final destination; we forward nothing, so the packet is dropped (one with 0 is processed)."""
+    s = Stack([A6], now=0.0)
+    ep = s.udp_bind(port=7)
+    seg = _udp_seg(B6, A6, b"r")
+    s.receive_packet(ipv6(B6, A6, 43, struct.pack("!BBBB4x", 17, 0, 0, 1) + seg), 0.0)
+    assert not ep.queue and s.counters.malformed == 1
+    s.receive_packet(ipv6(B6, A6, 43, struct.pack("!BBBB4x", 17, 0, 0, 0) + seg), 0.0)
+    assert [d for d, _ in ep.queue] == [b"r"]
+
+
+def test_first_fragment_must_hold_the_transport_header() -> None:
+    """RFC 7112 (IPv6 header chain in the first fragment) and RFC 1858 §3 (IPv4 tiny fragments,
+    TCP fragment at offset 8): such fragments are dropped, and the datagram never completes."""
+    s = Stack([A4, A6], now=0.0)
+    s.tcp_listen(80)
+    syn = tcp(B4, A4, 1234, 80, 1000, 0, SYN, options=MSS)[20:]  # 24 bytes of TCP
+    s.receive_packets([ipv4(B4, A4, 6, syn[:8], ident=1, frag=0x2000),  # only the ports in the first
+                       ipv4(B4, A4, 6, syn[8:], ident=1, frag=1)], 0.0)
+    s.receive_packets([ipv4(B4, A4, 6, syn[:16], ident=2, frag=0x2000),  # offset 8 rewrites the flags
+                       ipv4(B4, A4, 6, syn[8:], ident=2, frag=1)], 0.0)
+    assert s.packets_to_send() == [] and not s.connections
+    assert s.counters.malformed == 4  # both first fragments, and both TCP fragments at offset 8
+    ep = s.udp_bind(port=7)
+    seg = _udp_seg(B6, A6, b"u" * 100)
+    dstopts = struct.pack("!BB6x", 17, 0)
+    chain = dstopts + seg
+    s.receive_packets([_frag6(60, chain[:8], 0, True, 4), _frag6(60, chain[8:], 8, False, 4)], 0.0)  # UDP not in #1
+    assert not ep.queue
+    s.receive_packets([_frag6(60, chain[:16], 0, True, 5), _frag6(60, chain[16:], 16, False, 5)], 0.0)
+    assert [d for d, _ in ep.queue] == [b"u" * 100]
+
+
+def test_port_unreachable_is_a_soft_error_for_an_established_connection() -> None:
+    """RFC 1122 §4.2.3.9 / RFC 5927: port unreachable for a synchronized connection does not
+    abort it (only a connect in SYN-SENT fails)."""
+    s = Stack([A4], now=0.0)
+    conn = s.tcp_connect(B4, 80, 0.0)
+    [syn_pkt] = s.packets_to_send()
+    our = parse_tcp(parse(syn_pkt))
+    s.receive_packet(tcp(B4, A4, 80, conn.local_port, 5000, our.seq + 1, SYN | ACK, options=MSS), 0.0)
+    s.packets_to_send()
+    s.tcp_send(conn, b"z" * 100, 0.0)
+    [data] = s.packets_to_send()
+    s.receive_packet(_icmp4(B4, A4, 3, 3, 0, bytes(data[:28])), 0.0)
+    assert conn.state == S.ESTABLISHED and conn.error is None
+
+
+def test_data_on_a_syn_is_not_acknowledged_and_taken_when_resent() -> None:
+    """RFC 9293 §3.10.7.2 allows queuing text that came with a SYN; like Linux without TCP Fast
+    Open we do not: the SYN-ACK acknowledges only the SYN, so the peer sends the data again."""
+    s = Stack([A4], now=0.0)
+    listener = s.tcp_listen(80)
+    s.receive_packet(tcp(B4, A4, 2222, 80, 1000, 0, SYN, data=b"early", options=MSS), 0.0)
+    [sa] = [parse_tcp(parse(p)) for p in s.packets_to_send()]
+    assert sa.flags == SYN | ACK and sa.ack == 1001
+    s.receive_packet(tcp(B4, A4, 2222, 80, 1001, sa.seq + 1, ACK | 0x08, data=b"early"), 0.0)
+    conn = s.tcp_accept(listener)
+    assert conn is not None and s.tcp_receive(conn, 100, 0.0) == b"early"

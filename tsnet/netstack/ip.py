@@ -99,6 +99,10 @@ def _parse_v6(mv: memoryview) -> ParsedIP:
                 raise MalformedPacket("hop-by-hop header not first")
             if pos + 8 > end:
                 raise MalformedPacket("truncated extension header")
+            if nh == PROTO_ROUTING and mv[pos + 3]:
+                # Segments Left > 0: we are not the final destination (RFC 8200 §4.4; type 0 is
+                # deprecated by RFC 5095 and we forward nothing).
+                raise MalformedPacket("routing header with segments left")
             nxt = mv[pos]
             ip.next_header_at = pos
             pos += (mv[pos + 1] + 1) * 8
@@ -132,7 +136,8 @@ def skip_v6_extensions(next_header: int, payload: memoryview) -> tuple[int, memo
     """Walk the extension headers at the start of a reassembled IPv6 payload.
 
     Returns the upper-layer protocol and its payload; raises MalformedPacket if
-    the headers are truncated, too many, or another Fragment or a hop-by-hop header appears.
+    the headers are truncated, too many, another Fragment or a hop-by-hop header appears, or a
+    Routing header still has segments left.
     """
     pos = 0
     end = len(payload)
@@ -142,6 +147,8 @@ def skip_v6_extensions(next_header: int, payload: memoryview) -> tuple[int, memo
                 raise MalformedPacket("hop-by-hop header not first")  # RFC 8200 §4.1: only right after the IPv6 header
             if pos + 8 > end:
                 raise MalformedPacket("truncated extension header")
+            if next_header == PROTO_ROUTING and payload[pos + 3]:
+                raise MalformedPacket("routing header with segments left")  # RFC 8200 §4.4
             nxt = payload[pos]
             pos += (payload[pos + 1] + 1) * 8
             next_header = nxt

@@ -250,6 +250,23 @@ def _bad_source(src: bytes) -> bool:
     return src[0] == 0xFF or (not any(src[:15]) and src[15] <= 1)
 
 
+#: Transport headers a first fragment must hold in full (the ports and, for TCP, the flags).
+_MIN_TRANSPORT_HEADER = {PROTO_TCP: 20, PROTO_UDP: 8, PROTO_ICMP: 8, PROTO_ICMPV6: 8}
+
+
+def _first_fragment_ok(ip: ipmod.ParsedIP, proto: int, payload: memoryview) -> bool:
+    """Offset 0: the rest of the header chain and the transport header fit in this fragment.
+    An IPv4 TCP fragment at offset 8 (RFC 1858 §3.2: it could rewrite the flags) is never ok."""
+    if ip.frag_offset:
+        return False
+    if ip.version == 6:
+        try:
+            proto, payload = ipmod.skip_v6_extensions(proto, payload)
+        except MalformedPacket:
+            return False
+    return len(payload) >= _MIN_TRANSPORT_HEADER.get(proto, 0)
+
+
 def _dst_of(packet: bytes | bytearray) -> bytes:
     """Destination address of one of our own (well-formed) outgoing packets."""
     return bytes(packet[16:20]) if packet[0] >> 4 == 4 else bytes(packet[24:40])
@@ -697,6 +714,11 @@ class Stack:
             proto, payload = ipmod.skip_v6_extensions(proto, payload)
         elif ip.is_fragment:
             self.counters.fragments += 1
+            if ip.frag_offset == 0 or (ip.frag_offset == 8 and proto == PROTO_TCP and ip.version == 4):
+                if not _first_fragment_ok(ip, proto, payload):
+                    # RFC 7112 (IPv6) / RFC 1858 (IPv4): the first fragment must carry the whole header
+                    # chain and transport header, so no filter judges a header split across fragments.
+                    raise MalformedPacket("first fragment without the transport header")
             key = (ip.version, ip.src, ip.dst, proto, ip.frag_id)
             reassembler = self._reassembler if ip.version == 4 else self._reassembler6
             data = reassembler.add(key, ip.frag_offset, payload, ip.more_fragments, now)
