@@ -198,13 +198,20 @@ def test_peer_without_disco_and_derp_is_skipped_unless_wireguard_only():
     assert [p.id for p in nm.peers] == [1, 2, 3, 4] and nm.skipped_peers == ()
 
 
-def test_default_route_is_not_an_allowed_ip():
-    # Rule (nmcfg.WGCfg): a /0 AllowedIP (exit-node offer) is routed only to the chosen exit
-    # node; tsnet chooses none, so it must not enter the peer's allowed IPs.
+def test_exit_and_subnet_routes_are_not_allowed_ips():
+    # Rule (nmcfg.WGCfg, tsnet on Linux: no exit node, RouteAll off): a /0 AllowedIP is routed
+    # only to the chosen exit node and subnet routes only with --accept-routes; tsnet has neither,
+    # so only the peer's own single addresses (or single Tailscale IPs) route to it.
     s = MapSession()
     nm = s.apply(tc.MapResponse(node=node(0), peers=(
-        node(1, allowed_ips=("100.64.0.1/32", "0.0.0.0/0", "::/0", "10.1.0.0/16")),)), NOW)
-    assert nm.peers[0].allowed_ips == (ipaddress.ip_network("100.64.0.1/32"), ipaddress.ip_network("10.1.0.0/16"))
+        node(1, addresses=("100.64.0.1/32", "fd7a:115c:a1e0::1/128", "192.0.2.50/32"),
+             allowed_ips=("100.64.0.1/32", "0.0.0.0/0", "::/0", "10.1.0.0/16", "fd7a:115c:a1e0::1/128",
+                          "100.64.0.77/32", "192.0.2.50/32", "192.0.2.51/32", "100.115.92.1/32")),)), NOW)
+    net = ipaddress.ip_network
+    assert nm.peers[0].allowed_ips == (net("100.64.0.1/32"), net("fd7a:115c:a1e0::1/128"), net("100.64.0.77/32"),
+                                       net("192.0.2.50/32"))
+    assert nm.peers[0].unused_routes == (net("0.0.0.0/0"), net("::/0"), net("10.1.0.0/16"), net("192.0.2.51/32"),
+                                         net("100.115.92.1/32"))
 
 
 # -- our own key ---------------------------------------------------------------------------------

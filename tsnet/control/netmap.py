@@ -75,6 +75,17 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(text, strict=True)
 
 
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_CHROMEOS_VM_RANGE = ipaddress.ip_network("100.115.92.0/23")  # inside CGNAT, never a tailnet address
+_TAILSCALE_ULA = ipaddress.ip_network("fd7a:115c:a1e0::/48")
+
+
+def _is_tailscale_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if ip.version == 4:
+        return ip in _CGNAT and ip not in _CHROMEOS_VM_RANGE
+    return ip in _TAILSCALE_ULA
+
+
 @dataclass(frozen=True, slots=True)
 class Peer:
     """One peer as the data plane needs it, parsed from a ``tailcfg.Node``."""
@@ -97,6 +108,8 @@ class Peer:
     cap_map: Mapping[str, Any]
     user: int
     node: tailcfg.Node
+    #: AllowedIPs not routed to this peer: subnet routes and exit-node default routes.
+    unused_routes: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
     def from_node(cls, node: tailcfg.Node) -> Peer:
@@ -108,17 +121,21 @@ class Peer:
                 addrs.append(_interface(a))
             except ValueError:
                 continue  # an unparsable entry is skipped, like Go does
-        allowed = []
+        allowed, routes = [], []
+        own = {a.network for a in addrs if a.network.num_addresses == 1}
         for a in node.allowed_ips if node.allowed_ips is not None else node.addresses or ():
             try:
                 net = _network(a)
             except ValueError:
                 continue
-            # A default route is an exit-node offer. tailscaled routes it only to the exit node the
-            # user chose, and tsnet chooses none: routing it would send every unknown destination
-            # to this peer and let it source packets from any address no other peer owns.
-            if net.prefixlen != 0:
+            # Like tailscaled without --accept-routes and without an exit node (tsnet supports
+            # neither yet): only the peer's own single addresses are routed to it. A default route
+            # (exit-node offer) or a subnet route would send other destinations to this peer and
+            # let it source packets from addresses it does not own.
+            if net.num_addresses == 1 and (net in own or _is_tailscale_ip(net.network_address)):
                 allowed.append(net)
+            else:
+                routes.append(net)
         endpoints = []
         for e in node.endpoints or ():
             try:
@@ -150,6 +167,7 @@ class Peer:
             cap_map=MappingProxyType(dict(node.cap_map or {})),
             user=node.user or 0,
             node=node,
+            unused_routes=tuple(routes),
         )
 
 
