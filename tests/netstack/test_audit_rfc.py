@@ -649,3 +649,40 @@ def test_data_on_a_syn_is_not_acknowledged_and_taken_when_resent() -> None:
     s.receive_packet(tcp(B4, A4, 2222, 80, 1001, sa.seq + 1, ACK | 0x08, data=b"early"), 0.0)
     conn = s.tcp_accept(listener)
     assert conn is not None and s.tcp_receive(conn, 100, 0.0) == b"early"
+
+
+def test_sack_scoreboard_is_bounded() -> None:
+    """A peer SACKing thousands of separate 1-byte ranges cannot grow the sender's scoreboard
+    (and the per-ACK work over it) without bound; the connection still completes."""
+    opts = TCPOptions(rack=False)
+    p = Pair(a_options=opts, b_options=opts)
+    p.handshake()
+    a = p.a
+    a.send(bytes(12_000), p.now)
+    p.a_out.clear()  # nothing reaches B: only our forged SACKs arrive
+    una = a.snd_una
+    assert a.snd_max - una >= 12_000
+    ts = a._ts_recent
+    for k in range(600):
+        blocks = b"".join(struct.pack("!II", (una + 4 + 4 * (3 * k + m)) & 0xFFFFFFFF,
+                                      (una + 5 + 4 * (3 * k + m)) & 0xFFFFFFFF) for m in range(3))
+        sack = bytes((1, 1, 5, 2 + len(blocks))) + blocks
+        ts = (ts + 1) & 0xFFFFFFFF
+        a.receive_segment(segment(p.b_port, p.a_port, a.rcv_nxt, una, ACK,
+                                  options=ts_option(ts, 0) + sack), p.now)
+    assert 0 < len(a._sacked) <= 256 and a.internal_errors == 0 and a.state == S.ESTABLISHED
+    p.a_out.clear()
+    # The real receiver takes over: everything is delivered.
+    a.snd_nxt = a.snd_una  # (as after an RTO: resend from SND.UNA)
+    from tests.netstack.tcp_helpers import Pump
+    pump = Pump("a", b"", shutdown=False)
+    assert p.run(lambda: a.snd_una == a.snd_max, duration=30, app=pump)
+    assert len(pump.received) == 12_000
+
+
+def test_syn_fin_to_a_listener_is_dropped() -> None:
+    """SYN+FIN is not a connection attempt (Linux discards it in LISTEN): no SYN-ACK, no state."""
+    s = Stack([A4], now=0.0)
+    s.tcp_listen(80)
+    s.receive_packet(tcp(B4, A4, 1234, 80, 1000, 0, SYN | FIN, options=MSS), 0.0)
+    assert s.packets_to_send() == [] and not s.connections

@@ -785,6 +785,8 @@ class Stack:
                 return
             if not flags & SYN:
                 return  # LISTEN: anything else is dropped
+            if flags & FIN:
+                return  # SYN+FIN is no connection attempt (a scanner's probe); Linux drops it too
             if (len(listener.half_open) >= listener.backlog
                     or len(listener.accept_queue) >= listener.backlog
                     or self._half_open >= self.max_half_open

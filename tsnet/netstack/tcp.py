@@ -62,6 +62,10 @@ _CHALLENGE_ACK_LIMIT = 10  # challenge ACKs per connection per second (RFC 5961 
 _DUPTHRESH = 3
 _INITIAL_WINDOW = 10
 _MAX_OOO_BLOCKS = 64  # bounds reassembly work even against pathological 1-byte holes
+# Separate SACKed ranges the sender keeps: a peer reporting every other byte cannot make each ACK
+# cost time in proportion to our whole flight. SACK is advisory (RFC 2018 §8): ignoring a block
+# only makes recovery less exact.
+_MAX_SACK_SCOREBOARD = 256
 _RTO_GRANULARITY = 0.001
 _FAST_FLAGS_MASK = FIN | SYN | RST | ACK | 0x20  # everything but PSH (0x20 = URG)
 _PERSIST_MAX = 60.0
@@ -1011,6 +1015,8 @@ class TCPConnection:
                 new_l = min(new_l, sb[j][0])
                 new_r = max(new_r, sb[j][1])
                 j += 1
+            if i == j and len(sb) >= _MAX_SACK_SCOREBOARD:
+                continue  # would be one more separate range: ignored (see _MAX_SACK_SCOREBOARD)
             covered = sum(b[1] - b[0] for b in sb[i:j])
             if new_r - new_l != covered:
                 changed = True
