@@ -321,20 +321,25 @@ def test_forged_port_unreachable_does_not_fail_a_connect(v6: bool) -> None:
 
 def test_packet_too_big_lowers_mss_v6() -> None:
     """RFC 8201 / RFC 4443 §3.2: Packet Too Big quoting a segment in flight lowers the MSS,
-    never below what the 1280-byte IPv6 minimum MTU allows."""
-    s = Stack([A6], now=0.0)
+    never below what the 1280-byte IPv6 minimum MTU allows; one quoting a sequence number
+    not in flight is ignored (RFC 5927 §4.1)."""
+    s = Stack([A6], now=0.0, tcp_options=TCPOptions(mtu=1500, timestamps=False))
     conn = s.tcp_connect(B6, 80, 0.0)
     [syn_pkt] = s.packets_to_send()
     our = parse_tcp(parse(syn_pkt))
-    s.receive_packet(tcp(B6, A6, 80, conn.local_port, 9000, our.seq + 1, SYN | ACK, options=b"\x02\x04\x05\xb4"), 0.0)
+    s.receive_packet(tcp(B6, A6, 80, conn.local_port, 9000, our.seq + 1, SYN | ACK, options=b"\x02\x04\x05\xa0"), 0.0)
     s.packets_to_send()
-    assert conn.send_mss == 1220
+    assert conn.send_mss == 1440
     s.tcp_send(conn, b"q" * 3000, 0.0)
     [first, *_] = [p for p in s.packets_to_send() if parse_tcp(parse(p)).data]
-    s.receive_packet(_icmp6(B6, A6, 2, 0, 1000, bytes(first[:1232])), 0.0)  # below the minimum: ignored
-    assert conn.send_mss == 1220
-    s.receive_packet(_icmp6(B6, A6, 2, 0, 1280, bytes(first[:1232])), 0.0)
-    assert conn.send_mss == 1220 and s.counters.mss_lowered == 0  # 1280 - 40 - 20 is already our MSS
+    stale = bytearray(first[:48])
+    stale[44:48] = ((our.seq - 100_000) & 0xFFFFFFFF).to_bytes(4, "big")
+    s.receive_packet(_icmp6(B6, A6, 2, 0, 1300, bytes(stale)), 0.0)
+    assert conn.send_mss == 1440
+    s.receive_packet(_icmp6(B6, A6, 2, 0, 1400, bytes(first[:1232])), 0.0)
+    assert conn.send_mss == 1400 - 60 and s.counters.mss_lowered == 1
+    s.receive_packet(_icmp6(B6, A6, 2, 0, 600, bytes(first[:1232])), 0.0)  # below the IPv6 minimum
+    assert conn.send_mss == 1280 - 60
 
 
 # --- source addresses (RFC 1122 §3.2.1.3, §4.2.3.10; RFC 4291) ----------------------------------------------------
