@@ -251,7 +251,7 @@ async def test_client_expiry_timer_drops_peers_then_ends_the_poll_on_own_expiry(
                        node_key=NodePrivate.generate(), disco_key=D[0], hostname="t", wall_clock=wall)
     client = ControlClient(cfg)
     session = MapSession()
-    client.netmap = session.apply(tc.MapResponse(node=node(0, key_expiry=NOW + 2 * HOUR), peers=(
+    client.netmap = session.apply(tc.MapResponse(node=node(0, key=cfg.node_key.public, key_expiry=NOW + 2 * HOUR), peers=(
         node(1, key_expiry=NOW + HOUR), node(2), node(3))), wall())
     seen = []
     changed = _Signal()
@@ -325,3 +325,19 @@ def test_incremental_expiry_matches_a_fresh_build(initial, ops):
         for p in nm.peers:
             if p.key_expiry is not None and p.key_expiry.year > 1:
                 assert nxt is not None and nxt <= p.key_expiry
+
+
+def test_client_expiry_judgement_is_about_the_current_key():
+    # After our key expired and was rotated, the old netmap no longer says "expired": a failed
+    # first poll with the new key must not rotate (and register) yet another key.
+    from tsnet.control.client import ClientConfig, ControlClient
+    from tsnet.key import MachinePrivate
+
+    priv = NodePrivate.generate()
+    cfg = ClientConfig(control_url="http://127.0.0.1:9", machine_key=MachinePrivate.generate(), node_key=priv,
+                       disco_key=D[0], hostname="t", wall_clock=lambda: NOW)
+    client = ControlClient(cfg)
+    client.netmap = MapSession().apply(tc.MapResponse(node=node(0, key=priv.public, expired=True)), NOW)
+    assert client.self_expired()
+    client.rotate_node_key()
+    assert not client.self_expired() and client.old_node_key == priv.public

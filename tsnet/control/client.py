@@ -623,6 +623,8 @@ class ControlClient:
         nm = self.netmap
         if nm is None:
             return False
+        if nm.self_node.key is not None and nm.self_node.key != self.config.node_key.public:
+            return False  # that netmap judged a key we have since replaced
         if nm.self_expired:
             return True
         now = (now or self.config.wall_clock()) + self._clock_delta

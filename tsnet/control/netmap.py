@@ -417,7 +417,8 @@ class MapSession:
             if exp is None:
                 continue
             if exp <= control_now:
-                if node_id in self._index:
+                skipped = self._skipped.get(node_id)
+                if node_id in self._index or (skipped is not None and not skipped.expired):
                     self._dirty.add(node_id)
             elif soonest is None or exp < soonest:
                 soonest = exp
