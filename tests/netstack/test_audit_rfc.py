@@ -691,3 +691,19 @@ def test_syn_fin_to_a_listener_is_dropped() -> None:
     s.tcp_listen(80)
     s.receive_packet(tcp(B4, A4, 1234, 80, 1000, 0, SYN | FIN, options=MSS), 0.0)
     assert s.packets_to_send() == [] and not s.connections
+
+
+def test_udp_length_field_is_checked() -> None:
+    """RFC 768: a UDP length beyond the IP payload is malformed (dropped, counted); bytes after
+    a shorter length are IP padding and not part of the datagram."""
+    s = Stack([A4], now=0.0)
+    ep = s.udp_bind(port=7)
+    seg = bytearray(_udp_seg(B4, A4, b"data"))
+    seg[4:6] = struct.pack("!H", len(seg) + 10)
+    seg[6:8] = b"\x00\x00"  # (no checksum over IPv4, so only the length is wrong)
+    s.receive_packet(ipv4(B4, A4, 17, bytes(seg)), 0.0)
+    assert not ep.queue and s.counters.malformed == 1
+    short = bytearray(_udp_seg(B4, A4, b"data"))
+    short[6:8] = b"\x00\x00"
+    s.receive_packet(ipv4(B4, A4, 17, bytes(short) + b"pad"), 0.0)
+    assert [d for d, _ in ep.queue] == [b"data"]
