@@ -707,3 +707,17 @@ def test_udp_length_field_is_checked() -> None:
     short[6:8] = b"\x00\x00"
     s.receive_packet(ipv4(B4, A4, 17, bytes(short) + b"pad"), 0.0)
     assert [d for d, _ in ep.queue] == [b"data"]
+
+
+def test_window_scale_dropped_when_the_syn_ack_lacks_it() -> None:
+    """RFC 7323 §2.2: scaling is used only if both SYNs carried the option: a SYN-ACK without it
+    turns it off for our receive side too (we offered it in our SYN)."""
+    p = Pair(b_options=TCPOptions(window_scaling=False))
+    assert p.segments("ab") == [] and sent(list(p.a_out))[0].wscale == 7
+    p.handshake()
+    assert p.a.rcv_wscale == p.a.snd_wscale == p.b.rcv_wscale == p.b.snd_wscale == 0
+    from tests.netstack.tcp_helpers import Pump
+    pump = Pump("b", bytes(200_000))
+    assert p.run(lambda: pump.finished(p), duration=30, app=pump)
+    assert all(s.window <= 0xFFFF for s in p.segments("ab"))
+    assert p.a.rcv_adv - p.a.rcv_nxt <= 0xFFFF
