@@ -80,10 +80,16 @@ _CHROMEOS_VM_RANGE = ipaddress.ip_network("100.115.92.0/23")  # inside CGNAT, ne
 _TAILSCALE_ULA = ipaddress.ip_network("fd7a:115c:a1e0::/48")
 
 
-def _is_tailscale_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+@functools.lru_cache(maxsize=1 << 16)
+def _allowed_ip(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, bool, bool]:
+    """An AllowedIP parsed once: (prefix, is it a single address, is that a tailnet address)."""
+    net = _network(text)
+    if net.prefixlen != net.max_prefixlen:
+        return net, False, False
+    ip = net.network_address
     if ip.version == 4:
-        return ip in _CGNAT and ip not in _CHROMEOS_VM_RANGE
-    return ip in _TAILSCALE_ULA
+        return net, True, ip in _CGNAT and ip not in _CHROMEOS_VM_RANGE
+    return net, True, ip in _TAILSCALE_ULA
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,20 +128,26 @@ class Peer:
             except ValueError:
                 continue  # an unparsable entry is skipped, like Go does
         allowed, routes = [], []
-        own = {a.network for a in addrs if a.network.num_addresses == 1}
+        own = None
         for a in node.allowed_ips if node.allowed_ips is not None else node.addresses or ():
             try:
-                net = _network(a)
+                net, single, tailnet_host = _allowed_ip(a)
             except ValueError:
                 continue
             # Like tailscaled without --accept-routes and without an exit node (tsnet supports
             # neither yet): only the peer's own single addresses are routed to it. A default route
             # (exit-node offer) or a subnet route would send other destinations to this peer and
             # let it source packets from addresses it does not own.
-            if net.num_addresses == 1 and (net in own or _is_tailscale_ip(net.network_address)):
-                allowed.append(net)
-            else:
-                routes.append(net)
+            if single:
+                if tailnet_host:
+                    allowed.append(net)
+                    continue
+                if own is None:
+                    own = {i.network for i in addrs}
+                if net in own:
+                    allowed.append(net)
+                    continue
+            routes.append(net)
         endpoints = []
         for e in node.endpoints or ():
             try:
