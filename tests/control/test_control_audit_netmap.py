@@ -341,3 +341,21 @@ def test_client_expiry_judgement_is_about_the_current_key():
     assert client.self_expired()
     client.rotate_node_key()
     assert not client.self_expired() and client.old_node_key == priv.public
+
+
+_times = st.datetimes(min_value=dt.datetime(1, 1, 1), max_value=dt.datetime(9999, 12, 31, 23, 59),
+                      timezones=st.just(dt.timezone.utc))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_times, _times, _times), min_size=1, max_size=6))
+def test_any_control_time_and_key_expiry_never_crash_the_session(steps):
+    # Bad input from control (absurd clocks or expiries) is absorbed: no exception escapes.
+    s = MapSession()
+    s.apply(tc.MapResponse(node=node(0), peers=(node(1),)), NOW)
+    for control_time, expiry, now in steps:
+        s.apply(tc.MapResponse(control_time=control_time, node=node(0, key_expiry=expiry),
+                               peers_changed_patch=(tc.PeerChange(node_id=1, key_expiry=expiry),)), now)
+        at = s.next_expiry(now)
+        s.refresh(at or now)
+        s.apply(tc.MapResponse(keep_alive=True, control_time=control_time), now)

@@ -31,7 +31,7 @@ from ..key import DiscoPublic, MachinePrivate, MachinePublic, NodePrivate, NodeP
 from . import tailcfg
 from . import conn as ts2021
 from .h2conn import H2Client, H2Error
-from .netmap import MapFrameDecoder, MapSession, MapSessionError, NetworkMap
+from .netmap import MapFrameDecoder, MapSession, MapSessionError, NetworkMap, _shift
 from .noise import HandshakeError, NoiseError
 
 __all__ = [
@@ -627,7 +627,7 @@ class ControlClient:
             return False  # that netmap judged a key we have since replaced
         if nm.self_expired:
             return True
-        now = (now or self.config.wall_clock()) + self._clock_delta
+        now = _shift(now or self.config.wall_clock(), self._clock_delta)
         exp = nm.self_node.key_expiry
         return bool(nm.self_node.expired) or (exp is not None and exp.year > 1 and exp <= now)
 

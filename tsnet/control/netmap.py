@@ -41,6 +41,19 @@ _EXPIRY_EPOCH = _dt.datetime.fromtimestamp(1673373066, _dt.timezone.utc)
 _ZERO_YEAR = 1
 
 
+_MAX_TIME = _dt.datetime.max.replace(tzinfo=_dt.timezone.utc)
+_MIN_TIME = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+
+
+def _shift(when: _dt.datetime, delta: _dt.timedelta) -> _dt.datetime:
+    """``when + delta``, saturating at the ends of the calendar (a control clock in year 9999 must
+    not crash the session)."""
+    try:
+        return when + delta
+    except OverflowError:
+        return _MAX_TIME if delta > _dt.timedelta(0) else _MIN_TIME
+
+
 def _expiry(value: _dt.datetime | None) -> _dt.datetime | None:
     """A key expiry time, or None for "never" (absent or Go's zero time)."""
     return value if value is not None and value.year > _ZERO_YEAR else None
@@ -417,7 +430,7 @@ class MapSession:
 
     def _set_now(self, now: _dt.datetime) -> None:
         """Take a new time; mark peers whose key expired since as changed."""
-        control_now = now + self.clock_delta
+        control_now = _shift(now, self.clock_delta)
         self._control_now = control_now
         nxt = self._next_peer_expiry
         if nxt is None or control_now < nxt or self._rebuild:
@@ -456,7 +469,7 @@ class MapSession:
 
         At that time call :meth:`refresh`. The answer may be early, never late.
         """
-        control_now = now + self.clock_delta
+        control_now = _shift(now, self.clock_delta)
         if control_now < _EXPIRY_EPOCH:
             return None  # a broken clock judges nothing expired (see _set_now)
         times = []
@@ -468,7 +481,7 @@ class MapSession:
             times.append(self._next_peer_expiry)
         if not times:
             return None
-        return max(min(times), control_now) - self.clock_delta
+        return _shift(max(min(times), control_now), -self.clock_delta)
 
     def refresh(self, now: _dt.datetime) -> NetworkMap | None:
         """Re-judge key expiry at ``now``; return a new snapshot if it changed anything, else None."""
