@@ -158,3 +158,36 @@ async def test_register_refusal_by_http_status_is_a_login_error(status, body, re
     with pytest.raises(ControlError) as info:
         await client.login()
     assert not isinstance(info.value, LoginError)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=6))
+def test_garbage_records_only_raise_noise_error(chunks):
+    # Malformed frames end the connection with NoiseError; nothing else escapes, and after the
+    # first error the transport stays broken.
+    _, s = _pair()
+    broken = False
+    for chunk in chunks:
+        try:
+            s.receive(chunk)
+        except NoiseError:
+            broken = True
+        else:
+            assert not broken
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=200), max_size=6), st.booleans())
+def test_garbage_map_frames_only_raise_map_session_error(chunks, compressed):
+    from tsnet.control.netmap import MapFrameDecoder, MapSessionError
+
+    decoder = MapFrameDecoder(compressed=compressed)
+    for chunk in chunks:
+        try:
+            decoder.feed(struct.pack("<I", len(chunk)) + chunk)
+        except MapSessionError:
+            return
