@@ -108,10 +108,12 @@ class BatchTLSStream(trio.abc.Stream):
 
     One task may receive while another sends (as the DERP client and server do). TLS output
     that a receive produces (a TLS 1.3 KeyUpdate answer) is sent right away if the socket
-    takes it, else with the next ``send_all``.
+    takes it; otherwise a ``send_all`` under way carries it, or else the waiting receive
+    sends it as the socket drains (it never waits for a later ``send_all``).
 
     The client side calls :meth:`do_handshake` explicitly (to check a pinned certificate
-    before using the stream); otherwise the first receive or send runs the handshake.
+    before using the stream); otherwise the first receive or send runs the handshake. Tasks
+    that reach the handshake together run it once: the others wait for it (and get its error).
 
     Errors: ``ssl.SSLError`` for TLS failures (handshake, bad record), ``OSError`` for socket
     errors, ``trio.ClosedResourceError`` after :meth:`aclose`. A clean or abrupt EOF from
@@ -131,6 +133,11 @@ class BatchTLSStream(trio.abc.Stream):
         self._socket_eof = False
         self._closed = False
         self._sending = False  # a send_all is waiting for the socket: others only append
+        # A receive waiting for input also pushes output nobody else is sending; send_all cancels
+        # that side job (this scope) before it waits for the socket itself.
+        self._receive_flush_scope: trio.CancelScope | None = None
+        self._handshake_lock = trio.Lock()
+        self._handshake_error: BaseException | None = None
         self._read_buf = memoryview(bytearray(0))  # plaintext lands here, then one copy out
 
     @classmethod
@@ -184,14 +191,68 @@ class BatchTLSStream(trio.abc.Stream):
             self._check_open()
             self._push_socket()
 
+    def _stop_receive_flush(self) -> None:
+        # Cancelling removes the receive's writability wait at once, so the caller may wait on it.
+        if self._receive_flush_scope is not None:
+            self._receive_flush_scope.cancel()
+            self._receive_flush_scope = None
+
+    async def _wait_readable_pushing_output(self) -> None:
+        """Wait for input; meanwhile send buffered TLS output that no ``send_all`` is carrying."""
+        sock = self._sock
+
+        async def push_when_writable() -> None:
+            with trio.CancelScope() as scope:
+                self._receive_flush_scope = scope
+                try:
+                    while self._send_buf and not self._sending:
+                        await trio.lowlevel.wait_writable(sock)
+                        if self._closed or self._sending:
+                            break
+                        self._push_socket()
+                except (OSError, trio.ClosedResourceError):
+                    pass  # the receive side reports a broken or closed socket itself
+                finally:
+                    if self._receive_flush_scope is scope:
+                        self._receive_flush_scope = None
+
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(push_when_writable)
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except Exception as exc:  # raised below, outside the nursery, so it is not wrapped in a group
+                failure = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
     # -- stream API --
 
     async def do_handshake(self) -> None:
-        """Run the TLS handshake (certificate checks per the context); a no-op once done."""
+        """Run the TLS handshake (certificate checks per the context); a no-op once done.
+
+        Safe to call from several tasks at once: one runs the handshake, the others wait for it
+        and then return, or raise the error it failed with.
+        """
         self._check_open()
         if self._handshook:
             await trio.lowlevel.checkpoint()
             return
+        async with self._handshake_lock:
+            self._check_open()
+            if self._handshake_error is not None:
+                raise self._handshake_error
+            if self._handshook:
+                return
+            try:
+                await self._run_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                self._handshake_error = exc
+                raise
+
+    async def _run_handshake(self) -> None:
         while True:
             try:
                 self._tls.do_handshake()
@@ -262,7 +323,10 @@ class BatchTLSStream(trio.abc.Stream):
             if eof or self._socket_eof:
                 await trio.lowlevel.checkpoint()
                 return b""
-            await trio.lowlevel.wait_readable(sock)
+            if self._send_buf and not self._sending:
+                await self._wait_readable_pushing_output()
+            else:
+                await trio.lowlevel.wait_readable(sock)
             self._check_open()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -278,6 +342,7 @@ class BatchTLSStream(trio.abc.Stream):
                 n = self._tls.write(view)  # memory BIOs take everything, in 16 KiB records
                 view = view[n:]
         self._sending = True
+        self._stop_receive_flush()
         try:
             await self._flush()
         finally:
@@ -287,6 +352,9 @@ class BatchTLSStream(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         self._check_open()
         if self._send_buf:
+            if self._sending:
+                raise trio.BusyResourceError("another task is already sending on this stream")
+            self._stop_receive_flush()
             await trio.lowlevel.wait_writable(self._sock)
         else:
             await trio.lowlevel.checkpoint()
