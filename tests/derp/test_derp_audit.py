@@ -457,3 +457,32 @@ def test_client_malformed_frames_close_with_a_clear_error(wire, msg):
         proto.receive_data(wire, 0.0)
     assert proto.state is ClientState.CLOSED and msg in proto.close_reason
     assert proto.receive_data(f.encode_frame(f.KeepAlive()), 0.0) == []
+
+
+def test_a_client_connecting_during_a_health_problem_hears_about_it():
+    core = make_core()
+    core.set_health("disk full")
+    late = Pair(core)
+    pump_all([late])
+    assert late.take(HealthChanged) == [HealthChanged("disk full")]
+    core.set_health("")
+    pump_all([late])
+    assert late.take(HealthChanged) == [HealthChanged("")]
+    later = Pair(core)
+    pump_all([later])
+    assert not later.take(HealthChanged)
+
+
+def test_client_later_server_info_replaces_the_token_bucket_and_must_still_authenticate():
+    proto = connected_client()
+    dst = NodePrivate.generate().public
+    limited = ServerInfo(token_bucket_bytes_per_second=1317, token_bucket_bytes_burst=1317)
+    sealed = seal_to(SERVER.raw, proto.public_key.raw, limited.to_json())
+    assert proto.receive_data(f.encode_frame(f.ServerInfoFrame(sealed)), 1.0) == []  # not a new connection
+    assert [proto.send_packet(dst, bytes(1280), 1.0) for _ in range(2)] == [True, False]
+    sealed = seal_to(SERVER.raw, proto.public_key.raw, ServerInfo().to_json())
+    proto.receive_data(f.encode_frame(f.ServerInfoFrame(sealed)), 1.0)
+    assert all(proto.send_packet(dst, bytes(1280), 1.0) for _ in range(10))  # limit lifted
+    forged = seal_to(NodePrivate.generate().raw, proto.public_key.raw, ServerInfo().to_json())
+    with pytest.raises(f.DerpProtocolError, match="authenticate"):
+        proto.receive_data(f.encode_frame(f.ServerInfoFrame(forged)), 1.0)

@@ -246,18 +246,22 @@ class DerpClientProtocol:
             self.state = ClientState.AWAIT_SERVER_INFO
             return
         if ftype == FrameType.SERVER_INFO:
-            if self.state is not ClientState.AWAIT_SERVER_INFO:
-                return
+            # It must open with the server key we were given: proof the server holds its private key.
             assert self.server_key is not None
             info = ServerInfo.from_json(open_from(self.private_key.raw, self.server_key.raw, bytes(payload)))
             self.server_info = info
+            # A later ServerInfo replaces the token bucket (as Go's client does); only the first
+            # one completes the handshake and is reported.
             if info.token_bucket_bytes_per_second > 0:
                 self._bucket_rate = float(info.token_bucket_bytes_per_second)
                 self._bucket_burst = float(max(info.token_bucket_bytes_burst, 1))
                 self._tokens = self._bucket_burst
                 self._tokens_at = now
-            self.state = ClientState.CONNECTED
-            events.append(ServerInfoReceived(self.server_key, info))
+            else:
+                self._bucket_rate = 0.0
+            if self.state is ClientState.AWAIT_SERVER_INFO:
+                self.state = ClientState.CONNECTED
+                events.append(ServerInfoReceived(self.server_key, info))
             return
         if self.state is not ClientState.CONNECTED:
             return  # anything before ServerInfo (e.g. a KeepAlive) is ignored

@@ -504,6 +504,10 @@ class DerpServerCore:
         self._route[key] = conn  # newest connection is the active one
         conn._sent_to = self._sent_to.setdefault(key, set())
         conn._push_ctrl(self._server_info_frame(key))
+        if self.health:
+            # A client hears about a standing problem when it connects, not only when it changes.
+            body = self.health.encode()
+            conn._push_ctrl(_HDR.pack(FrameType.HEALTH, len(body)) + body)
 
     def _server_info_frame(self, client_key: bytes) -> bytes:
         sealed = seal_to(self.private_key, client_key, self.server_info_json)
