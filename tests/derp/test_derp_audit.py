@@ -486,3 +486,31 @@ def test_client_later_server_info_replaces_the_token_bucket_and_must_still_authe
     forged = seal_to(NodePrivate.generate().raw, proto.public_key.raw, ServerInfo().to_json())
     with pytest.raises(f.DerpProtocolError, match="authenticate"):
         proto.receive_data(f.encode_frame(f.ServerInfoFrame(forged)), 1.0)
+
+
+@pytest.mark.parametrize("hint_ms, expected_gap", [(2500, 2.5), (4_000_000_000, 30.0), (0, None)])
+async def test_client_redials_no_sooner_than_the_restarting_hint_capped(autojump_clock, hint_ms, expected_gap):
+    import trio
+
+    from tsnet.derp.client import MAX_RESTART_HINT, DerpClient, DerpNode
+
+    node = DerpNode("1a", 1, "127.0.0.1", ipv4="127.0.0.1", ipv6="none", derp_port=1, plain_http=True)
+    client = DerpClient(NodePrivate.generate(), node)
+    dials: list[float] = []
+
+    async def one_connection():  # stands in for dial + handshake: the server then says it restarts
+        dials.append(trio.current_time())
+        if len(dials) == 2:
+            client.close()
+            return
+        await client._reader(None, connected_client(), f.encode_frame(f.Restarting(hint_ms, 10_000)))
+
+    client._run_once = one_connection  # type: ignore[method-assign]
+    async with trio.open_nursery() as n:
+        await n.start(client.run)
+    gap = dials[1] - dials[0]
+    assert MAX_RESTART_HINT == 30.0
+    if expected_gap is None:
+        assert gap < 0.1  # no hint: the usual short first backoff step
+    else:
+        assert expected_gap <= gap < expected_gap + 0.1

@@ -54,6 +54,9 @@ WRITE_TIMEOUT = 10.0
 #: first, and from 128 KiB up glibc serves that with mmap (plus page faults), which costs ~20 µs per
 #: read even when only one packet is waiting. 64 KiB is still ~50 packets per batch.
 RECV_SIZE = 64 * 1024
+#: Longest reconnect delay a server's Restarting frame may ask for (it is only advice; a bogus
+#: value must not keep us away from the region).
+MAX_RESTART_HINT = 30.0
 NON_HOME_IDLE = 60.0
 IDLE_SWEEP = 15.0
 _IO_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, trio.TooSlowError,
@@ -276,6 +279,7 @@ class DerpClient:
         self.writes = 0  # socket writes (coalesced frames)
         self.last_write = trio.current_time()
         self.last_error: str = ""
+        self._restart_hint = 0.0  # seconds the last Restarting frame asked us to wait before redialling
 
     @property
     def connected(self) -> bool:
@@ -386,7 +390,12 @@ class DerpClient:
                     self._proto = None
                     if self._closed:
                         break
-                    await trio.sleep(self.backoff.next_delay())
+                    delay = self.backoff.next_delay()
+                    if self._restart_hint:
+                        # The server said when it will be back: redialling sooner only hits a closing server.
+                        delay = max(delay, self._restart_hint)
+                        self._restart_hint = 0.0
+                    await trio.sleep(delay)
             finally:
                 self._proto = None
                 await self._send_events.aclose()
@@ -462,6 +471,7 @@ class DerpClient:
                             waiter.set()
                     self._emit(ev)
                     if isinstance(ev, RestartingEvent):
+                        self._restart_hint = min(ev.reconnect_in_ms / 1000.0, MAX_RESTART_HINT)
                         return
                 if proto.pending_bytes:
                     self._wake.set()  # Pongs, replies the packet handler queued, the pending queue
