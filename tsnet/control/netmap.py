@@ -10,6 +10,8 @@ has expired (by control's ``Expired`` flag, or by its ``KeyExpiry`` against cont
 that offers neither a disco key nor a home DERP region is listed in
 :attr:`NetworkMap.skipped_peers`, not in :attr:`NetworkMap.peers`. When our own key has
 expired, ``peers`` is empty: the node must stop using that key until it logs in again.
+A peer's allowed IPs are its own addresses only: subnet and exit-node routes (which tsnet does
+not use yet) are kept apart in :attr:`Peer.unused_routes`.
 """
 
 from __future__ import annotations
