@@ -514,3 +514,13 @@ async def test_client_redials_no_sooner_than_the_restarting_hint_capped(autojump
         assert gap < 0.1  # no hint: the usual short first backoff step
     else:
         assert expected_gap <= gap < expected_gap + 0.1
+
+
+@pytest.mark.parametrize("mesh_hex", ["ab" * 31, "ab" * 33, "zz" * 32])
+def test_client_info_with_a_mis_sized_or_non_hex_mesh_key_is_refused(mesh_hex):
+    core = make_core(mesh_key=MESH_KEY)
+    key = NodePrivate.generate()
+    body = json.dumps({"meshKey": mesh_hex, "version": 2, "CanAckPings": True}).encode()
+    conn = core.accept(0.0)
+    conn.receive_data(raw_client_info(core, key.public.raw, key.raw, body=body), 0.0)
+    assert conn.closed and "meshKey" in conn.close_reason and not core.is_connected(key.public.raw)

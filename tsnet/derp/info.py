@@ -87,6 +87,9 @@ class ClientInfo:
                 mesh_key = bytes.fromhex(mk.removeprefix("mesh:"))
             except ValueError:
                 raise DerpProtocolError("ClientInfo meshKey is not hex") from None
+            if len(mesh_key) != 32:
+                # derper refuses the ClientInfo (and so the connection) over a mis-sized mesh key.
+                raise DerpProtocolError("ClientInfo meshKey must be 64 hex digits")
         return cls(
             version=_int(obj.get("version"), "ClientInfo version"),
             mesh_key=mesh_key,
