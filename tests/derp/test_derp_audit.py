@@ -524,3 +524,26 @@ def test_client_info_with_a_mis_sized_or_non_hex_mesh_key_is_refused(mesh_hex):
     conn = core.accept(0.0)
     conn.receive_data(raw_client_info(core, key.public.raw, key.raw, body=body), 0.0)
     assert conn.closed and "meshKey" in conn.close_reason and not core.is_connected(key.public.raw)
+
+
+def test_stale_mesh_route_is_dropped_after_the_peer_server_answers_not_here():
+    s1, s2 = make_core(mesh_key=MESH_KEY), make_core(mesh_key=MESH_KEY)
+    a = Pair(s1)
+    pump_all([a])
+    link = s1.add_mesh_link("s2", 0.0)
+    watch = Pair(s2, NodePrivate(s1.private_key), mesh_key=MESH_KEY)  # s1's watch connection to s2
+    pump_all([watch])
+    ghost = NodePrivate.generate().public
+    link.peer_present(ghost.raw)  # s1 believes ghost is on s2; s2 never heard of it (lost PeerGone)
+    a.proto.send_packet(ghost, DISCO, 0.0)
+    pump_all([a])
+    watch.conn.receive_data(link.data_to_send(0.0), 0.0)  # the ForwardPacket reaches s2
+    watch.pump()
+    answers = watch.take(PeerGoneEvent)
+    assert answers == [PeerGoneEvent(ghost, f.PeerGoneReason.NOT_HERE)]
+    for ev in answers:  # what the mesh driver does with every PeerGone on its watch connection
+        link.peer_gone(ev.peer.raw)
+    a.proto.send_packet(ghost, DISCO, 1.0)
+    pump_all([a], now=1.0)
+    assert a.take(PeerGoneEvent) == [PeerGoneEvent(ghost, f.PeerGoneReason.NOT_HERE)]  # now s1's own answer
+    assert s1.counters.packets_forwarded_out == 1 and s1.counters.drops["unknown_dest"] == 1
