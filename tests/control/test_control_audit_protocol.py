@@ -144,14 +144,14 @@ async def test_register_refusal_by_http_status_is_a_login_error(status, body, re
                        auth_key="tskey-auth-x")
     client = ControlClient(cfg)
 
-    async def post(path, data):
+    async def post(path, data, **kw):
         return status, body
 
     client._post = post
     with pytest.raises(LoginError, match=f"http {status}.*{reason}"):
         await client.login()
 
-    async def server_error(path, data):
+    async def server_error(path, data, **kw):
         return 500, b"oops"
 
     client._post = server_error
@@ -191,3 +191,35 @@ def test_garbage_map_frames_only_raise_map_session_error(chunks, compressed):
             decoder.feed(struct.pack("<I", len(chunk)) + chunk)
         except MapSessionError:
             return
+
+
+async def test_register_lb_header_names_old_then_new_key():
+    # Rule (direct.go): register carries ts-lb for OldNodeKey (if any) and then NodeKey.
+    from tsnet.control.client import ClientConfig, ControlClient
+
+    cfg = ClientConfig(control_url="http://127.0.0.1:9", machine_key=MachinePrivate.generate(),
+                       node_key=NodePrivate.generate(), disco_key=DiscoPrivate.generate().public, hostname="t",
+                       auth_key="tskey-auth-x")
+    c = ControlClient(cfg)
+    seen = []
+
+    class Resp:
+        status = 200
+
+        async def read(self, limit):
+            return b'{"MachineAuthorized":true}'
+
+    class H2:
+        async def request(self, method, path, body, headers):
+            seen.append([v for k, v in headers if k == "ts-lb"])
+            return Resp()
+
+    async def fake_client():
+        return H2()
+
+    c._client = fake_client
+    first = cfg.node_key.public
+    await c.login()
+    c.rotate_node_key()
+    await c._register(c._register_request(auth=False))
+    assert seen == [[str(first)], [str(first), str(cfg.node_key.public)]]

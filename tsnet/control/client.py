@@ -339,11 +339,13 @@ class ControlClient:
         if h2c is not None:
             await h2c.aclose()
 
-    async def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def _post(self, path: str, body: bytes, *, lb_keys: tuple[NodePublic, ...] | None = None) -> tuple[int, bytes]:
+        """POST over Noise with one ``ts-lb`` header per non-zero key (default: our node key)."""
+        keys = lb_keys if lb_keys is not None else (self.config.node_key.public,)
         try:
             client = await self._client()
             resp = await client.request("POST", self.login_url.path + path, body=body,
-                                        headers=[("ts-lb", str(self.config.node_key.public))])
+                                        headers=[("ts-lb", str(k)) for k in keys if not k.is_zero()])
             data = await resp.read(limit=1 << 20)
         except (H2Error, OSError, trio.BrokenResourceError) as exc:
             await self._drop_conn()
@@ -353,7 +355,10 @@ class ControlClient:
     # -- register / login / logout -------------------------------------------------------------
 
     async def _register(self, request: tailcfg.RegisterRequest) -> tailcfg.RegisterResponse:
-        status, data = await self._post("/machine/register", tailcfg.dumps(request))
+        # As tailscaled: the load-balancer hint names the old key first when rotating, so the
+        # request reaches the control shard that knows the node.
+        lb_keys = tuple(k for k in (request.old_node_key, request.node_key) if k is not None)
+        status, data = await self._post("/machine/register", tailcfg.dumps(request), lb_keys=lb_keys)
         if status in (401, 403):
             # Some servers (Headscale) refuse a bad auth key with 401 and a RegisterResponse body
             # (perhaps with no Error text): that is a refused login, not an unreachable server.
