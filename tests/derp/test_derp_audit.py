@@ -6,9 +6,13 @@ connection can only ever send as that key; a second ClientInfo changes nothing),
 verification; a mesh link to ourselves watches nothing), frame limits (64 KiB packets, ClientInfo
 56 B..256 KiB, NotePreferred exactly 1 B, Ping 8..1000 B), unknown and server-to-client frame types
 skipped, PeerGone reasons (NotHere also answers a stale mesh forward), NotePreferred bookkeeping,
-PeerPresent flags as derper sets them, ServerInfo contents, and on the client: the server key proof
-(ServerKey magic, pinned key, ServerInfo box), Ping answered with the same 8 bytes, bounded Pong
-queue, malformed frames closing the connection with a clear error.
+PeerPresent flags as derper sets them (and every registration announced), ServerInfo contents, a
+standing Health problem told to new clients, mis-sized mesh keys refused, a stale mesh route dropped
+after NotHere; and on the client: the server key proof (ServerKey magic, pinned key, every ServerInfo
+box), a later ServerInfo replacing the token bucket, Ping answered with the same 8 bytes, bounded Pong
+queue, malformed frames closing the connection with a clear error, the Restarting reconnect hint.
+Duplicate connections are in test_derp_server_core.py; the TLS stream's edge cases in
+test_derp_tls_stream.py.
 """
 
 import json
