@@ -170,10 +170,12 @@ def test_peer_key_expiry_passing_skips_it_without_a_message():
 def test_peer_expiry_judged_by_control_clock():
     # Rule: expiry uses ControlTime's offset when our clock is off by more than a minute.
     s = MapSession()
-    nm = s.apply(tc.MapResponse(node=node(0), peers=(node(1, key_expiry=NOW + HOUR),), control_time=NOW + 2 * HOUR), NOW)
+    ahead = NOW + 2 * HOUR
+    nm = s.apply(tc.MapResponse(node=node(0), peers=(node(1, key_expiry=NOW + HOUR),), control_time=ahead), NOW)
     assert nm.peers == () and [p.id for p in nm.skipped_peers] == [1]
     s = MapSession()
-    nm = s.apply(tc.MapResponse(node=node(0), peers=(node(1, key_expiry=NOW - HOUR),), control_time=NOW - 2 * HOUR), NOW)
+    behind = NOW - 2 * HOUR
+    nm = s.apply(tc.MapResponse(node=node(0), peers=(node(1, key_expiry=NOW - HOUR),), control_time=behind), NOW)
     assert [p.id for p in nm.peers] == [1]
     assert s.next_expiry(NOW) == NOW + HOUR  # local time of the expiry: control's time minus the offset
 
@@ -251,7 +253,8 @@ async def test_client_expiry_timer_drops_peers_then_ends_the_poll_on_own_expiry(
                        node_key=NodePrivate.generate(), disco_key=D[0], hostname="t", wall_clock=wall)
     client = ControlClient(cfg)
     session = MapSession()
-    client.netmap = session.apply(tc.MapResponse(node=node(0, key=cfg.node_key.public, key_expiry=NOW + 2 * HOUR), peers=(
+    me = node(0, key=cfg.node_key.public, key_expiry=NOW + 2 * HOUR)
+    client.netmap = session.apply(tc.MapResponse(node=me, peers=(
         node(1, key_expiry=NOW + HOUR), node(2), node(3))), wall())
     seen = []
     changed = _Signal()

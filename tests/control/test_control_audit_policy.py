@@ -22,7 +22,8 @@ def allowed(policy, nodes, src, dst, port):
     for rule in policy.filter_for(dst, nodes, LOGINS):
         if not any(s == "*" or s in (src.ipv4, src.ipv6) for s in rule.src_ips or ()):
             continue
-        if any(d.ports.first <= port <= d.ports.last and d.ip in ("*", dst.ipv4, dst.ipv6) for d in rule.dst_ports or ()):
+        ports = rule.dst_ports or ()
+        if any(d.ports.first <= port <= d.ports.last and d.ip in ("*", dst.ipv4, dst.ipv6) for d in ports):
             return True
     return False
 

@@ -107,7 +107,8 @@ def test_server_sends_expired_peers_unreachable():
             watcher, peer = ids
             session = server.sessions[watcher] = _Session(watcher)
             client = MapSession()
-            nm = client.apply(tailcfg.decode(tailcfg.MapResponse, json.dumps(server._session_delta(session, first=True))), T0)
+            first = server._session_delta(session, first=True)
+            nm = client.apply(tailcfg.decode(tailcfg.MapResponse, json.dumps(first)), T0)
             assert [p.id for p in nm.peers] == [peer] and nm.peers[0].endpoints
 
             # The peer's key expires (the watcher's own expiry is later).

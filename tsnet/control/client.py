@@ -339,7 +339,9 @@ class ControlClient:
         if h2c is not None:
             await h2c.aclose()
 
-    async def _post(self, path: str, body: bytes, *, lb_keys: tuple[NodePublic, ...] | None = None) -> tuple[int, bytes]:
+    async def _post(
+        self, path: str, body: bytes, *, lb_keys: tuple[NodePublic, ...] | None = None
+    ) -> tuple[int, bytes]:
         """POST over Noise with one ``ts-lb`` header per non-zero key (default: our node key)."""
         keys = lb_keys if lb_keys is not None else (self.config.node_key.public,)
         try:
@@ -494,7 +496,9 @@ class ControlClient:
                 try:
                     with trio.CancelScope() as poll_scope:
                         assert self._nursery is not None, "use ControlClient as an async context manager"
-                        self._nursery.start_soon(self._expiry_timer, session, on_netmap, changed, poll_scope, timer_scope)
+                        self._nursery.start_soon(
+                            self._expiry_timer, session, on_netmap, changed, poll_scope, timer_scope
+                        )
                         async for chunk in resp.iter_chunks():
                             for msg in decoder.feed(chunk):
                                 watchdog.deadline = trio.current_time() + WATCHDOG_SECONDS
@@ -543,7 +547,11 @@ class ControlClient:
             await self._expiry_loop(session, on_netmap, changed, poll_scope)
 
     async def _expiry_loop(
-        self, session: MapSession, on_netmap: Callable[[NetworkMap], object], changed: _Signal, poll_scope: trio.CancelScope
+        self,
+        session: MapSession,
+        on_netmap: Callable[[NetworkMap], object],
+        changed: _Signal,
+        poll_scope: trio.CancelScope,
     ) -> None:
         while True:
             now = self.config.wall_clock()

@@ -220,7 +220,8 @@ class Policy:
             # destination: the rule's other destinations keep every source.
             self_dst = tuple(d for d in rule.dst if d[0] == "autogroup:self")
             if self_dst and len(self_dst) < len(rule.dst):
-                parts = [replace(rule, dst=self_dst), replace(rule, dst=tuple(d for d in rule.dst if d not in self_dst))]
+                others = tuple(d for d in rule.dst if d not in self_dst)
+                parts = [replace(rule, dst=self_dst), replace(rule, dst=others)]
             else:
                 parts = [rule]
             for part in parts:
