@@ -551,3 +551,33 @@ def test_stale_mesh_route_is_dropped_after_the_peer_server_answers_not_here():
     pump_all([a], now=1.0)
     assert a.take(PeerGoneEvent) == [PeerGoneEvent(ghost, f.PeerGoneReason.NOT_HERE)]  # now s1's own answer
     assert s1.counters.packets_forwarded_out == 1 and s1.counters.drops["unknown_dest"] == 1
+
+
+async def test_client_driver_survives_a_malformed_server_frame_and_reconnects():
+    import trio
+
+    from test_derp_client_batch import Upstream, plain_node, scripted_server
+    from tsnet.derp.client import DerpClient
+
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    client = DerpClient(NodePrivate.generate(), plain_node(port))
+    malformed = f.encode_header(f.FrameType.PEER_GONE, 5) + bytes(5)
+    second = trio.Event()
+
+    async def server():
+        await scripted_server(listener, malformed, Upstream())  # the client hangs up on the bad frame
+        second.set()
+        await scripted_server(listener, b"", Upstream())
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(server)
+            await n.start(client.run)
+            async for ev in client.events:  # the driver keeps running and connects again
+                if isinstance(ev, ServerInfoReceived) and second.is_set():
+                    break
+            assert "PEER_GONE" in client.last_error
+            client.close()
+            n.cancel_scope.cancel()
+    await listener.aclose()
