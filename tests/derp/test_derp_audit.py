@@ -581,3 +581,45 @@ async def test_client_driver_survives_a_malformed_server_frame_and_reconnects():
             client.close()
             n.cancel_scope.cancel()
     await listener.aclose()
+
+
+def _mesh_world(n_links=2):
+    """s1 with ``n_links`` mesh links, a local client ``a``, and a remote key ``b`` a has talked with."""
+    s1 = make_core(mesh_key=MESH_KEY)
+    a = Pair(s1)
+    pump_all([a])
+    links = [s1.add_mesh_link(f"s{i + 2}", 0.0) for i in range(n_links)]
+    b = NodePrivate.generate().public
+    return s1, a, links, b
+
+
+def _forward_in(s1, link_conn_pair, src, dst, packet):
+    link_conn_pair.conn.receive_data(f.encode_frame(f.ForwardPacket(src.raw, dst.raw, packet)), 0.0)
+
+
+def test_a_key_on_two_mesh_peers_keeps_its_route_when_one_reports_it_gone():
+    s1, a, (l2, l3), b = _mesh_world()
+    l2.peer_present(b.raw)
+    l3.peer_present(b.raw)  # b connected to both s2 and s3 (latest report is the forwarder)
+    l3.peer_gone(b.raw)
+    a.proto.send_packet(b, b"still reachable", 0.0)
+    pump_all([a])
+    assert s1.counters.packets_forwarded_out == 1 and l2.queued_packets == 1 and not a.take(PeerGoneEvent)
+    l2.peer_gone(b.raw)
+    a.proto.send_packet(b, b"now gone", 0.0)
+    pump_all([a])
+    assert s1.counters.packets_forwarded_out == 1 and s1.counters.drops["unknown_dest"] == 1
+
+
+def test_a_broken_mesh_link_is_a_peer_gone_for_every_key_learned_over_it():
+    s1, a, (l2,), b = _mesh_world(1)
+    mesh_in = Pair(s1, mesh_key=MESH_KEY)  # s2's own connection to s1, carrying b's packets in
+    pump_all([mesh_in])
+    l2.peer_present(b.raw)
+    _forward_in(s1, mesh_in, b, a.pub, b"from b")
+    pump_all([a])
+    assert a.take(ReceivedPacket) == [ReceivedPacket(b, b"from b")]
+    l2.reset()  # the watch connection to s2 broke
+    pump_all([a])
+    assert a.take(PeerGoneEvent) == [PeerGoneEvent(b, f.PeerGoneReason.DISCONNECTED)]
+    assert b.raw not in s1._forwarders

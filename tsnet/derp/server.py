@@ -492,6 +492,7 @@ class DerpServer:
                      DerpProtocolError, ssl.SSLError) as group:
                 log.info("derp mesh: link to %s broke: %r", url, group.exceptions[0])
             link.reset()
+            self._dispatch()  # the reset may have queued PeerGone frames for local clients
             if not started:
                 started = True
                 task_status.started()

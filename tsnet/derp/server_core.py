@@ -296,27 +296,23 @@ class MeshLink(_Outbox):
         return f"<MeshLink {self.name} keys={len(self.keys)}>"
 
     def peer_present(self, key: bytes) -> None:
-        """The peer server reports ``key`` connected to it."""
+        """The peer server reports ``key`` connected to it (the latest report picks the forwarder)."""
         self._core._forwarders[bytes(key)] = self
         self.keys.add(bytes(key))
 
     def peer_gone(self, key: bytes) -> None:
-        """The peer server reports ``key`` gone."""
+        """The peer server reports ``key`` gone (or not there: PeerGone of any reason)."""
         key = bytes(key)
         self.keys.discard(key)
-        core = self._core
-        if core._forwarders.get(key) is self:
-            del core._forwarders[key]
-            if key not in core._route:
-                core._notify_gone(key, core._fwd_sent_to.pop(key, ()))
+        self._core._forwarder_gone(key, self)
 
     def reset(self) -> None:
-        """The link dropped: forget everything learned over it (it is relearned on reconnect)."""
-        core = self._core
-        for key in self.keys:
-            if core._forwarders.get(key) is self:
-                del core._forwarders[key]
-        self.keys.clear()
+        """The link dropped: every key learned over it is gone as far as this link goes (as derper,
+        which treats a broken watch connection as a PeerGone for each of its keys); it is relearned
+        on reconnect."""
+        keys, self.keys = self.keys, set()
+        for key in keys:
+            self._core._forwarder_gone(key, self)
         self._ctrl.clear()
         self._disco.clear()
         self._other.clear()
@@ -571,6 +567,18 @@ class DerpServerCore:
         if key in self._forwarders:
             return  # still reachable through the mesh
         self._notify_gone(key, receivers)
+
+    def _forwarder_gone(self, key: bytes, link: MeshLink) -> None:
+        if self._forwarders.get(key) is not link:
+            return
+        # Another mesh peer may still have the key (a node connected to two servers of the region).
+        for other in self._mesh_links:
+            if other is not link and key in other.keys:
+                self._forwarders[key] = other
+                return
+        del self._forwarders[key]
+        if key not in self._route:  # not local either: gone from the region
+            self._notify_gone(key, self._fwd_sent_to.pop(key, ()))
 
     def _notify_gone(self, key: bytes, receivers) -> None:
         gone = _HDR.pack(FrameType.PEER_GONE, KEY_LEN + 1) + key + b"\x00"
