@@ -623,3 +623,30 @@ def test_a_broken_mesh_link_is_a_peer_gone_for_every_key_learned_over_it():
     pump_all([a])
     assert a.take(PeerGoneEvent) == [PeerGoneEvent(b, f.PeerGoneReason.DISCONNECTED)]
     assert b.raw not in s1._forwarders
+
+
+def test_peer_gone_bookkeeping_only_holds_keys_connected_now():
+    core = make_core(mesh_key=MESH_KEY)
+    sender = Pair(core)
+    mesh_in = Pair(core, mesh_key=MESH_KEY)
+    pump_all([sender, mesh_in])
+    remote = NodePrivate.generate().public
+    for _ in range(50):  # a long-lived sender talks to many short-lived receivers
+        r = Pair(core)
+        pump_all([r])
+        sender.proto.send_packet(r.pub, b"hi", 0.0)
+        _forward_in(core, mesh_in, remote, r.pub, b"hi too")
+        pump_all([sender, r])
+        assert len(r.take(ReceivedPacket)) == 2
+        r.conn.connection_lost()
+    assert core._sent_to[sender.pub.raw] == set()
+    assert not core._fwd_sent_to and not core._heard_from
+    # The bookkeeping still does its job for receivers that stay.
+    stay = Pair(core)
+    pump_all([stay])
+    sender.proto.send_packet(stay.pub, b"x", 0.0)
+    pump_all([sender, stay])
+    sender.conn.connection_lost()
+    pump_all([stay])
+    assert stay.take(PeerGoneEvent) == [PeerGoneEvent(sender.pub, 0)]
+    assert not core._heard_from

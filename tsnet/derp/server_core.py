@@ -377,7 +377,10 @@ class DerpServerCore:
         self._dup_history: dict[bytes, list[ServerConn]] = {}
         self._forwarders: dict[bytes, MeshLink] = {}
         self._sent_to: dict[bytes, set[bytes]] = {}  # src key -> dst keys it sent to (for PeerGone)
-        self._fwd_sent_to: dict[bytes, set[bytes]] = {}
+        self._fwd_sent_to: dict[bytes, set[bytes]] = {}  # same, for sources a mesh peer forwarded in
+        # dst key -> src keys in those two maps that name it: when dst leaves it is taken out of
+        # them, so they only ever hold keys connected now (no growth over a long-lived sender's life).
+        self._heard_from: dict[bytes, set[bytes]] = {}
         self._watchers: set[ServerConn] = set()
         self._dirty: list[_Outbox] = []
         self._verify: list[ServerConn] = []
@@ -563,10 +566,36 @@ class DerpServerCore:
         gone = _HDR.pack(FrameType.PEER_GONE, KEY_LEN + 1) + key + b"\x00"
         for w in self._watchers:
             w._push_ctrl(gone)
+        # As a receiver: no longer needs to hear when its senders go.
+        for src in self._heard_from.pop(key, ()):
+            sent = self._sent_to.get(src)
+            if sent is not None:
+                sent.discard(key)
+            fwd = self._fwd_sent_to.get(src)
+            if fwd is not None:
+                fwd.discard(key)
+                if not fwd:
+                    del self._fwd_sent_to[src]
         receivers = self._sent_to.pop(key, set())
         if key in self._forwarders:
+            self._forget_sender(key, receivers)
             return  # still reachable through the mesh
         self._notify_gone(key, receivers)
+
+    def _note_heard(self, dst: bytes, src: bytes) -> None:
+        heard = self._heard_from.get(dst)
+        if heard is None:
+            self._heard_from[dst] = {src}
+        else:
+            heard.add(src)
+
+    def _forget_sender(self, key: bytes, receivers) -> None:
+        for dst in receivers:
+            heard = self._heard_from.get(dst)
+            if heard is not None:
+                heard.discard(key)
+                if not heard:
+                    del self._heard_from[dst]
 
     def _forwarder_gone(self, key: bytes, link: MeshLink) -> None:
         if self._forwarders.get(key) is not link:
@@ -581,6 +610,7 @@ class DerpServerCore:
             self._notify_gone(key, self._fwd_sent_to.pop(key, ()))
 
     def _notify_gone(self, key: bytes, receivers) -> None:
+        self._forget_sender(key, receivers)
         gone = _HDR.pack(FrameType.PEER_GONE, KEY_LEN + 1) + key + b"\x00"
         for dst in receivers:
             target = self._route.get(dst)
@@ -714,7 +744,9 @@ class DerpServerCore:
                     if not target._dirty:
                         target._dirty = True
                         dirty.append(target)
-                    sent_to.add(dst)
+                    if dst not in sent_to:  # first packet src -> dst: remember it for PeerGone
+                        sent_to.add(dst)
+                        self._note_heard(dst, src)
                     relayed += 1
                     relayed_bytes += length
                 else:
@@ -751,8 +783,7 @@ class DerpServerCore:
             head = _HDR.pack(FrameType.FORWARD_PACKET, 2 * KEY_LEN + len(packet)) + conn.key + dst  # type: ignore[operator]
             link._push_packet((head, packet), False)
             counters.packets_forwarded_out += 1
-            conn._sent_to.add(dst)
-            return
+            return  # dst's own server tells dst when we report the sender gone
         counters.drops[DropReason.UNKNOWN_DEST.value] += 1
         if len(packet) >= _DISCO_MIN_LEN and packet[:6] == DISCO_MAGIC:
             self._not_here(conn, dst, now)
@@ -778,7 +809,12 @@ class DerpServerCore:
                 self._not_here(conn, dst, now)
             return
         target._push_packet((_HDR.pack(FrameType.RECV_PACKET, KEY_LEN + len(packet)) + src, packet), disco)
-        self._fwd_sent_to.setdefault(src, set()).add(dst)
+        fwd = self._fwd_sent_to.get(src)
+        if fwd is None:
+            fwd = self._fwd_sent_to[src] = set()
+        if dst not in fwd:
+            fwd.add(dst)
+            self._note_heard(dst, src)
         self.counters.packets_relayed += 1
         self.counters.bytes_relayed += len(packet)
 
