@@ -650,3 +650,19 @@ def test_peer_gone_bookkeeping_only_holds_keys_connected_now():
     pump_all([stay])
     assert stay.take(PeerGoneEvent) == [PeerGoneEvent(sender.pub, 0)]
     assert not core._heard_from
+
+
+def test_watch_conns_initial_dump_describes_each_keys_active_connection():
+    core = make_core(mesh_key=MESH_KEY)
+    key = NodePrivate.generate()
+    older, newer = Pair(core, key), Pair(core, key)
+    older.conn = core.accept(0.0, ("10.0.0.1", 1111), not_ideal=True)
+    pump_all([older, newer])
+    older.proto.note_preferred(True, 0.0)  # the older connection speaks: it is the active one
+    pump_all([older, newer])
+    watcher = Pair(core, mesh_key=MESH_KEY)
+    pump_all([watcher])
+    watcher.proto.watch_conns(0.0)
+    pump_all([watcher])
+    present = [e for e in watcher.take(PeerPresentEvent) if e.peer == key.public]
+    assert [(e.addr, e.flags) for e in present] == [(("10.0.0.1", 1111), f.PeerPresentFlags.NOT_IDEAL)]

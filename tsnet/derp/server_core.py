@@ -842,9 +842,10 @@ class DerpServerCore:
                 return  # a mesh link that reached ourselves: nothing to watch (as derper)
             conn.watcher = True
             self._watchers.add(conn)
-            for key, conns in self._by_key.items():
-                if key != conn.key:
-                    conn._push_ctrl(self._presence_frame(conns[-1]))
+            for key in self._by_key:
+                active = self._route.get(key)  # a duplicate set's active connection (derper's choice too)
+                if key != conn.key and active is not None:
+                    conn._push_ctrl(self._presence_frame(active))
         elif ftype == FrameType.CLOSE_PEER:
             if len(payload) != KEY_LEN:
                 raise DerpProtocolError("ClosePeer must carry exactly one key")
