@@ -112,6 +112,8 @@ class NodeStatus:
     user: str = ""
     #: The node's home DERP region (0: not known yet).
     home_derp: int = 0
+    #: The peer's node key has expired: control still lists it, but no traffic goes to or from it.
+    expired: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -756,7 +758,7 @@ class Server:
         from .dns import DNSConfig
 
         nodes: dict[str, list[str]] = {}
-        for p in nm.peers:
+        for p in (*nm.peers, *nm.skipped_peers):  # names of expired peers still resolve, as in tailscaled
             if p.name:
                 nodes[p.name] = [str(a.ip) for a in p.addresses]
         if nm.name:
@@ -955,6 +957,11 @@ class Server:
                     path = f"derp region {ps.derp_region}"
         elif peer is None:
             path = "self"
+        expired = peer is not None and peer.expired
+        if expired:
+            path = "expired"
+        elif peer is not None and nm is not None and peer in nm.skipped_peers:
+            path = "unreachable"  # neither a disco key nor a DERP home: no way to reach it
         return NodeStatus(
             name=dns_name.split(".")[0], dns_name=dns_name, addresses=addresses,
             os=(hostinfo.os or "") if hostinfo is not None else ("linux" if peer is None else ""),
@@ -964,6 +971,7 @@ class Server:
             tags=tuple(node.tags or ()), user=user,
             home_derp=(node.home_derp or 0) if peer is not None else (
                 driver.core.home_derp if driver is not None else 0),
+            expired=expired,
         )
 
     def _relay_name(self, addr: str) -> str:
@@ -982,6 +990,9 @@ class Server:
 
     def _health_now(self) -> tuple[str, ...]:
         warnings = list(self._health.values())
+        nm = self._netmap
+        if nm is not None and nm.self_expired:
+            warnings.append("this node's key has expired: it has no peers until it logs in again")
         client = self._client
         if self._state == "Running" and client is not None and not getattr(client, "map_connected", True):
             warnings.append("not connected to the control server (map poll down; retrying)")
@@ -994,7 +1005,7 @@ class Server:
         if nm is None or state == "Stopped":
             return Status(state, None, (), "", self._health_now(), self._auth_url)
         self_status = self._node_status(nm.self_node, None)
-        peers = tuple(self._node_status(p.node, p) for p in nm.peers)
+        peers = tuple(self._node_status(p.node, p) for p in (*nm.peers, *nm.skipped_peers))
         suffix = ""
         if self._magic is not None and self._magic.config.base_domain:
             suffix = self._magic.config.base_domain
@@ -1015,7 +1026,7 @@ class Server:
                 ip = ipaddress.ip_address(_split_host_port(text)[0])
             except (ValueError, ConfigError):
                 return None
-        candidates = [(nm.self_node, None)] + [(p.node, p) for p in nm.peers]
+        candidates = [(nm.self_node, None)] + [(p.node, p) for p in (*nm.peers, *nm.skipped_peers)]
         for node, peer in candidates:
             for a in node.addresses or ():
                 if ipaddress.ip_interface(a).ip == ip:
