@@ -20,6 +20,7 @@ and asyncio (``asyncio.open_connection(sock=...)``) work unchanged::
 from __future__ import annotations
 
 import atexit
+import errno
 import queue
 import socket
 import threading
@@ -80,16 +81,28 @@ class Listener:
         """Timeout for :meth:`accept` (None: wait forever)."""
         self.timeout = timeout
 
+    def gettimeout(self) -> float | None:
+        return self.timeout
+
     def accept(self) -> tuple[socket.socket, tuple[str, int]]:
-        """Wait for the next tailnet connection. Raises OSError once closed."""
+        """Wait for the next tailnet connection.
+
+        Raises ``TimeoutError`` (``socket.timeout``) after :meth:`settimeout`'s timeout, and
+        ``OSError(EBADF)`` once the listener or its Server is closed (also waking a thread
+        blocked here, as closing a listening socket does).
+        """
         if self._closed:
-            raise OSError("listener is closed")
-        self._bell_r.settimeout(self.timeout)
+            raise OSError(errno.EBADF, "listener is closed")
         try:
+            self._bell_r.settimeout(self.timeout)
             if not self._bell_r.recv(1):
-                raise OSError("listener is closed")
+                raise OSError(errno.EBADF, "listener is closed")
         except socket.timeout:
             raise TimeoutError("accept timed out") from None
+        except OSError as exc:
+            if exc.errno == errno.EBADF or self._closed:
+                raise OSError(errno.EBADF, "listener is closed") from None
+            raise
         return self._pending.get_nowait()
 
     def close(self) -> None:
@@ -124,7 +137,12 @@ class Listener:
             task_status.started()
             async with listener, trio.open_nursery() as nursery:
                 while True:
-                    stream = await listener.accept()
+                    try:
+                        stream = await listener.accept()
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        # The node closed: wake a thread blocked in accept() (it sees EOF -> OSError).
+                        self._bell_w.close()
+                        return
                     ours, theirs = socket.socketpair()
                     nursery.start_soon(_bridge, stream, ours)
                     self._pending.put((theirs, _peer_address(stream)))
@@ -152,33 +170,67 @@ async def _with_timeout(afn: Callable[..., Any], timeout: float | None, *args: A
         raise TimeoutError(f"no datagram within {timeout:g}s") from None
 
 
+_UNSET: Any = object()
+
+
 class PacketConn:
-    """A tailnet UDP socket with blocking ``sendto``/``recvfrom``/``close`` (and ``send``/``recv`` when connected)."""
+    """A tailnet UDP socket with blocking ``sendto``/``recvfrom``/``close`` (and ``send``/``recv`` when connected).
+
+    Like a stdlib UDP socket: one call, one datagram (a ``bufsize`` shorter than the datagram
+    truncates it and the rest is discarded); datagrams above 1252 (IPv4) / 1232 (IPv6) bytes
+    raise ``OSError(EMSGSIZE)``; receives wait forever unless :meth:`settimeout` or the
+    ``timeout`` argument says otherwise, then raise ``TimeoutError`` (``socket.timeout``);
+    after :meth:`close` (or the Server's) every call raises ``OSError(EBADF)``.
+    """
 
     def __init__(self, owner: Server, sock: Any) -> None:
         self._owner = owner
         self._sock = sock
+        self._closed = False
+        self._timeout: float | None = None
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Default timeout of :meth:`recv` / :meth:`recvfrom` (None: wait forever)."""
+        self._timeout = timeout
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def _run(self, afn: Callable[..., Any], *args: Any) -> Any:
+        if self._closed:
+            raise OSError(errno.EBADF, "socket is closed")
+        try:
+            return self._owner._call(afn, *args)
+        except (trio.ClosedResourceError, NotRunningError):
+            # A closed socket (or node) fails like a closed stdlib socket, not with trio's error.
+            raise OSError(errno.EBADF, "socket is closed") from None
 
     def sendto(self, data: bytes, address: tuple[str, int]) -> int:
         """Send one datagram to ``(ip, port)``."""
-        return self._owner._call(self._sock.sendto, bytes(data), address)
+        return self._run(self._sock.sendto, bytes(data), address)
 
-    def recvfrom(self, bufsize: int = 65535, timeout: float | None = None) -> tuple[bytes, tuple[str, int]]:
-        """Wait for a datagram (raises ``TimeoutError`` after ``timeout`` seconds, if given)."""
-        return self._owner._call(_with_timeout, self._sock.recvfrom, timeout, bufsize)
+    def recvfrom(self, bufsize: int = 65535, timeout: float | None = _UNSET) -> tuple[bytes, tuple[str, int]]:
+        """Wait for a datagram (raises ``TimeoutError`` after ``timeout`` seconds, default :meth:`gettimeout`)."""
+        wait = self._timeout if timeout is _UNSET else timeout
+        return self._run(_with_timeout, self._sock.recvfrom, wait, bufsize)
 
     def send(self, data: bytes) -> int:
         """Send one datagram to the connected address (after ``dial``)."""
-        return self._owner._call(self._sock.send, bytes(data))
+        return self._run(self._sock.send, bytes(data))
 
-    def recv(self, bufsize: int = 65535, timeout: float | None = None) -> bytes:
-        return self._owner._call(_with_timeout, self._sock.recv, timeout, bufsize)
+    def recv(self, bufsize: int = 65535, timeout: float | None = _UNSET) -> bytes:
+        """Like :meth:`recvfrom`, the payload only."""
+        wait = self._timeout if timeout is _UNSET else timeout
+        return self._run(_with_timeout, self._sock.recv, wait, bufsize)
 
     def getsockname(self) -> Any:
         return self._sock.getsockname()
 
     def close(self) -> None:
-        """Close the socket."""
+        """Close the socket (idempotent; a thread blocked in a receive gets ``OSError``)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._owner._call(self._sock.aclose)
         except (NotRunningError, RuntimeError):
@@ -258,12 +310,20 @@ class Server:
         async def run() -> Any:
             return await afn(*args, **kwargs)
 
-        return trio.from_thread.run(run, trio_token=self._token)
+        try:
+            return trio.from_thread.run(run, trio_token=self._token)
+        except trio.RunFinishedError:  # closed from another thread meanwhile
+            raise NotRunningError("this Server was closed") from None
 
     def _sync(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._token is None:
             raise NotRunningError("call up() first")
-        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+        if self._closed:
+            raise NotRunningError("this Server was closed; create a new one")
+        try:
+            return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+        except trio.RunFinishedError:
+            raise NotRunningError("this Server was closed") from None
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -367,8 +427,7 @@ class Server:
         if network.startswith("udp"):
             return PacketConn(self, self._call(self._server.listen, network, address))
         tcp = self._call(self._server.listen, network, address)
-        host, _port = _server._split_host_port(address)
-        listener = Listener(self, (host or "0.0.0.0", tcp.port))  # the real port, also for ":0"
+        listener = Listener(self, tcp.local_address)  # the real port, also for ":0"
 
         async def start() -> None:
             assert self._nursery is not None

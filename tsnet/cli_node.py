@@ -728,6 +728,22 @@ _UP_EPILOG = "environment (flags win):\n" + "\n".join(
 ) + "\n\n--forward in $TS_FORWARD is a comma- or space-separated list. Booleans take true/false/1/0."
 
 
+def _positive(kind: type, *, zero_ok: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type``: a number above zero (or at least zero); else a usage error (exit 2)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < 0 or (value == 0 and not zero_ok) or value != value:
+            raise argparse.ArgumentTypeError(f"{text!r} must be {'0 or more' if zero_ok else 'above 0'}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def register(subparsers: Any) -> None:
     """Add ``up``, ``status``, ``ping``, ``netcheck`` and ``whois``."""
     up = subparsers.add_parser("up", help="run a node (like tailscaled in a container) until SIGTERM",
@@ -767,9 +783,11 @@ def register(subparsers: Any) -> None:
 
     ping = client_parser("ping", "ping a peer over the tailnet and show the path and latency")
     ping.add_argument("peer", help="peer name, MagicDNS name or tailnet IP")
-    ping.add_argument("-c", "--count", type=int, default=10, help="number of pings (default %(default)s)")
-    ping.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each pong (default 5)")
-    ping.add_argument("--interval", type=float, default=0.5, help="seconds between pings (default 0.5)")
+    ping.add_argument("-c", "--count", type=_positive(int), default=10, help="number of pings (default %(default)s)")
+    ping.add_argument("--timeout", type=_positive(float), default=5.0,
+                      help="seconds to wait for each pong (default 5)")
+    ping.add_argument("--interval", type=_positive(float, zero_ok=True), default=0.5,
+                      help="seconds between pings (default 0.5)")
     ping.set_defaults(func=_cmd_ping)
 
     netcheck = client_parser("netcheck", "report UDP, NAT type and DERP latencies as this node sees them")

@@ -30,7 +30,9 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
+import socket
 import struct
 import sys
 from collections.abc import Callable, Sequence
@@ -197,13 +199,67 @@ def _read_auth_key(value: str | None) -> str | None:
     return value
 
 
+#: A hostname: one DNS-label-like word (it names the node, its MagicDNS name and the default state dir).
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9_])?")
+
+
+def _check_hostname(name: str) -> str:
+    """``name`` if it can be a node's hostname, else ConfigError saying why.
+
+    Letters, digits, ``-``, ``_`` and ``.``, at most 63 characters, not starting or ending with
+    ``-`` or ``.``: control derives the MagicDNS label from it, and the default state directory
+    is named after it (so ``/`` or ``..`` must never reach a path).
+    """
+    if not _HOSTNAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"hostname {name!r} is not valid: use 1-63 letters, digits, '-', '_' or '.', "
+            f"not starting or ending with '-' or '.'")
+    return name
+
+
 def _default_hostname() -> str:
     prog = Path(sys.argv[0] if sys.argv and sys.argv[0] else "tsnet").stem
-    return prog if prog and prog not in ("-c", "-m", "__main__", "python", "pytest") else "tsnet"
+    if not prog or prog in ("-c", "-m", "__main__", "python", "pytest"):
+        return "tsnet"
+    # A program name may hold characters a hostname cannot (spaces, '+'): replace them.
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", prog)[:63].strip("-.")
+    return cleaned if _HOSTNAME_RE.fullmatch(cleaned) else "tsnet"
+
+
+def _check_control_url(url: str) -> str:
+    from .control.client import parse_login_url
+
+    try:
+        parse_login_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"control_url: {exc}") from None
+    return url
+
+
+def _check_auth_key(key: str | None) -> str | None:
+    # Keys are printable ASCII without spaces; anything else is a paste or quoting mistake.
+    if key is not None and not all(33 <= ord(c) < 127 for c in key):
+        raise ConfigError("auth_key contains spaces or non-printable characters (a copy/paste or quoting mistake?)")
+    return key
+
+
+def _parse_port(port_text: str, address: str) -> int:
+    """A port number or a service name (``http``), like Go's ``net.LookupPort``."""
+    if port_text.isdigit():
+        port = int(port_text)
+        if port > 65535:
+            raise ConfigError(f"bad address {address!r}: port out of range")
+        return port
+    try:
+        return socket.getservbyname(port_text)
+    except (OSError, UnicodeError):
+        raise ConfigError(f"bad address {address!r}: port {port_text!r} is not a number or a known service name"
+                          ) from None
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or ``:port`` -> (host, port). Raises ConfigError."""
+    """``host:port``, ``[v6]:port`` or ``:port`` -> (host, port); the port may be a service name
+    (``:http``). Raises ConfigError (also for an IPv6 literal without brackets)."""
     text = address.strip()
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
@@ -214,13 +270,15 @@ def _split_host_port(address: str) -> tuple[str, int]:
         host, sep, port_text = text.rpartition(":")
         if not sep:
             raise ConfigError(f"bad address {address!r}: missing port (want host:port)")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"bad address {address!r}: port {port_text!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"bad address {address!r}: port out of range")
-    return host, port
+        if ":" in host:
+            raise ConfigError(f"bad address {address!r}: an IPv6 address needs brackets, e.g. [{host}]:{port_text}")
+    return host, _parse_port(port_text, address)
+
+
+def _check_port(name: str, port: int) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"{name} {port!r} is not a port number (0-65535; 0 picks a free one)")
+    return port
 
 
 def _wall(trio_time: float | None) -> _dt.datetime | None:
@@ -304,19 +362,19 @@ class Server:
         derp_plain_http: bool | None = None,
     ) -> None:
         env = os.environ
-        self.hostname = hostname or env.get("TS_HOSTNAME") or _default_hostname()
-        self.control_url = (control_url or env.get("TS_CONTROL_URL") or DEFAULT_CONTROL_URL).rstrip("/")
-        self.auth_key = _read_auth_key(auth_key or env.get("TS_AUTHKEY") or env.get("TS_AUTH_KEY"))
+        self.hostname = _check_hostname(hostname or env.get("TS_HOSTNAME") or _default_hostname())
+        self.control_url = _check_control_url(
+            (control_url or env.get("TS_CONTROL_URL") or DEFAULT_CONTROL_URL).rstrip("/"))
+        self.auth_key = _check_auth_key(_read_auth_key(auth_key or env.get("TS_AUTHKEY") or env.get("TS_AUTH_KEY")))
         self.ephemeral = bool(ephemeral)
-        if not 0 <= int(port) <= 65535:
-            raise ConfigError(f"port {port} out of range")
-        self.port = int(port)
+        self.port = _check_port("port", port)
         tags = tuple(advertise_tags)
         for tag in tags:
             if not tag.startswith("tag:") or len(tag) <= 4:
                 raise ConfigError(f"advertise_tags: {tag!r} is not a tag (want tag:name)")
         self.advertise_tags = tags
-        self.relay_server_port = relay_server_port
+        self.relay_server_port = None if relay_server_port is None else _check_port("relay_server_port",
+                                                                                    relay_server_port)
         self.log = logger or logging.getLogger("tsnet.server")
         self.user_logf = user_logf or (lambda msg: self.log.info("%s", msg))
         self.udp_bind = udp_bind or "0.0.0.0"
@@ -396,7 +454,14 @@ class Server:
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Server:
-        await self.up()
+        """``up()``; if that fails or is cancelled, the node is closed before the error propagates
+        (the ``async with`` body never runs, so nothing else would close it)."""
+        try:
+            await self.up()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -411,6 +476,10 @@ class Server:
         :class:`StateDirInUseError`,
         :class:`NotRunningError` (already closed). After an error other than NeedsLogin and
         UpTimeout nothing of the node keeps running.
+
+        Cancelling ``up()`` (a cancel scope, Ctrl-C) only stops the wait, as a cancelled Go
+        ``Up(ctx)`` does: the node keeps starting in the background until :meth:`close`, and a
+        later ``up()`` picks it up. ``async with Server(...)`` closes it for you.
         """
         if self._closed:
             raise NotRunningError("this Server was closed; create a new one")
@@ -1239,11 +1308,13 @@ class Server:
         host, port = _split_host_port(address)
         if not host:
             raise ConfigError(f"dial {address!r}: missing host")
+        if port == 0:
+            raise ConfigError(f"dial {address!r}: port 0 cannot be dialled")
         ips = await self.resolve(host)
         if family:
             ips = [ip for ip in ips if ip.version == family]
         if not ips:
-            raise HostNotFoundError(host, f"no IPv{family} address")
+            raise HostNotFoundError(host, f"no IPv{family} address" if family else "no address")
         proto = network.rstrip("46")
         # ``timeout`` bounds the whole dial, across every address the name has.
         deadline = math.inf if timeout is None else trio.current_time() + timeout
@@ -1280,14 +1351,37 @@ class Server:
 
     async def listen(self, network: str, address: str) -> Any:
         """Listen on the tailnet: ``listen("tcp", ":8080")`` -> ``TCPListener`` (a trio Listener);
-        ``listen("udp", ":53")`` -> ``UDPSocket``. An empty host means all our addresses."""
+        ``listen("udp", ":53")`` -> ``UDPSocket``.
+
+        As in Go tsnet, the host part is empty (or ``0.0.0.0`` / ``::``) for all our addresses,
+        or one of our IP literals; the port may be 0 (a free one: see ``.port`` /
+        ``.getsockname()``) or a service name (``:http``). ``tcp4``/``udp4`` (``tcp6``/``udp6``)
+        take only IPv4 (IPv6) traffic. Raises :class:`ConfigError` for a malformed address,
+        ``OSError`` ``EADDRINUSE`` when the port is taken and ``EADDRNOTAVAIL`` for an address
+        that is not ours.
+        """
         net = self._require_net()
-        self._family(network)
+        family = self._family(network)
         host, port = _split_host_port(address)
-        host = host or None
+        bind: IPAddress | None = None
+        if host:
+            try:
+                bind = ipaddress.ip_address(host)
+            except ValueError:
+                raise ConfigError(f"listen {address!r}: the host must be empty or an IP literal (one of "
+                                  f"ours), not a name") from None
+            if family and bind.version != family:
+                raise ConfigError(f"listen {address!r}: not an IPv{family} address, as {network!r} needs")
+            if bind.is_unspecified:
+                bind = None
+        if bind is None and family:
+            # One family only: listen on our address of that family (the netstack's wildcard takes both).
+            bind = next((ip for ip in self.tailscale_ips() if ip.version == family), None)
+            if bind is None:
+                raise OSError(errno.EADDRNOTAVAIL, f"this node has no IPv{family} tailnet address")
         if network.startswith("udp"):
-            return await net.open_udp_socket(host=host, port=port)
-        return await net.open_tcp_listener(port, host=host)
+            return await net.open_udp_socket(host=bind, port=port)
+        return await net.open_tcp_listener(port, host=bind)
 
     async def listen_packet(self, network: str, address: str) -> Any:
         """A UDP socket on the tailnet (``network`` udp/udp4/udp6), like Go's ListenPacket."""
