@@ -20,6 +20,8 @@ TAILSCALE_IPV6_RANGE = ipaddress.ip_network("fd7a:115c:a1e0::/48")
 #: The "Quad100" service addresses that MagicDNS listens on.
 QUAD100_V4 = ipaddress.IPv4Address("100.100.100.100")
 QUAD100_V6 = ipaddress.IPv6Address("fd7a:115c:a1e0::53")
+#: Tailscale's 4-to-6 range: an IPv4 node address 100.a.b.c also appears as this prefix + a.b.c.
+TAILSCALE_4TO6_RANGE = ipaddress.ip_network("fd7a:115c:a1e0:ab12:4843:cd96:6200::/104")
 #: The name a reverse lookup of the Quad100 address answers with (and which resolves back to it).
 QUAD100_NAME = "magicdns.localhost-tailscale-daemon"
 
@@ -152,8 +154,10 @@ class DNSConfig:
         The MagicDNS suffix is taken as the longest ``Routes`` key with an empty resolver list that
         contains a node name, else the common parent of the node names. ``ipv6_answers`` False drops the
         nodes' IPv6 addresses (tailscaled only answers AAAA for peers with the ``magicdns-aaaa`` node
-        attribute when the node has IPv4). Unusable entries raise :class:`DNSConfigError` so the caller
-        can report which config was bad.
+        attribute when the node has IPv4). Unusable node entries raise :class:`DNSConfigError` so the
+        caller can report which config was bad. ``ExtraRecords`` that we cannot serve (a type other than
+        A/AAAA, such as CNAME or TXT, a value that is not an IP, a bad name) are skipped, as tailscaled
+        does: one such record must not take every other name down with it.
         """
         dns_config = dns_config or {}
         hosts: dict[str, list[IPAddress]] = {}
@@ -175,11 +179,14 @@ class DNSConfig:
             parents = {h.split(".", 1)[1] for h in hosts if "." in h}
             if len(parents) == 1:
                 base = parents.pop()
-        extras = [
-            ExtraRecord.parse(r.get("Name", ""), r.get("Type", ""), r.get("Value", ""))
-            for r in dns_config.get("ExtraRecords") or []
-            if isinstance(r, Mapping)
-        ]
+        extras = []
+        for r in dns_config.get("ExtraRecords") or []:
+            if not isinstance(r, Mapping):
+                continue
+            try:
+                extras.append(ExtraRecord.parse(r.get("Name", ""), r.get("Type", ""), r.get("Value", "")))
+            except DNSConfigError:
+                continue
         resolvers = addrs(dns_config.get("Resolvers")) or addrs(dns_config.get("FallbackResolvers"))
         return cls.build(
             base_domain=base, hosts=hosts, extra_records=extras, routes=routes, default_resolvers=resolvers

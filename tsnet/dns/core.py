@@ -19,6 +19,7 @@ from .config import (
     QUAD100_NAME,
     QUAD100_V4,
     QUAD100_V6,
+    TAILSCALE_4TO6_RANGE,
     DNSConfig,
     IPAddress,
 )
@@ -68,10 +69,14 @@ class Forward:
         return wire.truncate_to(response, self.max_response)
 
     def servfail(self) -> bytes:
-        """The reply to send when every nameserver failed."""
-        reply = wire.error_response(self.query, wire.RCODE_SERVFAIL)
-        assert reply is not None  # a Forward is only made for a parsed query
-        return reply
+        """The reply to send when every nameserver failed (question and OPT echoed, as for any answer)."""
+        try:
+            query = wire.parse_query(self.query)
+        except ValueError:  # a Forward built by hand from something unparsable: header only
+            reply = wire.error_response(self.query, wire.RCODE_SERVFAIL)
+            assert reply is not None
+            return reply
+        return wire.build_response(query, wire.RCODE_SERVFAIL, [], 0, self.max_response, authoritative=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +206,15 @@ class MagicDNS:
             return Answer(reply, wire.RCODE_SERVFAIL) if reply else Drop(f"internal error: {exc!r}")
 
     def _fail(self, data: bytes, rcode: int, stat: str) -> QueryResult:
+        """An error for a message we could not parse: header only (no question to echo)."""
         self.stats[stat] += 1
         reply = wire.error_response(data, rcode)
         return Answer(reply, rcode) if reply is not None else Drop("no query ID")
+
+    def _refuse(self, query: wire.Query, limit: int, rcode: int, stat: str) -> Answer:
+        """An error for a parsed query: its question and (if it had one) an OPT record are echoed."""
+        self.stats[stat] += 1
+        return Answer(wire.build_response(query, rcode, [], 0, limit, authoritative=False), rcode)
 
     def _handle(self, data: bytes, transport: Transport) -> QueryResult:
         if len(data) < wire.HEADER_LEN:
@@ -223,15 +234,21 @@ class MagicDNS:
             limit = max(wire.CLASSIC_UDP_LIMIT, min(query.edns_size, wire.MAX_UDP_RESPONSE))
         else:
             limit = wire.CLASSIC_UDP_LIMIT
+        if query.edns_size is not None and query.edns_version != 0:
+            # RFC 6891 §6.1.3: we only speak EDNS version 0; say so rather than guess.
+            return self._refuse(query, limit, wire.RCODE_BADVERS, "badvers")
         if query.qclass not in (_CLASS_IN, _CLASS_ANY):
-            return self._fail(data, wire.RCODE_NOTIMP, "notimp")
+            return self._refuse(query, limit, wire.RCODE_NOTIMP, "notimp")
         if any(b"." in label for label in query.labels):
-            return self._fail(data, wire.RCODE_FORMERR, "formerr")
+            return self._refuse(query, limit, wire.RCODE_FORMERR, "formerr")
         key = b".".join(query.labels).decode("latin-1").lower()
         qtype = query.qtype
 
         if qtype == _TYPE_PTR:
             ip = _reverse_name_to_ip(key)
+            if ip is not None and ip not in self._ptr and ip in TAILSCALE_4TO6_RANGE:
+                # A 4-to-6 address names the IPv4 node 100.a.b.c carried in its last three bytes.
+                ip = ipaddress.IPv4Address(b"\x64" + ip.packed[13:])
             if ip is not None and ip in self._ptr:
                 return self._answer(query, limit, [(_TYPE_PTR, wire.encode_name(self._ptr[ip]))])
         addrs = self._find(key)
@@ -241,7 +258,7 @@ class MagicDNS:
                 addrs = ()  # the reverse name exists, just not with this type
         if addrs is not None:
             if qtype in _NOT_IMPLEMENTED_TYPES:
-                return self._fail(data, wire.RCODE_NOTIMP, "notimp")
+                return self._refuse(query, limit, wire.RCODE_NOTIMP, "notimp")
             wanted = {_TYPE_A: (4,), _TYPE_AAAA: (6,), _TYPE_ANY: (4, 6)}.get(qtype, ())
             records = [(_TYPE_A if ip.version == 4 else _TYPE_AAAA, ip.packed) for ip in addrs if ip.version in wanted]
             return self._answer(query, limit, records)
@@ -249,7 +266,7 @@ class MagicDNS:
             return self._answer(query, limit, [], rcode=wire.RCODE_NXDOMAIN)
         nameservers = self._route(key) or self._config.default_resolvers
         if not nameservers:
-            return self._fail(data, wire.RCODE_SERVFAIL, "servfail_no_upstream")
+            return self._refuse(query, limit, wire.RCODE_SERVFAIL, "servfail_no_upstream")
         self.stats["forwarded"] += 1
         return Forward(tuple(nameservers), data, limit)
 

@@ -60,7 +60,8 @@ def parse_nameserver(text: str) -> tuple[str, int] | None:
 
 
 def _reply_matches(query: bytes, reply: bytes) -> bool:
-    return len(reply) >= wire.HEADER_LEN and reply[:2] == query[:2] and bool(reply[2] & 0x80)
+    """Kept for callers outside the package; see :func:`tsnet.dns.wire.reply_matches`."""
+    return wire.reply_matches(query, reply)
 
 
 class UpstreamForwarder:
@@ -116,6 +117,10 @@ class DNSServer:
     """Serves one :class:`MagicDNS` core on any number of UDP sockets and TCP streams.
 
     ``forwarder`` handles queries the core routes upstream; None answers them with SERVFAIL.
+    Everything a client can make us hold is bounded: ``max_inflight_forwards`` forwarded queries in
+    total (UDP and TCP; the excess gets SERVFAIL at once), ``max_tcp_connections`` connections (the
+    excess is closed unread, RFC 7766 §6.2.2) and ``max_tcp_pipelined`` unanswered queries per
+    connection (we stop reading until one is answered).
     """
 
     def __init__(
@@ -125,11 +130,15 @@ class DNSServer:
         *,
         tcp_idle_timeout: float = 30.0,
         max_inflight_forwards: int = 256,
+        max_tcp_connections: int = 64,
+        max_tcp_pipelined: int = 16,
     ) -> None:
         self.magic = magic
         self.forwarder = forwarder
         self.tcp_idle_timeout = tcp_idle_timeout
+        self.max_tcp_pipelined = max_tcp_pipelined
         self._forward_slots = trio.Semaphore(max_inflight_forwards)
+        self._tcp_slots = trio.Semaphore(max_tcp_connections)
 
     async def reply_to(self, message: bytes, transport: Transport = "udp") -> bytes | None:
         """The reply for one query message (forwarding if needed); None means send nothing."""
@@ -138,7 +147,15 @@ class DNSServer:
             return result.response
         if isinstance(result, Drop):
             return None
-        return await self._forward(result)
+        try:
+            self._forward_slots.acquire_nowait()
+        except trio.WouldBlock:
+            self.magic.stats["forward_overload"] += 1
+            return result.servfail()
+        try:
+            return await self._forward(result)
+        finally:
+            self._forward_slots.release()
 
     async def _forward(self, forward: Forward) -> bytes:
         if self.forwarder is None:
@@ -192,21 +209,40 @@ class DNSServer:
     async def serve_tcp_stream(self, stream: trio.abc.Stream) -> None:
         """Answer length-prefixed queries on one TCP connection until EOF, idle timeout or garbage.
 
-        Queries are answered concurrently (RFC 7766 §6.2.1.1 allows out-of-order replies); the
-        stream is closed when done.
+        Queries are answered concurrently (RFC 7766 §6.2.1.1 allows out-of-order replies), at most
+        ``max_tcp_pipelined`` at a time; the stream is closed when done. A connection beyond
+        ``max_tcp_connections`` is closed at once.
         """
+        try:
+            self._tcp_slots.acquire_nowait()
+        except trio.WouldBlock:
+            self.magic.stats["tcp_connection_refused"] += 1
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await self._serve_tcp_connection(stream)
+        finally:
+            self._tcp_slots.release()
+
+    async def _serve_tcp_connection(self, stream: trio.abc.Stream) -> None:
         decoder = wire.TCPFrameDecoder()
         send_lock = trio.Lock()
+        # One token per query being answered: reading pauses while all are taken, so a client that
+        # pipelines without reading replies cannot make us hold more than this many queries.
+        pipeline = trio.Semaphore(self.max_tcp_pipelined)
 
         async def answer(message: bytes) -> None:
-            reply = await self.reply_to(message, "tcp")
-            if reply is None:
-                return
-            async with send_lock:
-                try:
-                    await stream.send_all(wire.frame(reply))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+            try:
+                reply = await self.reply_to(message, "tcp")
+                if reply is None:
+                    return
+                async with send_lock:
+                    try:
+                        await stream.send_all(wire.frame(reply))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+            finally:
+                pipeline.release()
 
         async with stream:
             async with trio.open_nursery() as nursery:
@@ -225,6 +261,7 @@ class DNSServer:
                         nursery.cancel_scope.cancel()
                         break
                     for message in messages:
+                        await pipeline.acquire()
                         nursery.start_soon(answer, message)
 
     async def serve_tcp(self, listeners: list[trio.abc.Listener[Any]], *, task_status: Any = None) -> None:

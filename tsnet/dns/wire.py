@@ -27,6 +27,10 @@ RCODE_SERVFAIL = 2
 RCODE_NXDOMAIN = 3
 RCODE_NOTIMP = 4
 RCODE_REFUSED = 5
+#: RFC 6891 §6.1.3: the 12-bit extended RCODE for an EDNS version we do not implement.
+RCODE_BADVERS = 16
+#: RFC 3225: the DNSSEC OK bit in the OPT record's TTL field (copied from query to response).
+EDNS_FLAG_DO = 0x8000
 
 
 def error_response(query: bytes | memoryview, rcode: int) -> bytes | None:
@@ -61,11 +65,42 @@ def _skip_name(msg: bytes | memoryview, pos: int) -> int:
     raise ValueError("too many labels")
 
 
+def _skip_record(msg: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """Skip the resource record at ``pos``: (its type, offset after it). Raises ValueError if broken."""
+    pos = _skip_name(msg, pos)
+    if pos + 10 > len(msg):
+        raise ValueError("record header truncated")
+    rtype = (msg[pos] << 8) | msg[pos + 1]
+    rdlength = (msg[pos + 8] << 8) | msg[pos + 9]
+    end = pos + 10 + rdlength
+    if end > len(msg):
+        raise ValueError("record data truncated")
+    return rtype, end
+
+
+def _find_opt(response: bytes, question_end: int) -> bytes:
+    """The raw OPT record of ``response`` (after its question section), or b"" if none or unparsable."""
+    ancount, nscount, arcount = struct.unpack_from("!3H", response, 6)
+    pos = question_end
+    try:
+        for _ in range(ancount + nscount):
+            _rtype, pos = _skip_record(response, pos)
+        for _ in range(arcount):
+            start = pos
+            rtype, pos = _skip_record(response, pos)
+            if rtype == TYPE_OPT:
+                return bytes(response[start:pos])
+    except ValueError:
+        pass
+    return b""
+
+
 def truncate_to(response: bytes, limit: int) -> bytes:
     """Return ``response`` if it fits in ``limit`` bytes, else its header and question with TC set.
 
-    The client is expected to retry over TCP (RFC 7766). If even the question does not fit or cannot be
-    located, a bare header with TC set is returned.
+    The client is expected to retry over TCP (RFC 7766). The response's OPT record is kept when it
+    fits (RFC 6891 §7: a truncated response still carries OPT). If even the question does not fit or
+    cannot be located, a bare header with TC set is returned.
     """
     if len(response) <= limit:
         return response
@@ -80,7 +115,39 @@ def truncate_to(response: bytes, limit: int) -> bytes:
             raise ValueError("question does not fit")
     except ValueError:
         qdcount, end = 0, HEADER_LEN
-    return struct.pack("!6H", qid, flags | FLAG_TC, qdcount, 0, 0, 0) + bytes(response[HEADER_LEN:end])
+    opt = _find_opt(response, end) if qdcount else b""
+    if end + len(opt) > limit:
+        opt = b""
+    header = struct.pack("!6H", qid, flags | FLAG_TC, qdcount, 0, 0, 1 if opt else 0)
+    return header + bytes(response[HEADER_LEN:end]) + opt
+
+
+def question_key(msg: bytes | memoryview) -> tuple[tuple[bytes, ...], int, int] | None:
+    """The single question of ``msg`` as (lower-cased labels, type, class); None if it has not exactly one.
+
+    Used to check that an upstream reply answers the question we forwarded (RFC 5452 §9.1).
+    """
+    if len(msg) < HEADER_LEN or ((msg[4] << 8) | msg[5]) != 1:
+        return None
+    try:
+        labels, pos = read_name(bytes(msg), HEADER_LEN)
+    except ValueError:
+        return None
+    if pos + 4 > len(msg):
+        return None
+    qtype, qclass = struct.unpack_from("!2H", msg, pos)
+    return tuple(label.lower() for label in labels), qtype, qclass
+
+
+def reply_matches(query: bytes | memoryview, reply: bytes | memoryview) -> bool:
+    """Whether ``reply`` is a response to ``query``: same ID, QR set, same question (name case-blind).
+
+    Anything else (a stray or spoofed datagram, a reply to another question) must be ignored.
+    """
+    if len(reply) < HEADER_LEN or reply[:2] != query[:2] or not reply[2] & 0x80:
+        return False
+    wanted = question_key(query)
+    return wanted is not None and question_key(reply) == wanted
 
 
 def frame(message: bytes) -> bytes:
@@ -142,6 +209,10 @@ class Query:
     question: bytes
     #: The EDNS UDP payload size the client advertised, or None without an OPT record.
     edns_size: int | None
+    #: The EDNS version of the client's OPT record (0 without one).
+    edns_version: int = 0
+    #: The OPT record's flags (the DO bit), copied into our OPT (RFC 3225).
+    edns_flags: int = 0
 
 
 def read_name(msg: bytes, pos: int) -> tuple[tuple[bytes, ...], int]:
@@ -195,11 +266,12 @@ def parse_query(msg: bytes) -> Query:
     question = msg[HEADER_LEN : pos + 4]
     pos += 4
     edns_size: int | None = None
+    edns_version = edns_flags = 0
     for _ in range(arcount):
         _name, pos = read_name(msg, pos)
         if pos + 10 > len(msg):
             raise ValueError("additional record truncated")
-        rtype, rclass, _ttl, rdlength = struct.unpack_from("!HHIH", msg, pos)
+        rtype, rclass, ttl, rdlength = struct.unpack_from("!HHIH", msg, pos)
         pos += 10 + rdlength
         if pos > len(msg):
             raise ValueError("additional record data truncated")
@@ -207,7 +279,9 @@ def parse_query(msg: bytes) -> Query:
             if edns_size is not None:
                 raise ValueError("more than one OPT record")  # RFC 6891 §6.1.1
             edns_size = rclass
-    return Query(qid, flags, labels, qtype, qclass, question, edns_size)
+            edns_version = (ttl >> 16) & 0xFF
+            edns_flags = ttl & EDNS_FLAG_DO
+    return Query(qid, flags, labels, qtype, qclass, question, edns_size, edns_version, edns_flags)
 
 
 def encode_name(name: str) -> bytes:
@@ -221,20 +295,32 @@ def encode_name(name: str) -> bytes:
     return bytes(out)
 
 
-_OPT_RECORD = b"\x00" + struct.pack("!HHIH", TYPE_OPT, MAX_UDP_RESPONSE, 0, 0)
+def _opt_record(extended_rcode: int, flags: int) -> bytes:
+    """Our OPT record: root owner, our UDP size, the upper RCODE bits, version 0 and the echoed flags."""
+    return b"\x00" + struct.pack("!HHBBHH", TYPE_OPT, MAX_UDP_RESPONSE, extended_rcode, 0, flags, 0)
 
 
 def build_response(
-    query: Query, rcode: int, answers: list[tuple[int, bytes]], ttl: int, limit: int
+    query: Query,
+    rcode: int,
+    answers: list[tuple[int, bytes]],
+    ttl: int,
+    limit: int,
+    *,
+    authoritative: bool = True,
 ) -> bytes:
-    """An authoritative response echoing ``query``'s question; ``answers`` are (type, rdata) for its name.
+    """A response echoing ``query``'s question; ``answers`` are (type, rdata) for its name.
 
-    Answers that do not fit in ``limit`` bytes are left off (whole records) and TC is set.
+    ``rcode`` may be an extended (12-bit) RCODE such as :data:`RCODE_BADVERS`; its upper bits go into
+    the OPT record, which is present exactly when the query had one (RFC 6891 §7). Answers that do not
+    fit in ``limit`` bytes are left off (whole records) and TC is set.
     """
-    flags = FLAG_QR | 0x0400 | (query.flags & FLAG_RD) | (rcode & 0xF)  # 0x0400: AA
+    flags = FLAG_QR | (query.flags & FLAG_RD) | (rcode & 0xF)
+    if authoritative:
+        flags |= 0x0400  # AA
     if query.flags & FLAG_RD:
         flags |= 0x0080  # RA: we recurse (forward) on the client's behalf
-    opt = _OPT_RECORD if query.edns_size is not None else b""
+    opt = _opt_record(rcode >> 4, query.edns_flags) if query.edns_size is not None else b""
     room = limit - HEADER_LEN - len(query.question) - len(opt)
     records = []
     for rtype, rdata in answers:
