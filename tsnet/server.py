@@ -481,6 +481,8 @@ class Server:
         ``Up(ctx)`` does: the node keeps starting in the background until :meth:`close`, and a
         later ``up()`` picks it up. ``async with Server(...)`` closes it for you.
         """
+        if not timeout >= 0:  # also NaN; checked before anything starts
+            raise ConfigError(f"up(timeout={timeout!r}): want a number of seconds >= 0")
         if self._closed:
             raise NotRunningError("this Server was closed; create a new one")
         if self._state == "Running":
