@@ -280,7 +280,8 @@ async def test_tcp_queries_sent_before_eof_are_still_answered(nursery: trio.Nurs
     server = DNSServer(MagicDNS(make_config()))
     client, served = trio.testing.memory_stream_pair()
     nursery.start_soon(server.serve_tcp_stream, served)
-    await client.send_all(wire.frame(DNSRecord.question("alpha").pack()) + wire.frame(DNSRecord.question("beta").pack()))
+    queries = [DNSRecord.question("alpha"), DNSRecord.question("beta")]
+    await client.send_all(b"".join(wire.frame(q.pack()) for q in queries))
     await client.send_eof()
     with trio.fail_after(5):
         replies = await _read_replies(client, 2)

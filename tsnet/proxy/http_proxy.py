@@ -1,8 +1,12 @@
 """HTTP proxy (h11): CONNECT tunnels and absolute-form requests, with optional Basic proxy auth.
 
-A failed dial answers 502 with the reason in a ``Tailscale-Connect-Error`` header (the header tailscaled
-uses). Origin-form requests (``GET /path``) are refused with 400, as tailscaled does: this is a proxy,
-not a web server.
+A failed dial answers 502 (504 if it timed out, RFC 9110 §15.6.5) with the reason in a
+``Tailscale-Connect-Error`` header (the header tailscaled uses). Origin-form requests (``GET /path``) are
+refused with 400, as tailscaled does: this is a proxy, not a web server. A request carrying both
+Content-Length and Transfer-Encoding is refused with 400 (RFC 9112 §6.3 allows it, and forwarding both
+would let the origin frame the body differently from us: request smuggling). Forwarded messages get a
+``Via: <version> tsnet`` entry (RFC 9110 §7.6.3). The request head (line and headers) must arrive
+within ``handshake_timeout`` in total, however slowly it trickles in.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from .splice import splice
 log = logging.getLogger(__name__)
 
 ERROR_HEADER = b"tailscale-connect-error"
+#: Our pseudonym in Via header fields (RFC 9110 §7.6.3 allows a pseudonym instead of a host name).
+VIA_NAME = b"tsnet"
 _MAX_HEADER_BYTES = 64 * 1024
 # RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard Proxy-Connection that clients still send.
 _HOP_BY_HOP = frozenset(
@@ -66,6 +72,29 @@ def end_to_end_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     return [(n, v) for n, v in headers if n.lower() not in _HOP_BY_HOP and n.lower() not in named]
 
 
+def _has_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
+    return any(n.lower() == name for n, _ in headers)
+
+
+def _with_via(headers: Headers, http_version: bytes) -> Headers:
+    """``headers`` with our Via entry appended after any the message already had."""
+    return [*headers, (b"via", http_version + b" " + VIA_NAME)]
+
+
+def _reframed(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """End-to-end headers of a message we re-frame: with Transfer-Encoding, Content-Length is void.
+
+    RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and an intermediary must drop the
+    latter before forwarding (h11 decoded the body by its chunking; we re-chunk it).
+    """
+    headers = list(headers)
+    chunked = _has_header(headers, b"transfer-encoding")
+    kept = end_to_end_headers(headers)
+    if chunked:
+        kept = [(n, v) for n, v in kept if n.lower() != b"content-length"]
+    return kept
+
+
 def parse_authority(target: str, default_port: int | None = None) -> tuple[str, int]:
     """``host:port`` / ``[v6]:port`` -> (host, port); raises ValueError if malformed."""
     parsed = urllib.parse.urlsplit("//" + target)
@@ -87,21 +116,22 @@ class _Session:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER_BYTES)
         self.conn.receive_data(initial)
 
-    async def _next_event(self, timeout: float | None = None) -> h11.Event | type[h11.PAUSED]:
-        while True:
-            try:
-                event = self.conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                await self._send_error(exc.error_status_hint, f"bad request: {exc}")
-                raise _ClientGone from exc
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            with trio.fail_after(timeout) if timeout else trio.CancelScope():
+    async def _next_event(self, deadline: float | None = None) -> h11.Event | type[h11.PAUSED]:
+        """The next client event; raises trio.TooSlowError if it is not complete by ``deadline``."""
+        with trio.fail_at(deadline) if deadline is not None else trio.CancelScope():
+            while True:
+                try:
+                    event = self.conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    await self._send_error(exc.error_status_hint, f"bad request: {exc}")
+                    raise _ClientGone from exc
+                if event is not h11.NEED_DATA:
+                    return event  # type: ignore[return-value]
                 try:
                     data = await self.stream.receive_some(65536)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise _ClientGone from exc
-            self.conn.receive_data(data)
+                self.conn.receive_data(data)
 
     async def _send(self, *events: h11.Event) -> None:
         try:
@@ -153,11 +183,17 @@ class _Session:
 
     async def run(self) -> None:
         while True:
-            # The first request must arrive promptly; idle keep-alive connections get the same allowance.
-            event = await self._next_event(self.settings.handshake_timeout)
+            # The whole request head must arrive promptly (a client trickling a byte at a time gets no
+            # more time than a silent one); idle keep-alive connections get the same allowance.
+            deadline = trio.current_time() + self.settings.handshake_timeout
+            event = await self._next_event(deadline)
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return
             if not isinstance(event, h11.Request):
+                return
+            if _has_header(event.headers, b"content-length") and _has_header(event.headers, b"transfer-encoding"):
+                self.settings.count("http_ambiguous_framing")
+                await self._send_error(400, "both Content-Length and Transfer-Encoding: refusing ambiguous framing")
                 return
             if not self._authorized(event):
                 self.settings.count("http_auth_failed")
@@ -184,7 +220,8 @@ class _Session:
             self.settings.count("http_dial_failed")
             log.debug("HTTP proxy dial %s:%d failed: %s", host, port, reason)
             extra = [(ERROR_HEADER, reason.encode())]
-            await self._send_error(502, f"dial {host}:{port} failed: {reason}", extra)
+            timed_out = isinstance(exc, trio.TooSlowError | TimeoutError)
+            await self._send_error(504 if timed_out else 502, f"dial {host}:{port} failed: {reason}", extra)
             return None
 
     async def _tunnel(self, request: h11.Request) -> None:
@@ -242,10 +279,11 @@ class _Session:
         if url.query:
             path += "?" + url.query
         expects_continue = self.conn.client_is_waiting_for_100_continue
-        headers = [(n, v) for n, v in end_to_end_headers(request.headers) if n not in (b"host", b"expect")]
+        headers = [(n, v) for n, v in _reframed(request.headers) if n not in (b"host", b"expect")]
         # RFC 9112 §3.2.2: the Host of an absolute-form request comes from its target.
         headers.insert(0, (b"host", url.netloc.rpartition("@")[2].encode("ascii")))
-        if any(n.lower() == b"transfer-encoding" for n, _ in request.headers):
+        headers = _with_via(headers, request.http_version)
+        if _has_header(request.headers, b"transfer-encoding"):
             headers.append((b"transfer-encoding", b"chunked"))  # we re-chunk a body of unknown length
         client = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEADER_BYTES)
 
@@ -275,7 +313,7 @@ class _Session:
                     if event.status_code == 101:  # we stripped Upgrade, so a switch cannot be relayed
                         raise h11.RemoteProtocolError("upstream switched protocols")
                     kind = type(event)
-                    headers = end_to_end_headers(event.headers)
+                    headers = _with_via(_reframed(event.headers), event.http_version)
                     await self._send(kind(status_code=event.status_code, headers=headers, reason=event.reason))
                 elif isinstance(event, h11.Data):
                     await self._send(event)
