@@ -26,14 +26,20 @@ import socket
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import trio
 
 from . import server as _server
 from .errors import NotRunningError, TsnetError
 
+if TYPE_CHECKING:
+    from .proxy import LoopbackProxy
+
 __all__ = ["Listener", "PacketConn", "Server"]
+
+_TCPNetwork = Literal["tcp", "tcp4", "tcp6"]
+_UDPNetwork = Literal["udp", "udp4", "udp6"]
 
 
 def _peer_address(stream: Any) -> tuple[str, int]:
@@ -408,7 +414,14 @@ class Server:
 
     # --- connections --------------------------------------------------------------------------------
 
-    def dial(self, network: str, address: str, *, timeout: float | None = None) -> Any:
+    @overload
+    def dial(self, network: _TCPNetwork, address: str, *, timeout: float | None = None) -> socket.socket: ...
+    @overload
+    def dial(self, network: _UDPNetwork, address: str, *, timeout: float | None = None) -> PacketConn: ...
+    @overload
+    def dial(self, network: str, address: str, *, timeout: float | None = None) -> socket.socket | PacketConn: ...
+
+    def dial(self, network: str, address: str, *, timeout: float | None = None) -> socket.socket | PacketConn:
         """TCP: a connected ``socket.socket`` bridged to the tailnet stream. UDP: a :class:`PacketConn`."""
         conn = self._call(self._server.dial, network, address, timeout=timeout)
         if network.startswith("udp"):
@@ -422,7 +435,14 @@ class Server:
         self._call(start)
         return theirs
 
-    def listen(self, network: str, address: str) -> Any:
+    @overload
+    def listen(self, network: _TCPNetwork, address: str) -> Listener: ...
+    @overload
+    def listen(self, network: _UDPNetwork, address: str) -> PacketConn: ...
+    @overload
+    def listen(self, network: str, address: str) -> Listener | PacketConn: ...
+
+    def listen(self, network: str, address: str) -> Listener | PacketConn:
         """TCP: a :class:`Listener`. UDP: a :class:`PacketConn`."""
         if network.startswith("udp"):
             return PacketConn(self, self._call(self._server.listen, network, address))
@@ -440,7 +460,7 @@ class Server:
         """A tailnet UDP socket as a :class:`PacketConn`."""
         return PacketConn(self, self._call(self._server.listen_packet, network, address))
 
-    def loopback(self) -> Any:
+    def loopback(self) -> LoopbackProxy:
         """The SOCKS5 + HTTP proxy on 127.0.0.1 (a :class:`tsnet.proxy.LoopbackProxy`)."""
         return self._call(self._server.loopback)
 

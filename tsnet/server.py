@@ -38,7 +38,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import trio
 
@@ -53,6 +53,13 @@ from .errors import (
     UpTimeoutError,
 )
 from .store import FileStore, MemoryStore, Store, store_from_spec
+
+if TYPE_CHECKING:  # the netstack and proxies load lazily, when the node starts
+    from .netstack.sockets import TCPListener, TCPStream, UDPSocket
+    from .proxy import LoopbackProxy
+
+_TCPNetwork = Literal["tcp", "tcp4", "tcp6"]
+_UDPNetwork = Literal["udp", "udp4", "udp6"]
 
 __all__ = ["NodeStatus", "PingResult", "Server", "Status", "UserProfile", "WhoIs"]
 
@@ -1297,7 +1304,15 @@ class Server:
 
     # --- connections -------------------------------------------------------------------------------
 
-    async def dial(self, network: str, address: str, *, timeout: float | None = None) -> Any:
+    @overload
+    async def dial(self, network: _TCPNetwork, address: str, *, timeout: float | None = None) -> TCPStream: ...
+    @overload
+    async def dial(self, network: _UDPNetwork, address: str, *, timeout: float | None = None) -> UDPSocket: ...
+    @overload
+    async def dial(self, network: str, address: str, *,
+                   timeout: float | None = None) -> TCPStream | UDPSocket: ...
+
+    async def dial(self, network: str, address: str, *, timeout: float | None = None) -> TCPStream | UDPSocket:
         """Connect to ``address`` (``host:port``) over the tailnet.
 
         ``network`` is ``tcp``/``tcp4``/``tcp6`` (returns a netstack ``TCPStream``, a trio
@@ -1351,7 +1366,14 @@ class Server:
             raise ConfigError(f"unsupported network {network!r}: use tcp, tcp4, tcp6, udp, udp4 or udp6")
         return int(network[-1]) if network[-1] in "46" else 0
 
-    async def listen(self, network: str, address: str) -> Any:
+    @overload
+    async def listen(self, network: _TCPNetwork, address: str) -> TCPListener: ...
+    @overload
+    async def listen(self, network: _UDPNetwork, address: str) -> UDPSocket: ...
+    @overload
+    async def listen(self, network: str, address: str) -> TCPListener | UDPSocket: ...
+
+    async def listen(self, network: str, address: str) -> TCPListener | UDPSocket:
         """Listen on the tailnet: ``listen("tcp", ":8080")`` -> ``TCPListener`` (a trio Listener);
         ``listen("udp", ":53")`` -> ``UDPSocket``.
 
@@ -1385,13 +1407,15 @@ class Server:
             return await net.open_udp_socket(host=bind, port=port)
         return await net.open_tcp_listener(port, host=bind)
 
-    async def listen_packet(self, network: str, address: str) -> Any:
+    async def listen_packet(self, network: str, address: str) -> UDPSocket:
         """A UDP socket on the tailnet (``network`` udp/udp4/udp6), like Go's ListenPacket."""
         if not network.startswith("udp"):
             raise ConfigError(f"listen_packet needs a udp network, got {network!r}")
-        return await self.listen(network, address)
+        sock = await self.listen(network, address)
+        assert not isinstance(sock, trio.abc.Listener)
+        return sock
 
-    async def loopback(self) -> Any:
+    async def loopback(self) -> LoopbackProxy:
         """Start (once) a SOCKS5 + HTTP proxy on 127.0.0.1 that dials over the tailnet.
 
         Returns a :class:`tsnet.proxy.LoopbackProxy` (``address``, ``credentials``, ``socks5_url``,
@@ -1424,7 +1448,7 @@ class Server:
         return _UDPFlow(sock)
 
     async def serve_forward(self, port: int, target: str, *,
-                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                            task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED) -> None:
         """Forward tailnet connections on ``:port`` to ``target`` (``host:port`` on this host's network).
 
         Runs until cancelled; each connection is spliced both ways with half-close. With
