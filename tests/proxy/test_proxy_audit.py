@@ -3,12 +3,14 @@
 HTTP: ambiguous Content-Length + Transfer-Encoding refused (no request smuggling), an upstream reply
 with both is re-framed by its chunking, Via added both ways, a dial timeout is 504, the request head
 has one deadline however slowly it trickles. SOCKS5: CONNECT to an IPv6 literal with an IPv6 BND.ADDR,
-a dial timeout is "TTL expired", the default listener is loopback.
+a dial timeout is "TTL expired", the default listener is loopback. Policy: a tailnet-only proxy
+(``other=deny_dial``) refuses everything else with SOCKS5 0x02 / HTTP 403.
 """
 
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import json
 import socket
 import struct
@@ -17,7 +19,8 @@ import trio
 import trio.testing
 from proxytest_helpers import curl, echoed_headers
 
-from tsnet.proxy import LoopbackProxy, ProxyServer
+from tsnet.dns import MagicDNS, NameResolver
+from tsnet.proxy import LoopbackProxy, ProxyServer, deny_dial, direct_dial, route_by_address
 from tsnet.proxy.socks5 import encode_address
 
 
@@ -185,3 +188,30 @@ async def test_listener_is_loopback_by_default(nursery: trio.Nursery) -> None:
     stream = await trio.open_tcp_stream("127.0.0.1", info.port)
     async with stream:
         assert stream.socket.getpeername() == ("127.0.0.1", info.port)
+
+
+async def test_tailnet_only_proxy_refuses_other_destinations(
+    nursery: trio.Nursery, magic: MagicDNS, origin_port: int
+) -> None:
+    """With ``other=deny_dial`` nothing outside the tailnet is reachable: SOCKS5 0x02, HTTP 403."""
+    tailnet = ipaddress.ip_network("127.0.0.1/32")  # stands in for the peers' addresses in this test
+    dial = route_by_address(lambda ip: ip in tailnet, direct_dial, deny_dial)
+    server = ProxyServer(dial, dial_udp=None, resolve=NameResolver(magic, upstream=None), connect_timeout=5)
+    proxy = await nursery.start(server.serve)
+    ok = await curl("-x", proxy.http_url, f"http://web.tailnet.test:{origin_port}/in")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["target"] == "/in"
+    for request in (
+        f"GET http://127.0.0.2:{origin_port}/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        f"CONNECT 127.0.0.2:{origin_port} HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        reply = await exchange(proxy.host, proxy.port, request.encode())
+        assert reply.startswith(b"HTTP/1.1 403") and b"not on the tailnet" in reply
+    stream = await trio.open_tcp_stream(proxy.host, proxy.port)
+    async with stream:
+        reply = await _socks_request(stream, "127.0.0.2", origin_port)
+    assert reply[2:4] == b"\x05\x02"
+    # Without a resolver a name cannot be classified, so it is refused too.
+    bare = ProxyServer(dial, dial_udp=None)
+    bare_proxy = await nursery.start(bare.serve)
+    reply = await exchange(bare_proxy.host, bare_proxy.port, b"CONNECT web.tailnet.test:80 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 403")

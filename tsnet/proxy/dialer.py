@@ -96,13 +96,31 @@ async def direct_dial_udp(host: str, port: int) -> SocketUDPConnection:
     return SocketUDPConnection(sock)
 
 
+class DestinationNotAllowed(PermissionError):
+    """The proxy's policy refuses this destination (SOCKS5 reply 0x02, HTTP 403)."""
+
+
+async def deny_dial(host: str, port: int) -> trio.abc.Stream:
+    """A :data:`Dial` that refuses everything: pass it as ``other`` to :func:`route_by_address` for a
+    proxy that only reaches the tailnet."""
+    await trio.lowlevel.checkpoint()
+    raise DestinationNotAllowed(f"{host}:{port} is not on the tailnet and this proxy only dials the tailnet")
+
+
+async def deny_dial_udp(host: str, port: int) -> UDPConnection:
+    """The UDP counterpart of :func:`deny_dial`."""
+    await trio.lowlevel.checkpoint()
+    raise DestinationNotAllowed(f"{host}:{port} is not on the tailnet and this proxy only dials the tailnet")
+
+
 def route_by_address(
     is_tailnet: Callable[[IPAddress], bool], tailnet: Dial, other: Dial = direct_dial
 ) -> Dial:
     """A :data:`Dial` that sends tailnet destinations one way and the rest another.
 
     This mirrors tailscaled's user dial: addresses inside a peer's AllowedIPs go through the netstack,
-    everything else through the OS. Names (no resolver configured) go to ``other``.
+    everything else through the OS. Names (no resolver configured) go to ``other``. With
+    ``other=deny_dial`` the proxy reaches the tailnet only (no open proxy to the internet).
     """
 
     async def dial(host: str, port: int) -> trio.abc.Stream:

@@ -1,6 +1,7 @@
 """HTTP proxy (h11): CONNECT tunnels and absolute-form requests, with optional Basic proxy auth.
 
-A failed dial answers 502 (504 if it timed out, RFC 9110 §15.6.5) with the reason in a
+A failed dial answers 502 (504 if it timed out, RFC 9110 §15.6.5; 403 if the dialer's policy refuses the
+destination, see :func:`~tsnet.proxy.dialer.deny_dial`) with the reason in a
 ``Tailscale-Connect-Error`` header (the header tailscaled uses). Origin-form requests (``GET /path``) are
 refused with 400, as tailscaled does: this is a proxy, not a web server. A request carrying both
 Content-Length and Transfer-Encoding is refused with 400 (RFC 9112 §6.3 allows it, and forwarding both
@@ -22,7 +23,7 @@ import h11
 import trio
 
 from .common import ProxySettings, send_or_false
-from .dialer import connect, describe_error
+from .dialer import DestinationNotAllowed, connect, describe_error
 from .splice import splice
 
 log = logging.getLogger(__name__)
@@ -220,8 +221,13 @@ class _Session:
             self.settings.count("http_dial_failed")
             log.debug("HTTP proxy dial %s:%d failed: %s", host, port, reason)
             extra = [(ERROR_HEADER, reason.encode())]
-            timed_out = isinstance(exc, trio.TooSlowError | TimeoutError)
-            await self._send_error(504 if timed_out else 502, f"dial {host}:{port} failed: {reason}", extra)
+            if isinstance(exc, DestinationNotAllowed):
+                status = 403  # our policy, not a failure of the upstream: RFC 9110 §15.5.4
+            elif isinstance(exc, trio.TooSlowError | TimeoutError):
+                status = 504
+            else:
+                status = 502
+            await self._send_error(status, f"dial {host}:{port} failed: {reason}", extra)
             return None
 
     async def _tunnel(self, request: h11.Request) -> None:
