@@ -372,3 +372,28 @@ async def test_control_that_accepts_but_never_answers(nursery):
     with trio.fail_after(6):
         await srv.close()
     assert _no_system_tasks_left()
+
+
+# -- local API ---------------------------------------------------------------------------------------
+
+
+async def test_local_api_of_a_node_that_is_not_running(tmp_path, nursery):
+    from tsnet import localapi
+
+    srv = tsnet.Server(hostname="idle", ephemeral=True, control_url="http://127.0.0.1:9")
+    path = await nursery.start(localapi.serve, srv, tmp_path / "tsnet.sock")
+    assert path.stat().st_mode & 0o777 == 0o600
+    client = localapi.LocalClient(path, timeout=10)
+
+    def get(name, query=None):
+        return client.request("GET", name, query)
+
+    status, body = await trio.to_thread.run_sync(get, "netcheck")
+    assert status == 503 and b"call up() first" in body  # not a 500 with a traceback in the log
+    status, body = await trio.to_thread.run_sync(get, "ping", {"peer": "x"})
+    assert status == 503
+    for bad in ("-1", "0", "nan", "soon"):
+        status, body = await trio.to_thread.run_sync(get, "ping", {"peer": "x", "timeout": bad})
+        assert status == 400 and b"timeout" in body, bad
+    status, body = await trio.to_thread.run_sync(get, "status")
+    assert status == 200 and b'"backend_state": "Stopped"' in body

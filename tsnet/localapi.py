@@ -13,7 +13,7 @@ these requests on ``<state dir>/tsnet.sock`` (mode 0600, so only the node's user
 ``GET /localapi/v0/healthz``                     200 ``ok`` or 503 with one reason per line
 ==============================================  =====================================================
 
-Errors are JSON ``{"error": "..."}`` with a 4xx/5xx status. :class:`LocalClient` is a small blocking
+Errors are JSON ``{"error": "..."}`` with a 4xx/5xx status (503 while the node is not running). :class:`LocalClient` is a small blocking
 client for the CLI (``tsnet status``, ``tsnet ping``, ...).
 """
 
@@ -26,6 +26,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -36,6 +37,7 @@ import trio
 
 from . import metrics as _metrics
 from .control.httpd import HTTPRequest, Reply, serve_http1
+from .errors import NotRunningError
 
 __all__ = ["SOCKET_NAME", "LocalAPIError", "LocalClient", "default_socket_path", "make_app", "serve", "to_jsonable"]
 
@@ -129,7 +131,9 @@ def make_app(server: Any) -> Any:
                 try:
                     timeout = min(float(query.get("timeout", "5")), _MAX_PING_TIMEOUT)
                 except ValueError:
-                    return _error(400, "timeout must be a number of seconds")
+                    timeout = math.nan
+                if not timeout > 0:  # also NaN
+                    return _error(400, "timeout must be a number of seconds above 0")
                 try:
                     result = await server.ping(peer, timeout=timeout)
                 except (TimeoutError, trio.TooSlowError) as exc:
@@ -155,6 +159,8 @@ def make_app(server: Any) -> Any:
             if name == "healthz" and req.method == "GET":
                 problems = _metrics.health_problems(server)
                 return Reply(503 if problems else 200, ("".join(p + "\n" for p in problems) or "ok\n").encode())
+        except NotRunningError as exc:  # starting, stopping or stopped: not a server fault
+            return _error(503, _error_text(exc))
         except Exception as exc:  # noqa: BLE001 - one failed request must not stop the API
             log.exception("local API %s failed", req.path)
             return _error(500, _error_text(exc))
