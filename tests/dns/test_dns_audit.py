@@ -1,9 +1,10 @@
 """Audit of MagicDNS against RFC 1035/6891/7766/5452 and tailscaled: each test pins one rule.
 
-Covered here: RD/RA flags, EDNS0 (OPT in every response to an EDNS query, BADVERS, the DO bit, OPT kept
-in truncated forwarded replies), upstream replies validated by ID *and* question, ExtraRecords control
-sends that we cannot serve are skipped (not fatal), PTR for the 4-to-6 range, and the TCP server's
-bounds (connections, pipelined queries, forwarded queries in flight).
+Covered here: RD/RA flags; EDNS0 (OPT in every response to an EDNS query, BADVERS, the DO bit, OPT
+kept in truncated forwarded replies); upstream replies validated by ID *and* question; never forwarding
+to ourselves (100.100.100.100 in a resolver list); control entries we cannot use (ExtraRecords of other
+types, bad node names, bad route keys) skipped and listed, not fatal; PTR for the 4-to-6 range; the TCP
+server's bounds (connections, pipelined queries, forwarded queries in flight).
 """
 
 from __future__ import annotations
@@ -287,3 +288,25 @@ async def test_tcp_queries_sent_before_eof_are_still_answered(nursery: trio.Nurs
         replies = await _read_replies(client, 2)
         assert await client.receive_some(10) == b""
     assert len(replies) == 2
+
+
+def test_magicdns_never_forwards_to_itself() -> None:
+    """A resolver list naming 100.100.100.100 (as the OS config often does) must not loop back to us."""
+    quad100 = ["100.100.100.100", "100.100.100.100:53", "[fd7a:115c:a1e0::53]:53", "fd7a:115c:a1e0::53"]
+    magic = MagicDNS(make_config(default_resolvers=[*quad100, "127.0.0.1:5398"], routes={"corp.example": quad100}))
+    query = DNSRecord.question("example.com").pack()
+    assert magic.handle_query(query) == Forward(("127.0.0.1:5398",), query, 512)
+    reply = answer(magic, DNSRecord.question("wiki.corp.example"))
+    assert reply.header.rcode == RCODE.SERVFAIL and magic.stats["servfail_no_upstream"] == 1
+
+
+def test_unusable_nodes_and_routes_from_control_are_skipped_and_listed() -> None:
+    upstream = [{"Addr": "127.0.0.1"}]
+    dns_json = {"Routes": {"tn.test.": [], "bad..suffix": upstream, "corp.example": upstream}}
+    nodes = {"alpha.tn.test.": ["100.64.0.1/32"], "bad..name.tn.test.": ["100.64.0.2/32"], "beta.tn.test.": ["nope"]}
+    config = DNSConfig.from_control(dns_json, nodes)
+    magic = MagicDNS(config)
+    assert magic.lookup("alpha").addresses == (ipaddress.ip_address("100.64.0.1"),)
+    assert magic.lookup("beta.tn.test").status == "nxdomain"
+    assert isinstance(magic.handle_query(DNSRecord.question("x.corp.example").pack()), Forward)
+    assert len(config.skipped) == 3 and any("bad..suffix" in line for line in config.skipped)

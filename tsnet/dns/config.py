@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,8 @@ class DNSConfig:
     routes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     default_resolvers: tuple[str, ...] = ()
     ttl: int = 600
+    #: What :meth:`from_control` left out because it could not be used (one line each, for logs).
+    skipped: tuple[str, ...] = ()
 
     @classmethod
     def build(
@@ -154,21 +157,30 @@ class DNSConfig:
         The MagicDNS suffix is taken as the longest ``Routes`` key with an empty resolver list that
         contains a node name, else the common parent of the node names. ``ipv6_answers`` False drops the
         nodes' IPv6 addresses (tailscaled only answers AAAA for peers with the ``magicdns-aaaa`` node
-        attribute when the node has IPv4). Unusable node entries raise :class:`DNSConfigError` so the
-        caller can report which config was bad. ``ExtraRecords`` that we cannot serve (a type other than
-        A/AAAA, such as CNAME or TXT, a value that is not an IP, a bad name) are skipped, as tailscaled
-        does: one such record must not take every other name down with it.
+        attribute when the node has IPv4). Entries we cannot use are left out and listed in ``skipped``,
+        as tailscaled skips them: a node with a malformed name or address, a ``Routes`` key that is not
+        a DNS name, an ``ExtraRecords`` entry we cannot serve (a type other than A/AAAA such as CNAME or
+        TXT, a value that is not an IP). One bad entry must not take every other name down with it.
         """
         dns_config = dns_config or {}
+        skipped: list[str] = []
         hosts: dict[str, list[IPAddress]] = {}
         for name, addresses in nodes.items():
-            ips = [_parse_ip(a) for a in addresses]
-            hosts[normalize_name(name)] = [ip for ip in ips if ipv6_answers or ip.version == 4]
+            try:
+                ips = [_parse_ip(a) for a in addresses]
+                hosts[normalize_name(name)] = [ip for ip in ips if ipv6_answers or ip.version == 4]
+            except DNSConfigError as exc:
+                skipped.append(f"node {name!r}: {exc}")
 
         def addrs(resolvers: Any) -> list[str]:
             return [str(r.get("Addr", "")) for r in (resolvers or []) if isinstance(r, Mapping) and r.get("Addr")]
 
-        routes = {s: addrs(r) for s, r in (dns_config.get("Routes") or {}).items()}
+        routes: dict[str, list[str]] = {}
+        for suffix, resolvers in (dns_config.get("Routes") or {}).items():
+            try:
+                routes[normalize_name(suffix)] = addrs(resolvers)
+            except DNSConfigError as exc:
+                skipped.append(f"route {suffix!r}: {exc}")
         base = None
         local_suffixes = sorted((normalize_name(s) for s, r in routes.items() if not r), key=len, reverse=True)
         for suffix in local_suffixes:
@@ -185,9 +197,10 @@ class DNSConfig:
                 continue
             try:
                 extras.append(ExtraRecord.parse(r.get("Name", ""), r.get("Type", ""), r.get("Value", "")))
-            except DNSConfigError:
-                continue
+            except DNSConfigError as exc:
+                skipped.append(f"extra record {r.get('Name')!r}: {exc}")
         resolvers = addrs(dns_config.get("Resolvers")) or addrs(dns_config.get("FallbackResolvers"))
-        return cls.build(
+        config = cls.build(
             base_domain=base, hosts=hosts, extra_records=extras, routes=routes, default_resolvers=resolvers
         )
+        return dataclasses.replace(config, skipped=tuple(skipped))

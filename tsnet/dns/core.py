@@ -10,6 +10,7 @@ or to the default resolvers. It never raises on bad input and never does I/O; dr
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Literal
@@ -110,6 +111,25 @@ def _reverse_name_to_ip(name: str) -> IPAddress | None:
             return None
         return ipaddress.IPv6Address(int("".join(reversed(nibbles)), 16))
     return None
+
+
+def _is_quad100(nameserver: str) -> bool:
+    """Whether a nameserver string (``ip``, ``ip:port``, ``[v6]:port``) names MagicDNS itself."""
+    text = nameserver.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(text) in (QUAD100_V4, QUAD100_V6)
+    except ValueError:
+        return False
+
+
+@functools.lru_cache(maxsize=256)
+def _upstreams(nameservers: tuple[str, ...]) -> tuple[str, ...]:
+    """``nameservers`` without MagicDNS's own addresses: forwarding to ourselves would loop until timeout."""
+    return tuple(ns for ns in nameservers if not _is_quad100(ns))
 
 
 class MagicDNS:
@@ -264,7 +284,7 @@ class MagicDNS:
             return self._answer(query, limit, records)
         if self._is_authoritative(key):
             return self._answer(query, limit, [], rcode=wire.RCODE_NXDOMAIN)
-        nameservers = self._route(key) or self._config.default_resolvers
+        nameservers = _upstreams(self._route(key) or self._config.default_resolvers)
         if not nameservers:
             return self._refuse(query, limit, wire.RCODE_SERVFAIL, "servfail_no_upstream")
         self.stats["forwarded"] += 1
