@@ -354,7 +354,11 @@ class Server:
         return self._call(self._server.up, timeout=timeout)
 
     def close(self) -> None:
-        """Stop the node and its thread (idempotent, bounded)."""
+        """Stop the node and its thread (idempotent, bounded; may be called from any thread).
+
+        Threads blocked in ``Listener.accept`` or a ``PacketConn`` receive get ``OSError(EBADF)``;
+        afterwards the Server's methods raise :class:`~tsnet.errors.NotRunningError`.
+        """
         if self._closed:
             return
         self._closed = True

@@ -349,6 +349,11 @@ class Server:
     Advanced (mostly for tests and labs): ``udp_bind`` is the IPv4 address magicsock binds
     (default ``0.0.0.0``; a loopback address advertises only itself), ``derp_plain_http`` talks to
     DERP without TLS (default: when ``control_url`` is ``http://`` or ``TS_DEBUG_USE_DERP_HTTP`` is set).
+
+    Settings are checked here, before anything starts: a hostname that is not 1-63 letters,
+    digits, ``-``, ``_`` or ``.``, a control URL that is not ``http(s)://host``, an auth key with
+    spaces or non-printable characters, a port outside 0-65535, a tag without ``tag:``, or
+    contradicting settings raise :class:`~tsnet.errors.ConfigError`.
     """
 
     def __init__(
@@ -1317,8 +1322,11 @@ class Server:
 
         ``network`` is ``tcp``/``tcp4``/``tcp6`` (returns a netstack ``TCPStream``, a trio
         HalfCloseableStream) or ``udp``/``udp4``/``udp6`` (a connected netstack ``UDPSocket``).
-        ``host`` may be an IP, a MagicDNS short name or FQDN. Raises :class:`HostNotFoundError`,
+        ``host`` may be an IP (IPv6 in brackets: ``[fd7a::1]:80``), a MagicDNS short name or FQDN;
+        the port a number or a service name (``db:postgresql``). ``timeout`` bounds the whole dial.
+        Raises :class:`ConfigError` (malformed address, port 0), :class:`HostNotFoundError`,
         ``ConnectionRefusedError`` (closed port), ``TimeoutError``, :class:`NotRunningError`.
+        Cancelling a dial leaves no half-open connection behind.
         """
         net = self._require_net()
         family = self._family(network)
