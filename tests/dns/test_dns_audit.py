@@ -310,3 +310,32 @@ def test_unusable_nodes_and_routes_from_control_are_skipped_and_listed() -> None
     assert magic.lookup("beta.tn.test").status == "nxdomain"
     assert isinstance(magic.handle_query(DNSRecord.question("x.corp.example").pack()), Forward)
     assert len(config.skipped) == 3 and any("bad..suffix" in line for line in config.skipped)
+
+
+async def test_tcp_trickling_client_is_closed_like_an_idle_one(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """Bytes that never complete a query do not keep a connection (and one of its slots) alive."""
+    magic = MagicDNS(make_config())
+    server = DNSServer(magic, tcp_idle_timeout=30)
+    client, served = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.serve_tcp_stream, served)
+    message = wire.frame(DNSRecord.question("alpha").pack())
+    start = trio.current_time()
+    await client.send_all(message)  # one complete query resets the clock
+    with trio.fail_after(5):
+        assert len(await _read_replies(client, 1)) == 1
+
+    async def trickle() -> None:
+        for byte in message:  # the next query, one byte every 10 s: would take minutes
+            try:
+                await client.send_all(bytes((byte,)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            await trio.sleep(10)  # the client's pace in virtual time, not synchronisation
+
+    nursery.start_soon(trickle)
+    with trio.fail_after(300):
+        assert await client.receive_some(10) == b""
+    assert trio.current_time() - start <= 30 + 1
+    assert magic.stats["tcp_idle_closed"] == 1

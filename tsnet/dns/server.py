@@ -246,13 +246,18 @@ class DNSServer:
 
         async with stream:
             async with trio.open_nursery() as nursery:
+                # Idle means "no complete query": a client trickling a byte at a time gets no longer
+                # than a silent one (RFC 7766 §6.2.3 leaves the policy to the server).
+                idle_deadline = trio.current_time() + self.tcp_idle_timeout
                 while True:
-                    with trio.move_on_after(self.tcp_idle_timeout) as idle:
+                    with trio.move_on_at(idle_deadline) as idle:
                         try:
                             data = await stream.receive_some(65535)
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
                             data = b""
                     if idle.cancelled_caught or not data:
+                        if idle.cancelled_caught:
+                            self.magic.stats["tcp_idle_closed"] += 1
                         break
                     try:
                         messages = decoder.feed(data)
@@ -260,6 +265,8 @@ class DNSServer:
                         self.magic.stats["tcp_bad_framing"] += 1
                         nursery.cancel_scope.cancel()
                         break
+                    if messages:
+                        idle_deadline = trio.current_time() + self.tcp_idle_timeout
                     for message in messages:
                         await pipeline.acquire()
                         nursery.start_soon(answer, message)
