@@ -5,6 +5,7 @@ conventions, UDP datagram semantics, and the blocking facade's socket-like error
 from __future__ import annotations
 
 import errno
+import json
 import threading
 
 import pytest
@@ -397,3 +398,19 @@ async def test_local_api_of_a_node_that_is_not_running(tmp_path, nursery):
         assert status == 400 and b"timeout" in body, bad
     status, body = await trio.to_thread.run_sync(get, "status")
     assert status == 200 and b'"backend_state": "Stopped"' in body
+
+    # The CLI on top: like `tailscale status`, exit 1 for a node that is not running; --json always 0.
+    def cli_status(*flags):
+        import contextlib
+        import io
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = tsnet_cli.main(["status", "--socket", str(path), *flags])
+        return code, out.getvalue()
+
+    code, out = await trio.to_thread.run_sync(cli_status)
+    assert code == 1 and "# backend state: Stopped" in out
+    code, out = await trio.to_thread.run_sync(cli_status, "--json")
+    assert code == 0
+    assert set(json.loads(out)) == {"backend_state", "self_node", "peers", "magic_dns_suffix", "health", "auth_url"}

@@ -617,9 +617,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return _fail("status", exc)
     if args.json:
         print(json.dumps(st, indent=2))
-    else:
-        print(format_status(st))
-    return 0
+        return 0
+    print(format_status(st))
+    # As ``tailscale status``: exit 1 unless the node is Running or Starting (--json always 0).
+    return 0 if st.get("backend_state") in ("Running", "Starting") else 1
 
 
 def _format_latency(seconds: Any) -> str:
@@ -777,7 +778,7 @@ def register(subparsers: Any) -> None:
         p.add_argument("--socket", metavar="PATH", help="the node's local API socket (overrides --state-dir)")
         return p
 
-    status = client_parser("status", "show this node's peers and the path to each")
+    status = client_parser("status", "show this node's peers and the path to each (exit 1 unless running)")
     status.add_argument("--json", action="store_true", help="print the full status as JSON")
     status.set_defaults(func=_cmd_status)
 
