@@ -1,14 +1,15 @@
 """Audit of the SOCKS5 and HTTP proxies against RFC 1928/9110/9112 and tailscaled: each test pins one rule.
 
 HTTP: ambiguous Content-Length + Transfer-Encoding refused (no request smuggling), an upstream reply
-with both is re-framed by its chunking, Via added both ways, a dial timeout is 504, the request head
-has one deadline however slowly it trickles. SOCKS5: CONNECT to an IPv6 literal with an IPv6 BND.ADDR,
-a dial timeout is "TTL expired", the default listener is loopback. Policy: a tailnet-only proxy
-(``other=deny_dial``) refuses everything else with SOCKS5 0x02 / HTTP 403.
+with both is re-framed by its chunking, Via added both ways, Max-Forwards for OPTIONS/TRACE, a dial
+timeout is 504, the request head has one deadline however slowly it trickles. SOCKS5: CONNECT to an
+IPv6 literal with an IPv6 BND.ADDR, a dial timeout is "TTL expired", the default listener is loopback.
+Policy: a tailnet-only proxy (``other=deny_dial``) refuses everything else with SOCKS5 0x02 / HTTP 403.
 """
 
 from __future__ import annotations
 
+import base64
 import inspect
 import ipaddress
 import json
@@ -20,7 +21,7 @@ import trio.testing
 from proxytest_helpers import curl, echoed_headers
 
 from tsnet.dns import MagicDNS, NameResolver
-from tsnet.proxy import LoopbackProxy, ProxyServer, deny_dial, direct_dial, route_by_address
+from tsnet.proxy import Credentials, LoopbackProxy, ProxyServer, deny_dial, direct_dial, route_by_address
 from tsnet.proxy.socks5 import encode_address
 
 
@@ -215,3 +216,35 @@ async def test_tailnet_only_proxy_refuses_other_destinations(
     bare_proxy = await nursery.start(bare.serve)
     reply = await exchange(bare_proxy.host, bare_proxy.port, b"CONNECT web.tailnet.test:80 HTTP/1.1\r\nHost: x\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 403")
+
+
+async def test_max_forwards_for_options_and_trace(
+    nursery: trio.Nursery, auth_proxy: LoopbackProxy, credentials: Credentials, origin_port: int
+) -> None:
+    """RFC 9110 §7.6.2: at Max-Forwards 0 we answer as the final recipient; otherwise we decrement it."""
+    token = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
+    auth = f"Proxy-Authorization: Basic {token}\r\n"
+    seen: list[bytes] = []
+    port = await start_raw_origin(nursery, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", seen)
+    trace = await exchange(
+        auth_proxy.host,
+        auth_proxy.port,
+        f"TRACE http://127.0.0.1:{port}/t HTTP/1.1\r\nHost: x\r\nMax-Forwards: 0\r\n{auth}X-Mine: 1\r\n\r\n".encode(),
+    )
+    head, _, body = trace.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"content-type: message/http" in head.lower()
+    assert body.startswith(b"TRACE http://127.0.0.1:") and b"x-mine: 1" in body.lower()
+    assert b"proxy-authorization" not in body.lower() and token.encode() not in body
+    options = await exchange(
+        auth_proxy.host, auth_proxy.port,
+        f"OPTIONS http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\nMax-Forwards: 0\r\n{auth}\r\n".encode(),
+    )
+    assert options.startswith(b"HTTP/1.1 200") and b"allow: " in options.lower()
+    assert seen == []
+    forwarded = await curl("-x", auth_proxy.http_url, "-X", "OPTIONS", "-H", "Max-Forwards: 3",
+                           f"http://127.0.0.1:{origin_port}/o")
+    assert forwarded.returncode == 0, forwarded.stderr
+    assert echoed_headers(forwarded.stdout)["max-forwards"] == "2"
+    # Other methods carry Max-Forwards unchanged (it only applies to OPTIONS and TRACE).
+    get = await curl("-x", auth_proxy.http_url, "-H", "Max-Forwards: 0", f"http://127.0.0.1:{origin_port}/g")
+    assert echoed_headers(get.stdout)["max-forwards"] == "0"

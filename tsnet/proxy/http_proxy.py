@@ -6,7 +6,8 @@ destination, see :func:`~tsnet.proxy.dialer.deny_dial`) with the reason in a
 refused with 400, as tailscaled does: this is a proxy, not a web server. A request carrying both
 Content-Length and Transfer-Encoding is refused with 400 (RFC 9112 §6.3 allows it, and forwarding both
 would let the origin frame the body differently from us: request smuggling). Forwarded messages get a
-``Via: <version> tsnet`` entry (RFC 9110 §7.6.3). The request head (line and headers) must arrive
+``Via: <version> tsnet`` entry (RFC 9110 §7.6.3); OPTIONS and TRACE honour Max-Forwards (§7.6.2: at 0
+we answer them ourselves, otherwise the value is decremented). The request head (line and headers) must arrive
 within ``handshake_timeout`` in total, however slowly it trickles in.
 """
 
@@ -96,6 +97,21 @@ def _reframed(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     return kept
 
 
+# Request fields a TRACE echo leaves out: they carry credentials.
+_SECRET_FIELDS = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+_ALLOWED_METHODS = b"GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH, CONNECT"
+
+
+def _max_forwards(request: h11.Request) -> int | None:
+    """The Max-Forwards of an OPTIONS or TRACE request (the only methods it applies to), else None."""
+    if request.method not in (b"OPTIONS", b"TRACE"):
+        return None
+    for name, value in request.headers:
+        if name.lower() == b"max-forwards" and value.strip().isdigit():
+            return int(value.strip())
+    return None
+
+
 def parse_authority(target: str, default_port: int | None = None) -> tuple[str, int]:
     """``host:port`` / ``[v6]:port`` -> (host, port); raises ValueError if malformed."""
     parsed = urllib.parse.urlsplit("//" + target)
@@ -142,11 +158,20 @@ class _Session:
         if not await send_or_false(self.stream, data):
             raise _ClientGone
 
-    async def _send_error(self, status: int, reason: str, extra: Iterable[tuple[bytes, bytes]] = ()) -> None:
-        """A short text response that ends the connection."""
-        body = (reason + "\n").encode("utf-8", "replace")
+    async def _send_error(
+        self,
+        status: int,
+        reason: str,
+        extra: Iterable[tuple[bytes, bytes]] = (),
+        *,
+        body: bytes | None = None,
+        content_type: bytes = b"text/plain; charset=utf-8",
+    ) -> None:
+        """A short response (by default text saying ``reason``) that ends the connection."""
+        if body is None:
+            body = (reason + "\n").encode("utf-8", "replace")
         headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-type", content_type),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
             *extra,
@@ -271,12 +296,27 @@ class _Session:
         except ValueError:
             await self._send_error(400, "bad host in request URL")
             return False
+        hops = _max_forwards(request)
+        if hops == 0:
+            await self._answer_as_final_recipient(request)
+            return False
         upstream = await self._dial(host, port)
         if upstream is None:
             return False
         self.settings.count("http_forward")
         async with upstream:
             return await self._exchange(request, url, upstream)
+
+    async def _answer_as_final_recipient(self, request: h11.Request) -> None:
+        """RFC 9110 §7.6.2: OPTIONS or TRACE with Max-Forwards 0 is answered here, not forwarded."""
+        self.settings.count("http_max_forwards_zero")
+        if request.method == b"OPTIONS":
+            await self._send_error(200, "", [(b"allow", _ALLOWED_METHODS)], body=b"")
+            return
+        # TRACE echoes the request as received, minus fields that may hold secrets (RFC 9110 §9.3.8).
+        lines = [b"%s %s HTTP/%s" % (request.method, request.target, request.http_version)]
+        lines += [n + b": " + v for n, v in request.headers if n.lower() not in _SECRET_FIELDS]
+        await self._send_error(200, "", body=b"\r\n".join(lines) + b"\r\n\r\n", content_type=b"message/http")
 
     async def _exchange(
         self, request: h11.Request, url: urllib.parse.SplitResult, upstream: trio.abc.Stream
@@ -289,6 +329,10 @@ class _Session:
         # RFC 9112 §3.2.2: the Host of an absolute-form request comes from its target.
         headers.insert(0, (b"host", url.netloc.rpartition("@")[2].encode("ascii")))
         headers = _with_via(headers, request.http_version)
+        hops = _max_forwards(request)
+        if hops is not None:  # one hop used up by us
+            headers = [(n, v) for n, v in headers if n.lower() != b"max-forwards"]
+            headers.append((b"max-forwards", str(hops - 1).encode()))
         if _has_header(request.headers, b"transfer-encoding"):
             headers.append((b"transfer-encoding", b"chunked"))  # we re-chunk a body of unknown length
         client = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEADER_BYTES)
