@@ -257,6 +257,15 @@ async def test_udp_datagram_semantics(pair):
     await server.aclose()
     with pytest.raises(trio.ClosedResourceError):
         await server.recvfrom(100)
+    # A connected socket learns of a closed port (ICMP port unreachable) at its next receive.
+    nobody = await a.dial("udp", "bravo:5999")
+    await nobody.send(b"anyone?")
+    with trio.fail_after(10), pytest.raises(ConnectionRefusedError):
+        await nobody.recv()
+    six = await a.dial("udp6", "bravo:5999")
+    with pytest.raises(OSError) as info:
+        await six.send(b"x" * 1233)  # IPv6: 1280 - 40 - 8
+    assert info.value.errno == errno.EMSGSIZE
 
 
 # -- blocking facade ---------------------------------------------------------------------------------
@@ -312,6 +321,20 @@ def _blocking_scenario(url: str, key: str) -> None:
     srv.close()  # idempotent
     ln.close()
     pc.close()
+
+
+def _blocking_with_that_fails(url: str) -> None:
+    srv = blocking.Server(hostname="bwrong", control_url=url, auth_key="tskey-auth-wrong", ephemeral=True,
+                          udp_bind="127.0.0.1")
+    with pytest.raises(tsnet.AuthKeyError):
+        with srv:
+            raise AssertionError("the body must not run")
+    assert srv._thread is not None and not srv._thread.is_alive()  # nothing left running in the background
+
+
+async def test_blocking_with_closes_when_up_fails(tailnet):
+    with trio.fail_after(30):
+        await trio.to_thread.run_sync(_blocking_with_that_fails, tailnet.url)
 
 
 async def test_blocking_facade_errors_timeouts_and_close_from_another_thread(tailnet):

@@ -334,7 +334,12 @@ class Server:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def __enter__(self) -> Server:
-        self.up()
+        """``up()``; if that fails (or Ctrl-C interrupts it), the node and its thread are closed first."""
+        try:
+            self.up()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
