@@ -326,9 +326,8 @@ def _blocking_scenario(url: str, key: str) -> None:
 def _blocking_with_that_fails(url: str) -> None:
     srv = blocking.Server(hostname="bwrong", control_url=url, auth_key="tskey-auth-wrong", ephemeral=True,
                           udp_bind="127.0.0.1")
-    with pytest.raises(tsnet.AuthKeyError):
-        with srv:
-            raise AssertionError("the body must not run")
+    with pytest.raises(tsnet.AuthKeyError), srv:
+        raise AssertionError("the body must not run")
     assert srv._thread is not None and not srv._thread.is_alive()  # nothing left running in the background
 
 
