@@ -5,6 +5,7 @@ with both is re-framed by its chunking, Via added both ways, Max-Forwards for OP
 timeout is 504, the request head has one deadline however slowly it trickles. SOCKS5: CONNECT to an
 IPv6 literal with an IPv6 BND.ADDR, a dial timeout is "TTL expired", the default listener is loopback.
 Policy: a tailnet-only proxy (``other=deny_dial``) refuses everything else with SOCKS5 0x02 / HTTP 403.
+Bounds: at most ``max_connections`` clients at once.
 """
 
 from __future__ import annotations
@@ -248,3 +249,22 @@ async def test_max_forwards_for_options_and_trace(
     # Other methods carry Max-Forwards unchanged (it only applies to OPTIONS and TRACE).
     get = await curl("-x", auth_proxy.http_url, "-H", "Max-Forwards: 0", f"http://127.0.0.1:{origin_port}/g")
     assert echoed_headers(get.stdout)["max-forwards"] == "0"
+
+
+async def test_connection_limit(nursery: trio.Nursery) -> None:
+    server = ProxyServer(max_connections=1, handshake_timeout=600)
+    held, served = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.handle_stream, served)
+    await trio.testing.wait_all_tasks_blocked()
+    extra, served = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.handle_stream, served)
+    with trio.fail_after(5):
+        assert await extra.receive_some(10) == b""
+    assert server.stats["connection_limit"] == 1
+    await held.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    again, served = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.handle_stream, served)
+    await again.send_all(b"\x05\x01\x02")  # served again: a real SOCKS5 answer (no acceptable method)
+    with trio.fail_after(5):
+        assert await again.receive_some(10) == b"\x05\xff"

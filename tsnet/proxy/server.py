@@ -63,6 +63,8 @@ class ProxyServer:
     ``dial`` / ``dial_udp`` default to OS sockets; the node passes its netstack's. ``resolve`` (e.g. a
     :class:`tsnet.dns.NameResolver`) resolves client-supplied names; None hands names to ``dial`` as is.
     ``credentials`` None disables auth; :meth:`generate_credentials` makes a random password.
+    At most ``max_connections`` client connections are served at once; more are closed at once (and
+    counted as ``connection_limit``), so a local client cannot exhaust the process.
     """
 
     def __init__(
@@ -76,9 +78,11 @@ class ProxyServer:
         http: bool = True,
         handshake_timeout: float = 30.0,
         connect_timeout: float = 30.0,
+        max_connections: int = 512,
     ) -> None:
         if not (socks5 or http):
             raise ValueError("enable at least one of socks5 and http")
+        self._connection_slots = trio.Semaphore(max_connections)
         self.settings = ProxySettings(
             dial=dial,
             dial_udp=dial_udp,
@@ -102,6 +106,18 @@ class ProxyServer:
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one accepted connection (either protocol). Never raises for client misbehaviour."""
+        try:
+            self._connection_slots.acquire_nowait()
+        except trio.WouldBlock:
+            self.settings.count("connection_limit")
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await self._handle(stream)
+        finally:
+            self._connection_slots.release()
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
         try:
             with trio.move_on_after(self.settings.handshake_timeout):
                 try:
