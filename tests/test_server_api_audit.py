@@ -210,6 +210,26 @@ async def test_listener_close_wakes_accept_and_close_is_idempotent(pair, nursery
         await a.dial("tcp", "bravo:7100", timeout=10)  # the port really is closed
 
 
+async def test_dialled_and_accepted_streams_pass_trios_stream_conformance_checks(pair):
+    """trio's own checker for HalfCloseableStream: send/receive, EOF, aclose idempotent, busy and
+    closed errors, cancellation: what a trio user assumes of any stream."""
+    _, a, b = pair
+    listener = await b.listen("tcp", ":9000")
+
+    async def stream_pair():
+        box = []
+        async with trio.open_nursery() as nursery:
+            async def accept():
+                box.append(await listener.accept())
+
+            nursery.start_soon(accept)
+            dialled = await a.dial("tcp", "bravo:9000", timeout=10)
+        return dialled, box[0]
+
+    with trio.fail_after(60):
+        await trio.testing.check_half_closeable_stream(stream_pair, None)
+
+
 async def test_dial_to_a_silent_host_times_out_and_cancel_cleans_up(pair):
     _, a, b = pair
     await b.close()  # persistent node: still in a's netmap, but nothing answers its address
