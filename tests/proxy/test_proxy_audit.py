@@ -268,3 +268,19 @@ async def test_connection_limit(nursery: trio.Nursery) -> None:
     await again.send_all(b"\x05\x01\x02")  # served again: a real SOCKS5 answer (no acceptable method)
     with trio.fail_after(5):
         assert await again.receive_some(10) == b"\x05\xff"
+
+
+async def test_connect_200_has_no_framing_then_raw_bytes(nursery: trio.Nursery, proxy: LoopbackProxy) -> None:
+    """RFC 9110 §9.3.6: no Content-Length / Transfer-Encoding in a 2xx to CONNECT; bytes after it are the tunnel."""
+    seen: list[bytes] = []
+    port = await start_raw_origin(nursery, b"raw reply", seen)
+    stream = await trio.open_tcp_stream(proxy.host, proxy.port)
+    async with stream:
+        # Tunnel bytes sent right behind the request (before the 200) must not be lost.
+        await stream.send_all(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\nearly\r\n\r\n".encode())
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+    assert data == b"HTTP/1.1 200 Connection established\r\n\r\nraw reply"
+    assert seen == [b"early\r\n\r\n"]
