@@ -6,9 +6,9 @@ control plane's ``DNSConfig`` plus the netmap's node names (:meth:`DNSConfig.fro
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
