@@ -4,6 +4,7 @@ conventions, UDP datagram semantics, and the blocking facade's socket-like error
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import threading
@@ -128,7 +129,8 @@ async def _echo_once(listener, nursery):
     async def serve():
         stream = await listener.accept()
         async with stream:
-            await stream.send_all(await stream.receive_some(100))
+            with contextlib.suppress(trio.BrokenResourceError):  # the node may close first
+                await stream.send_all(await stream.receive_some(100))
 
     nursery.start_soon(serve)
 
@@ -208,6 +210,40 @@ async def test_listener_close_wakes_accept_and_close_is_idempotent(pair, nursery
         await listener.accept()
     with pytest.raises(ConnectionRefusedError):
         await a.dial("tcp", "bravo:7100", timeout=10)  # the port really is closed
+
+
+async def test_closing_the_node_wakes_accept_receive_and_recvfrom(pair, nursery):
+    """As Go's Server.Close closes its listeners and conns: every task waiting on the node wakes with
+    trio's error; a receive on an open stream fails rather than reading a clean end of data."""
+    _, a, b = pair
+    listener = await b.listen("tcp", ":7200")
+    udp = await b.listen("udp", ":7201")
+    conn_listener = await b.listen("tcp", ":7202")
+    await _echo_once(conn_listener, nursery)
+    stream = await b.dial("tcp", f"{b.tailscale_ips()[0]}:7202", timeout=10)  # to ourselves
+    woke: list[type[BaseException]] = []
+    done = trio.Event()
+
+    async def wait(fn):
+        try:
+            await fn()
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            woke.append(type(exc))
+        else:
+            woke.append(type(None))  # e.g. a receive that took the shutdown for a clean EOF
+        if len(woke) == 3:
+            done.set()
+
+    nursery.start_soon(wait, listener.accept)
+    nursery.start_soon(wait, lambda: udp.recvfrom(100))
+    nursery.start_soon(wait, lambda: stream.receive_some(100))
+    await trio.testing.wait_all_tasks_blocked()
+    await b.close()
+    with trio.fail_after(5):
+        await done.wait()
+    assert sorted(t.__name__ for t in woke) == ["BrokenResourceError", "ClosedResourceError", "ClosedResourceError"]
+    with pytest.raises(tsnet.NotRunningError):
+        await b.listen("tcp", ":7203")
 
 
 async def test_dialled_and_accepted_streams_pass_trios_stream_conformance_checks(pair):
@@ -443,7 +479,6 @@ async def test_local_api_of_a_node_that_is_not_running(tmp_path, nursery):
 
     # The CLI on top: like `tailscale status`, exit 1 for a node that is not running; --json always 0.
     def cli_status(*flags):
-        import contextlib
         import io
 
         out = io.StringIO()

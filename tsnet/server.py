@@ -580,6 +580,12 @@ class Server:
         if self._net is None:
             return
         try:
+            # A reader must not take the shutdown for the peer's clean end of data (a silently
+            # truncated transfer): its stream breaks (BrokenResourceError from ConnectionAbortedError),
+            # as a Go tsnet conn's Read fails after Server.Close.
+            for conn in list(self._net.stack.connections.values()):
+                if conn.error is None:
+                    conn.error = ConnectionAbortedError(errno.ECONNABORTED, "the tsnet node was closed")
             self._net.abort_all()
         except Exception:
             self.log.exception("netstack shutdown")
