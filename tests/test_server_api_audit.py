@@ -215,7 +215,7 @@ async def test_listener_close_wakes_accept_and_close_is_idempotent(pair, nursery
 async def test_closing_the_node_wakes_accept_receive_and_recvfrom(pair, nursery):
     """As Go's Server.Close closes its listeners and conns: every task waiting on the node wakes with
     trio's error; a receive on an open stream fails rather than reading a clean end of data."""
-    _, a, b = pair
+    _, _, b = pair
     listener = await b.listen("tcp", ":7200")
     udp = await b.listen("udp", ":7201")
     conn_listener = await b.listen("tcp", ":7202")
