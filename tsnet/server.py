@@ -554,8 +554,10 @@ class Server:
     async def close(self) -> None:
         """Stop the node; idempotent and bounded (5 s at most: 2 s logout + 3 s for the tasks).
 
-        An ephemeral node logs out first, so the control server deletes it at once. Streams and
-        listeners of this node stop working.
+        An ephemeral node logs out first, so the control server deletes it at once. Every socket
+        of the node stops, waking the tasks waiting on it: listeners and UDP sockets raise
+        ``trio.ClosedResourceError``, streams ``trio.BrokenResourceError`` (peers get a reset), never
+        a clean end of data.
         """
         self._closed = True
         if not self._task_running:
