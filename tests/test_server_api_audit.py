@@ -91,6 +91,28 @@ async def test_async_with_closes_the_node_when_up_fails_or_is_cancelled(tailnet)
     assert _no_system_tasks_left()
 
 
+async def test_async_with_waits_for_an_interactive_login(tailnet, nursery):
+    """As Go's Up: without an auth key, ``async with`` logs the login URL and waits for the approval."""
+    urls: list[str] = []
+    got_url = trio.Event()
+
+    def user_logf(line: str) -> None:
+        urls.extend(word for word in line.split() if word.startswith("http"))
+        got_url.set()
+
+    async def admin():
+        await got_url.wait()
+        assert tailnet.server.store.approve_pending(urls[0].rsplit("/", 1)[1])
+        tailnet.server.notify()
+
+    nursery.start_soon(admin)
+    srv = tailnet.node("interactive2", auth_key=None, user_logf=user_logf)
+    with trio.fail_after(20):
+        async with srv:
+            assert srv.status().backend_state == "Running" and srv.tailscale_ips()
+    assert _no_system_tasks_left()
+
+
 async def test_bad_up_timeout_starts_nothing(tailnet):
     srv = tailnet.node("badtimeout")
     for bad in (-1, float("nan")):

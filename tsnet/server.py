@@ -467,9 +467,17 @@ class Server:
 
     async def __aenter__(self) -> Server:
         """``up()``; if that fails or is cancelled, the node is closed before the error propagates
-        (the ``async with`` body never runs, so nothing else would close it)."""
+        (the ``async with`` body never runs, so nothing else would close it).
+
+        Without an auth key it waits for the interactive login, as Go's ``Up`` does: the login URL
+        goes to ``user_logf`` and the wait ends after ``up()``'s default timeout
+        (:class:`UpTimeoutError` naming the URL) instead of raising :class:`NeedsLoginError`.
+        """
         try:
-            await self.up()
+            try:
+                await self.up()
+            except NeedsLoginError:
+                await self.up()  # the URL is logged; a second up() waits for the approval
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.close()
