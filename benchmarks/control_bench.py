@@ -54,7 +54,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import trio  # noqa: E402
 
-from tsnet.control import tailcfg  # noqa: E402
 from tsnet.control.client import ClientConfig, ControlClient  # noqa: E402
 from tsnet.control.netmap import MapFrameDecoder, MapSession  # noqa: E402
 from tsnet.control.noise import Initiator, respond  # noqa: E402

@@ -171,8 +171,8 @@ def compact_table(outcomes: list[Outcome]) -> list[str]:
         return []
     v = lab_values(lab.data)
     d = (lab.data.get("directions") or ["down"])[0]
-    out = [f"| Path | Python ↔ Python | Python ↔ tailscaled | tailscaled ↔ tailscaled | Py↔ts / ts↔ts | "
-           f"Py↔Py / ts↔ts | Py↔ts vs its direct |", "|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| Path | Python ↔ Python | Python ↔ tailscaled | tailscaled ↔ tailscaled | Py↔ts / ts↔ts | "
+           "Py↔Py / ts↔ts | Py↔ts vs its direct |", "|---|---:|---:|---:|---:|---:|---:|"]
     for path in PATH_NAMES:
         if not any(k[0] == path for k in v):
             continue

@@ -24,7 +24,6 @@ import argparse
 import base64
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time

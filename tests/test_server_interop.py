@@ -14,7 +14,6 @@ Python node "pynode" (a ``tsnet.Server`` in a subprocess) runs in n2.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

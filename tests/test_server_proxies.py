@@ -8,7 +8,6 @@ import pytest
 import requests
 import trio
 
-import tsnet
 from tests.server_helpers import start_tailnet
 
 

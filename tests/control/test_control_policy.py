@@ -4,7 +4,6 @@ import datetime as dt
 import ipaddress
 
 import pytest
-import trio
 
 from control_helpers import Harness, NetmapWatcher
 from tsnet.control.client import ControlClient

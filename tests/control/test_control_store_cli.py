@@ -107,7 +107,6 @@ def test_serve_refuses_bad_policy_with_line(tmp_path, capsys):
 
 
 async def test_netmap_command_against_loopback_server(control, tmp_path):
-    import subprocess
     import sys
     from pathlib import Path
 

@@ -7,7 +7,7 @@ import trio
 
 from tsnet.control import conn as ts2021
 from tsnet.control import controlhttp, tailcfg
-from tsnet.control.h2conn import H2Error, open_h2_client, serve_h2
+from tsnet.control.h2conn import open_h2_client, serve_h2
 from tsnet.control.httpd import Reply, Takeover, serve_http1
 from tsnet.control.noise import HandshakeError
 from tsnet.key import MachinePrivate

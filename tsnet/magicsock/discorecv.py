@@ -142,12 +142,8 @@ class DiscoReceiver:
             # tailscaled answers a DERP ping only to a DERP source in its peer map, over DERP to that
             # node. Anyone can send us DERP frames (a replayed capture, a node outside our netmap):
             # the pong goes to the node DERP vouches for, whose disco key must be the box's sender.
-            peer = self._peers.get(derp_src) if derp_src is not None else None
+            peer = self._derp_peer(derp_src, sender)
             if peer is None:
-                self._drop("derp_source_not_a_peer")
-                return None
-            if peer.disco_key != sender:
-                self._drop("derp_source_disco_mismatch")
                 return None
             return self._accept(ReceivedDisco(sender, msg, path, (peer.node_key,)))
         if isinstance(msg, (disco.Ping, disco.Pong)):
@@ -156,12 +152,8 @@ class DiscoReceiver:
             if not isinstance(path, DerpPath) or derp_src is None:
                 self._drop("derp_only_message_not_via_derp")
                 return None
-            peer = self._peers.get(derp_src)
+            peer = self._derp_peer(derp_src, sender)
             if peer is None:
-                self._drop("derp_source_not_a_peer")
-                return None
-            if peer.disco_key != sender:
-                self._drop("derp_source_disco_mismatch")
                 return None
             if isinstance(msg, disco.CallMeMaybeVia):
                 if not self.relay_client_enabled:
@@ -177,6 +169,17 @@ class DiscoReceiver:
         # Bind/Answer (only a relay server takes them), version-ignored messages.
         self._drop("unexpected_message")
         return None
+
+    def _derp_peer(self, derp_src: NodePublic | None, sender: DiscoPublic) -> DiscoPeer | None:
+        """The peer DERP says sent this, if it is in our netmap and owns the box's disco key."""
+        peer = self._peers.get(derp_src) if derp_src is not None else None
+        if peer is None:
+            self._drop("derp_source_not_a_peer")
+            return None
+        if peer.disco_key != sender:
+            self._drop("derp_source_disco_mismatch")
+            return None
+        return peer
 
     def _accept(self, r: ReceivedDisco) -> ReceivedDisco:
         name = type(r.message).__name__
