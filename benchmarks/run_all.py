@@ -367,7 +367,8 @@ def render(outcomes: list[Outcome], info: dict[str, str], quick: bool, load_star
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, outcomes: list[Outcome], info: dict[str, str], quick: bool) -> bool:
+def update_readme(readme: Path, outcomes: list[Outcome], info: dict[str, str], quick: bool,
+                  load_start: tuple[float, float, float]) -> bool:
     """Replace the body of README's "## Benchmarks" section (up to the next "## ") with the compact table."""
     compact = compact_table(outcomes)
     if not compact or not readme.exists():
@@ -379,8 +380,8 @@ def update_readme(readme: Path, outcomes: list[Outcome], info: dict[str, str], q
     body = ["", "Throughput and round trip over each path, this project next to tailscaled 1.96.4, measured in the",
             f"same run by `benchmarks/run_all.py`{' --quick' if quick else ''} ({info['date (UTC)']} UTC, "
             f"{info['CPU']}, "
-            f"{info['cores usable']} cores shared with other work, load average {os.getloadavg()[0]:.1f}: "
-            "pessimistic figures):", ""] + compact + [
+            f"{info['cores usable']} cores, every process of a transfer on the same cores; load average before the "
+            f"run {load_start[0]:.1f}):", ""] + compact + [
             "", "Full report with both directions, netstack vs the kernel (wireguard-go), charts and every",
             "benchmark's own table: [docs/benchmarks.md](docs/benchmarks.md). Regenerate with",
             "`sudo .venv/bin/python benchmarks/run_all.py --readme` (`--quick` for a run of a few minutes; charts need",
@@ -436,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(outcomes, info, args.quick, load_start, links)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    if args.readme and not update_readme(ROOT / "README.md", outcomes, info, args.quick):
+    if args.readme and not update_readme(ROOT / "README.md", outcomes, info, args.quick, load_start):
         print("README.md not updated (no lab results, or no '## Benchmarks' section)", file=sys.stderr)
     print(text)
     return 0 if all(o.status == "ok" for o in outcomes) else 1
