@@ -155,7 +155,7 @@ def run_client(proxy: tuple[str, int], host: str, port: int, mode: str, seconds:
             s.sendall(b"D")
             buf = bytearray(CHUNK)
             start = time.perf_counter()
-            counted = 0
+            counted = warm = 0
             measuring_from = None
             while True:
                 n = s.recv_into(buf)
@@ -163,12 +163,14 @@ def run_client(proxy: tuple[str, int], host: str, port: int, mode: str, seconds:
                     raise OSError("download: connection closed early")
                 now = time.perf_counter()
                 if measuring_from is None:
+                    warm += n
                     if now - start >= WARMUP:
                         measuring_from = now
                     continue
                 counted += n
                 if now - measuring_from >= seconds:
-                    return {"mbit_s": counted * 8 / (now - measuring_from) / 1e6, "bytes": counted}
+                    return {"mbit_s": counted * 8 / (now - measuring_from) / 1e6, "bytes": counted,
+                            "total_bytes": counted + warm}
         if mode == "up":
             s.sendall(b"U")
             buf = memoryview(bytes(CHUNK))
@@ -191,7 +193,7 @@ def run_client(proxy: tuple[str, int], host: str, port: int, mode: str, seconds:
             reply = recv_exact(s, 8, "upload: no byte count from the server")
             end = time.perf_counter()
             got = struct.unpack(">Q", reply)[0] - warm
-            return {"mbit_s": got * 8 / (end - measuring_from) / 1e6, "bytes": got}
+            return {"mbit_s": got * 8 / (end - measuring_from) / 1e6, "bytes": got, "total_bytes": got + warm}
         raise ValueError(f"unknown mode {mode!r}")
     finally:
         s.close()
@@ -238,6 +240,10 @@ class BenchNode:
                                             extra_args=(f"--socks5-server=127.0.0.1:{SOCKS_PORT}",))
             self.proc = self.ts.proc
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, all threads) the node process has used so far."""
+        return process_cpu_seconds(self.proc.pid)
+
     def _py_running(self) -> bool:
         st = self.status()
         return st.get("backend_state") == "Running" and bool((st.get("self_node") or {}).get("addresses"))
@@ -276,6 +282,26 @@ class BenchNode:
         if p.get("Relay") and p.get("RxBytes", 0) > 0:
             return "derp"
         return "idle"
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process from /proc (clock ticks, usually 10 ms: fine over seconds of transfer)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces; fields from state on
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def _transfer(client: BenchNode, server: BenchNode, mode: str, seconds: float, pings: int) -> dict[str, Any]:
+    """One throughput run, with the CPU both node processes spent on it per GB moved (warm-up included)."""
+    before = client.cpu_seconds(), server.cpu_seconds()
+    out = _client(client, server, mode, seconds, pings)
+    cpu = client.cpu_seconds() - before[0], server.cpu_seconds() - before[1]
+    gb = out["total_bytes"] / 1e9
+    out["cpu_s_per_gb"] = {"client": cpu[0] / gb, "server": cpu[1] / gb}
+    return out
 
 
 def _client(node: BenchNode, server: BenchNode, mode: str, seconds: float, pings: int) -> dict[str, Any]:
@@ -343,10 +369,14 @@ def run_path(path: str, pairs: list[str], directions: list[str], seconds: float,
             for metric in (*directions, "rtt"):
                 try:
                     # Best of ``repeat``: the machine is shared, so the fastest run is the least disturbed one.
-                    runs = [_client(client, server, metric, seconds, pings) for _ in range(repeat)]
+                    measure = _client if metric == "rtt" else _transfer
+                    runs = [measure(client, server, metric, seconds, pings) for _ in range(repeat)]
                     values = [r.get("mbit_s", r.get("rtt_ms")) for r in runs]
                     value = min(values) if metric == "rtt" else max(values)
-                    results.append(Result(path, pair, metric, value, {"runs": values}))
+                    extra: dict[str, Any] = {"runs": values}
+                    if metric != "rtt":
+                        extra["cpu_s_per_gb"] = runs[values.index(value)]["cpu_s_per_gb"]
+                    results.append(Result(path, pair, metric, value, extra))
                     log(f"[{path}] {pair} {metric}: {value:.2f} (runs {', '.join(f'{x:.2f}' for x in values)})")
                 except Exception as exc:  # noqa: BLE001 - record it and go on
                     results.append(Result(path, pair, metric, None, error=str(exc).strip().splitlines()[-1][:200]))
@@ -369,15 +399,23 @@ def table(results: list[Result], directions: list[str]) -> str:
     pairs = list(dict.fromkeys(r.pair for r in results))
     paths = list(dict.fromkeys(r.path for r in results))
     names = {"py-py": "Python ↔ Python", "py-ts": "Python ↔ tailscaled", "ts-ts": "tailscaled ↔ tailscaled"}
-    head = "| path | pair | " + " | ".join(f"{d} Mbit/s" for d in directions) + " | RTT ms (median) |"
-    lines = [head, "|" + "---|" * (3 + len(directions))]
+    cpu = {(r.path, r.pair, r.metric): r.extra.get("cpu_s_per_gb") for r in results}
+    head = ("| path | pair | " + " | ".join(f"{d} Mbit/s" for d in directions) + " | RTT ms (median) | "
+            + " | ".join(f"{d}: node CPU s/GB, client / server" for d in directions) + " |")
+    lines = [head, "|" + "---|" * (3 + 2 * len(directions))]
     for path in paths:
         for pair in pairs:
             cells = []
             for m in (*directions, "rtt"):
                 v = get.get((path, pair, m))
                 cells.append("failed" if v is None else (f"{v:.2f}" if m == "rtt" else f"{v:.0f}"))
+            for m in directions:
+                c = cpu.get((path, pair, m))
+                cells.append(f"{c['client']:.1f} / {c['server']:.1f}" if c else "-")
             lines.append(f"| {path} | {names.get(pair, pair)} | " + " | ".join(cells) + " |")
+    lines += ["", "Node CPU s/GB: CPU time (user + system, all threads) each node process spent per GB of "
+              "payload moved, warm-up included. It varies less than Mbit/s with what else the shared machine "
+              "runs, and it shows where the cores go."]
     d0 = directions[0]
     lines += ["", f"Ratios ({d0}):", ""]
     for pair in pairs:

@@ -265,6 +265,39 @@ def side_by_side(outcomes: list[Outcome]) -> list[str]:
     return out
 
 
+def cpu_table(outcomes: list[Outcome]) -> list[str]:
+    """Node CPU per GB moved, by path, pair and direction: where the cores go (lab_paths_bench's cpu_s_per_gb)."""
+    lab = next((o for o in outcomes if o.name == "lab_paths_bench" and o.data), None)
+    if lab is None:
+        return []
+    cpu = {(r["path"], r["pair"], r["metric"]): r["extra"]["cpu_s_per_gb"]
+           for r in lab.data.get("results", ()) if (r.get("extra") or {}).get("cpu_s_per_gb")}
+    if not cpu:
+        return []
+    kinds = {"py": "Python", "ts": "tailscaled"}
+    out = ["| Path | Pair | Direction | client node | server node |", "|---|---|---|---:|---:|"]
+    for path in PATH_NAMES:
+        for pair in PAIR_NAMES:
+            for d in lab.data.get("directions", ["down"]):
+                c = cpu.get((path, pair, d))
+                if c is None:
+                    continue
+                ck, sk = pair.split("-")
+                out.append(f"| {PATH_NAMES[path]} | {PAIR_NAMES[pair]} | "
+                           f"{'server → client' if d == 'down' else 'client → server'} | "
+                           f"{c['client']:.1f} s/GB ({kinds[ck]}) | {c['server']:.1f} s/GB ({kinds[sk]}) |")
+    out += ["", "CPU time (user + system, all threads) that each node process spent per GB of payload, warm-up",
+            "included. It varies less than Mbit/s with what else the machine runs (though not nothing: a busy",
+            "neighbour slows every instruction), and it shows the bottleneck: a Python node is one thread on one",
+            "core, so its throughput is at most 1 core / its CPU per GB, while tailscaled spreads over both cores."]
+    d = (lab.data.get("directions") or ["down"])[0]
+    py, ts = cpu.get(("direct", "py-ts", d)), cpu.get(("direct", "ts-ts", d))
+    if py and ts:
+        out += ["", f"Direct, {'receiving' if d == 'down' else 'sending'} node: Python {py['client']:.1f} s/GB, "
+                f"tailscaled {ts['client']:.1f} s/GB ({py['client'] / ts['client']:.1f}× as much CPU per byte)."]
+    return out
+
+
 def charts(outcomes: list[Outcome], out_dir: Path) -> list[str]:
     """Write PNG charts when matplotlib is importable; return markdown image links (relative to docs/)."""
     try:
@@ -357,6 +390,9 @@ def render(outcomes: list[Outcome], info: dict[str, str], quick: bool, load_star
                   "pair).",
                   "", "Targets (from the magicsock issue):", ""] + targets(outcomes) + [""]
     lines += ["## This project next to tailscaled 1.96.4 and the kernel, in detail", ""] + side_by_side(outcomes) + [""]
+    cpu = cpu_table(outcomes)
+    if cpu:
+        lines += ["## Where the cores go: node CPU per GB", ""] + cpu + [""]
     lines += ["## Charts", ""] + [x + "\n" for x in chart_links]
     lines += ["## Summary", "", "| Benchmark | Status | Wall time | Headline |", "|---|---|---|---|"]
     for o in outcomes:
