@@ -301,6 +301,8 @@ def _transfer(client: BenchNode, server: BenchNode, mode: str, seconds: float, p
     cpu = client.cpu_seconds() - before[0], server.cpu_seconds() - before[1]
     gb = out["total_bytes"] / 1e9
     out["cpu_s_per_gb"] = {"client": cpu[0] / gb, "server": cpu[1] / gb}
+    # The path may change under load (e.g. a relay path given up for DERP): what both ends report right after.
+    out["path_after"] = f"{client.path_to(server.name)}/{server.path_to(client.name)}"
     return out
 
 
@@ -375,7 +377,11 @@ def run_path(path: str, pairs: list[str], directions: list[str], seconds: float,
                     value = min(values) if metric == "rtt" else max(values)
                     extra: dict[str, Any] = {"runs": values}
                     if metric != "rtt":
-                        extra["cpu_s_per_gb"] = runs[values.index(value)]["cpu_s_per_gb"]
+                        best = runs[values.index(value)]
+                        extra["cpu_s_per_gb"] = best["cpu_s_per_gb"]
+                        extra["path_after_run"] = best["path_after"]
+                        if best["path_after"] != f"{want}/{want}":
+                            log(f"[{path}] {pair} {metric}: path right after the best run: {best['path_after']}")
                     results.append(Result(path, pair, metric, value, extra))
                     log(f"[{path}] {pair} {metric}: {value:.2f} (runs {', '.join(f'{x:.2f}' for x in values)})")
                 except Exception as exc:  # noqa: BLE001 - record it and go on
@@ -400,15 +406,19 @@ def table(results: list[Result], directions: list[str]) -> str:
     paths = list(dict.fromkeys(r.path for r in results))
     names = {"py-py": "Python ↔ Python", "py-ts": "Python ↔ tailscaled", "ts-ts": "tailscaled ↔ tailscaled"}
     cpu = {(r.path, r.pair, r.metric): r.extra.get("cpu_s_per_gb") for r in results}
+    moved = {(r.path, r.pair, r.metric): r.extra["path_after_run"] for r in results if "path_after_run" in r.extra}
     head = ("| path | pair | " + " | ".join(f"{d} Mbit/s" for d in directions) + " | RTT ms (median) | "
             + " | ".join(f"{d}: node CPU s/GB, client / server" for d in directions) + " |")
     lines = [head, "|" + "---|" * (3 + 2 * len(directions))]
     for path in paths:
         for pair in pairs:
             cells = []
+            want = "relay" if path.startswith("relay") else path
             for m in (*directions, "rtt"):
                 v = get.get((path, pair, m))
                 cells.append("failed" if v is None else (f"{v:.2f}" if m == "rtt" else f"{v:.0f}"))
+                if moved.get((path, pair, m), f"{want}/{want}") != f"{want}/{want}":
+                    cells[-1] += " ‡"
             for m in directions:
                 c = cpu.get((path, pair, m))
                 cells.append(f"{c['client']:.1f} / {c['server']:.1f}" if c else "-")
@@ -416,6 +426,9 @@ def table(results: list[Result], directions: list[str]) -> str:
     lines += ["", "Node CPU s/GB: CPU time (user + system, all threads) each node process spent per GB of "
               "payload moved, warm-up included. It varies less than Mbit/s with what else the shared machine "
               "runs, and it shows where the cores go."]
+    if any(c.endswith(" ‡") for line in lines for c in line.split(" | ")):
+        lines += ["", "‡ right after that run, the nodes did not both report the path being measured (see the log "
+                  "above): the transfer may have run partly over another path, DERP most likely."]
     d0 = directions[0]
     lines += ["", f"Ratios ({d0}):", ""]
     for pair in pairs:

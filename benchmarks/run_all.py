@@ -132,6 +132,17 @@ def lab_values(data: dict[str, Any]) -> dict[tuple[str, str, str], float]:
     return {(r["path"], r["pair"], r["metric"]): r["value"] for r in data.get("results", ()) if r["value"] is not None}
 
 
+def lab_moved(data: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """Measurements after whose kept run the nodes reported another path than the one measured."""
+    moved = set()
+    for r in data.get("results", ()):
+        want = "relay" if r["path"].startswith("relay") else r["path"]
+        after = (r.get("extra") or {}).get("path_after_run")
+        if after is not None and after != f"{want}/{want}":
+            moved.add((r["path"], r["pair"], r["metric"]))
+    return moved
+
+
 def netstack_values(output: str) -> dict[str, float]:
     """``what -> number`` from netstack_bench's table (Mbit/s and us rows)."""
     values = {}
@@ -170,6 +181,7 @@ def compact_table(outcomes: list[Outcome]) -> list[str]:
     if lab is None:
         return []
     v = lab_values(lab.data)
+    moved = lab_moved(lab.data)
     d = (lab.data.get("directions") or ["down"])[0]
     out = ["| Path | Python ↔ Python | Python ↔ tailscaled | tailscaled ↔ tailscaled | Py↔ts / ts↔ts | "
            "Py↔Py / ts↔ts | Py↔ts vs its direct |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -179,7 +191,7 @@ def compact_table(outcomes: list[Outcome]) -> list[str]:
         cells = []
         for pair in PAIR_NAMES:
             t, r = v.get((path, pair, d)), v.get((path, pair, "rtt"))
-            cells.append(f"{_fmt(t, 'Mbit/s')}, {_fmt(r, 'ms')}")
+            cells.append(f"{_fmt(t, 'Mbit/s')}{' ‡' if (path, pair, d) in moved else ''}, {_fmt(r, 'ms')}")
         ts = v.get((path, "ts-ts", d))
         direct = v.get(("direct", "py-ts", d))
         cells += [_pct(v.get((path, "py-ts", d)), ts), _pct(v.get((path, "py-py", d)), ts),
@@ -187,6 +199,9 @@ def compact_table(outcomes: list[Outcome]) -> list[str]:
         out.append(f"| {PATH_NAMES[path]} | " + " | ".join(cells) + " |")
     out += ["", f"TCP throughput {'server → client' if d == 'down' else 'client → server'} over one connection, "
             "and median 1-byte round trip, in lab namespaces on one machine."]
+    if any((path, pair, d) in moved for path in PATH_NAMES for pair in PAIR_NAMES):
+        out += ["‡ Right after that transfer the two nodes did not both report the path being measured: it may",
+                "have run partly over another path (DERP most likely: compare the DERP row)."]
     return out
 
 
