@@ -294,13 +294,15 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
-def _transfer(client: BenchNode, server: BenchNode, mode: str, seconds: float, pings: int) -> dict[str, Any]:
-    """One throughput run, with the CPU both node processes spent on it per GB moved (warm-up included)."""
-    before = client.cpu_seconds(), server.cpu_seconds()
+def _transfer(client: BenchNode, server: BenchNode, mode: str, seconds: float, pings: int,
+              relay: BenchNode | None = None) -> dict[str, Any]:
+    """One throughput run, with the CPU the node processes (and the peer relay's) spent on it per GB moved
+    (warm-up included)."""
+    nodes = {"client": client, "server": server, **({"relay": relay} if relay is not None else {})}
+    before = {k: n.cpu_seconds() for k, n in nodes.items()}
     out = _client(client, server, mode, seconds, pings)
-    cpu = client.cpu_seconds() - before[0], server.cpu_seconds() - before[1]
     gb = out["total_bytes"] / 1e9
-    out["cpu_s_per_gb"] = {"client": cpu[0] / gb, "server": cpu[1] / gb}
+    out["cpu_s_per_gb"] = {k: (n.cpu_seconds() - before[k]) / gb for k, n in nodes.items()}
     # The path may change under load (e.g. a relay path given up for DERP): what both ends report right after.
     out["path_after"] = f"{client.path_to(server.name)}/{server.path_to(client.name)}"
     return out
@@ -341,13 +343,14 @@ def run_path(path: str, pairs: list[str], directions: list[str], seconds: float,
         relayed = path.startswith("relay")
         topo.start_control(policy=RELAY_POLICY if relayed else None)
         nat = "hard" if relayed else "public"
+        relay_node: BenchNode | None = None
         if path == "relay":
             log(f"[{path}] starting the tsnet peer relay")
-            BenchNode("py", topo.add_host("relay", "public"), topo, bins, tmp, relay=True)
+            relay_node = BenchNode("py", topo.add_host("relay", "public"), topo, bins, tmp, relay=True)
         elif path == "relay-ts":
             log(f"[{path}] starting the tailscaled peer relay")
-            BenchNode("ts", topo.add_host("relay", "public"), topo, bins, tmp).ts.cli(
-                "set", f"--relay-server-port={RELAY_PORT}")
+            relay_node = BenchNode("ts", topo.add_host("relay", "public"), topo, bins, tmp)
+            relay_node.ts.cli("set", f"--relay-server-port={RELAY_PORT}")
         # Clients are "<kind>a", servers "<kind>b": py-ts is the Python client with the tailscaled server.
         needed = sorted({f"{PAIRS[p][0]}a" for p in pairs} | {f"{PAIRS[p][1]}b" for p in pairs})
         nodes: dict[str, BenchNode] = {}
@@ -371,8 +374,10 @@ def run_path(path: str, pairs: list[str], directions: list[str], seconds: float,
             for metric in (*directions, "rtt"):
                 try:
                     # Best of ``repeat``: the machine is shared, so the fastest run is the least disturbed one.
-                    measure = _client if metric == "rtt" else _transfer
-                    runs = [measure(client, server, metric, seconds, pings) for _ in range(repeat)]
+                    if metric == "rtt":
+                        runs = [_client(client, server, metric, seconds, pings) for _ in range(repeat)]
+                    else:
+                        runs = [_transfer(client, server, metric, seconds, pings, relay_node) for _ in range(repeat)]
                     values = [r.get("mbit_s", r.get("rtt_ms")) for r in runs]
                     value = min(values) if metric == "rtt" else max(values)
                     extra: dict[str, Any] = {"runs": values}
@@ -421,7 +426,8 @@ def table(results: list[Result], directions: list[str]) -> str:
                     cells[-1] += " ‡"
             for m in directions:
                 c = cpu.get((path, pair, m))
-                cells.append(f"{c['client']:.1f} / {c['server']:.1f}" if c else "-")
+                cells.append((f"{c['client']:.1f} / {c['server']:.1f}"
+                              + (f" (relay {c['relay']:.1f})" if "relay" in c else "")) if c else "-")
             lines.append(f"| {path} | {names.get(pair, pair)} | " + " | ".join(cells) + " |")
     lines += ["", "Node CPU s/GB: CPU time (user + system, all threads) each node process spent per GB of "
               "payload moved, warm-up included. It varies less than Mbit/s with what else the shared machine "

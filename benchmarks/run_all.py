@@ -290,7 +290,8 @@ def cpu_table(outcomes: list[Outcome]) -> list[str]:
     if not cpu:
         return []
     kinds = {"py": "Python", "ts": "tailscaled"}
-    out = ["| Path | Pair | Direction | client node | server node |", "|---|---|---|---:|---:|"]
+    out = ["| Path | Pair | Direction | client node | server node | peer relay server |",
+           "|---|---|---|---:|---:|---:|"]
     for path in PATH_NAMES:
         for pair in PAIR_NAMES:
             for d in lab.data.get("directions", ["down"]):
@@ -300,7 +301,9 @@ def cpu_table(outcomes: list[Outcome]) -> list[str]:
                 ck, sk = pair.split("-")
                 out.append(f"| {PATH_NAMES[path]} | {PAIR_NAMES[pair]} | "
                            f"{'server → client' if d == 'down' else 'client → server'} | "
-                           f"{c['client']:.1f} s/GB ({kinds[ck]}) | {c['server']:.1f} s/GB ({kinds[sk]}) |")
+                           f"{c['client']:.1f} s/GB ({kinds[ck]}) | {c['server']:.1f} s/GB ({kinds[sk]}) | "
+                           + (f"{c['relay']:.1f} s/GB ({'Python' if path == 'relay' else 'tailscaled'}) |"
+                              if "relay" in c else "- |"))
     out += ["", "CPU time (user + system, all threads) that each node process spent per GB of payload, warm-up",
             "included. It varies less than Mbit/s with what else the machine runs (though not nothing: a busy",
             "neighbour slows every instruction), and it shows the bottleneck: a Python node is one thread on one",
