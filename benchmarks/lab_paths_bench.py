@@ -385,7 +385,8 @@ def run_path(path: str, pairs: list[str], directions: list[str], seconds: float,
                         best = runs[values.index(value)]
                         extra["cpu_s_per_gb"] = best["cpu_s_per_gb"]
                         extra["path_after_run"] = best["path_after"]
-                        if best["path_after"] != f"{want}/{want}":
+                        extra["path_moved"] = best["path_after"] != f"{want}/{want}"
+                        if extra["path_moved"]:
                             log(f"[{path}] {pair} {metric}: path right after the best run: {best['path_after']}")
                     results.append(Result(path, pair, metric, value, extra))
                     log(f"[{path}] {pair} {metric}: {value:.2f} (runs {', '.join(f'{x:.2f}' for x in values)})")
@@ -411,18 +412,17 @@ def table(results: list[Result], directions: list[str]) -> str:
     paths = list(dict.fromkeys(r.path for r in results))
     names = {"py-py": "Python ↔ Python", "py-ts": "Python ↔ tailscaled", "ts-ts": "tailscaled ↔ tailscaled"}
     cpu = {(r.path, r.pair, r.metric): r.extra.get("cpu_s_per_gb") for r in results}
-    moved = {(r.path, r.pair, r.metric): r.extra["path_after_run"] for r in results if "path_after_run" in r.extra}
+    moved = {(r.path, r.pair, r.metric) for r in results if r.extra.get("path_moved")}
     head = ("| path | pair | " + " | ".join(f"{d} Mbit/s" for d in directions) + " | RTT ms (median) | "
             + " | ".join(f"{d}: node CPU s/GB, client / server" for d in directions) + " |")
     lines = [head, "|" + "---|" * (3 + 2 * len(directions))]
     for path in paths:
         for pair in pairs:
             cells = []
-            want = "relay" if path.startswith("relay") else path
             for m in (*directions, "rtt"):
                 v = get.get((path, pair, m))
                 cells.append("failed" if v is None else (f"{v:.2f}" if m == "rtt" else f"{v:.0f}"))
-                if moved.get((path, pair, m), f"{want}/{want}") != f"{want}/{want}":
+                if (path, pair, m) in moved:
                     cells[-1] += " ‡"
             for m in directions:
                 c = cpu.get((path, pair, m))
@@ -432,7 +432,7 @@ def table(results: list[Result], directions: list[str]) -> str:
     lines += ["", "Node CPU s/GB: CPU time (user + system, all threads) each node process spent per GB of "
               "payload moved, warm-up included. It varies less than Mbit/s with what else the shared machine "
               "runs, and it shows where the cores go."]
-    if any(c.endswith(" ‡") for line in lines for c in line.split(" | ")):
+    if moved:
         lines += ["", "‡ right after that run, the nodes did not both report the path being measured (see the log "
                   "above): the transfer may have run partly over another path, DERP most likely."]
     d0 = directions[0]

@@ -134,13 +134,8 @@ def lab_values(data: dict[str, Any]) -> dict[tuple[str, str, str], float]:
 
 def lab_moved(data: dict[str, Any]) -> set[tuple[str, str, str]]:
     """Measurements after whose kept run the nodes reported another path than the one measured."""
-    moved = set()
-    for r in data.get("results", ()):
-        want = "relay" if r["path"].startswith("relay") else r["path"]
-        after = (r.get("extra") or {}).get("path_after_run")
-        if after is not None and after != f"{want}/{want}":
-            moved.add((r["path"], r["pair"], r["metric"]))
-    return moved
+    return {(r["path"], r["pair"], r["metric"]) for r in data.get("results", ())
+            if (r.get("extra") or {}).get("path_moved")}
 
 
 def netstack_values(output: str) -> dict[str, float]:
